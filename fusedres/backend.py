@@ -27,7 +27,7 @@ the input's device.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,22 @@ BACKEND_NAMES = ("eager", "cpu", "triton", "cuda")
 _AUTO_ORDER = {"cpu": ("cpu", "eager"), "cuda": ("triton", "cuda", "eager")}
 
 
+class ConvParams(NamedTuple):
+    """The geometry of a unit's convolution (each a pair, as nn.Conv2d stores them)."""
+
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+
+
 class Backend:
-    """Base class of a backend: ATen convolutions, subclasses supply the BatchNorm ops."""
+    """Base class of a backend: ATen convolutions, subclasses supply the BatchNorm ops.
+
+    The three composite methods (``forward_train``, ``forward_eval``, ``backward``) are what
+    :class:`fusedres.ops.unit.ConvBNActFunction` calls. Here they compose the primitive ops; a
+    backend with fused convolution kernels (F1, F2, F3, B2 in DESIGN.md) overrides them.
+    """
 
     name = "base"
     #: device types (``torch.device.type``) whose tensors this backend runs on.
@@ -71,6 +85,54 @@ class Backend:
     def bn_act_bwd(self, dy, y, z, mean, invstd, weight, relu: bool, has_residual: bool,
                    training: bool):
         raise NotImplementedError
+
+    # -- composites (what the autograd Function calls) ----------------------------------------
+
+    def forward_train(self, x, weight, gamma, beta, residual, relu: bool, eps: float,
+                      conv: ConvParams):
+        """Training forward with batch statistics.
+
+        Args:
+            x: [N, Cin, H, W]; weight: [Cout, Cin/groups, kh, kw]; gamma, beta: [Cout] in the
+                statistics dtype; residual: [N, Cout, Ho, Wo] or None.
+
+        Returns:
+            (y, z, mean, var, invstd): y, z [N, Cout, Ho, Wo]; mean, biased var, invstd [Cout].
+        """
+        z = self.conv(x, weight, *conv)
+        mean, var = self.bn_stats(z)
+        invstd = torch.rsqrt(var + eps)
+        scale = gamma * invstd
+        shift = beta - mean * scale
+        y = self.bn_act_fwd(z, scale, shift, residual, relu)
+        return y, z, mean, var, invstd
+
+    def forward_eval(self, x, weight, scale, shift, residual, relu: bool, conv: ConvParams):
+        """Forward with fixed per-channel scale/shift (eval-mode BN folded).
+
+        Returns:
+            (y, z): z may be None when the backend fused the conv with its epilogue and the
+            backward does not need it.
+        """
+        z = self.conv(x, weight, *conv)
+        return self.bn_act_fwd(z, scale, shift, residual, relu), z
+
+    def backward(self, dy, x, weight, y, z, mean, invstd, gamma, relu: bool, has_residual: bool,
+                 training: bool, conv: ConvParams, needs: tuple):
+        """Backward of one unit.
+
+        Args:
+            needs: (dx, dweight, dgamma_dbeta) booleans: which gradients are wanted.
+
+        Returns:
+            (dx, dweight, dgamma, dbeta, dresidual), each None where not wanted.
+        """
+        dz, dgamma, dbeta, dres = self.bn_act_bwd(dy, y, z, mean, invstd, gamma, relu,
+                                                  has_residual, training)
+        dx, dw = self.conv_backward(dz, x, weight, *conv, need_dx=needs[0], need_dw=needs[1])
+        if not needs[2]:
+            dgamma = dbeta = None
+        return dx, dw, dgamma, dbeta, dres
 
     def __repr__(self):
         return f"<fusedres backend {self.name!r}>"
