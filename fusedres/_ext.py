@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-try:
-    from fusedres import _C  # noqa: F401  (registers the torch.ops.fusedres.* kernels)
+import importlib
+import importlib.util
 
-    EXTENSION_ERROR = None
-except ImportError as exc:  # not built, or built against another torch
+_BUILD_HINT = "build it with `pip install -e . --no-build-isolation`"
+
+if importlib.util.find_spec("fusedres._C") is None:
     _C = None
-    EXTENSION_ERROR = f"fusedres._C could not be imported ({exc}); build it with `pip install -e . --no-build-isolation`"
+    EXTENSION_ERROR = f"fusedres._C is not built; {_BUILD_HINT}"
+else:
+    try:
+        # Registers the torch.ops.fusedres.* kernels.
+        _C = importlib.import_module("fusedres._C")
+        EXTENSION_ERROR = None
+    except ImportError as exc:  # e.g. built against another torch
+        _C = None
+        EXTENSION_ERROR = f"fusedres._C could not be loaded ({exc}); re{_BUILD_HINT[1:]}"
 
 try:
     from fusedres._build_info import BUILD_INFO

@@ -148,27 +148,30 @@ def register_backend(backend: Backend) -> Backend:
 
 
 def _ensure_registered():
-    # Imported lazily so that `import fusedres` does not import triton unless asked.
-    if len(_REGISTRY) < len(BACKEND_NAMES):
-        from fusedres import backends  # noqa: F401  (registers every backend)
+    # Imported on first use: the backend modules import fusedres.ops, which imports this module.
+    from fusedres import backends  # noqa: F401  (registers every backend)
 
 
 def get_backend(name: str) -> Backend:
     """Returns the backend object called ``name`` (one of BACKEND_NAMES)."""
     _ensure_registered()
-    if name not in _REGISTRY:
+    if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES + ('auto',)}, got {name!r}")
+    if name not in _REGISTRY:
+        raise RuntimeError(f"fusedres backend {name!r} is not registered in this installation")
     return _REGISTRY[name]
 
 
 def available_backends() -> dict[str, tuple[bool, str]]:
     """Maps every backend name to (usable here, reason)."""
     _ensure_registered()
-    return {name: _REGISTRY[name].availability() for name in BACKEND_NAMES}
+    return {name: (_REGISTRY[name].availability() if name in _REGISTRY
+                   else (False, "not registered in this installation"))
+            for name in BACKEND_NAMES}
 
 
 def _check_name(name: str, what: str) -> str:
-    if name != "auto" and name not in BACKEND_NAMES:
+    if name != "auto" and name not in BACKEND_NAMES and name not in _REGISTRY:
         raise ValueError(f"{what} must be one of {BACKEND_NAMES + ('auto',)}, got {name!r}")
     return name
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "stats_dtype", "bn_stats", "bn_act_fwd", "bn_act_bwd", "unit_forward", "BasicBlock",
-    "Bottleneck", "conv1x1", "conv3x3", "upcast",
+    "Bottleneck", "ConvBNAct", "ResNet", "conv1x1", "conv3x3", "upcast",
 ]
 
 
@@ -126,6 +126,43 @@ def unit_forward(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     return torch.relu(out) if relu else out
 
 
+class ConvBNAct(nn.Module):
+    """One unit ``act(bn(conv(x)) + residual)`` as plain modules (the eager twin of
+    :class:`fusedres.FusedConvBNReLU`, with the same arguments and state_dict keys).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, dilation, groups: as nn.Conv2d (no bias).
+        padding: as nn.Conv2d; default ``dilation * (kernel_size // 2)``.
+        relu: apply ReLU at the end.
+        eps, momentum, affine, track_running_stats: as nn.BatchNorm2d.
+
+    Shapes:
+        x: [N, in_channels, H, W]; residual: [N, out_channels, Ho, Wo] or None;
+        output: [N, out_channels, Ho, Wo].
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 stride: int = 1, padding: Optional[int] = None, dilation: int = 1,
+                 groups: int = 1, relu: bool = True, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        if padding is None:
+            padding = dilation * (kernel_size // 2)
+        factory = {"device": device, "dtype": dtype}
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                              groups, bias=False, **factory)
+        self.bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats,
+                                 **factory)
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return unit_forward(x, self.conv, self.bn, residual, self.relu)
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}"
+
+
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1,
             dilation: int = 1) -> nn.Conv2d:
     """3x3 convolution with padding, no bias (torchvision's helper)."""
@@ -202,6 +239,101 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet (also ResNeXt and Wide ResNet through groups and width_per_group).
+
+    Args:
+        block: the block class (BasicBlock or Bottleneck, or their fused versions).
+        layers: blocks per stage, e.g. [3, 4, 6, 3] for ResNet-50.
+        num_classes: outputs of the final linear layer.
+        zero_init_residual: zero the last BN's gamma in each block, so blocks start as identities.
+        groups, width_per_group: ResNeXt cardinality and width per group (Wide ResNet: 128).
+        replace_stride_with_dilation: per stage 2-4, dilate instead of striding.
+        norm_layer: the normalisation layer class (default nn.BatchNorm2d).
+        block_kwargs: extra keyword arguments for every block (the fused blocks take ``backend``).
+
+    Shapes: [N, 3, H, W] -> [N, num_classes].
+    """
+
+    def __init__(self, block, layers: list, num_classes: int = 1000,
+                 zero_init_residual: bool = False, groups: int = 1, width_per_group: int = 64,
+                 replace_stride_with_dilation: Optional[list] = None,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None,
+                 block_kwargs: Optional[dict] = None) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        self._norm_layer = norm_layer
+        self._block_kwargs = dict(block_kwargs or {})
+        self.inplanes = 64
+        self.dilation = 1
+        if replace_stride_with_dilation is None:
+            replace_stride_with_dilation = [False, False, False]
+        if len(replace_stride_with_dilation) != 3:
+            raise ValueError("replace_stride_with_dilation should be None or a 3-element tuple, "
+                             f"got {replace_stride_with_dilation}")
+        self.groups = groups
+        self.base_width = width_per_group
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2,
+                                       dilate=replace_stride_with_dilation[0])
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2,
+                                       dilate=replace_stride_with_dilation[1])
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2,
+                                       dilate=replace_stride_with_dilation[2])
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, Bottleneck) and m.bn3.weight is not None:
+                    nn.init.constant_(m.bn3.weight, 0)
+                elif isinstance(m, BasicBlock) and m.bn2.weight is not None:
+                    nn.init.constant_(m.bn2.weight, 0)
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int = 1,
+                    dilate: bool = False) -> nn.Sequential:
+        norm_layer = self._norm_layer
+        downsample = None
+        previous_dilation = self.dilation
+        if dilate:
+            self.dilation *= stride
+            stride = 1
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                conv1x1(self.inplanes, planes * block.expansion, stride),
+                norm_layer(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width,
+                        previous_dilation, norm_layer, **self._block_kwargs)]
+        self.inplanes = planes * block.expansion
+        for _ in range(1, blocks):
+            layers.append(block(self.inplanes, planes, groups=self.groups,
+                                base_width=self.base_width, dilation=self.dilation,
+                                norm_layer=norm_layer, **self._block_kwargs))
+        return nn.Sequential(*layers)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """conv1 + bn1 + relu: [N, 3, H, W] -> [N, 64, H/2, W/2]."""
+        return self.relu(self.bn1(self.conv1(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.stem(x))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
 
 
 def upcast(module: nn.Module) -> nn.Module:

@@ -1,0 +1,115 @@
+"""Drop-in fused modules: one unit, torchvision's BasicBlock and Bottleneck.
+
+The blocks take torchvision's constructor arguments and keep its submodules (``conv1``, ``bn1``,
+..., ``downsample``) as parameter holders, so parameter and buffer names, state_dict keys and
+checkpoints are torchvision's. Only ``forward`` differs: each conv + BN (+ add) + ReLU chain runs
+as one fused unit (:func:`fusedres.ops.conv_bn_act`). A norm layer other than nn.BatchNorm2d
+(SyncBatchNorm, GroupNorm, ...) keeps its eager semantics inside the same block.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from fusedres import reference
+from fusedres.backend import current_backend_name
+from fusedres.ops.unit import conv_bn_act
+
+__all__ = ["FusedConvBNReLU", "FusedBasicBlock", "FusedBottleneck"]
+
+
+def _fused_downsample(block: nn.Module, x: torch.Tensor, prefix: str) -> torch.Tensor:
+    """The identity branch: a fused 1x1 conv + BN unit when downsample is torchvision's pair."""
+    ds = block.downsample
+    if ds is None:
+        return x
+    if (isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d)
+            and isinstance(ds[1], nn.BatchNorm2d)):
+        return conv_bn_act(x, ds[0], ds[1], relu=False, backend=block.backend,
+                           name=f"{prefix}.downsample")
+    return ds(x)
+
+
+class FusedConvBNReLU(reference.ConvBNAct):
+    """One fused unit ``act(bn(conv(x)) + residual)``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, dilation, groups: as nn.Conv2d
+            (no bias: BatchNorm follows).
+        padding: as nn.Conv2d; default ``dilation * (kernel_size // 2)`` keeps H and W at stride 1.
+        relu: apply ReLU at the end.
+        eps, momentum, affine, track_running_stats: as nn.BatchNorm2d.
+        backend: a backend name (see fusedres.backend), or None for the global choice.
+
+    Shapes:
+        x: [N, in_channels, H, W]; residual: [N, out_channels, Ho, Wo] or None;
+        output: [N, out_channels, Ho, Wo].
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 stride: int = 1, padding: Optional[int] = None, dilation: int = 1,
+                 groups: int = 1, relu: bool = True, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, backend: Optional[str] = None,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, relu, eps, momentum, affine, track_running_stats, device, dtype)
+        self.backend = None if backend is None else current_backend_name(backend)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return conv_bn_act(x, self.conv, self.bn, residual, self.relu, self.backend,
+                           name=type(self).__name__)
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}, backend={self.backend or 'default'}"
+
+
+class FusedBasicBlock(reference.BasicBlock):
+    """torchvision's BasicBlock with fused units; same arguments plus ``backend``.
+
+    Shapes: [N, inplanes, H, W] -> [N, planes, H/stride, W/stride].
+    """
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
+                 dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None,
+                 backend: Optional[str] = None) -> None:
+        super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation,
+                         norm_layer)
+        self.backend = None if backend is None else current_backend_name(backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = type(self).__name__
+        identity = _fused_downsample(self, x, name)
+        out = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend,
+                          name=f"{name}.conv1")
+        return conv_bn_act(out, self.conv2, self.bn2, residual=identity, relu=True,
+                           backend=self.backend, name=f"{name}.conv2")
+
+
+class FusedBottleneck(reference.Bottleneck):
+    """torchvision's Bottleneck (v1.5) with fused units; same arguments plus ``backend``.
+
+    Shapes: [N, inplanes, H, W] -> [N, planes*4, H/stride, W/stride].
+    """
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
+                 dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None,
+                 backend: Optional[str] = None) -> None:
+        super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation,
+                         norm_layer)
+        self.backend = None if backend is None else current_backend_name(backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = type(self).__name__
+        identity = _fused_downsample(self, x, name)
+        out = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend,
+                          name=f"{name}.conv1")
+        out = conv_bn_act(out, self.conv2, self.bn2, relu=True, backend=self.backend,
+                          name=f"{name}.conv2")
+        return conv_bn_act(out, self.conv3, self.bn3, residual=identity, relu=True,
+                           backend=self.backend, name=f"{name}.conv3")

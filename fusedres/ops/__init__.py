@@ -1,0 +1,5 @@
+"""Ops: the torch.library registrations of the C++ kernels and the per-unit autograd Function."""
+
+from fusedres.ops.unit import ConvBNActFunction, check_unit_inputs, conv_bn_act
+
+__all__ = ["ConvBNActFunction", "check_unit_inputs", "conv_bn_act"]
