@@ -89,7 +89,7 @@ def check_unit_inputs(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
     if x.device != w.device:
         raise RuntimeError(f"{name}: input is on {x.device} but the convolution weight is on "
                            f"{w.device}; move the model or the input")
-    if x.dtype != w.dtype:
+    if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(f"{name}: input dtype {x.dtype} does not match the convolution weight dtype "
                         f"{w.dtype}; cast the model (model.to(dtype)) or use autocast")
     for pname in ("weight", "bias", "running_mean", "running_var"):
@@ -112,7 +112,8 @@ def check_unit_inputs(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
         if residual.shape != out_size:
             raise ValueError(f"{name}: residual has shape {tuple(residual.shape)} but the unit's "
                              f"output has shape {tuple(out_size)}")
-        if residual.device != x.device or residual.dtype != x.dtype:
+        if residual.device != x.device or (residual.dtype != x.dtype
+                                           and not torch.is_autocast_enabled(x.device.type)):
             raise TypeError(f"{name}: residual is {residual.dtype} on {residual.device} but the "
                             f"input is {x.dtype} on {x.device}; they must match")
     return out_size
@@ -150,6 +151,13 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     be = resolve(backend, x.device)
     if getattr(be, "uses_reference_composition", False) or not _is_fusable(conv, bn):
         return reference.unit_forward(x, conv, bn, residual, relu)
+    weight = conv.weight
+    if torch.is_autocast_enabled(x.device.type):
+        # What autocast does to the eager unit: conv input and weight in the autocast dtype, BN
+        # parameters and statistics in float32, so the output is in the autocast dtype.
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dt), weight.to(dt)
+        residual = None if residual is None else residual.to(dt)
     if x.shape[0] == 0:
         # nn.BatchNorm2d on an empty batch returns it, leaves the running statistics alone and
         # still counts the batch; the eager composition is that behaviour exactly.
@@ -166,7 +174,7 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     stat_mean = bn.running_mean if not use_batch_stats else None
     stat_var = bn.running_var if not use_batch_stats else None
     params = ConvParams(tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
-    y, mean, var = ConvBNActFunction.apply(x, conv.weight, gamma, beta, residual, stat_mean,
+    y, mean, var = ConvBNActFunction.apply(x, weight, gamma, beta, residual, stat_mean,
                                            stat_var, be, params, relu, use_batch_stats, bn.eps)
     if bn.training and bn.track_running_stats:
         _update_running_stats(bn, mean, var, count=out_size[0] * out_size[2] * out_size[3])
