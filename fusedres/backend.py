@@ -155,7 +155,7 @@ def _ensure_registered():
 def get_backend(name: str) -> Backend:
     """Returns the backend object called ``name`` (one of BACKEND_NAMES)."""
     _ensure_registered()
-    if name not in BACKEND_NAMES:
+    if name not in BACKEND_NAMES and name not in _REGISTRY:
         raise ValueError(f"backend must be one of {BACKEND_NAMES + ('auto',)}, got {name!r}")
     if name not in _REGISTRY:
         raise RuntimeError(f"fusedres backend {name!r} is not registered in this installation")

@@ -1,0 +1,84 @@
+"""Shared test machinery: the tolerance rule of DESIGN.md section 6, backends under test, seeds.
+
+The rule: a fused result passes when its max error against the float64 oracle is at most twice
+the error of eager PyTorch in the same dtype, plus a small atol scaled by the oracle's magnitude.
+
+``FUSEDRES_REQUIRE_EXTENSION=1`` (set by .ci/run) turns "extension not built" from a skip into a
+failure, so CI cannot pass with the C++ backend silently untested.
+"""
+
+import os
+
+import pytest
+import torch
+
+import fusedres
+from fusedres.backend import register_backend
+from fusedres.backends.eager import EagerBackend
+
+# atol per dtype, relative to max(1, |oracle|_max).
+ATOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+class TorchOpsBackend(EagerBackend):
+    """The fused autograd Function over the reference ops in the activations' precision.
+
+    Not a user-facing backend: it lets the Function, the running-statistics logic and the
+    module wiring be tested against the eager composition on any machine, extension or not.
+    """
+
+    name = "torch_ops"
+    uses_reference_composition = False
+
+
+register_backend(TorchOpsBackend())
+
+
+def _cpu_backend_param():
+    ok, why = fusedres.available_backends()["cpu"]
+    if ok:
+        return pytest.param("cpu")
+    if os.environ.get("FUSEDRES_REQUIRE_EXTENSION") == "1":
+        raise RuntimeError(f"FUSEDRES_REQUIRE_EXTENSION=1 but the cpu backend is unusable: {why}")
+    return pytest.param("cpu", marks=pytest.mark.skip(reason=f"cpu backend unusable: {why}"))
+
+
+#: The fused backends that run on CPU tensors here (parametrize tests over these).
+CPU_FUSED_BACKENDS = ["torch_ops", _cpu_backend_param()]
+
+
+def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Max |actual - expected| over entries where the expected value is finite."""
+    a, e = actual.detach().double(), expected.detach().double()
+    finite = torch.isfinite(e)
+    if not finite.any():
+        return 0.0
+    return (a[finite] - e[finite]).abs().max().item()
+
+
+def assert_oracle_close(actual, eager, oracle, name="tensor", atol=None):
+    """DESIGN.md's rule: err(actual) <= 2 * err(eager in the same dtype) + atol.
+
+    Args:
+        actual: the fused result; eager: eager PyTorch's result in the same dtype;
+        oracle: the float64 result. NaN/inf positions must match the oracle's.
+    """
+    assert actual.shape == oracle.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(oracle.shape)}"
+    assert torch.equal(torch.isnan(actual), torch.isnan(oracle.to(actual.dtype))), \
+        f"{name}: NaN positions differ from the oracle's"
+    scale = max(1.0, oracle.detach().double().abs().nan_to_num(0.0, 0.0, 0.0).max().item()) \
+        if oracle.numel() else 1.0
+    tol = ATOL[actual.dtype] if atol is None else atol
+    err = max_abs_err(actual, oracle)
+    err_eager = max_abs_err(eager, oracle)
+    bound = 2 * err_eager + tol * scale
+    assert err <= bound, (f"{name}: error {err:.3e} vs the fp64 oracle exceeds 2 x eager's "
+                          f"{err_eager:.3e} + atol {tol * scale:.3e}")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_backend():
+    torch.manual_seed(0)
+    fusedres.set_backend(None)
+    yield
+    fusedres.set_backend(None)
