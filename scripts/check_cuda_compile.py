@@ -1,0 +1,192 @@
+#!/usr/bin/env python
+"""Compile every csrc/cuda/*.cu with nvcc for real GPU targets and report ptxas resource usage.
+
+No GPU is needed: nvcc builds the cubins and ``-Xptxas -v`` prints, per kernel and architecture,
+the registers, spill stores/loads, stack frame and static shared memory. The command prints one
+table row per (kernel, arch) and exits non-zero on a compile error or on any spill (a spill in a
+memory-bound kernel costs local-memory traffic on every element).
+
+The flags mirror what ``setup.py`` gives nvcc (-O3, --use_fast_math, ...) plus the flags
+torch.utils.cpp_extension always adds (``COMMON_NVCC_FLAGS``: no implicit half/bfloat16
+conversions or operators), so a kernel that passes here also compiles in the extension build.
+
+Usage:
+    python scripts/check_cuda_compile.py [--arch 80 90] [--json report.json] [file.cu ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_ARCHS = ("80", "90")
+SETUP_NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DFUSEDRES_WITH_CUDA"]
+# torch.utils.cpp_extension.COMMON_NVCC_FLAGS of torch 2.13, fixed here so that the check needs no torch.
+TORCH_NVCC_FLAGS = [
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+    "--expt-relaxed-constexpr",
+]
+
+_COMPILING = re.compile(r"Compiling entry function '(?P<name>[^']+)' for '(?P<arch>sm_\d+a?)'")
+_PROPERTIES = re.compile(r"Function properties for (?P<name>\S+)")
+_FRAME = re.compile(
+    r"(?P<stack>\d+) bytes stack frame, (?P<spill_st>\d+) bytes spill stores, (?P<spill_ld>\d+) bytes spill loads")
+_USED = re.compile(r"Used (?P<regs>\d+) registers")
+_SMEM = re.compile(r"(?P<smem>\d+) bytes smem")
+
+
+def find_nvcc() -> str | None:
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def nvcc_command(nvcc: str, source: str, archs, output: str) -> list[str]:
+    cmd = [nvcc, *SETUP_NVCC_FLAGS, *TORCH_NVCC_FLAGS, "-I", os.path.join(ROOT, "csrc"), "-Xptxas", "-v"]
+    for arch in archs:
+        cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    return cmd + ["-c", source, "-o", output]
+
+
+def demangle(names: list[str]) -> dict[str, str]:
+    """Mangled -> readable kernel names (c++filt when present, else the mangled name)."""
+    cxxfilt = shutil.which("c++filt")
+    if not cxxfilt or not names:
+        return {n: n for n in names}
+    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True, check=True)
+    readable = out.stdout.splitlines()
+    return dict(zip(names, readable)) if len(readable) == len(names) else {n: n for n in names}
+
+
+def short_name(readable: str) -> str:
+    """'void fusedres::cuda::(anonymous namespace)::k<__half, 8>(const __half *, ...)' -> 'k<__half, 8>'."""
+    name = readable[5:] if readable.startswith("void ") else readable
+    depth, cut = 0, len(name)
+    for i, ch in enumerate(name):  # drop the parameter list: the first '(' outside template brackets
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif ch == "(" and depth == 0 and not name.startswith("(anonymous", i):
+            cut = i
+            break
+    name = name[:cut]
+    name = name.replace("fusedres::cuda::(anonymous namespace)::", "").replace("fusedres::cuda::", "")
+    return name.replace("(fusedres::cuda::(anonymous namespace)::GradSource)", "")
+
+
+def base_name(short: str) -> str:
+    return short.split("<", 1)[0]
+
+
+def parse_ptxas(log: str) -> list[dict]:
+    """One dict per (kernel, arch) from nvcc -Xptxas -v output."""
+    rows, current = [], None
+    for line in log.splitlines():
+        m = _COMPILING.search(line)
+        if m:
+            current = {"mangled": m.group("name"), "arch": m.group("arch"), "registers": None,
+                       "spill_stores": 0, "spill_loads": 0, "stack": 0, "smem": 0}
+            rows.append(current)
+            continue
+        if current is None:
+            continue
+        m = _FRAME.search(line)
+        if m:
+            current["stack"] = int(m.group("stack"))
+            current["spill_stores"] = int(m.group("spill_st"))
+            current["spill_loads"] = int(m.group("spill_ld"))
+        m = _USED.search(line)
+        if m:
+            current["registers"] = int(m.group("regs"))
+            s = _SMEM.search(line)
+            current["smem"] = int(s.group("smem")) if s else 0
+    names = demangle(sorted({r["mangled"] for r in rows}))
+    for r in rows:
+        r["kernel"] = short_name(names[r["mangled"]])
+        r["base"] = base_name(r["kernel"])
+    return rows
+
+
+def compile_one(nvcc: str, source: str, archs, tmpdir: str) -> dict:
+    obj = os.path.join(tmpdir, os.path.basename(source) + ".o")
+    cmd = nvcc_command(nvcc, source, archs, obj)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    warnings = [ln for ln in log.splitlines() if "warning" in ln.lower()]
+    return {"file": os.path.relpath(source, ROOT), "returncode": proc.returncode, "command": cmd,
+            "log": log, "warnings": warnings, "kernels": parse_ptxas(log) if proc.returncode == 0 else []}
+
+
+def format_table(results: list[dict]) -> str:
+    header = ("file", "kernel", "arch", "regs", "spill st", "spill ld", "stack", "smem")
+    lines = [header]
+    for res in results:
+        for k in sorted(res["kernels"], key=lambda r: (r["kernel"], r["arch"])):
+            lines.append((res["file"], k["kernel"], k["arch"], str(k["registers"]), str(k["spill_stores"]),
+                          str(k["spill_loads"]), str(k["stack"]), str(k["smem"])))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="*", help="the .cu files (default: csrc/cuda/*.cu)")
+    parser.add_argument("--arch", nargs="+", default=list(DEFAULT_ARCHS),
+                        help="compute capabilities without the dot (default: 80 90)")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", os.cpu_count() or 1)))
+    args = parser.parse_args(argv)
+
+    nvcc = find_nvcc()
+    if nvcc is None:
+        print("check_cuda_compile: nvcc not found (set CUDA_HOME or put nvcc on PATH)", file=sys.stderr)
+        return 2
+    files = args.files or sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    if not files:
+        print("check_cuda_compile: no .cu files found", file=sys.stderr)
+        return 2
+
+    with tempfile.TemporaryDirectory(prefix="fusedres_nvcc_") as tmp:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            results = list(pool.map(lambda f: compile_one(nvcc, os.path.abspath(f), args.arch, tmp), files))
+
+    failed = False
+    for res in results:
+        if res["returncode"] != 0:
+            failed = True
+            print(f"COMPILE ERROR in {res['file']}:\n  {' '.join(res['command'])}\n{res['log']}", file=sys.stderr)
+        for w in res["warnings"]:
+            print(f"{res['file']}: {w}", file=sys.stderr)
+        for k in res["kernels"]:
+            if k["spill_stores"] or k["spill_loads"]:
+                failed = True
+                print(f"SPILL in {res['file']}: {k['kernel']} on {k['arch']}: {k['spill_stores']} bytes "
+                      f"stores, {k['spill_loads']} bytes loads", file=sys.stderr)
+    print(format_table(results))
+    n_kernels = sum(len(r["kernels"]) for r in results)
+    print(f"\n{len(results)} files, {n_kernels} kernel builds for sm_{', sm_'.join(args.arch)}: "
+          f"{'FAILED' if failed else 'ok (no compile errors, no spills)'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ok": not failed, "archs": [f"sm_{a}" for a in args.arch],
+                       "results": [{k: v for k, v in r.items() if k != "log"} for r in results]}, f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
