@@ -1,0 +1,119 @@
+"""The ``triton`` backend: fused convolution + BatchNorm kernels written in Triton.
+
+Runs CUDA tensors, and CPU tensors when ``TRITON_INTERPRET=1`` is set (tests only: the
+interpreter is slow). Triton and the kernels (fusedres.kernels) are imported on first use, so
+``import fusedres`` works, and stays light, without triton.
+
+Fusion points (DESIGN.md section 2):
+
+- training forward: the convolution's epilogue writes per-tile BN statistics (F1); a finalize
+  merges them and computes invstd/scale/shift; one pass applies scale/shift + residual + ReLU (F2).
+- eval forward: one convolution whose epilogue applies scale/shift + residual + ReLU (F2); z is
+  never written.
+- backward: ReLU mask, dresidual, dbeta and dgamma in one pass, dz in a second (B1).
+
+Routing decision for the convolution backward: dgrad and wgrad go to ATen
+(``torch.ops.aten.convolution_backward``: cuDNN on a GPU). B2 (computing dz while loading the
+dgrad/wgrad operands) would save one write and two reads of dz, but dz needs dbeta/dgamma, i.e. a
+full reduction over dy, y and z first, so the reduction pass stays and the saving is at most 3 of
+the ~8 tensor passes of a unit's backward, while a hand-written dgrad/wgrad must first match
+cuDNN's tuned kernels (wgrad is a reduction over N*H*W, split-K territory) before that saving
+shows. Until a GPU measurement says otherwise, cuDNN wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fusedres.backend import Backend, ConvParams, register_backend
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    @property
+    def device_types(self) -> tuple:
+        # Read at call time: tests set TRITON_INTERPRET after fusedres has been imported.
+        return ("cuda", "cpu") if _interpreting() else ("cuda",)
+
+    def availability(self) -> tuple[bool, str]:
+        try:
+            import triton
+        except ImportError as e:
+            return False, f"triton is not importable ({e}); pip install 'triton>=3.6,<3.10'"
+        if _interpreting():
+            return True, f"triton {triton.__version__} (TRITON_INTERPRET=1: CPU interpreter)"
+        if not torch.cuda.is_available():
+            return False, (f"triton {triton.__version__} is installed but torch sees no CUDA "
+                           "device (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)")
+        return True, f"triton {triton.__version__}"
+
+    # -- primitive ops -----------------------------------------------------------------------
+
+    def conv(self, x, weight, stride, padding, dilation, groups):
+        from fusedres.kernels import conv
+        return _like(conv.conv2d(x, weight, stride, padding, dilation, groups), x)
+
+    def bn_stats(self, z):
+        from fusedres.kernels import bn
+        return bn.bn_stats(z)
+
+    def bn_act_fwd(self, z, scale, shift, residual, relu):
+        from fusedres.kernels import bn
+        return bn.bn_act_fwd(z, scale, shift, residual, relu)
+
+    def bn_act_bwd(self, dy, y, z, mean, invstd, weight, relu, has_residual, training):
+        from fusedres.kernels import bn
+        return bn.bn_act_bwd(dy, y, z, mean, invstd, weight, relu, has_residual, training)
+
+    # -- composites --------------------------------------------------------------------------
+
+    def forward_train(self, x, weight, gamma, beta, residual, relu, eps, conv: ConvParams):
+        from fusedres.kernels import bn
+        from fusedres.kernels import conv as conv_k
+        z, pmean, pm2, rows = conv_k.conv2d(x, weight, *conv, stats=True)
+        count = z.numel() // z.shape[1]
+        mean, var, invstd, scale, shift = bn.stats_from_partials(pmean, pm2, count, rows, gamma,
+                                                                 beta, eps)
+        y = bn.bn_act_fwd(z, scale, shift, residual, relu)
+        # z stays channels_last (the layout the backward's kernels and cuDNN like best); y takes
+        # x's memory format, as ATen's convolution would give it.
+        return _like(y, x), z, mean, var, invstd
+
+    def forward_eval(self, x, weight, scale, shift, residual, relu, conv: ConvParams):
+        from fusedres.kernels import conv as conv_k
+        y = conv_k.conv2d(x, weight, *conv, scale=scale, shift=shift, residual=residual, relu=relu)
+        # z = None: backward recomputes it only when dgamma/dbeta are wanted (see backward).
+        return _like(y, x), None
+
+    def backward(self, dy, x, weight, y, z, mean, invstd, gamma, relu, has_residual, training,
+                 conv: ConvParams, needs: tuple):
+        from fusedres.kernels import bn
+        from fusedres.kernels import conv as conv_k
+        need_dx, need_dw, need_affine = needs
+        if z is None and (training or need_affine):
+            # Eval forward did not write z; dgamma needs it. Recomputing costs one convolution,
+            # only in the rare "frozen statistics, trainable gamma" case.
+            z = conv_k.conv2d(x, weight, *conv)
+        dz, dgamma, dbeta, dres = bn.bn_act_bwd(dy, y, z, mean, invstd, gamma, relu, has_residual,
+                                                training, need_dweight=need_affine)
+        dx, dw = self.conv_backward(dz, x, weight, *conv, need_dx=need_dx, need_dw=need_dw)
+        if not need_affine:
+            dgamma = dbeta = None
+        return dx, dw, dgamma, dbeta, dres
+
+
+def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` in x's memory format (the kernels write channels_last), as ATen's conv returns it."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return t.contiguous(memory_format=fmt)
+
+
+register_backend(TritonBackend())

@@ -1,0 +1,511 @@
+"""BatchNorm kernels: statistics, scale/shift + residual + ReLU forward, fused backward.
+
+Every kernel sees an activation as a matrix [M, C] with M = N*H*W rows, tiled
+[BLOCK_M, BLOCK_C]. Element (m, c) lives at ``m*C + c`` for channels_last (NHWC, the fast layout,
+coalesced along C) and at ``(n*C + c)*HW + hw`` for contiguous NCHW (``m = n*HW + hw``), chosen by
+the CHANNELS_LAST constexpr. Offsets are int64: N*C*H*W may pass 2^31.
+
+Statistics (F1 when fed by the convolution epilogue, see conv.py) are two-level: each program
+reduces its rows to a (mean, M2) pair per channel, merging tiles with Chan's parallel update (no
+sum-of-squares cancellation), and :func:`_bn_stats_finalize_kernel` merges the partials in fp32.
+Partials instead of atomics keep the result deterministic and autotuning harmless.
+
+Backward (B1) is two passes: pass 1 masks dy with the ReLU (from the saved y), writes dresidual
+and reduces dbeta = sum g and sum g*(z - mean) per channel; pass 2 writes dz (reading g back from
+dresidual when it exists: one tensor instead of dy and y). With running statistics (eval) dz needs
+no reduction, so pass 1 writes it directly and pass 2 is skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedres.kernels._launch import arch_configs, cfg, device_arch, interpreting, launch
+
+
+# -- kernels ---------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_offsets(offs_m, offs_c, C, HW, CHANNELS_LAST: tl.constexpr):
+    """int64 element offsets [BLOCK_M, BLOCK_C] of rows offs_m (int64) and channels offs_c."""
+    if CHANNELS_LAST:
+        offs = offs_m[:, None] * C + offs_c[None, :]
+    else:
+        n = offs_m // HW
+        hw = offs_m - n * HW
+        offs = (n * C)[:, None] * HW + offs_c[None, :].to(tl.int64) * HW + hw[:, None]
+    return offs
+
+
+@triton.jit
+def _bn_stats_partial_kernel(
+    z_ptr,          # *T    z [N, C, H, W]: NHWC or contiguous NCHW (CHANNELS_LAST)
+    pmean_ptr,      # *fp32 [P, C] out: mean of the rows of program p (row-major, stride C)
+    pm2_ptr,        # *fp32 [P, C] out: sum of squared deviations from that mean
+    M, C, HW,       # rows N*H*W, channels, H*W
+    ROWS_PER_PROG,  # program p reduces rows [p*ROWS_PER_PROG, (p+1)*ROWS_PER_PROG); % BLOCK_M == 0
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    row0 = pid_p.to(tl.int64) * ROWS_PER_PROG
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    count = 0.0
+    for r in range(0, ROWS_PER_PROG, BLOCK_M):
+        offs_m = row0 + r + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        mask = mask_m[:, None] & mask_c[None, :]
+        x = tl.load(z_ptr + _tile_offsets(offs_m, offs_c, C, HW, CHANNELS_LAST), mask=mask,
+                    other=0.0).to(tl.float32)
+        # Centre each tile on its own mean, then merge (Chan et al.): exact up to rounding even
+        # when |mean| >> std, where sum/sum-of-squares would cancel.
+        tile_count = tl.sum(mask_m.to(tl.float32), axis=0)
+        tile_mean = tl.sum(x, axis=0) / tl.maximum(tile_count, 1.0)
+        d = tl.where(mask, x - tile_mean[None, :], 0.0)
+        tile_m2 = tl.sum(d * d, axis=0)
+        new_count = count + tile_count
+        w = tile_count / tl.maximum(new_count, 1.0)
+        delta = tile_mean - mean
+        mean += delta * w
+        m2 += tile_m2 + delta * delta * count * w
+        count = new_count
+    out = pid_p.to(tl.int64) * C + offs_c
+    tl.store(pmean_ptr + out, mean, mask=mask_c)
+    tl.store(pm2_ptr + out, m2, mask=mask_c)
+
+
+@triton.jit
+def _bn_stats_finalize_kernel(
+    pmean_ptr,      # *fp32 [P, C]: per-partial means (stride C)
+    pm2_ptr,        # *fp32 [P, C]: per-partial sums of squared deviations
+    mean_ptr,       # *fp32 [C] out: batch mean
+    var_ptr,        # *fp32 [C] out: biased batch variance
+    gamma_ptr,      # *fp32 [C]: BN weight (read when HAS_AFFINE)
+    beta_ptr,       # *fp32 [C]: BN bias (read when HAS_AFFINE)
+    invstd_ptr,     # *fp32 [C] out: 1/sqrt(var + eps) (HAS_AFFINE)
+    scale_ptr,      # *fp32 [C] out: gamma*invstd (HAS_AFFINE)
+    shift_ptr,      # *fp32 [C] out: beta - mean*scale (HAS_AFFINE)
+    P, C, M,        # partials, channels, rows of the whole batch
+    ROWS,           # rows per partial: partial p covers min(ROWS, M - p*ROWS) rows
+    eps,            # BN epsilon (HAS_AFFINE)
+    HAS_AFFINE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    # Two passes over the partials: the global mean first, then M2 = sum(M2_p + n_p*(mean_p -
+    # mean)^2). Partials are few (M / ROWS), so re-reading them costs nothing.
+    total = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask = (offs_p < P)[:, None] & mask_c[None, :]
+        cnt = tl.minimum(M - offs_p.to(tl.int64) * ROWS, ROWS).to(tl.float32)
+        pm = tl.load(pmean_ptr + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :], mask=mask,
+                     other=0.0)
+        total += tl.sum(pm * cnt[:, None], axis=0)
+    mean = total / M
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask = (offs_p < P)[:, None] & mask_c[None, :]
+        cnt = tl.minimum(M - offs_p.to(tl.int64) * ROWS, ROWS).to(tl.float32)
+        offs = offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
+        pm = tl.load(pmean_ptr + offs, mask=mask, other=0.0)
+        pm2 = tl.load(pm2_ptr + offs, mask=mask, other=0.0)
+        d = pm - mean[None, :]
+        m2 += tl.sum(tl.where(mask, pm2 + cnt[:, None] * d * d, 0.0), axis=0)
+    var = m2 / M
+    tl.store(mean_ptr + offs_c, mean, mask=mask_c)
+    tl.store(var_ptr + offs_c, var, mask=mask_c)
+    if HAS_AFFINE:
+        invstd = 1.0 / tl.sqrt_rn(var + eps)
+        scale = tl.load(gamma_ptr + offs_c, mask=mask_c) * invstd
+        shift = tl.load(beta_ptr + offs_c, mask=mask_c) - mean * scale
+        tl.store(invstd_ptr + offs_c, invstd, mask=mask_c)
+        tl.store(scale_ptr + offs_c, scale, mask=mask_c)
+        tl.store(shift_ptr + offs_c, shift, mask=mask_c)
+
+
+@triton.jit
+def _bn_act_fwd_kernel(
+    z_ptr,          # *T    z [N, C, H, W] (layout: CHANNELS_LAST)
+    res_ptr,        # *T    residual, same shape and layout (read when HAS_RESIDUAL)
+    y_ptr,          # *T    y out, same shape and layout
+    scale_ptr,      # *fp32 [C]
+    shift_ptr,      # *fp32 [C]
+    M, C, HW,       # rows N*H*W, channels, H*W
+    HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    mask = (offs_m < M)[:, None] & mask_c[None, :]
+    offs = _tile_offsets(offs_m, offs_c, C, HW, CHANNELS_LAST)
+    scale = tl.load(scale_ptr + offs_c, mask=mask_c)
+    shift = tl.load(shift_ptr + offs_c, mask=mask_c)
+    v = tl.load(z_ptr + offs, mask=mask).to(tl.float32) * scale[None, :] + shift[None, :]
+    if HAS_RESIDUAL:
+        v += tl.load(res_ptr + offs, mask=mask).to(tl.float32)
+    if RELU:
+        v = tl.maximum(v, 0.0)
+    tl.store(y_ptr + offs, v.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _relu_grad(dy, y, RELU: tl.constexpr):
+    """g = dy masked by the ReLU, as the reference writes it (y <= 0 -> 0; NaN y passes dy)."""
+    if RELU:
+        dy = tl.where(y <= 0.0, 0.0, dy)
+    return dy
+
+
+@triton.jit
+def _bn_act_bwd_reduce_kernel(
+    dy_ptr,         # *T    dy [N, C, H, W] (layout: CHANNELS_LAST, as every tensor argument)
+    y_ptr,          # *T    saved output y (read when RELU: the mask)
+    z_ptr,          # *T    saved conv output z (read when NEED_DWEIGHT)
+    dres_ptr,       # *T    dresidual out = g (written when HAS_RESIDUAL)
+    dz_ptr,         # *T    dz out (written when WRITE_DZ: running statistics, dz = gamma*invstd*g)
+    mean_ptr,       # *fp32 [C]: mean used in forward
+    invstd_ptr,     # *fp32 [C]: invstd used in forward (WRITE_DZ)
+    weight_ptr,     # *fp32 [C]: gamma (WRITE_DZ)
+    psum_g_ptr,     # *fp32 [P, C] out: per-program sum of g
+    psum_gz_ptr,    # *fp32 [P, C] out: per-program sum of g*(z - mean) (NEED_DWEIGHT)
+    M, C, HW,       # rows N*H*W, channels, H*W
+    ROWS_PER_PROG,  # rows per program, a multiple of BLOCK_M
+    RELU: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    NEED_DWEIGHT: tl.constexpr,
+    WRITE_DZ: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
+    if WRITE_DZ:
+        coef = (tl.load(weight_ptr + offs_c, mask=mask_c)
+                * tl.load(invstd_ptr + offs_c, mask=mask_c))
+    row0 = pid_p.to(tl.int64) * ROWS_PER_PROG
+    acc_g = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_gz = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for r in range(0, ROWS_PER_PROG, BLOCK_M):
+        offs_m = row0 + r + tl.arange(0, BLOCK_M)
+        mask = (offs_m < M)[:, None] & mask_c[None, :]
+        offs = _tile_offsets(offs_m, offs_c, C, HW, CHANNELS_LAST)
+        g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if RELU:
+            g = _relu_grad(g, tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32), RELU)
+        if HAS_RESIDUAL:
+            tl.store(dres_ptr + offs, g.to(dres_ptr.dtype.element_ty), mask=mask)
+        acc_g += tl.sum(g, axis=0)
+        if NEED_DWEIGHT:
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            acc_gz += tl.sum(tl.where(mask, g * (z - mean[None, :]), 0.0), axis=0)
+        if WRITE_DZ:
+            tl.store(dz_ptr + offs, (g * coef[None, :]).to(dz_ptr.dtype.element_ty), mask=mask)
+    out = pid_p.to(tl.int64) * C + offs_c
+    tl.store(psum_g_ptr + out, acc_g, mask=mask_c)
+    if NEED_DWEIGHT:
+        tl.store(psum_gz_ptr + out, acc_gz, mask=mask_c)
+
+
+@triton.jit
+def _bn_bwd_finalize_kernel(
+    psum_g_ptr,     # *fp32 [P, C]: partial sums of g
+    psum_gz_ptr,    # *fp32 [P, C]: partial sums of g*(z - mean) (NEED_DWEIGHT)
+    invstd_ptr,     # *fp32 [C]
+    dbias_ptr,      # *fp32 [C] out: sum g
+    dweight_ptr,    # *fp32 [C] out: invstd * sum g*(z - mean) (NEED_DWEIGHT)
+    P, C,           # partials, channels
+    NEED_DWEIGHT: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    acc_g = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_gz = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask = (offs_p < P)[:, None] & mask_c[None, :]
+        offs = offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
+        acc_g += tl.sum(tl.load(psum_g_ptr + offs, mask=mask, other=0.0), axis=0)
+        if NEED_DWEIGHT:
+            acc_gz += tl.sum(tl.load(psum_gz_ptr + offs, mask=mask, other=0.0), axis=0)
+    tl.store(dbias_ptr + offs_c, acc_g, mask=mask_c)
+    if NEED_DWEIGHT:
+        invstd = tl.load(invstd_ptr + offs_c, mask=mask_c)
+        tl.store(dweight_ptr + offs_c, acc_gz * invstd, mask=mask_c)
+
+
+@triton.jit
+def _bn_act_bwd_dz_kernel(
+    dy_ptr,         # *T    dy [N, C, H, W] (layout: CHANNELS_LAST, as every tensor argument)
+    y_ptr,          # *T    saved output y (RELU and not G_FROM_DRES)
+    g_ptr,          # *T    dresidual = masked dy from pass 1 (read when G_FROM_DRES)
+    z_ptr,          # *T    saved conv output z
+    dz_ptr,         # *T    dz out
+    mean_ptr,       # *fp32 [C]
+    invstd_ptr,     # *fp32 [C]
+    weight_ptr,     # *fp32 [C]: gamma
+    dbias_ptr,      # *fp32 [C]: sum g (from the finalize)
+    dweight_ptr,    # *fp32 [C]: sum g*xhat (from the finalize)
+    M, C, HW,       # rows N*H*W (the BN count), channels, H*W
+    RELU: tl.constexpr,
+    G_FROM_DRES: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    mask = (offs_m < M)[:, None] & mask_c[None, :]
+    offs = _tile_offsets(offs_m, offs_c, C, HW, CHANNELS_LAST)
+    mean = tl.load(mean_ptr + offs_c, mask=mask_c)
+    invstd = tl.load(invstd_ptr + offs_c, mask=mask_c)
+    coef = tl.load(weight_ptr + offs_c, mask=mask_c) * invstd
+    mean_dbias = tl.load(dbias_ptr + offs_c, mask=mask_c) / M
+    mean_dweight = tl.load(dweight_ptr + offs_c, mask=mask_c) / M
+    if G_FROM_DRES:
+        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    else:
+        g = tl.load(dy_ptr + offs, mask=mask).to(tl.float32)
+        if RELU:
+            g = _relu_grad(g, tl.load(y_ptr + offs, mask=mask).to(tl.float32), RELU)
+    xhat = (tl.load(z_ptr + offs, mask=mask).to(tl.float32) - mean[None, :]) * invstd[None, :]
+    dz = coef[None, :] * (g - mean_dbias[None, :] - xhat * mean_dweight[None, :])
+    tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+# -- configs ---------------------------------------------------------------------------------
+
+# Elementwise kernels (fwd, dz) are autotuned: they write only their outputs, so benchmarking
+# re-runs are harmless. 16-byte vectors along C want BLOCK_C >= 8 fp16 lanes; rows fill the
+# rest of a ~4-8K element tile. sm_90 has more bandwidth per SM: larger tiles, more warps.
+ELEMENTWISE_CONFIGS = {
+    80: [cfg(4, 1, BLOCK_M=64, BLOCK_C=64), cfg(4, 1, BLOCK_M=128, BLOCK_C=32),
+         cfg(8, 1, BLOCK_M=128, BLOCK_C=64)],
+    90: [cfg(4, 1, BLOCK_M=64, BLOCK_C=64), cfg(8, 1, BLOCK_M=128, BLOCK_C=64),
+         cfg(8, 1, BLOCK_M=64, BLOCK_C=128)],
+}
+# Row-reductions (stats, bwd pass 1) use one config per arch: their partial buffers are sized by
+# the rows per program, which must be known before launch, so they are not autotuned.
+REDUCE_CONFIGS = {80: [cfg(4, 1, BLOCK_M=64, BLOCK_C=64)],
+                  90: [cfg(8, 1, BLOCK_M=128, BLOCK_C=64)]}
+FINALIZE_CONFIGS = {80: [cfg(4, 1, BLOCK_P=64, BLOCK_C=32)],
+                    90: [cfg(4, 1, BLOCK_P=64, BLOCK_C=32)]}
+# Under the interpreter every program is a Python step: few, large tiles run fastest.
+_INTERP = cfg(1, 1, BLOCK_M=64, BLOCK_C=16)
+_INTERP_FINALIZE = cfg(1, 1, BLOCK_P=16, BLOCK_C=16)
+# Rows per reduction program under the interpreter (fewer programs = faster); on a GPU the rows
+# are spread so that about _PROGRAMS_PER_SM programs per SM run.
+_INTERP_ROWS = 1024
+_PROGRAMS_PER_SM = 4
+
+
+def _reduce_config(device: torch.device) -> triton.Config:
+    if interpreting():
+        return _INTERP
+    return arch_configs(REDUCE_CONFIGS, device_arch(device))[0]
+
+
+def _finalize_config(device: torch.device) -> triton.Config:
+    if interpreting():
+        return _INTERP_FINALIZE
+    return arch_configs(FINALIZE_CONFIGS, device_arch(device))[0]
+
+
+def _rows_per_program(M: int, c_blocks: int, block_m: int, device: torch.device) -> int:
+    """Rows each reduction program covers: enough programs to fill the GPU, no more."""
+    if interpreting():
+        target = _INTERP_ROWS
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        programs = max(1, _PROGRAMS_PER_SM * sms // c_blocks)
+        target = triton.cdiv(M, programs)
+    return max(block_m, triton.cdiv(target, block_m) * block_m)
+
+
+# -- launchers -------------------------------------------------------------------------------
+
+
+def _layout(z: torch.Tensor) -> tuple[bool, torch.memory_format]:
+    """(CHANNELS_LAST flag, memory format) the kernels use for tensors shaped like ``z``."""
+    if z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous():
+        return True, torch.channels_last
+    return False, torch.contiguous_format
+
+
+def _dense(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """``t`` in the dense layout ``fmt`` (no copy when it already is)."""
+    return t.contiguous(memory_format=fmt)
+
+
+def _check(z: torch.Tensor) -> None:
+    if z.dim() != 4:
+        raise ValueError(f"triton BN kernels take [N, C, H, W] tensors, got shape {tuple(z.shape)}")
+    if z.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"the triton backend supports float16, bfloat16 and float32, got "
+                        f"{z.dtype}; use backend='eager' (or 'cpu') for float64")
+
+
+def stats_from_partials(pmean: torch.Tensor, pm2: torch.Tensor, M: int, rows: int,
+                        gamma: Optional[torch.Tensor] = None, beta: Optional[torch.Tensor] = None,
+                        eps: float = 0.0):
+    """Merges per-tile (mean, M2) partials into batch statistics (the finalize of F1).
+
+    Args:
+        pmean, pm2: [P, C] fp32, partial p covering rows [p*rows, min((p+1)*rows, M)).
+        M: rows in the batch (N*H*W).
+        gamma, beta: [C] fp32, or None: also return invstd, scale, shift.
+
+    Returns:
+        (mean, var) [C] fp32, plus (invstd, scale, shift) when gamma is given.
+    """
+    P, C = pmean.shape
+    dev = pmean.device
+    has_affine = gamma is not None
+    # rows: mean, var, invstd, scale, shift (the last three written only with HAS_AFFINE).
+    out = torch.full((5 if has_affine else 2, C), float("nan"), dtype=torch.float32, device=dev)
+    if has_affine:
+        gamma, beta = gamma.float().contiguous(), beta.float().contiguous()
+        invstd, scale, shift = out[2], out[3], out[4]
+    else:
+        gamma = beta = invstd = scale = shift = out[0]  # unused: HAS_AFFINE is off
+    conf = _finalize_config(dev)
+    _bn_stats_finalize_kernel[(triton.cdiv(C, conf.kwargs["BLOCK_C"]),)](
+        pmean, pm2, out[0], out[1], gamma, beta, invstd, scale, shift, P, C, M, rows, eps,
+        HAS_AFFINE=has_affine, **conf.kwargs, num_warps=conf.num_warps,
+        num_stages=conf.num_stages)
+    return tuple(out)
+
+
+def bn_stats(z: torch.Tensor):
+    """Per-channel batch mean and biased variance.
+
+    Args:
+        z: [N, C, H, W] fp16/bf16/fp32, channels_last (fast) or contiguous NCHW (other layouts
+            are copied to NCHW first).
+
+    Returns:
+        (mean, var): [C] float32 each.
+    """
+    _check(z)
+    cl, fmt = _layout(z)
+    z = _dense(z, fmt)
+    N, C, H, W = z.shape
+    M = N * H * W
+    conf = _reduce_config(z.device)
+    bm, bc = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_C"]
+    c_blocks = triton.cdiv(C, bc)
+    rows = _rows_per_program(M, c_blocks, bm, z.device)
+    P = triton.cdiv(M, rows)
+    partial = torch.full((2, P, C), float("nan"), dtype=torch.float32, device=z.device)
+    _bn_stats_partial_kernel[(P, c_blocks)](
+        z, partial[0], partial[1], M, C, H * W, rows, CHANNELS_LAST=cl, BLOCK_M=bm, BLOCK_C=bc,
+        num_warps=conf.num_warps, num_stages=conf.num_stages)
+    return stats_from_partials(partial[0], partial[1], M, rows)
+
+
+def bn_act_fwd(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+               residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+    """``y = act(z*scale + shift + residual)`` in one pass (F2).
+
+    Args:
+        z: [N, C, H, W]; scale, shift: [C] float32; residual: like z, or None.
+
+    Returns:
+        y: [N, C, H, W] in z's dtype and memory format.
+    """
+    _check(z)
+    cl, fmt = _layout(z)
+    z = _dense(z, fmt)
+    N, C, H, W = z.shape
+    M = N * H * W
+    y = torch.empty_like(z, memory_format=fmt).fill_(float("nan"))
+    res = _dense(residual.to(z.dtype), fmt) if residual is not None else z
+    launch(_bn_act_fwd_kernel,
+           lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(C, m["BLOCK_C"])),
+           (z, res, y, scale.float().contiguous(), shift.float().contiguous(), M, C, H * W),
+           table=ELEMENTWISE_CONFIGS, key=("M", "C"), interp_config=_INTERP, device=z.device,
+           HAS_RESIDUAL=residual is not None, RELU=relu, CHANNELS_LAST=cl)
+    return y
+
+
+def bn_act_bwd(dy: torch.Tensor, y: torch.Tensor, z: Optional[torch.Tensor], mean: torch.Tensor,
+               invstd: torch.Tensor, weight: torch.Tensor, relu: bool, has_residual: bool,
+               training: bool, need_dweight: bool = True):
+    """Backward of :func:`bn_act_fwd` with batch (training) or running (eval) statistics (B1).
+
+    Args:
+        dy, y: [N, C, H, W] output gradient and saved output (any dense layout; converted to z's).
+        z: [N, C, H, W] saved conv output; may be None only when ``need_dweight`` is False and
+            not ``training``.
+        mean, invstd, weight: [C] statistics used in forward and gamma (float32).
+        relu, has_residual, training: the unit's switches.
+        need_dweight: compute dweight (always done in training, where dz needs it).
+
+    Returns:
+        (dz, dweight or None, dbias, dresidual or None): dz and dresidual [N, C, H, W] in z's
+        (or dy's) dtype and memory format; dweight, dbias [C] float32.
+    """
+    ref = z if z is not None else dy
+    _check(ref)
+    need_dweight = need_dweight or training
+    if need_dweight and z is None:
+        raise ValueError("bn_act_bwd: z is required for dweight and for batch statistics")
+    cl, fmt = _layout(ref)
+    dy = _dense(dy.to(ref.dtype), fmt)
+    y = _dense(y, fmt) if relu else dy
+    z = _dense(z, fmt) if z is not None else dy
+    N, C, H, W = dy.shape
+    M = N * H * W
+    dev = dy.device
+    mean, invstd, weight = (t.float().contiguous() for t in (mean, invstd, weight))
+    dz = torch.empty_like(dy, memory_format=fmt).fill_(float("nan"))
+    dres = torch.empty_like(dy, memory_format=fmt).fill_(float("nan")) if has_residual else dz
+
+    conf = _reduce_config(dev)
+    bm, bc = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_C"]
+    c_blocks = triton.cdiv(C, bc)
+    rows = _rows_per_program(M, c_blocks, bm, dev)
+    P = triton.cdiv(M, rows)
+    partial = torch.full((2, P, C), float("nan"), dtype=torch.float32, device=dev)
+    _bn_act_bwd_reduce_kernel[(P, c_blocks)](
+        dy, y, z, dres, dz, mean, invstd, weight, partial[0], partial[1], M, C, H * W, rows,
+        RELU=relu, HAS_RESIDUAL=has_residual, NEED_DWEIGHT=need_dweight, WRITE_DZ=not training,
+        CHANNELS_LAST=cl, BLOCK_M=bm, BLOCK_C=bc, num_warps=conf.num_warps,
+        num_stages=conf.num_stages)
+
+    sums = torch.full((2, C), float("nan"), dtype=torch.float32, device=dev)
+    fconf = _finalize_config(dev)
+    _bn_bwd_finalize_kernel[(triton.cdiv(C, fconf.kwargs["BLOCK_C"]),)](
+        partial[0], partial[1], invstd, sums[0], sums[1], P, C, NEED_DWEIGHT=need_dweight,
+        **fconf.kwargs, num_warps=fconf.num_warps, num_stages=fconf.num_stages)
+    dbias, dweight = sums[0], (sums[1] if need_dweight else None)
+
+    if training:
+        launch(_bn_act_bwd_dz_kernel,
+               lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(C, m["BLOCK_C"])),
+               (dy, y, dres, z, dz, mean, invstd, weight, dbias, dweight, M, C, H * W),
+               table=ELEMENTWISE_CONFIGS, key=("M", "C"), interp_config=_INTERP, device=dev,
+               RELU=relu, G_FROM_DRES=has_residual, CHANNELS_LAST=cl)
+    return dz, dweight, dbias, (dres if has_residual else None)

@@ -1,0 +1,250 @@
+"""Implicit-GEMM NHWC convolution with fused BatchNorm epilogues.
+
+The convolution is a GEMM per group: ``out[m, co] = sum_k A[m, k] * B[k, co]`` with
+m = (n, oh, ow) over the N*Ho*Wo output pixels, k = (r, s, ci) over the filter taps and the
+group's input channels, ``A[m, k] = x[n, oh*stride - pad + r*dil, ow*stride - pad + s*dil, ci]``
+(zero outside the image; never materialised: the kernel gathers it while loading) and
+``B[k, co] = weight[co, ci, r, s]``. Tiles [BLOCK_M, BLOCK_N] accumulate in fp32 with ``tl.dot``
+(tensor cores) over BLOCK_K slices of k.
+
+How k is walked (constexpr):
+
+- default: tap by tap, BLOCK_K input channels at a time; the tap (r, s) is a scalar per step, so
+  the gather costs one [BLOCK_M] bounds check per step (channels a multiple of 64: every ResNet
+  convolution except the stem and ResNeXt's narrow groups).
+- FLAT_K: k runs densely over (r, s, ci) and is decoded per element: no padding of k to
+  BLOCK_K per tap, which is what small channel counts (the 3-channel stem, 4-channel groups) need.
+- POINTWISE: a 1x1 stride-1 unpadded convolution is a plain GEMM on x viewed as [M, Cin].
+
+Epilogue (constexpr flags): AFFINE (eval BatchNorm: ``*scale + shift`` per channel, F2),
+HAS_RESIDUAL (+ residual), RELU, STATS (F1: each [BLOCK_M] row tile writes the per-channel mean
+and M2 of the values it stored; :func:`fusedres.kernels.bn.stats_from_partials` merges them).
+
+Backward is not here: see fusedres/backends/triton.py for why it goes to ATen.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedres.kernels._launch import cfg, interpreting, launch
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr,          # *T    input [N, H, W, Cin] contiguous (= channels_last [N, Cin, H, W])
+    w_ptr,          # *T    weight as a row-major [K, Cout] matrix, K = KH*KW*CIN_G, k = (r, s, ci)
+    out_ptr,        # *T    output [N, Ho, Wo, Cout] contiguous (channels_last)
+    res_ptr,        # *T    residual, like the output (read when HAS_RESIDUAL)
+    scale_ptr,      # *fp32 [Cout] (AFFINE)
+    shift_ptr,      # *fp32 [Cout] (AFFINE)
+    pmean_ptr,      # *fp32 [>= cdiv(M, BLOCK_M), Cout] out: mean of each row tile's output (STATS)
+    pm2_ptr,        # *fp32 like pmean_ptr, out: each row tile's sum of squared deviations (STATS)
+    M,              # output rows N*Ho*Wo
+    H, W, Cin,      # input height, width, channels (all groups)
+    Ho, Wo, Cout,   # output height, width, channels (all groups)
+    CIN_G, COUT_G,  # channels per group
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    FLAT_K: tl.constexpr,
+    POINTWISE: tl.constexpr,
+    AFFINE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr,
+    STATS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee" for fp32 operands (16-bit ones ignore it)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    group = tl.program_id(2)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < COUT_G
+    co = group * COUT_G + offs_n
+    cin0 = group * CIN_G
+
+    if POINTWISE:
+        a_row = offs_m * Cin + cin0
+    else:
+        # Output pixel -> image and the top-left input pixel of its receptive field. Per-image
+        # offsets fit in int32 (the launcher checks H*W*Cin < 2^31); the image base is int64.
+        n_img = offs_m // (Ho * Wo)
+        rem = (offs_m - n_img * (Ho * Wo)).to(tl.int32)
+        oh = rem // Wo
+        ow = rem - oh * Wo
+        ih0 = oh * stride_h - pad_h
+        iw0 = ow * stride_w - pad_w
+        img_base = n_img * H * W * Cin + cin0
+
+    if FLAT_K:
+        K = KH * KW * CIN_G
+        num_k = tl.cdiv(K, BLOCK_K)
+    else:
+        ci_tiles = tl.cdiv(CIN_G, BLOCK_K)
+        num_k = KH * KW * ci_tiles
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kt in range(num_k):
+        if FLAT_K:
+            k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = k < K
+            rs = k // CIN_G
+            ci = k - rs * CIN_G
+            if POINTWISE:
+                a_mask = mask_m[:, None] & mask_k[None, :]
+                a_ptrs = x_ptr + a_row[:, None] + ci[None, :]
+            else:
+                r = rs // KW
+                s = rs - r * KW
+                ih = ih0[:, None] + (r * dil_h)[None, :]
+                iw = iw0[:, None] + (s * dil_w)[None, :]
+                a_mask = (mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H)
+                          & (iw >= 0) & (iw < W))
+                a_ptrs = x_ptr + img_base[:, None] + ((ih * W + iw) * Cin + ci[None, :])
+        else:
+            rs = kt // ci_tiles
+            ci = (kt - rs * ci_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = ci < CIN_G
+            k = rs * CIN_G + ci
+            if POINTWISE:
+                a_mask = mask_m[:, None] & mask_k[None, :]
+                a_ptrs = x_ptr + a_row[:, None] + ci[None, :]
+            else:
+                r = rs // KW
+                s = rs - r * KW
+                ih = ih0 + r * dil_h
+                iw = iw0 + s * dil_w
+                valid = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a_mask = valid[:, None] & mask_k[None, :]
+                a_ptrs = x_ptr + (img_base + (ih * W + iw) * Cin)[:, None] + ci[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        b = tl.load(w_ptr + k[:, None] * Cout + co[None, :],
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    # -- epilogue: everything per output element happens here, before the single store.
+    mask = mask_m[:, None] & mask_n[None, :]
+    out_offs = offs_m[:, None] * Cout + co[None, :]
+    if AFFINE:
+        scale = tl.load(scale_ptr + co, mask=mask_n)
+        shift = tl.load(shift_ptr + co, mask=mask_n)
+        acc = acc * scale[None, :] + shift[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(res_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    out = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + out_offs, out, mask=mask)
+    if STATS:
+        # Statistics of the stored (rounded) values, so they describe exactly the z that
+        # bn_act_fwd and the backward read.
+        v = out.to(tl.float32)
+        count = tl.minimum(M - pid_m.to(tl.int64) * BLOCK_M, BLOCK_M).to(tl.float32)
+        tile_mean = tl.sum(tl.where(mask, v, 0.0), axis=0) / count
+        d = tl.where(mask, v - tile_mean[None, :], 0.0)
+        part = pid_m.to(tl.int64) * Cout + co
+        tl.store(pmean_ptr + part, tile_mean, mask=mask_n)
+        tl.store(pm2_ptr + part, tl.sum(d * d, axis=0), mask=mask_n)
+
+
+# -- configs ---------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Shared memory per stage is
+# (BLOCK_M + BLOCK_N)*BLOCK_K*itemsize: every config fits fp32 operands too (sm_80: 163 KB,
+# sm_90: 227 KB per block), checked by scripts/check_triton_compile.py. BLOCK_N = 64 configs
+# serve the 64-channel layers of ResNet's first stage.
+CONV_CONFIGS = {
+    80: [cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
+         cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
+         cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
+         cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)],
+    90: [cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=32),
+         cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+         cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
+         cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)],
+}
+# tl.dot needs every dimension >= 16; small tiles keep the interpreter's numpy work small.
+_INTERP = cfg(1, 1, BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
+# Channels per group at which FLAT_K stops paying: a multiple of the largest BLOCK_K wastes nothing.
+_TAP_ALIGNED = 64
+
+
+def _min_block_m() -> int:
+    if interpreting():
+        return _INTERP.kwargs["BLOCK_M"]
+    return min(c.kwargs["BLOCK_M"] for table in CONV_CONFIGS.values() for c in table)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int, *,
+           scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
+           residual: Optional[torch.Tensor] = None, relu: bool = False, stats: bool = False):
+    """``act(conv2d(x, weight)*scale + shift + residual)`` with optional BN statistics (F1, F2).
+
+    Args:
+        x: [N, Cin, H, W] fp16/bf16/fp32 (channels_last is used as is; other layouts are copied).
+        weight: [Cout, Cin/groups, KH, KW], x's dtype.
+        stride, padding, dilation: pairs; groups: int.
+        scale, shift: [Cout] float32, both or neither (AFFINE epilogue).
+        residual: [N, Cout, Ho, Wo] or None.
+        relu: apply ReLU last.
+        stats: also return per-tile statistics partials of the output.
+
+    Returns:
+        out [N, Cout, Ho, Wo] channels_last in x's dtype; with ``stats`` a tuple
+        (out, pmean [P, Cout] fp32, pm2 [P, Cout] fp32, rows per partial).
+    """
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"the triton conv supports float16, bfloat16 and float32, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} does not match input dtype {x.dtype}")
+    N, Cin, H, W = x.shape
+    Cout, cin_g, KH, KW = weight.shape
+    if Cin != cin_g * groups or Cout % groups:
+        raise ValueError(f"conv2d: input channels {Cin} / weight {tuple(weight.shape)} do not fit "
+                         f"groups={groups}")
+    if H * W * Cin >= 2**31:
+        raise ValueError("conv2d: one image of the input has more than 2^31 elements")
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    Ho = (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1
+    Wo = (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
+    M = N * Ho * Wo
+    cout_g = Cout // groups
+    x = x.contiguous(memory_format=torch.channels_last)
+    # [Cout, Cin_g, KH, KW] -> [KH, KW, Cin_g, Cout] = the [K, Cout] matrix B (weights are small).
+    w_kc = weight.permute(2, 3, 1, 0).contiguous()
+    out = torch.empty((N, Cout, Ho, Wo), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last).fill_(float("nan"))
+    affine = scale is not None
+    scale = scale.float().contiguous() if affine else out
+    shift = shift.float().contiguous() if affine else out
+    res = residual.contiguous(memory_format=torch.channels_last) if residual is not None else out
+    # Autotuning may pick any BLOCK_M: size the partials for the smallest, use the one that ran.
+    p_alloc = triton.cdiv(M, _min_block_m()) if stats else 1
+    partial = torch.full((2, p_alloc, Cout), float("nan"), dtype=torch.float32, device=x.device)
+    pointwise = KH == 1 and KW == 1 and (sh, sw) == (1, 1) and (ph, pw) == (0, 0)
+    precision = "tf32" if (x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32) else "ieee"
+    ran = launch(
+        _conv_fwd_kernel,
+        lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(cout_g, m["BLOCK_N"]), groups),
+        (x, w_kc, out, res, scale, shift, partial[0], partial[1], M, H, W, Cin, Ho, Wo, Cout,
+         cin_g, cout_g, sh, sw, ph, pw, dh, dw),
+        table=CONV_CONFIGS,
+        key=("M", "Cin", "Cout", "CIN_G", "KH", "KW", "stride_h", "AFFINE", "HAS_RESIDUAL",
+             "STATS"),
+        interp_config=_INTERP, device=x.device,
+        KH=KH, KW=KW, FLAT_K=cin_g % _TAP_ALIGNED != 0, POINTWISE=pointwise, AFFINE=affine,
+        HAS_RESIDUAL=residual is not None, RELU=relu, STATS=stats, DOT_PRECISION=precision)
+    if not stats:
+        return out
+    rows = ran.kwargs["BLOCK_M"]
+    P = triton.cdiv(M, rows)
+    return out, partial[0, :P], partial[1, :P], rows
