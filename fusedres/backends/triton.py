@@ -23,6 +23,8 @@ shows. Until a GPU measurement says otherwise, cuDNN wins.
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 
 import torch
@@ -43,16 +45,17 @@ class TritonBackend(Backend):
         return ("cuda", "cpu") if _interpreting() else ("cuda",)
 
     def availability(self) -> tuple[bool, str]:
-        try:
-            import triton
-        except ImportError as e:
-            return False, f"triton is not importable ({e}); pip install 'triton>=3.6,<3.10'"
+        # Looks triton up without importing it: importing it here would fix the interpreter
+        # mode for the whole process before tests get to set TRITON_INTERPRET.
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed; pip install 'triton>=3.6,<3.10'"
+        version = importlib.metadata.version("triton")
         if _interpreting():
-            return True, f"triton {triton.__version__} (TRITON_INTERPRET=1: CPU interpreter)"
+            return True, f"triton {version} (TRITON_INTERPRET=1: CPU interpreter)"
         if not torch.cuda.is_available():
-            return False, (f"triton {triton.__version__} is installed but torch sees no CUDA "
-                           "device (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)")
-        return True, f"triton {triton.__version__}"
+            return False, (f"triton {version} is installed but torch sees no CUDA device "
+                           "(set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)")
+        return True, f"triton {version}"
 
     # -- primitive ops -----------------------------------------------------------------------
 

@@ -1,0 +1,126 @@
+"""BatchNorm kernels (fusedres.kernels.bn) against the fp64 oracle of fusedres.reference.
+
+Shapes are small (the CPU interpreter runs every program in Python) but cover the structure:
+odd channel counts (partial channel tiles), M not a multiple of BLOCK_M, several reduction
+programs (M > rows per program under the interpreter), both layouts, every flag.
+"""
+
+import pytest
+import torch
+
+from conftest import assert_oracle_close
+from fusedres import reference
+
+from .conftest import DEVICE, DTYPES
+
+# [N, C, H, W]: odd C (partial channel tile), M = 2*7*9 = 126 (partial row tile);
+# 5*3*15*17 = 1275 rows (several reduction programs, 3 channel tiles under the interpreter).
+SHAPES = [(2, 13, 7, 9), (5, 35, 15, 17)]
+LAYOUTS = [torch.channels_last, torch.contiguous_format]
+_IDS = {torch.channels_last: "nhwc", torch.contiguous_format: "nchw"}
+
+
+def _bn():
+    from fusedres.kernels import bn  # after conftest has set TRITON_INTERPRET
+    return bn
+
+
+def _rand(shape, dtype, fmt, scale=1.0, offset=0.0):
+    t = torch.randn(shape, dtype=torch.float64) * scale + offset
+    return t.to(dtype).to(DEVICE).contiguous(memory_format=fmt)
+
+
+def _channel(c, lo, hi):
+    return torch.empty(c, dtype=torch.float32).uniform_(lo, hi).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=_IDS.get)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_bn_stats(dtype, fmt, shape):
+    # A mean far from 0 relative to the spread is where sum/sum-of-squares would cancel.
+    z = _rand(shape, dtype, fmt, scale=0.5, offset=3.0)
+    mean, var = _bn().bn_stats(z)
+    assert mean.dtype == var.dtype == torch.float32
+    exact = reference.bn_stats(z, upcast=True)
+    eager = reference.bn_stats(z, upcast=False)
+    for name, got, ref, ex in zip(("mean", "var"), (mean, var), eager, exact):
+        assert_oracle_close(got.cpu(), ref.cpu(), ex.cpu().double(), name=name, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=_IDS.get)
+@pytest.mark.parametrize("has_residual", [True, False], ids=["res", "nores"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+def test_bn_act_fwd(dtype, fmt, has_residual, relu):
+    shape = SHAPES[0]
+    z = _rand(shape, dtype, fmt)
+    scale, shift = _channel(shape[1], 0.5, 1.5), _channel(shape[1], -0.5, 0.5)
+    res = _rand(shape, dtype, fmt) if has_residual else None
+    y = _bn().bn_act_fwd(z, scale, shift, res, relu)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
+    exact = reference.bn_act_fwd(z, scale, shift, res, relu, upcast=True)
+    eager = reference.bn_act_fwd(z, scale, shift, res, relu, upcast=False)
+    assert_oracle_close(y.cpu(), eager.cpu(), exact.cpu().double(), name="y")
+
+
+# (shape, has_residual, relu, training): every flag combination on the small shape; the large
+# one (several reduction programs) with all flags on, in both modes (interpreter time).
+BWD_CASES = [(SHAPES[0], res, relu, training) for res in (True, False) for relu in (True, False)
+             for training in (True, False)] + [(SHAPES[1], True, True, True),
+                                               (SHAPES[1], True, True, False)]
+
+
+def _bwd_id(case):
+    shape, res, relu, training = case
+    return "-".join(["x".join(map(str, shape)), "res" if res else "nores",
+                     "relu" if relu else "norelu", "train" if training else "eval"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=_IDS.get)
+@pytest.mark.parametrize("case", BWD_CASES, ids=_bwd_id)
+def test_bn_act_bwd(dtype, fmt, case):
+    shape, has_residual, relu, training = case
+    c = shape[1]
+    z = _rand(shape, dtype, fmt, offset=0.2)
+    dy = _rand(shape, dtype, fmt)
+    mean, var = reference.bn_stats(z)
+    invstd = torch.rsqrt(var + 1e-5)
+    gamma = _channel(c, 0.5, 1.5)
+    # y from the fp64 forward: the mask is the same bits for the kernel and both references.
+    y = reference.bn_act_fwd(z, gamma * invstd, _channel(c, -0.5, 0.5) - mean * gamma * invstd,
+                             None, relu)
+    got = _bn().bn_act_bwd(dy, y, z, mean, invstd, gamma, relu, has_residual, training)
+    exact = reference.bn_act_bwd(dy, y, z, mean, invstd, gamma, relu, has_residual, training,
+                                 upcast=True)
+    eager = reference.bn_act_bwd(dy, y, z, mean, invstd, gamma, relu, has_residual, training,
+                                 upcast=False)
+    for name, g, r, e in zip(("dz", "dweight", "dbias", "dresidual"), got, eager, exact):
+        if e is None:
+            assert g is None, f"{name} should be None without a residual"
+            continue
+        assert g.dtype == r.dtype, f"{name}: dtype {g.dtype} != {r.dtype}"
+        if g.dim() == 4:
+            assert g.is_contiguous(memory_format=fmt), f"{name} lost z's memory format"
+        assert_oracle_close(g.cpu(), r.cpu(), e.cpu().double(), name=name)
+
+
+def test_bn_bwd_eval_without_z_skips_dweight():
+    """Eval backward with frozen gamma reads neither z nor computes dweight."""
+    shape = SHAPES[0]
+    dy = _rand(shape, torch.float32, torch.channels_last)
+    y = _rand(shape, torch.float32, torch.channels_last)
+    mean, invstd, gamma = _channel(13, -1, 1), _channel(13, 0.5, 2), _channel(13, 0.5, 1.5)
+    dz, dweight, dbias, dres = _bn().bn_act_bwd(dy, y, None, mean, invstd, gamma, True, False,
+                                                training=False, need_dweight=False)
+    assert dweight is None and dres is None
+    exact = reference.bn_act_bwd(dy, y, y, mean, invstd, gamma, True, False, False)
+    assert_oracle_close(dz.cpu(), exact[0].float().cpu(), exact[0].cpu().double(), name="dz")
+    assert_oracle_close(dbias.cpu(), exact[2].cpu(), exact[2].cpu().double(), name="dbias")
+
+
+def test_float64_is_refused_with_a_clear_error():
+    z = torch.randn(2, 3, 4, 4, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="float64"):
+        _bn().bn_stats(z)
