@@ -1,0 +1,113 @@
+// ATen-level launchers of the CPU kernels: layout, allocation, kernel-variant choice. Arguments have
+// been checked by the binding (common/checks.h) before these run.
+#include <ATen/ATen.h>
+#include <ATen/Version.h>
+
+#include <limits>
+#include <string>
+
+#include "common/checks.h"
+#include "cpu/kernels.h"
+
+namespace fusedres {
+namespace cpu {
+namespace {
+
+// ATen's own choice of instruction set (honours ATEN_CPU_CAPABILITY=default|avx2|avx512), so the
+// CPU kernels follow the same switch as PyTorch's: any AVX2-or-better CPU gets the AVX2 build.
+const KernelTable& kernels() {
+  static const KernelTable* table = [] {
+    const std::string cap = at::get_cpu_capability();
+    const KernelTable* avx2 = kernel_table_avx2();
+    if (avx2 != nullptr && (cap == "AVX2" || cap == "AVX512")) return avx2;
+    return kernel_table_default();
+  }();
+  return *table;
+}
+
+Geometry geometry(const at::Tensor& t, c10::MemoryFormat fmt) {
+  return {t.size(0), t.size(1), t.size(2) * t.size(3), fmt == c10::MemoryFormat::ChannelsLast};
+}
+
+}  // namespace
+
+std::string kernel_variant() { return kernels().name; }
+
+std::string compiled_variants() {
+  return kernel_table_avx2() != nullptr ? "DEFAULT, AVX2" : "DEFAULT";
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& z) {
+  const auto sdt = checks::stats_dtype(z.scalar_type());
+  const int64_t C = z.size(1);
+  if (z.numel() == 0) {
+    // torch.var_mean over no elements: NaN for both.
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    return {at::full({C}, nan, z.options().dtype(sdt)), at::full({C}, nan, z.options().dtype(sdt))};
+  }
+  const auto fmt = checks::unit_memory_format(z);
+  const at::Tensor zc = z.contiguous(fmt);
+  at::Tensor mean = at::empty({C}, z.options().dtype(sdt));
+  at::Tensor var = at::empty({C}, z.options().dtype(sdt));
+  StatsParams p{geometry(zc, fmt), zc.const_data_ptr(), mean.mutable_data_ptr(),
+                var.mutable_data_ptr()};
+  kernels().bn_stats(p, z.scalar_type());
+  return {mean, var};
+}
+
+at::Tensor bn_act_fwd(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
+                      const c10::optional<at::Tensor>& residual, bool relu) {
+  const auto fmt = checks::unit_memory_format(z);
+  const at::Tensor zc = z.contiguous(fmt);
+  at::Tensor y = at::empty_like(zc, fmt);
+  if (z.numel() == 0) return y;
+  const bool has_res = residual.has_value() && residual->defined();
+  // The residual may come in another layout (e.g. an NCHW identity added to a channels_last
+  // unit): bring it to z's, the kernel walks both with one index.
+  const at::Tensor res = has_res ? residual->contiguous(fmt) : at::Tensor();
+  const at::Tensor sc = scale.contiguous(), sh = shift.contiguous();
+  FwdParams p{geometry(zc, fmt), zc.const_data_ptr(), sc.const_data_ptr(), sh.const_data_ptr(),
+              has_res ? res.const_data_ptr() : nullptr, y.mutable_data_ptr(), relu};
+  kernels().bn_act_fwd(p, z.scalar_type());
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
+    const at::Tensor& dy, const at::Tensor& y, const at::Tensor& z, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& weight, bool relu, bool has_residual,
+    bool training) {
+  const auto fmt = checks::unit_memory_format(z);
+  const at::Tensor zc = z.contiguous(fmt);
+  // dy often arrives in another layout than the forward tensors (autograd hands over whatever the
+  // next op produced): convert once so every stream shares z's index.
+  const at::Tensor dyc = dy.contiguous(fmt), yc = y.contiguous(fmt);
+  const int64_t C = z.size(1);
+  const auto sdt = checks::stats_dtype(z.scalar_type());
+  at::Tensor dz = at::empty_like(zc, fmt);
+  at::Tensor dres = has_residual ? at::empty_like(zc, fmt) : at::empty({0}, dy.options());
+  if (z.numel() == 0) {
+    return {dz, at::zeros({C}, z.options().dtype(sdt)), at::zeros({C}, z.options().dtype(sdt)),
+            dres};
+  }
+  at::Tensor dweight = at::empty({C}, z.options().dtype(sdt));
+  at::Tensor dbias = at::empty({C}, z.options().dtype(sdt));
+  const at::Tensor m = mean.contiguous(), is = invstd.contiguous(), w = weight.contiguous();
+  BwdParams p{geometry(zc, fmt),
+              dyc.const_data_ptr(),
+              yc.const_data_ptr(),
+              zc.const_data_ptr(),
+              m.const_data_ptr(),
+              is.const_data_ptr(),
+              w.const_data_ptr(),
+              dz.mutable_data_ptr(),
+              dweight.mutable_data_ptr(),
+              dbias.mutable_data_ptr(),
+              has_residual ? dres.mutable_data_ptr() : nullptr,
+              relu,
+              training};
+  kernels().bn_act_bwd(p, z.scalar_type());
+  return {dz, dweight, dbias, dres};
+}
+
+}  // namespace cpu
+}  // namespace fusedres

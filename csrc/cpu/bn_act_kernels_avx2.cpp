@@ -1,0 +1,46 @@
+// The AVX2 + FMA build of the CPU kernels, chosen at run time when the CPU supports it (see
+// bn_act_cpu.cpp). setup.py compiles every csrc/cpu/*.cpp with the same flags, so instead of
+// -mavx2 this file raises the target ISA with a pragma placed before any include, and defines the
+// macros with which ATen selects its AVX2 Vectorized specialisations. As in ATen's own AVX2 kernel
+// files, the code here must only run after the run-time check; the table below is constant data,
+// so nothing in this file executes at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FUSEDRES_HAVE_AVX2_KERNELS 1
+#pragma GCC target("avx2,fma,f16c")
+// g++ does not define the ISA macros for a target pragma (gcc does); sleef.h, which ATen's AVX2
+// Vectorized includes, declares its AVX2 functions only under them.
+#ifndef __AVX__
+#define __AVX__ 1
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#endif
+#ifndef __F16C__
+#define __F16C__ 1
+#endif
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+
+#include "cpu/bn_act_kernels.h"
+#else
+#include "cpu/kernels.h"
+#endif
+
+namespace fusedres {
+namespace cpu {
+
+const KernelTable* kernel_table_avx2() {
+#if defined(FUSEDRES_HAVE_AVX2_KERNELS)
+  static constexpr KernelTable table{"AVX2", &AVX2::bn_stats_kernel, &AVX2::bn_act_fwd_kernel,
+                                     &AVX2::bn_act_bwd_kernel};
+  return &table;
+#else
+  return nullptr;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace fusedres

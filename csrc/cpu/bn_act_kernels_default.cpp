@@ -1,0 +1,18 @@
+// The portable build of the CPU kernels: at::vec::Vectorized's generic implementation, which the
+// compiler vectorises for the baseline ISA of the build (SSE2 on x86-64).
+#define CPU_CAPABILITY DEFAULT
+#define CPU_CAPABILITY_DEFAULT
+
+#include "cpu/bn_act_kernels.h"
+
+namespace fusedres {
+namespace cpu {
+
+const KernelTable* kernel_table_default() {
+  static constexpr KernelTable table{"DEFAULT", &DEFAULT::bn_stats_kernel,
+                                     &DEFAULT::bn_act_fwd_kernel, &DEFAULT::bn_act_bwd_kernel};
+  return &table;
+}
+
+}  // namespace cpu
+}  // namespace fusedres

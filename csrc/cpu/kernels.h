@@ -1,0 +1,95 @@
+// CPU backend of the BatchNorm unit ops (DESIGN.md section 2).
+//
+// Two levels:
+//  * ATen-level launchers (bn_stats, bn_act_fwd, bn_act_bwd; csrc/cpu/bn_act_cpu.cpp): pick the
+//    memory layout, make inputs dense in it, allocate outputs, call a kernel. The argument checks
+//    live in csrc/common/checks.h and are run by the binding before these are called.
+//  * Raw-pointer kernels (csrc/cpu/bn_act_kernels.h), compiled once per CPU capability
+//    (bn_act_kernels_default.cpp, bn_act_kernels_avx2.cpp) and chosen at run time, the way ATen's
+//    DispatchStub does it, so one binary runs everywhere and uses AVX2 where the CPU has it.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+#include <string>
+#include <tuple>
+
+namespace fusedres {
+namespace cpu {
+
+// ---- ATen-level launchers --------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& z);
+
+at::Tensor bn_act_fwd(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
+                      const c10::optional<at::Tensor>& residual, bool relu);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
+    const at::Tensor& dy, const at::Tensor& y, const at::Tensor& z, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& weight, bool relu, bool has_residual,
+    bool training);
+
+// The name of the kernel variant in use ("AVX2" or "DEFAULT"), and the variants compiled in.
+std::string kernel_variant();
+std::string compiled_variants();
+
+// ---- raw-pointer kernels ---------------------------------------------------------------------
+
+// Dense activations of logical shape [N, C, H, W] with HW = H*W, either NCHW (index
+// (n*C + c)*HW + hw) or NHWC (index (n*HW + hw)*C + c). Every activation of one call shares it.
+struct Geometry {
+  int64_t N, C, HW;
+  bool channels_last;
+};
+
+// Element types: `act` pointers hold the activation dtype (float, double, BFloat16, Half); `stat`
+// pointers hold [C] vectors in the statistics dtype (double for double activations, else float).
+struct StatsParams {
+  Geometry g;
+  const void* z;  // act, read
+  void* mean;     // stat [C], written
+  void* var;      // stat [C], written: biased variance (NaN, like mean, when N*H*W == 0)
+};
+
+struct FwdParams {
+  Geometry g;
+  const void* z;         // act, read
+  const void* scale;     // stat [C]
+  const void* shift;     // stat [C]
+  const void* residual;  // act, read; nullptr when the unit has no residual
+  void* y;               // act, written: act(z*scale + shift + residual)
+  bool relu;
+};
+
+struct BwdParams {
+  Geometry g;
+  const void* dy;      // act, read
+  const void* y;       // act, read: the saved forward output (ReLU mask)
+  const void* z;       // act, read
+  const void* mean;    // stat [C]
+  const void* invstd;  // stat [C]
+  const void* weight;  // stat [C]: gamma
+  void* dz;            // act, written
+  void* dweight;       // stat [C], written: invstd * sum g*(z - mean)
+  void* dbias;         // stat [C], written: sum g
+  void* dresidual;     // act, written (= g); nullptr when the unit has no residual
+  bool relu;
+  bool training;       // batch statistics: dz carries the mean/variance terms
+};
+
+struct KernelTable {
+  const char* name;
+  void (*bn_stats)(const StatsParams&, c10::ScalarType act_dtype);
+  void (*bn_act_fwd)(const FwdParams&, c10::ScalarType act_dtype);
+  void (*bn_act_bwd)(const BwdParams&, c10::ScalarType act_dtype);
+};
+
+// Defined by the per-capability translation units; the AVX2 one returns nullptr where it could not
+// be compiled (not x86-64 / not GCC-compatible).
+const KernelTable* kernel_table_default();
+const KernelTable* kernel_table_avx2();
+
+}  // namespace cpu
+}  // namespace fusedres
