@@ -1,0 +1,211 @@
+"""The ``triton`` backend end to end: registration, one unit and whole blocks vs the oracle.
+
+Units and blocks run forward + backward on backend="triton" and are compared, output by output
+and gradient by gradient (and running statistics), with the eager composition in the same dtype
+and the fp64 oracle (DESIGN.md section 6).
+"""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fusedres
+from conftest import assert_oracle_close
+from fusedres import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU, reference
+from fusedres.backend import get_backend, resolve
+
+from .conftest import DEVICE, DTYPES
+
+# Half-width of the band around the ReLU kink where dy is zeroed: a pre-activation that close to
+# 0 may round to either side in the tested dtype and flip the mask (a step function).
+KINK_BAND = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+
+def test_registered_and_usable_here():
+    backend = get_backend("triton")
+    ok, why = backend.availability()
+    assert ok, why
+    assert DEVICE in backend.device_types
+    assert resolve("triton", torch.device(DEVICE)) is backend
+
+
+def test_import_fusedres_does_not_import_triton():
+    code = ("import sys, fusedres; fusedres.available_backends(); "
+            "assert 'triton' not in sys.modules, 'triton imported'")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def _randomize_bn(bn):
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-0.3, 0.3)
+        bn.running_var.uniform_(0.5, 2.0)
+
+
+def _run(module, x, residual, dy):
+    """Forward + backward; every output, gradient and BN buffer by name."""
+    x = x.detach().clone().requires_grad_()
+    args = (x,)
+    if residual is not None:
+        residual = residual.detach().clone().requires_grad_()
+        args = (x, residual)
+    y = module(*args)
+    y.backward(dy)
+    out = {"y": y.detach(), "dx": x.grad}
+    if residual is not None:
+        out["dresidual"] = residual.grad
+    for name, p in module.named_parameters():
+        out["d." + name] = p.grad
+    for name, b in module.named_buffers():
+        if b.is_floating_point():
+            out[name] = b.clone()
+    return out
+
+
+def _compare(fused, eager, x, residual, dtype, training):
+    """Runs fused (dtype), eager (dtype) and the fp64 oracle; applies the tolerance rule."""
+    oracle = reference.upcast(eager)
+    for m in (fused, eager, oracle):
+        m.train(training)
+    x64 = x.double()
+    res64 = None if residual is None else residual.double()
+    with torch.no_grad():
+        y64 = oracle(*((x64,) if res64 is None else (x64, res64)))
+    dy = torch.randn(y64.shape, dtype=torch.float64, device=DEVICE)
+    # Only the last ReLU's kink matters for the test's dy (inner kinks are averaged out).
+    dy = dy.masked_fill(y64.abs() < KINK_BAND[dtype], 0.0)
+    cast = (lambda t: None if t is None else t.to(dtype))
+    got = _run(fused, cast(x64), cast(res64), cast(dy))
+    ref = _run(eager, cast(x64), cast(res64), cast(dy))
+    exact = _run(oracle, x64, res64, dy)
+    assert got.keys() == exact.keys()
+    for key in exact:
+        assert got[key] is not None, f"{key} was not computed"
+        assert_oracle_close(got[key].cpu(), ref[key].cpu(), exact[key].cpu(), name=key)
+    return got
+
+
+# (Cin, H, W, Cout, kernel, stride, groups)
+UNITS = {
+    "3x3": (8, 7, 6, 12, 3, 1, 1),
+    "1x1s2": (16, 6, 5, 8, 1, 2, 1),
+    "7x7s2": (3, 11, 9, 8, 7, 2, 1),
+    "3x3-groups": (8, 6, 6, 8, 3, 1, 4),
+}
+
+
+# (unit, has_residual, relu): every flag combination on one geometry, the others with both on
+# (the kernels' flag paths are covered in test_bn_kernels/test_conv_kernel; interpreter time).
+UNIT_CASES = [("3x3", True, True), ("3x3", False, True), ("3x3", False, False),
+              ("1x1s2", True, True), ("7x7s2", False, True), ("3x3-groups", True, True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", UNIT_CASES,
+                         ids=lambda c: f"{c[0]}-{'res' if c[1] else 'nores'}-"
+                                       f"{'relu' if c[2] else 'norelu'}")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_unit(dtype, case, training):
+    name, has_residual, relu = case
+    cin, h, w, cout, k, stride, groups = UNITS[name]
+    eager = reference.ConvBNAct(cin, cout, k, stride, groups=groups, relu=relu)
+    _randomize_bn(eager.bn)
+    eager = eager.to(DEVICE, dtype)
+    fused = FusedConvBNReLU(cin, cout, k, stride, groups=groups, relu=relu, backend="triton")
+    fused.to(DEVICE, dtype).load_state_dict(eager.state_dict())
+    x = torch.randn(2, cin, h, w, device=DEVICE).to(memory_format=torch.channels_last)
+    ho, wo = (h + 2 * (k // 2) - k) // stride + 1, (w + 2 * (k // 2) - k) // stride + 1
+    res = torch.randn(2, cout, ho, wo, device=DEVICE) if has_residual else None
+    got = _compare(fused, eager, x, res, dtype, training)
+    assert got["y"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_unit_nchw_input_keeps_nchw():
+    eager = reference.ConvBNAct(5, 7, 3, 1).to(DEVICE)
+    fused = FusedConvBNReLU(5, 7, 3, 1, backend="triton").to(DEVICE)
+    fused.load_state_dict(eager.state_dict())
+    got = _compare(fused, eager, torch.randn(2, 5, 6, 7, device=DEVICE), None, torch.float32,
+                   training=True)
+    assert got["y"].is_contiguous()
+
+
+def test_eval_with_frozen_bn_params_and_trainable_weight():
+    """Eval forward writes no z; backward must still give dW and dx (and skip dgamma)."""
+    eager = reference.ConvBNAct(6, 8, 3, 1).to(DEVICE)
+    _randomize_bn(eager.bn)
+    fused = FusedConvBNReLU(6, 8, 3, 1, backend="triton").to(DEVICE).eval()
+    fused.load_state_dict(eager.state_dict())
+    eager.eval()
+    for m in (fused, eager):
+        m.bn.requires_grad_(False)
+    x = torch.randn(2, 6, 5, 5, device=DEVICE).to(memory_format=torch.channels_last)
+    grads = []
+    for m in (fused, eager):
+        xi = x.clone().requires_grad_()
+        m(xi).sum().backward()
+        grads.append((xi.grad, m.conv.weight.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _downsample(inplanes, outplanes, stride):
+    return nn.Sequential(nn.Conv2d(inplanes, outplanes, 1, stride, bias=False),
+                         nn.BatchNorm2d(outplanes))
+
+
+# (class, eager class, inplanes, planes, stride, groups, base_width, H)
+BLOCKS = {
+    "basic-s2-downsample": (FusedBasicBlock, reference.BasicBlock, 8, 16, 2, 1, 64, 9),
+    "basic-identity": (FusedBasicBlock, reference.BasicBlock, 8, 8, 1, 1, 64, 6),
+    "bottleneck-s2-downsample": (FusedBottleneck, reference.Bottleneck, 16, 4, 2, 1, 64, 7),
+    "resnext-bottleneck": (FusedBottleneck, reference.Bottleneck, 32, 8, 1, 4, 16, 5),
+}
+# Blocks add wiring, not kernel paths: fp32 only under the interpreter (the units cover fp16).
+BLOCK_DTYPES = DTYPES if DEVICE == "cuda" else [torch.float32]
+
+
+@pytest.mark.parametrize("dtype", BLOCK_DTYPES, ids=str)
+@pytest.mark.parametrize("block", BLOCKS.values(), ids=BLOCKS.keys())
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_block(dtype, block, training):
+    fused_cls, eager_cls, inplanes, planes, stride, groups, base_width, h = block
+    out = planes * eager_cls.expansion
+    ds = _downsample(inplanes, out, stride) if (stride != 1 or inplanes != out) else None
+    eager = eager_cls(inplanes, planes, stride, copy.deepcopy(ds), groups, base_width)
+    for mod in eager.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            _randomize_bn(mod)
+    eager = eager.to(DEVICE, dtype)
+    fused = fused_cls(inplanes, planes, stride, copy.deepcopy(ds), groups, base_width,
+                      backend="triton").to(DEVICE, dtype)
+    fused.load_state_dict(eager.state_dict())
+    x = torch.randn(2, inplanes, h, h, device=DEVICE).to(memory_format=torch.channels_last)
+    _compare(fused, eager, x, None, dtype, training)
+
+
+def test_float64_is_refused_with_a_clear_error():
+    fused = FusedConvBNReLU(3, 4, 3, backend="triton").to(DEVICE, torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        fused(torch.randn(2, 3, 5, 5, dtype=torch.float64, device=DEVICE))
+
+
+def test_global_backend_choice_reaches_triton(monkeypatch):
+    from fusedres.backends import triton as triton_backend
+    calls = []
+    original = triton_backend.TritonBackend.forward_train
+
+    def spy(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(triton_backend.TritonBackend, "forward_train", spy)
+    fusedres.set_backend("triton")
+    FusedConvBNReLU(3, 4, 3).to(DEVICE)(torch.randn(2, 3, 5, 5, device=DEVICE))
+    assert calls, "the fused triton path was not taken"
