@@ -9,9 +9,12 @@ TORCH_CUDA_ARCH_LIST (default "8.0;9.0") and MAX_JOBS are honoured.
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 
 from setuptools import find_packages, setup
+import torch.utils.cpp_extension as cpp_extension
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 import torch
@@ -24,6 +27,21 @@ def _find_nvcc():
     if cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
         return os.path.join(cuda_home, "bin", "nvcc")
     return shutil.which("nvcc")
+
+
+def _cuda_home(nvcc):
+    """The toolkit root of `nvcc`. CUDA_HOME/CUDA_PATH win; otherwise nvcc's own location, asked of
+    nvcc itself when the path on PATH is a wrapper script (e.g. /usr/local/bin/nvcc exec-ing
+    /usr/local/cuda-13.0/bin/nvcc), whose parent holds no include/cuda_runtime_api.h."""
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home:
+        return cuda_home
+    cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists(os.path.join(cuda_home, "include", "cuda_runtime_api.h")):
+        return cuda_home
+    dryrun = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-E", os.devnull], capture_output=True, text=True)
+    here = re.search(r"^#\$ _HERE_=(.+)$", dryrun.stdout + dryrun.stderr, re.MULTILINE)
+    return os.path.dirname(here.group(1).strip()) if here else cuda_home
 
 
 def _cuda_decision():
@@ -51,8 +69,12 @@ def _extension():
     library_dirs, libraries, link_args = [], [], ["-fopenmp"]
     arch_list = "none"
     if build_cuda:
-        cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(_find_nvcc())))
+        cuda_home = _cuda_home(_find_nvcc())
         os.environ.setdefault("CUDA_HOME", cuda_home)
+        # torch.utils.cpp_extension reads CUDA_HOME once at import and leaves it None under a
+        # CPU-only torch, then refuses .cu sources; the FORCE_CUDA build points it at this toolkit.
+        if cpp_extension.CUDA_HOME is None:
+            cpp_extension.CUDA_HOME = cuda_home
         arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         # torch.utils.cpp_extension reads this to emit -gencode flags for every .cu file.
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
