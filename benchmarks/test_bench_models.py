@@ -1,0 +1,50 @@
+"""Whole models, resnet18 and resnet50: a training step and an eval forward per provider.
+
+Training step = forward + cross-entropy + backward + SGD (momentum) step, the unit of images/s
+in training; eval = forward under inference_mode. extra_info carries images/s, GB/s (the
+fusedres.traffic bytes of the units and blocks), conv TFLOP/s and memory: peak allocated on a
+GPU, the bytes saved for backward everywhere (see fusedres.report.saved_bytes).
+
+    pytest benchmarks/test_bench_models.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusedres
+from fusedres import traffic
+from fusedres.report import build_model, make_eval_step, make_train_step
+
+from _providers import (DEVICE, SIZES, autocast, bytes_for, provider_params, run_benchmark,
+                        timed)
+
+
+@pytest.mark.parametrize("provider", provider_params("models"))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_model(benchmark, arch, mode, provider):
+    n, size, training = SIZES.model_batch[arch], SIZES.model_image, mode == "train"
+    benchmark.group = f"model {arch} batch {n} {size}px {mode}"
+    torch.manual_seed(0)
+    model = build_model(arch, provider, DEVICE, getattr(fusedres.models, arch)())
+    fmt = torch.channels_last if provider.channels_last else torch.contiguous_format
+    x = torch.randn(n, 3, size, size, device=DEVICE).contiguous(memory_format=fmt)
+    if training:
+        step = make_train_step(model, x, torch.randint(0, 1000, (n,), device=DEVICE),
+                               SIZES.dtype)
+    else:
+        step = make_eval_step(model, x, SIZES.dtype)
+
+    def forward():
+        with autocast(DEVICE, SIZES.dtype):
+            model(x)
+
+    blocks = traffic.model_blocks(arch, n, size)
+    run_benchmark(benchmark, provider, timed(step), images=n,
+                  bytes_moved=bytes_for(provider, blocks, training),
+                  flops=sum(traffic.unit_flops(u, training) for b in blocks for u in b),
+                  forward=forward if (training and not provider.compiled) else None,
+                  params=list(model.parameters()))
+    benchmark.extra_info["arch"] = arch

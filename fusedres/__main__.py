@@ -1,0 +1,7 @@
+"""``python -m fusedres``: the main job (see fusedres.report)."""
+
+import sys
+
+from fusedres.report import main
+
+sys.exit(main())

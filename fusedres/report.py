@@ -1,0 +1,542 @@
+"""The main job (``python -m fusedres``): check fused against eager, time them, write a report.
+
+What it does, printing progress as it goes:
+
+1. detects the device and lists the usable backends (and why the others are not);
+2. checks every fused backend against eager PyTorch on a ResNet (default ResNet-50) in training
+   mode: logits and a few parameter gradients, max abs/rel error against eager in the same
+   dtype, and DESIGN.md's rule against a float64 oracle (relative L2 error at most 2x eager's
+   plus an atol, the rule tests/conftest.py uses for whole networks);
+3. times each provider (eager NCHW, eager channels_last, ``torch.compile`` when asked for, each
+   usable fused backend): a training step (forward, backward, SGD) and an eval forward, in
+   images/s, with memory (see :func:`saved_bytes` and :func:`peak_memory`) and the bytes-moved
+   model of :mod:`fusedres.traffic` as the fused/eager traffic ratio;
+4. prints a table and writes ``report.json`` and ``report.png`` (matplotlib; without it, the JSON
+   only) into the results folder (``--out``, default ``fusedres_results/``).
+
+The provider machinery (:class:`Provider`, :func:`build_model`, :func:`time_fn`, ...) is shared
+with the pytest-benchmark suites in ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fusedres
+from fusedres import reference, traffic
+
+__all__ = [
+    "Config", "Provider", "build_model", "check_against_eager", "default_config", "main",
+    "make_eval_step", "make_train_step", "peak_memory", "provider_status", "run", "saved_bytes",
+    "sync", "time_fn",
+]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# DESIGN.md's tolerance rule on the relative L2 error (tests/conftest.py's atol per dtype).
+ATOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# Gradients the check compares; these names exist in every torchvision ResNet.
+GRAD_NAMES = ("conv1.weight", "layer1.0.conv1.weight", "layer1.0.bn1.weight",
+              "layer4.0.downsample.0.weight", "fc.weight")
+
+
+# -- providers -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Provider:
+    """One way of running a model: a backend, a memory format, optionally torch.compile.
+
+    Attributes:
+        name: ``eager`` (NCHW), ``eager_cl`` (channels_last), ``compile`` (torch.compile of the
+            eager model, channels_last) or a fused backend name (``cpu``, ``triton``, ``cuda``).
+        backend: ``"eager"`` or the fused backend name.
+    """
+
+    name: str
+    backend: str
+    channels_last: bool
+    compiled: bool = False
+
+
+def make_provider(name: str) -> Provider:
+    """The provider called ``name``; fused backends run channels_last (their fast layout)."""
+    if name == "eager":
+        return Provider("eager", "eager", False)
+    if name == "eager_cl":
+        return Provider("eager_cl", "eager", True)
+    if name == "compile":
+        return Provider("compile", "eager", True, compiled=True)
+    return Provider(name, name, True)
+
+
+def provider_status(provider: Provider, device: torch.device) -> tuple[bool, str]:
+    """(usable on ``device``, why or why not)."""
+    if provider.compiled:
+        if device.type == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None:
+            return False, "torch.compile on CPU needs a C++ compiler (none found)"
+        return True, "torch.compile (inductor)"
+    if provider.backend == "eager":
+        return True, "plain PyTorch"
+    try:
+        backend = fusedres.get_backend(provider.backend)
+    except (ValueError, RuntimeError) as e:
+        return False, str(e)
+    ok, why = backend.availability()
+    if not ok:
+        return False, why
+    if device.type not in backend.device_types:
+        return False, f"runs on {'/'.join(backend.device_types)} tensors, not {device.type}"
+    if device.type == "cpu" and provider.backend == "triton":
+        return False, "TRITON_INTERPRET=1 runs the Triton kernels in the CPU interpreter: not timed"
+    return True, why
+
+
+def default_providers(device: torch.device) -> list[str]:
+    """eager, eager_cl and every fused backend name (unusable ones are reported, not run)."""
+    return ["eager", "eager_cl"] + [b for b in fusedres.BACKEND_NAMES if b != "eager"]
+
+
+def build_model(arch: str, provider: Provider, device: torch.device,
+                base: Optional[nn.Module] = None) -> nn.Module:
+    """A ResNet for ``provider`` on ``device``: plain PyTorch modules for eager providers.
+
+    Args:
+        arch: a builder name in fusedres.models (``resnet18``, ``resnet50``, ...).
+        base: a model whose weights to copy (so every provider runs the same network); a fresh
+            fusedres.models one when None.
+    """
+    model = copy.deepcopy(base) if base is not None else getattr(fusedres.models, arch)()
+    if provider.backend == "eager":
+        model = fusedres.to_eager(model)
+    else:
+        model = fusedres.convert(model, provider.backend)
+    model = model.to(device)
+    if provider.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if provider.compiled:
+        model = torch.compile(model)
+    return model
+
+
+def as_input(x: torch.Tensor, provider: Provider) -> torch.Tensor:
+    """x [N, C, H, W] in the provider's memory format."""
+    fmt = torch.channels_last if provider.channels_last else torch.contiguous_format
+    return x.contiguous(memory_format=fmt)
+
+
+# -- measuring -----------------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    """Waits for the device's queued kernels, so a host timer measures them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision (parameters stay float32) for a 16-bit dtype, else nothing."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def time_fn(fn: Callable[[], object], steps: int, warmup: int, device: torch.device) -> float:
+    """Median seconds of one ``fn()`` call, each synchronised, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def saved_bytes(fn: Callable[[], object], exclude: tuple = ()) -> int:
+    """Bytes autograd keeps for backward while ``fn`` runs (a forward pass), parameters excluded.
+
+    Uses ``torch.autograd.graph.saved_tensors_hooks``: every tensor an op or autograd Function
+    saves passes through the pack hook; storages are counted once. Device-independent and exact
+    for what backward holds (``tracemalloc`` does not see tensor memory), but it is not a peak:
+    it leaves out workspaces and the transient tensors of the forward.
+
+    Args:
+        fn: runs a forward pass with autograd recording.
+        exclude: tensors (parameters) whose storages are not counted.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak bytes allocated on a CUDA device while ``fn`` runs (everything: weights, optimizer
+    state, activations, workspaces); None on other devices (use :func:`saved_bytes`)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def make_train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
+                    dtype: torch.dtype) -> Callable[[], None]:
+    """One training step: forward, cross-entropy, backward, SGD (momentum 0.9) step.
+
+    Args:
+        x: [N, 3, H, W] input; target: [N] class indices.
+    """
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    device = x.device
+
+    def step():
+        with autocast(device, dtype):
+            out = model(x)
+        F.cross_entropy(out.float(), target).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def make_eval_step(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], None]:
+    """One inference forward (eval mode, no autograd). x: [N, 3, H, W]."""
+    model.eval()
+
+    def step():
+        with torch.inference_mode(), autocast(x.device, dtype):
+            model(x)
+
+    return step
+
+
+# -- the error check -----------------------------------------------------------------------------
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    denom = b.norm().item()
+    return (a - b).norm().item() / denom if denom > 0 else (a - b).norm().item()
+
+
+def check_against_eager(arch: str, provider: Provider, device: torch.device, dtype: torch.dtype,
+                        batch: int, image_size: int, seed: int = 0) -> dict:
+    """Compares a fused model with eager PyTorch and a float64 oracle, one training step.
+
+    Forward in training mode (batch statistics), backward of a fixed random output gradient.
+
+    Args:
+        provider: a fused provider. batch, image_size: the input [batch, 3, size, size].
+
+    Returns:
+        ``{"ok": bool, "batch", "image_size", "tensors": {name: {"max_abs", "max_rel",
+        "rel_l2_fused", "rel_l2_eager", "bound", "ok"}}}``: max_abs/max_rel of fused against eager
+        in the same dtype (max_rel = max_abs / max |eager|); rel_l2 of each against the oracle.
+    """
+    torch.manual_seed(seed)
+    base = getattr(fusedres.models, arch)()
+    fused = build_model(arch, provider, device, base)
+    eager = build_model(arch, make_provider("eager"), device, base)
+    oracle = reference.upcast(build_model(arch, make_provider("eager"), device, base))
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    gy = torch.randn(batch, 1000, device=device)
+
+    def run_one(model, inp, grad, dt):
+        model.train()
+        with autocast(device, dt):
+            out = model(inp)
+        out.backward(grad.to(out.dtype))
+        params = dict(model.named_parameters())
+        return {"logits": out.detach(), **{n: params[n].grad for n in GRAD_NAMES}}
+
+    got = run_one(fused, as_input(x, provider), gy, dtype)
+    ref = run_one(eager, x, gy, dtype)
+    exact = run_one(oracle, x.double(), gy.double(), torch.float64)
+    tensors, ok = {}, True
+    for name in got:
+        diff = (got[name].double() - ref[name].double()).abs().max().item()
+        scale = ref[name].double().abs().max().item()
+        e_fused, e_eager = _rel_l2(got[name], exact[name]), _rel_l2(ref[name], exact[name])
+        bound = 2 * e_eager + ATOL[dtype]
+        tensors[name] = {"max_abs": diff, "max_rel": diff / scale if scale > 0 else diff,
+                         "rel_l2_fused": e_fused, "rel_l2_eager": e_eager, "bound": bound,
+                         "ok": e_fused <= bound}
+        ok &= e_fused <= bound
+    return {"ok": ok, "batch": batch, "image_size": image_size, "tensors": tensors}
+
+
+# -- the job ------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    """Settings of one run; :func:`default_config` fills them per device."""
+
+    device: str
+    dtype: str
+    arch: str
+    batch: int
+    image_size: int
+    steps: int
+    warmup: int
+    check_batch: int
+    backends: list = field(default_factory=list)
+    out: str = "fusedres_results"
+
+
+def default_config(device: str) -> Config:
+    """Small on CPU (the whole job in well under 2 minutes on 2 cores), real on a GPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return Config(device, "bfloat16", "resnet50", batch=256, image_size=224, steps=20,
+                      warmup=5, check_batch=16, backends=default_providers(dev))
+    return Config(device, "float32", "resnet50", batch=4, image_size=64, steps=3, warmup=1,
+                  check_batch=2, backends=default_providers(dev))
+
+
+def machine_info(device: torch.device) -> dict:
+    """Device name, CPU count, software versions and the date: what a result must carry."""
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host_platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "fusedres": fusedres.__version__,
+            "cpu_count": os.cpu_count(), "device": device.type}
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+    else:
+        info["device_name"] = platform.processor() or platform.machine()
+        info["torch_threads"] = torch.get_num_threads()
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+class _Progress:
+    def __init__(self, quiet: bool = False):
+        self.t0, self.quiet = time.perf_counter(), quiet
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", flush=True)
+
+
+def _fmt_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _traffic(arch: str, backend: str, cfg: Config, training: bool) -> Optional[int]:
+    if backend not in traffic.FUSIONS:
+        return None
+    itemsize = torch.empty((), dtype=DTYPES[cfg.dtype]).element_size()
+    return traffic.model_traffic(arch, cfg.batch, cfg.image_size, backend, training,
+                                 itemsize).total
+
+
+def run(cfg: Config, quiet: bool = False) -> dict:
+    """Runs the job for ``cfg`` and returns the report (also written to ``cfg.out``)."""
+    log = _Progress(quiet)
+    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    report = {"machine": machine_info(device), "config": asdict(cfg),
+              "backends": {k: list(v) for k, v in fusedres.available_backends().items()},
+              "check": {}, "results": [], "skipped": []}
+    log(f"device {device} ({report['machine']['device_name']}), torch {torch.__version__}, "
+        f"{cfg.arch} batch {cfg.batch} {cfg.image_size}x{cfg.image_size} {cfg.dtype}")
+    providers = []
+    for name in cfg.backends:
+        p = make_provider(name)
+        ok, why = provider_status(p, device)
+        if ok:
+            providers.append(p)
+        else:
+            report["skipped"].append({"provider": name, "reason": why})
+            log(f"skip {name}: {why}")
+
+    for p in providers:
+        if p.backend == "eager":
+            continue
+        log(f"checking {p.name} against eager ({cfg.arch}, batch {cfg.check_batch}, train mode)")
+        chk = check_against_eager(cfg.arch, p, device, dtype, cfg.check_batch, cfg.image_size)
+        report["check"][p.name] = chk
+        for tname, e in chk["tensors"].items():
+            log(f"  {tname:30s} max abs {e['max_abs']:.2e}  max rel {e['max_rel']:.2e}  "
+                f"rel-L2 vs fp64: fused {e['rel_l2_fused']:.2e} eager {e['rel_l2_eager']:.2e}"
+                f"  {'ok' if e['ok'] else 'FAIL'}")
+
+    torch.manual_seed(0)
+    base = getattr(fusedres.models, cfg.arch)()
+    x = torch.randn(cfg.batch, 3, cfg.image_size, cfg.image_size, device=device)
+    target = torch.randint(0, 1000, (cfg.batch,), device=device)
+    for p in providers:
+        log(f"timing {p.name}: {cfg.warmup} warm-up + {cfg.steps} timed steps, train then eval")
+        model = build_model(cfg.arch, p, device, base)
+        xin = as_input(x, p)
+        train = make_train_step(model, xin, target, dtype)
+        t_train = time_fn(train, cfg.steps, cfg.warmup, device)
+        peak = peak_memory(train, device)
+        saved = None
+        if not p.compiled:
+            # Compiled graphs keep their own saved tensors out of these hooks' sight.
+            def fwd():
+                with autocast(device, dtype):
+                    model(xin)
+            saved = saved_bytes(fwd, exclude=tuple(model.parameters()))
+        t_eval = time_fn(make_eval_step(model, xin, dtype), cfg.steps, cfg.warmup, device)
+        report["results"].append({
+            "provider": p.name, "backend": p.backend, "channels_last": p.channels_last,
+            "compiled": p.compiled, "train_step_s": t_train, "eval_step_s": t_eval,
+            "train_images_per_s": cfg.batch / t_train, "eval_images_per_s": cfg.batch / t_eval,
+            "peak_allocated_bytes": peak, "saved_activation_bytes": saved,
+            "traffic_train_bytes": None if p.compiled else _traffic(cfg.arch, p.backend, cfg, True),
+            "traffic_eval_bytes": None if p.compiled else _traffic(cfg.arch, p.backend, cfg, False),
+        })
+        del model, train
+
+    eager = next((r for r in report["results"] if r["provider"] == "eager"), None)
+    for r in report["results"]:
+        for mode in ("train", "eval"):
+            r[f"speedup_{mode}"] = (r[f"{mode}_images_per_s"] / eager[f"{mode}_images_per_s"]
+                                    if eager else None)
+            mine, ref = r[f"traffic_{mode}_bytes"], eager and eager[f"traffic_{mode}_bytes"]
+            r[f"traffic_ratio_{mode}"] = mine / ref if (mine and ref) else None
+    report["elapsed_s"] = time.perf_counter() - log.t0
+    write(report, cfg.out, log)
+    if not quiet:
+        print(format_table(report), flush=True)
+    return report
+
+
+def format_table(report: dict) -> str:
+    """The results as a Markdown table (what README files quote)."""
+    m, c = report["machine"], report["config"]
+    gpu = m["device"] == "cuda"
+    mem = "peak allocated" if gpu else "saved activations"
+    lines = [f"{c['arch']}, batch {c['batch']}, {c['image_size']}x{c['image_size']}, {c['dtype']}, "
+             f"{m['device_name']} ({m['cpu_count']} CPUs), torch {m['torch']}, {m['date'][:10]}",
+             "",
+             f"| provider | train img/s | eval img/s | {mem} | speedup train | speedup eval "
+             "| bytes moved vs eager (train / eval) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in report["results"]:
+        mem_bytes = r["peak_allocated_bytes"] if gpu else r["saved_activation_bytes"]
+        ratio = ("-" if r["traffic_ratio_train"] is None
+                 else f"{r['traffic_ratio_train']:.2f} / {r['traffic_ratio_eval']:.2f}")
+        sp = [("-" if r[k] is None else f"{r[k]:.2f}x") for k in ("speedup_train", "speedup_eval")]
+        lines.append(f"| {r['provider']} | {r['train_images_per_s']:.1f} | "
+                     f"{r['eval_images_per_s']:.1f} | {_fmt_bytes(mem_bytes)} | {sp[0]} | {sp[1]} "
+                     f"| {ratio} |")
+    for s in report["skipped"]:
+        lines.append(f"\nskipped {s['provider']}: {s['reason']}")
+    checks = [f"{name}: {'ok' if chk['ok'] else 'FAILED'}" for name, chk in report["check"].items()]
+    if checks:
+        lines.append("\nerror check vs eager / fp64 oracle: " + ", ".join(checks))
+    return "\n".join(lines)
+
+
+def write(report: dict, out: str, log: Callable[[str], None]) -> None:
+    """Writes report.json and, when matplotlib is importable, report.png into ``out``."""
+    os.makedirs(out, exist_ok=True)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        report["plot"] = None
+        log("matplotlib is not installed: writing the JSON only (pip install matplotlib)")
+    else:
+        names = [r["provider"] for r in report["results"]]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for ax, mode in zip(axes, ("train", "eval")):
+            vals = [r[f"{mode}_images_per_s"] for r in report["results"]]
+            bars = ax.bar(names, vals, color=["#888" if r["backend"] == "eager" else "#2a7"
+                                              for r in report["results"]])
+            for b, r in zip(bars, report["results"]):
+                if r[f"speedup_{mode}"] is not None:
+                    ax.annotate(f"{r[f'speedup_{mode}']:.2f}x", (b.get_x() + b.get_width() / 2,
+                                b.get_height()), ha="center", va="bottom", fontsize=8)
+            ax.set_title(f"{mode} images/s")
+            ax.tick_params(axis="x", labelrotation=20)
+        c, m = report["config"], report["machine"]
+        fig.suptitle(f"{c['arch']} batch {c['batch']} {c['image_size']}px {c['dtype']} on "
+                     f"{m['device_name']}", fontsize=9)
+        fig.tight_layout()
+        report["plot"] = os.path.join(out, "report.png")
+        fig.savefig(report["plot"], dpi=110)
+        plt.close(fig)
+    path = os.path.join(out, "report.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    log(f"wrote {path}" + (f" and {report['plot']}" if report.get("plot") else ""))
+
+
+def parse_args(argv: Optional[list] = None) -> Config:
+    ap = argparse.ArgumentParser(
+        prog="python -m fusedres",
+        description="Check the fused backends against eager PyTorch on a ResNet, time them, "
+                    "and write a JSON + PNG report.")
+    ap.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
+    ap.add_argument("--arch", default=None, help="resnet18, resnet34, resnet50, ... "
+                    "(default resnet50)")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                    help="float32, or bfloat16/float16 autocast (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--backends", default=None,
+                    help="comma-separated providers: eager, eager_cl, compile, cpu, triton, cuda "
+                         "(default: all but compile; unusable ones are skipped with the reason)")
+    ap.add_argument("--out", default="fusedres_results", help="results folder")
+    a = ap.parse_args(argv)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = default_config(device)
+    for key in ("arch", "batch", "image_size", "steps", "dtype"):
+        if getattr(a, key) is not None:
+            setattr(cfg, key, getattr(a, key))
+    cfg.dtype = str(DTYPES[cfg.dtype]).removeprefix("torch.")
+    cfg.check_batch = min(cfg.check_batch, cfg.batch)
+    if a.backends:
+        cfg.backends = [b.strip() for b in a.backends.split(",") if b.strip()]
+    cfg.out = a.out
+    return cfg
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Entry point of ``python -m fusedres``; exits 1 when an error check fails."""
+    report = run(parse_args(argv))
+    return 0 if all(c["ok"] for c in report["check"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
