@@ -67,9 +67,12 @@ def launch(kernel, grid: Callable, args: Sequence, *, table: dict, key: Sequence
                            num_stages=interp_config.num_stages)
         return interp_config
     arch = device_arch(device)
-    tuned = _TUNED.get((kernel, arch))
+    # One autotuner per (kernel, arch, table): a kernel may be tuned over different tables for
+    # different constexpr variants (e.g. the conv's FLAT_K path).
+    cache_key = (kernel, arch, id(table))
+    tuned = _TUNED.get(cache_key)
     if tuned is None:
         tuned = triton.autotune(configs=arch_configs(table, arch), key=list(key))(kernel)
-        _TUNED[(kernel, arch)] = tuned
+        _TUNED[cache_key] = tuned
     tuned[grid](*args, **constexprs)
     return tuned.best_config

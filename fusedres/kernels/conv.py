@@ -158,19 +158,29 @@ def _conv_fwd_kernel(
 
 # -- configs ---------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Shared memory per stage is
-# (BLOCK_M + BLOCK_N)*BLOCK_K*itemsize: every config fits fp32 operands too (sm_80: 163 KB,
-# sm_90: 227 KB per block), checked by scripts/check_triton_compile.py. BLOCK_N = 64 configs
+# Shared memory per stage is (BLOCK_M + BLOCK_N)*BLOCK_K*itemsize: every config fits fp32
+# operands too (sm_80: 163 KB, sm_90: 227 KB per block), and none spills registers, with any
+# epilogue: both checked by scripts/check_triton_compile.py. 128x128 tiles take 8 warps (a
+# 64-register fp32 accumulator per thread; with 4 warps the epilogue spills). BLOCK_N = 64 tiles
 # serve the 64-channel layers of ResNet's first stage.
 CONV_CONFIGS = {
-    80: [cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
+    80: [cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
          cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
          cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
          cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)],
-    90: [cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=32),
-         cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+    90: [cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+         cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
          cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
          cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)],
+}
+# FLAT_K decodes (r, s, ci) per element of the A tile: [BLOCK_M, BLOCK_K] integer tensors that
+# need registers of their own, so smaller tiles. Those convolutions (stem, narrow groups) are a
+# small share of a ResNet's time.
+CONV_FLAT_CONFIGS = {
+    80: [cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
+         cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32)],
+    90: [cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
+         cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32)],
 }
 # tl.dot needs every dimension >= 16; small tiles keep the interpreter's numpy work small.
 _INTERP = cfg(1, 1, BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
@@ -178,10 +188,10 @@ _INTERP = cfg(1, 1, BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
 _TAP_ALIGNED = 64
 
 
-def _min_block_m() -> int:
+def _min_block_m(table: dict) -> int:
     if interpreting():
         return _INTERP.kwargs["BLOCK_M"]
-    return min(c.kwargs["BLOCK_M"] for table in CONV_CONFIGS.values() for c in table)
+    return min(c.kwargs["BLOCK_M"] for configs in table.values() for c in configs)
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int, *,
@@ -227,8 +237,10 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
     scale = scale.float().contiguous() if affine else out
     shift = shift.float().contiguous() if affine else out
     res = residual.contiguous(memory_format=torch.channels_last) if residual is not None else out
+    flat_k = cin_g % _TAP_ALIGNED != 0
+    table = CONV_FLAT_CONFIGS if flat_k else CONV_CONFIGS
     # Autotuning may pick any BLOCK_M: size the partials for the smallest, use the one that ran.
-    p_alloc = triton.cdiv(M, _min_block_m()) if stats else 1
+    p_alloc = triton.cdiv(M, _min_block_m(table)) if stats else 1
     partial = torch.full((2, p_alloc, Cout), float("nan"), dtype=torch.float32, device=x.device)
     pointwise = KH == 1 and KW == 1 and (sh, sw) == (1, 1) and (ph, pw) == (0, 0)
     precision = "tf32" if (x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32) else "ieee"
@@ -237,11 +249,11 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
         lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(cout_g, m["BLOCK_N"]), groups),
         (x, w_kc, out, res, scale, shift, partial[0], partial[1], M, H, W, Cin, Ho, Wo, Cout,
          cin_g, cout_g, sh, sw, ph, pw, dh, dw),
-        table=CONV_CONFIGS,
+        table=table,
         key=("M", "Cin", "Cout", "CIN_G", "KH", "KW", "stride_h", "AFFINE", "HAS_RESIDUAL",
              "STATS"),
         interp_config=_INTERP, device=x.device,
-        KH=KH, KW=KW, FLAT_K=cin_g % _TAP_ALIGNED != 0, POINTWISE=pointwise, AFFINE=affine,
+        KH=KH, KW=KW, FLAT_K=flat_k, POINTWISE=pointwise, AFFINE=affine,
         HAS_RESIDUAL=residual is not None, RELU=relu, STATS=stats, DOT_PRECISION=precision)
     if not stats:
         return out
