@@ -56,12 +56,24 @@ def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (a[finite] - e[finite]).abs().max().item()
 
 
-def assert_oracle_close(actual, eager, oracle, name="tensor", atol=None):
+def rel_l2_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| (0 when both vanish)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    denom = e.norm().item()
+    diff = (a - e).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_oracle_close(actual, eager, oracle, name="tensor", atol=None, norm="max"):
     """DESIGN.md's rule: err(actual) <= 2 * err(eager in the same dtype) + atol.
 
     Args:
         actual: the fused result; eager: eager PyTorch's result in the same dtype;
         oracle: the float64 result. NaN/inf positions must match the oracle's.
+        norm: ``"max"`` (max abs error, atol scaled by max(1, |oracle|)) or ``"rel_l2"``
+            (relative L2 error). Whole deep networks in training use rel_l2: there a ReLU mask
+            flip deep in the net moves single gradient entries by O(1) in eager and fused alike,
+            so the max error is noise while the relative L2 error is stable.
     """
     assert actual.shape == oracle.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(oracle.shape)}"
     assert torch.equal(torch.isnan(actual), torch.isnan(oracle.to(actual.dtype))), \
@@ -69,8 +81,11 @@ def assert_oracle_close(actual, eager, oracle, name="tensor", atol=None):
     scale = max(1.0, oracle.detach().double().abs().nan_to_num(0.0, 0.0, 0.0).max().item()) \
         if oracle.numel() else 1.0
     tol = ATOL[actual.dtype] if atol is None else atol
-    err = max_abs_err(actual, oracle)
-    err_eager = max_abs_err(eager, oracle)
+    if norm == "rel_l2":
+        scale = 1.0
+        err, err_eager = rel_l2_err(actual, oracle), rel_l2_err(eager, oracle)
+    else:
+        err, err_eager = max_abs_err(actual, oracle), max_abs_err(eager, oracle)
     bound = 2 * err_eager + tol * scale
     assert err <= bound, (f"{name}: error {err:.3e} vs the fp64 oracle exceeds 2 x eager's "
                           f"{err_eager:.3e} + atol {tol * scale:.3e}")
