@@ -1,0 +1,96 @@
+"""The main job (python -m fusedres) at a tiny size on CPU: JSON fields, the error check, the plot.
+
+The fused provider is ``torch_ops`` (tests/conftest.py: the fused autograd Function over the
+reference ops), so the check runs on every machine, plus the C++ ``cpu`` backend where it is
+built. A fused output that is wrong must make the check fail, which the last test shows.
+"""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+import fusedres
+from fusedres import report
+from fusedres.backends.eager import EagerBackend
+
+TINY = ["--device", "cpu", "--arch", "resnet18", "--batch", "2", "--image-size", "32",
+        "--steps", "1"]
+
+
+def _backends():
+    names = ["eager", "torch_ops", "triton"]
+    if fusedres.available_backends()["cpu"][0]:
+        names.append("cpu")
+    return names
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    cfg = report.parse_args(TINY + ["--backends", ",".join(_backends()), "--out", str(out)])
+    cfg.warmup = 0
+    return report.run(cfg, quiet=True), out
+
+
+def test_json_fields(tiny_report):
+    rep, out = tiny_report
+    with open(os.path.join(out, "report.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk["config"]["arch"] == "resnet18" and on_disk["config"]["batch"] == 2
+    for key in ("date", "torch", "cpu_count", "device", "device_name"):
+        assert on_disk["machine"][key] is not None
+    providers = [r["provider"] for r in on_disk["results"]]
+    assert providers == [b for b in _backends() if b != "triton"]
+    for r in on_disk["results"]:
+        assert r["train_images_per_s"] > 0 and r["eval_images_per_s"] > 0
+        assert r["saved_activation_bytes"] > 0
+        assert r["peak_allocated_bytes"] is None  # CPU: no allocator peak, saved bytes instead
+    eager = on_disk["results"][0]
+    assert eager["speedup_train"] == pytest.approx(1.0)
+    assert eager["traffic_ratio_train"] == pytest.approx(1.0)
+    if "cpu" in providers:
+        cpu = on_disk["results"][providers.index("cpu")]
+        assert 0 < cpu["traffic_ratio_train"] < 1 and 0 < cpu["traffic_ratio_eval"] < 1
+    # triton cannot be timed on a CPU; it is reported as skipped with the reason.
+    assert [s["provider"] for s in on_disk["skipped"]] == ["triton"]
+    assert on_disk["skipped"][0]["reason"]
+    assert "| provider |" in report.format_table(rep)
+
+
+def test_error_check_ran_and_passed(tiny_report):
+    rep, _ = tiny_report
+    assert set(rep["check"]) == {b for b in _backends() if b not in ("eager", "triton")}
+    for name, chk in rep["check"].items():
+        assert set(chk["tensors"]) == {"logits", *report.GRAD_NAMES}
+        for tname, e in chk["tensors"].items():
+            assert e["rel_l2_fused"] <= e["bound"], (name, tname, e)
+            assert e["max_rel"] < 1e-3, (name, tname, e)
+        assert chk["ok"]
+
+
+def test_plot_written(tiny_report):
+    rep, out = tiny_report
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib is not installed: the job writes the JSON only")
+    path = os.path.join(out, "report.png")
+    assert rep["plot"] == path and os.path.getsize(path) > 1000
+
+
+class _WrongBackend(EagerBackend):
+    """Fused Function over reference ops, with the BN shift off by 0.01: a wrong kernel."""
+
+    name = "wrong_for_test"
+    uses_reference_composition = False
+
+    def bn_act_fwd(self, z, scale, shift, residual, relu):
+        return super().bn_act_fwd(z, scale, shift + 0.01, residual, relu)
+
+
+def test_check_catches_a_wrong_backend():
+    fusedres.backend.register_backend(_WrongBackend())
+    chk = report.check_against_eager("resnet18", [report.make_provider("wrong_for_test")],
+                                     torch.device("cpu"), torch.float32, 2, 32)
+    assert not chk["wrong_for_test"]["ok"]
