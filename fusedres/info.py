@@ -1,0 +1,59 @@
+"""``python -m fusedres.info``: versions, how the extension was built, usable backends."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+import fusedres
+from fusedres import _ext
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
+def info_lines() -> list[str]:
+    """The report, one line per entry."""
+    lines = [
+        f"fusedres {fusedres.__version__}",
+        f"python {platform.python_version()} ({sys.platform}, {platform.machine()})",
+        f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}, "
+        f"{torch.cuda.device_count()} CUDA device(s) visible)",
+        f"triton {_triton_version()}",
+    ]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"  cuda:{i} {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB")
+    if _ext.extension_loaded():
+        lines.append(f"extension fusedres._C: loaded; {_ext._C.build_info()}")
+    else:
+        lines.append(f"extension fusedres._C: {_ext.EXTENSION_ERROR}")
+    if _ext.BUILD_INFO:
+        lines.append(f"build: CUDA kernels {'yes' if _ext.BUILD_INFO.get('cuda') else 'no'} "
+                     f"({_ext.BUILD_INFO.get('cuda_reason')}), arch list "
+                     f"{_ext.BUILD_INFO.get('cuda_arch_list')}, built against torch "
+                     f"{_ext.BUILD_INFO.get('torch')}")
+    lines.append("backends:")
+    for name, (ok, why) in fusedres.available_backends().items():
+        lines.append(f"  {name:<7} {'usable' if ok else 'unusable'}: {why}")
+    for device in ("cpu", "cuda"):
+        if device == "cuda" and not torch.cuda.is_available():
+            continue
+        lines.append(f"auto on {device}: {fusedres.resolve('auto', torch.device(device)).name}")
+    return lines
+
+
+def main() -> None:
+    print("\n".join(info_lines()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Backend choice: argument > set_backend > FUSEDRES_BACKEND > auto, and clear refusals."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fusedres
+from fusedres.backend import BACKEND_NAMES, resolve
+
+
+def test_precedence(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("FUSEDRES_BACKEND", "eager")
+    assert resolve(None, cpu).name == "eager"
+    fusedres.set_backend("torch_ops")
+    assert resolve(None, cpu).name == "torch_ops"
+    assert resolve("eager", cpu).name == "eager"
+    fusedres.set_backend(None)
+    monkeypatch.setenv("FUSEDRES_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="environment variable FUSEDRES_BACKEND must be one of"):
+        resolve(None, cpu)
+
+
+def test_auto_on_cpu_prefers_the_cpp_kernels():
+    ok, _ = fusedres.available_backends()["cpu"]
+    assert resolve("auto", torch.device("cpu")).name == ("cpu" if ok else "eager")
+
+
+def test_named_backend_on_the_wrong_device_is_refused():
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' is not usable here|runs on cuda tensors"):
+        resolve("cuda", torch.device("cpu"))
+
+
+def test_available_backends_lists_every_name_with_a_reason():
+    table = fusedres.available_backends()
+    assert set(table) == set(BACKEND_NAMES)
+    assert table["eager"][0] is True
+    assert all(isinstance(reason, str) and reason for _, reason in table.values())
+
+
+def test_info_command_prints_versions_build_and_backends():
+    out = subprocess.run([sys.executable, "-m", "fusedres.info"], capture_output=True, text=True,
+                         check=True).stdout
+    assert f"torch {torch.__version__}" in out
+    for name in BACKEND_NAMES:
+        assert f"  {name}" in out
+    assert "extension" in out
