@@ -62,9 +62,12 @@ def _conv_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    group = tl.program_id(2)
+    # Channel tiles vary fastest: the programs that share a row tile of x run together, so x
+    # comes from DRAM once and from L2 for the other channel tiles (the weights stay in L2).
+    num_n = tl.cdiv(COUT_G, BLOCK_N)
+    pid_m = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) - pid_m * num_n
+    group = tl.program_id(1)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -175,12 +178,15 @@ CONV_CONFIGS = {
 }
 # FLAT_K decodes (r, s, ci) per element of the A tile: [BLOCK_M, BLOCK_K] integer tensors that
 # need registers of their own, so smaller tiles. Those convolutions (stem, narrow groups) are a
-# small share of a ResNet's time.
+# small share of a ResNet's time. BLOCK_N = 16 is for ResNeXt's narrow groups (4-8 output
+# channels per group), where a 64-wide tile would be mostly masked.
 CONV_FLAT_CONFIGS = {
     80: [cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
-         cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32)],
+         cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
+         cfg(4, 4, BLOCK_M=64, BLOCK_N=16, BLOCK_K=32)],
     90: [cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
-         cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32)],
+         cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
+         cfg(4, 4, BLOCK_M=64, BLOCK_N=16, BLOCK_K=32)],
 }
 # tl.dot needs every dimension >= 16; small tiles keep the interpreter's numpy work small.
 _INTERP = cfg(1, 1, BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
@@ -246,7 +252,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
     precision = "tf32" if (x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32) else "ieee"
     ran = launch(
         _conv_fwd_kernel,
-        lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(cout_g, m["BLOCK_N"]), groups),
+        lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(cout_g, m["BLOCK_N"]), groups),
         (x, w_kc, out, res, scale, shift, partial[0], partial[1], M, H, W, Cin, Ho, Wo, Cout,
          cin_g, cout_g, sh, sw, ph, pw, dh, dw),
         table=table,
