@@ -12,9 +12,14 @@ import os
 import pytest
 import torch
 
-import fusedres
-from fusedres.backend import register_backend
-from fusedres.backends.eager import EagerBackend
+# Without a GPU the Triton kernels run in Triton's interpreter, which reads this variable once,
+# when triton is first imported: it must be set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fusedres  # noqa: E402
+from fusedres.backend import register_backend  # noqa: E402
+from fusedres.backends.eager import EagerBackend  # noqa: E402
 
 # atol per dtype, relative to max(1, |oracle|_max).
 ATOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
