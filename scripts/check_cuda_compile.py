@@ -55,6 +55,20 @@ def find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def cuda_include_dir(nvcc: str) -> str | None:
+    """The toolkit's include directory (cuda_runtime.h), also when `nvcc` is a wrapper script."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                  os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    dryrun = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-E", os.devnull], capture_output=True, text=True)
+    here = re.search(r"^#\$ _HERE_=(.+)$", dryrun.stdout + dryrun.stderr, re.MULTILINE)
+    if here:
+        candidates.append(os.path.dirname(here.group(1).strip()))
+    for root in filter(None, candidates):
+        if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
+            return os.path.join(root, "include")
+    return None
+
+
 def nvcc_command(nvcc: str, source: str, archs, output: str) -> list[str]:
     cmd = [nvcc, *SETUP_NVCC_FLAGS, *TORCH_NVCC_FLAGS, "-I", os.path.join(ROOT, "csrc"), "-Xptxas", "-v"]
     for arch in archs:

@@ -173,3 +173,245 @@ def test_shared_math_header_matches_reference(tmp_path):
     for training, (ka, kb, kc) in ((True, (a, b, c)), (False, (ae, be, ce))):
         dz, *_ = reference.bn_act_bwd(g.view(1, 1, 1, 8), y, zz, one(0.5), one(2.0), one(1.25), True, False, training)
         assert (ka * g + kb * zz.flatten() + kc).tolist() == pytest.approx(dz.flatten().tolist(), abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernels themselves, run on the CPU by a host emulation of the device features they use.
+#
+# Without a GPU this is the only way the kernels' indexing, tiling, vector/scalar choice, two-level
+# reductions and workspace layout execute. g++ compiles the .cu sources with each `k<<<...>>>(...)`
+# launch rewritten to emu::launch: every block runs as blockDim std::threads, __syncthreads is a
+# block barrier, __shfl_xor_sync a warp barrier plus an exchange buffer, and __shared__ variables
+# are statics (blocks run one after another). cuda_fp16.h/cuda_bf16.h conversions have host
+# implementations. What it cannot show: races that only real warps expose, fast-math rounding,
+# performance.
+
+_EMU_PRELUDE = r"""
+#include <algorithm>
+#include <barrier>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#undef __shared__
+#define __shared__ static
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+#undef __global__
+#define __global__
+
+namespace emu {
+struct Block {
+  explicit Block(int n) : bar(n), xchg(n) {
+    for (int w = 0; w < (n + 31) / 32; ++w) warp_bars.emplace_back(new std::barrier<>(std::min(32, n - 32 * w)));
+  }
+  std::barrier<> bar;
+  std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
+  std::vector<double> xchg;
+};
+inline thread_local dim3 t_thread, t_block, t_bdim, t_gdim;
+inline thread_local Block* t_blk = nullptr;
+inline void syncthreads() { t_blk->bar.arrive_and_wait(); }
+template <class T>
+T shfl_xor(T v, int off) {
+  const int tid = t_thread.x + t_bdim.x * (t_thread.y + t_bdim.y * t_thread.z);
+  const int warp = tid / 32, lane = tid % 32;
+  auto& bar = *t_blk->warp_bars[warp];
+  t_blk->xchg[tid] = static_cast<double>(v);
+  bar.arrive_and_wait();
+  const T r = static_cast<T>(t_blk->xchg[warp * 32 + (lane ^ off)]);
+  bar.arrive_and_wait();
+  return r;
+}
+template <class... P, class... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t, cudaStream_t, A... args) {
+  const int n = int(block.x * block.y * block.z);
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        Block blk(n);
+        std::vector<std::thread> threads;
+        for (unsigned tz = 0; tz < block.z; ++tz)
+          for (unsigned ty = 0; ty < block.y; ++ty)
+            for (unsigned tx = 0; tx < block.x; ++tx)
+              threads.emplace_back([&, tx, ty, tz] {
+                t_thread = dim3(tx, ty, tz);
+                t_block = dim3(bx, by, bz);
+                t_bdim = block;
+                t_gdim = grid;
+                t_blk = &blk;
+                kernel(P(args)...);
+              });
+        for (auto& t : threads) t.join();
+      }
+}
+}  // namespace emu
+
+#define threadIdx emu::t_thread
+#define blockIdx emu::t_block
+#define blockDim emu::t_bdim
+#define gridDim emu::t_gdim
+#define __syncthreads() emu::syncthreads()
+#define __shfl_xor_sync(mask, v, off) emu::shfl_xor(v, off)
+
+cudaError_t CUDARTAPI cudaGetLastError(void) { return cudaSuccess; }
+"""
+
+_EMU_ENTRY_POINTS = r"""
+using namespace fusedres::cuda;
+extern "C" int emu_bn_stats(const void* z, void* mean, void* var, int64_t rows, int64_t channels,
+                            int kind, int num_sms) {
+  StatsParams p;
+  p.z = z; p.mean = mean; p.var = var; p.rows = rows; p.channels = channels; p.num_sms = num_sms;
+  p.kind = ScalarKind(kind);
+  std::vector<double> ws(bn_stats_workspace_bytes(p) / sizeof(double) + 1);
+  p.workspace = ws.data();
+  return int(bn_stats(p, nullptr).error);
+}
+extern "C" int emu_bn_act_fwd(const void* z, const void* residual, const void* scale, const void* shift,
+                              void* y, int64_t rows, int64_t channels, int kind, int num_sms, int relu) {
+  FwdParams p;
+  p.z = z; p.residual = residual; p.scale = scale; p.shift = shift; p.y = y; p.rows = rows;
+  p.channels = channels; p.num_sms = num_sms; p.kind = ScalarKind(kind); p.relu = relu;
+  return int(bn_act_fwd(p, nullptr).error);
+}
+extern "C" int emu_bn_act_bwd(const void* dy, const void* y, const void* z, const void* mean,
+                              const void* invstd, const void* weight, void* dz, void* dres, void* dweight,
+                              void* dbias, int64_t rows, int64_t channels, int kind, int num_sms, int relu,
+                              int training) {
+  BwdParams p;
+  p.dy = dy; p.y = y; p.z = z; p.mean = mean; p.invstd = invstd; p.weight = weight; p.dz = dz;
+  p.dresidual = dres; p.dweight = dweight; p.dbias = dbias; p.rows = rows; p.channels = channels;
+  p.num_sms = num_sms; p.kind = ScalarKind(kind); p.relu = relu; p.training = training;
+  std::vector<double> ws(bn_act_bwd_workspace_bytes(p) / sizeof(double) + 1);
+  p.workspace = ws.data();
+  return int(bn_act_bwd(p, nullptr).error);
+}
+"""
+
+# `name<template args>  <<<config>>>(` -> `::emu::launch(name<template args>, config, ` (args and ')' stay).
+_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<(?:[^<>;]|<(?:[^<>;]|<[^<>;]*>)*>)*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    import ctypes
+
+    nvcc = check_cuda_compile.find_nvcc()
+    include = check_cuda_compile.cuda_include_dir(nvcc) if nvcc else None
+    if shutil.which("g++") is None or include is None:
+        pytest.skip("needs g++ and the CUDA toolkit headers (cuda_runtime.h, cuda_fp16.h)")
+    parts = [_EMU_PRELUDE]
+    launches = 0
+    for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
+        src, n = _LAUNCH.subn(lambda m: f"::emu::launch({m.group(1)}, {m.group(2)}, ", open(path).read())
+        launches += n
+        parts.append(f'#line 1 "{path}"\n{src}')
+    assert launches >= 9, f"expected the launches of the 3 .cu files, rewrote {launches}"
+    parts.append(_EMU_ENTRY_POINTS)
+    tmp = tmp_path_factory.mktemp("emu")
+    src, lib = tmp / "emu.cpp", tmp / "emu.so"
+    src.write_text("\n".join(parts))
+    cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-w", "-I", os.path.join(ROOT, "csrc"), "-I", include,
+           *check_cuda_compile.TORCH_NVCC_FLAGS[:4], str(src), "-o", str(lib), "-lpthread"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"host emulation build failed:\n{proc.stderr[-6000:]}"
+    so = ctypes.CDLL(str(lib))
+    P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    so.emu_bn_stats.argtypes = [P, P, P, I64, I64, I, I]
+    so.emu_bn_act_fwd.argtypes = [P, P, P, P, P, I64, I64, I, I, I]
+    so.emu_bn_act_bwd.argtypes = [P, P, P, P, P, P, P, P, P, P, I64, I64, I, I, I, I]
+    return so
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def _nhwc(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _rand(shape, dtype, offset=0.0, scale=1.0):
+    return (torch.randn(shape, dtype=torch.float64) * scale + offset).to(dtype)
+
+
+def _vec(c, dtype, lo, hi):
+    return (torch.rand(c, dtype=torch.float64) * (hi - lo) + lo).to(reference.stats_dtype(dtype))
+
+
+# num_sms=1 keeps the emulated grids small; it still gives several row chunks (partials to merge).
+# (4, 64, 9, 9): 16-byte vectors for every 16/32-bit dtype, two trips of the grid-stride row loop.
+# (5, 7, 11, 13): odd C, the scalar kernels, two trips as well.
+_EMU_SHAPES = [(4, 64, 9, 9), (5, 7, 11, 13)]
+_EMU_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+_EMU_DTYPE_IDS = ["fp32", "fp16", "bf16", "fp64"]
+
+
+@pytest.mark.parametrize("dtype", _EMU_DTYPES, ids=_EMU_DTYPE_IDS)
+@pytest.mark.parametrize("shape", _EMU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_emulated_kernels_match_the_oracle(emulated, shape, dtype):
+    from conftest import assert_oracle_close
+
+    torch.manual_seed(0)
+    c, rows = shape[1], shape[0] * shape[2] * shape[3]
+    kind = _KIND[dtype]
+    sdt = reference.stats_dtype(dtype)
+    z = _nhwc(_rand(shape, dtype, offset=0.5, scale=2.0))
+
+    mean = torch.full((c,), float("nan"), dtype=sdt)
+    var = torch.full((c,), float("nan"), dtype=sdt)
+    assert emulated.emu_bn_stats(_ptr(z), _ptr(mean), _ptr(var), rows, c, kind, 1) == 0
+    for name, got, o, e in zip(("mean", "var"), (mean, var), reference.bn_stats(z), reference.bn_stats(z, upcast=False)):
+        assert_oracle_close(got, e, o, name)
+
+    scale, shift = _vec(c, dtype, -1.5, 1.5), _vec(c, dtype, -1.5, 1.5)
+    residual = _nhwc(_rand(shape, dtype))
+    for res, relu in ((residual, True), (None, False)):
+        y = torch.full_like(z, float("nan"))
+        assert emulated.emu_bn_act_fwd(_ptr(z), _ptr(res), _ptr(scale), _ptr(shift), _ptr(y), rows, c, kind, 1,
+                                       int(relu)) == 0
+        assert_oracle_close(y, reference.bn_act_fwd(z, scale, shift, res, relu, upcast=False),
+                            reference.bn_act_fwd(z, scale, shift, res, relu), "y")
+
+    mu, invstd, weight = _vec(c, dtype, -0.5, 0.5), _vec(c, dtype, 0.2, 2.0), _vec(c, dtype, -1.5, 1.5)
+    y = _nhwc(reference.bn_act_fwd(z, weight * invstd, -mu * weight * invstd, None, True, upcast=False))
+    dy = _nhwc(_rand(shape, dtype))
+    for relu, has_res, training in ((True, True, True), (False, False, False), (True, False, True),
+                                    (False, True, False)):
+        dz = torch.full_like(z, float("nan"))
+        dres = torch.full_like(z, float("nan")) if has_res else None
+        dweight, dbias = torch.full_like(mu, float("nan")), torch.full_like(mu, float("nan"))
+        assert emulated.emu_bn_act_bwd(_ptr(dy), _ptr(y), _ptr(z), _ptr(mu), _ptr(invstd), _ptr(weight), _ptr(dz),
+                                       _ptr(dres), _ptr(dweight), _ptr(dbias), rows, c, kind, 1, int(relu),
+                                       int(training)) == 0
+        args = (dy, y, z, mu, invstd, weight, relu, has_res, training)
+        oracle, eager = reference.bn_act_bwd(*args), reference.bn_act_bwd(*args, upcast=False)
+        for name, got, o, e in zip(("dz", "dweight", "dbias"), (dz, dweight, dbias), oracle, eager):
+            assert_oracle_close(got, e, o, f"{name} (relu={relu}, residual={has_res}, training={training})")
+        if has_res:
+            assert torch.equal(dres, oracle[3].to(dtype))
+
+
+def test_emulated_misaligned_buffers_use_the_scalar_kernels(emulated):
+    # fp16 with C % 8 == 0 but data one element past a 16-byte boundary: vector loads would be
+    # misaligned, so the launcher must choose the scalar kernel (and get the same result).
+    from conftest import assert_oracle_close
+
+    torch.manual_seed(0)
+    shape = (2, 16, 5, 5)
+    n, c, h, w = shape
+    flat = _rand(n * c * h * w + 1, torch.float16)
+    z = flat[1:].as_strided(shape, (h * w * c, 1, w * c, c))
+    assert z.data_ptr() % 16 != 0
+    scale, shift = _vec(c, torch.float16, -1, 1), _vec(c, torch.float16, -1, 1)
+    y = torch.full_like(_nhwc(z), float("nan"))
+    assert emulated.emu_bn_act_fwd(_ptr(z), None, _ptr(scale), _ptr(shift), _ptr(y), n * h * w, c, 1, 1, 1) == 0
+    assert_oracle_close(y, reference.bn_act_fwd(z, scale, shift, None, True, upcast=False),
+                        reference.bn_act_fwd(z, scale, shift, None, True), "y")
