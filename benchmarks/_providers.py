@@ -10,6 +10,9 @@ Environment:
 - ``FUSEDRES_BENCH_COMPILE``: ``1`` adds torch.compile everywhere, ``0`` nowhere. Unset: on a
   GPU for the whole models only (a compile of each of the 30 block cases would cost minutes), on
   CPU nowhere (inductor's C++ compile of a block takes longer than the whole CPU suite).
+- ``FUSEDRES_BENCH_LOG``: a file to which every finished case appends one JSON line (group,
+  name, median seconds, extra_info), so a run cut short by a timeout keeps what it measured
+  (pytest-benchmark writes ``--benchmark-json`` only at the end).
 - ``FUSEDRES_DEVICE_PEAKS``: a JSON file ``{"copy_GBps": .., "matmul_TFLOPs": ..}`` measured on
   this device (scripts/gpu_validate.sh writes one); GB/s and TFLOP/s are then also reported as
   fractions of those peaks.
@@ -132,6 +135,11 @@ def run_benchmark(benchmark, provider: Provider, fn, *, images: int, bytes_moved
         if peaks.get("matmul_TFLOPs"):
             info["TFLOPs_of_peak"] = info["TFLOPs"] / peaks["matmul_TFLOPs"]
     benchmark.extra_info.update(info)
+    log = os.environ.get("FUSEDRES_BENCH_LOG")
+    if log and stats is not None:
+        with open(log, "a") as f:
+            f.write(json.dumps({"group": benchmark.group, "name": benchmark.name,
+                                "median_s": stats.stats.median, "extra_info": info}) + "\n")
 
 
 def bytes_for(provider: Provider, blocks, training: bool) -> int | None:

@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -157,7 +156,11 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def time_fn(fn: Callable[[], object], steps: int, warmup: int, device: torch.device) -> float:
-    """Median seconds of one ``fn()`` call, each synchronised, after ``warmup`` untimed calls."""
+    """Seconds of one ``fn()`` call, each synchronised, after ``warmup`` untimed calls.
+
+    Returns the fastest of ``steps`` calls: on a shared machine the other calls carry other
+    processes' time, which the fastest has the least of (every provider is timed alike).
+    """
     for _ in range(warmup):
         fn()
     sync(device)
@@ -167,7 +170,7 @@ def time_fn(fn: Callable[[], object], steps: int, warmup: int, device: torch.dev
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def saved_bytes(fn: Callable[[], object], exclude: tuple = ()) -> int:
@@ -337,7 +340,9 @@ def machine_info(device: torch.device) -> dict:
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host_platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "fusedres": fusedres.__version__,
-            "cpu_count": os.cpu_count(), "device": device.type}
+            "cpu_count": os.cpu_count(), "device": device.type,
+            # Other processes' load while this ran (timings on a shared machine need it).
+            "load_average_1min": os.getloadavg()[0]}
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -412,7 +417,7 @@ def run(cfg: Config, quiet: bool = False) -> dict:
     x = torch.randn(cfg.batch, 3, cfg.image_size, cfg.image_size, device=device)
     target = torch.randint(0, 1000, (cfg.batch,), device=device)
     for p in providers:
-        log(f"timing {p.name}: {cfg.warmup} warm-up + {cfg.steps} timed steps, train then eval")
+        log(f"timing {p.name}: {cfg.warmup} warm-up + best of {cfg.steps} steps, train then eval")
         model = build_model(cfg.arch, p, device, base)
         xin = as_input(x, p)
         train = make_train_step(model, xin, target, dtype)
@@ -435,6 +440,7 @@ def run(cfg: Config, quiet: bool = False) -> dict:
             "traffic_eval_bytes": None if p.compiled else _traffic(cfg.arch, p.backend, cfg, False),
         })
         del model, train
+        _dump(report, cfg.out)  # a run cut short (a timeout) keeps what it measured
 
     eager = next((r for r in report["results"] if r["provider"] == "eager"), None)
     for r in report["results"]:
@@ -477,6 +483,14 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _dump(report: dict, out: str) -> str:
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "report.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    return path
+
+
 def write(report: dict, out: str, log: Callable[[str], None]) -> None:
     """Writes report.json and, when matplotlib is importable, report.png into ``out``."""
     os.makedirs(out, exist_ok=True)
@@ -507,9 +521,7 @@ def write(report: dict, out: str, log: Callable[[str], None]) -> None:
         report["plot"] = os.path.join(out, "report.png")
         fig.savefig(report["plot"], dpi=110)
         plt.close(fig)
-    path = os.path.join(out, "report.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+    path = _dump(report, out)
     log(f"wrote {path}" + (f" and {report['plot']}" if report.get("plot") else ""))
 
 

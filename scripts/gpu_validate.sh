@@ -130,6 +130,9 @@ EOF
 # `timeout` runs programs, not shell functions: export them to a child bash.
 export -f env_info build peaks
 export OUTDIR FUSEDRES_DEVICE_PEAKS="$OUTDIR/peaks.json"
+# Every finished benchmark case appends a line here, so a stage cut by its timeout keeps results.
+export FUSEDRES_BENCH_LOG="$OUTDIR/bench_cases.jsonl"
+rm -f "$FUSEDRES_BENCH_LOG"
 stage env 15 bash -c env_info
 stage build 100 bash -c build
 stage peaks 30 bash -c peaks
@@ -169,17 +172,18 @@ for name in ("main", "main_compile"):
     if os.path.exists(p):
         from fusedres.report import format_table
         print(f"\n[{name}]", format_table(json.load(open(p))))
-for name in ("bench_models", "bench_blocks"):
-    p = os.path.join(out, name + ".json")
-    if not os.path.exists(p):
-        continue
+p = os.path.join(out, "bench_cases.jsonl")
+if os.path.exists(p):
     groups = {}
-    for b in json.load(open(p))["benchmarks"]:
-        groups.setdefault(b["group"], {})[b["extra_info"]["provider"]] = b
-    print(f"\n[{name}] median ms per call (GB/s by the traffic model)")
+    for line in open(p):
+        case = json.loads(line)
+        groups.setdefault(case["group"], {})[case["extra_info"]["provider"]] = case
+    print("\n[benchmarks] median ms per call (GB/s by the traffic model), speedup over eager")
     for g, provs in groups.items():
-        cells = [f"{k} {v['stats']['median'] * 1e3:.2f}"
-                 + (f" ({v['extra_info']['GBps']:.0f})" if v["extra_info"].get("GBps") else "")
+        eager = provs.get("eager", {}).get("median_s")
+        cells = [f"{k} {v['median_s'] * 1e3:.2f}"
+                 + (f" ({v['extra_info']['GBps']:.3g})" if v["extra_info"].get("GBps") else "")
+                 + (f" {eager / v['median_s']:.2f}x" if eager and k != "eager" else "")
                  for k, v in provs.items()]
         print(f"  {g}: " + ", ".join(cells))
 EOF
