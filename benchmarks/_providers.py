@@ -117,7 +117,9 @@ def run_benchmark(benchmark, provider: Provider, fn, *, images: int, bytes_moved
             "channels_last": provider.channels_last, "compiled": provider.compiled,
             "device": torch.cuda.get_device_name(DEVICE) if GPU else "cpu",
             "dtype": str(SIZES.dtype).removeprefix("torch."), "images": images,
-            "bytes_moved": bytes_moved, "conv_flops": flops}
+            "bytes_moved": bytes_moved, "conv_flops": flops,
+            # other processes' load: CPU timings on a shared machine need it beside them
+            "load_average_1min": os.getloadavg()[0]}
     benchmark.pedantic(fn, rounds=SIZES.rounds, warmup_rounds=SIZES.warmup, iterations=1)
     # Memory after timing: the warm-up has already paid for autotuning and compilation.
     info["peak_allocated_bytes"] = peak_memory(fn, DEVICE)

@@ -348,7 +348,7 @@ def machine_info(device: torch.device) -> dict:
         info["cuda"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version()
     else:
-        info["device_name"] = platform.processor() or platform.machine()
+        info["device_name"] = _cpu_model()
         info["torch_threads"] = torch.get_num_threads()
     try:
         import triton
@@ -356,6 +356,18 @@ def machine_info(device: torch.device) -> dict:
     except ImportError:
         info["triton"] = None
     return info
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else the machine type."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class _Progress:
@@ -462,7 +474,8 @@ def format_table(report: dict) -> str:
     gpu = m["device"] == "cuda"
     mem = "peak allocated" if gpu else "saved activations"
     lines = [f"{c['arch']}, batch {c['batch']}, {c['image_size']}x{c['image_size']}, {c['dtype']}, "
-             f"{m['device_name']} ({m['cpu_count']} CPUs), torch {m['torch']}, {m['date'][:10]}",
+             f"{m['device_name']} ({m['cpu_count']} CPUs, load {m['load_average_1min']:.1f}), "
+             f"torch {m['torch']}, {m['date'][:10]}",
              "",
              f"| provider | train img/s | eval img/s | {mem} | speedup train | speedup eval "
              "| bytes moved vs eager (train / eval) |",
@@ -516,7 +529,7 @@ def write(report: dict, out: str, log: Callable[[str], None]) -> None:
             ax.tick_params(axis="x", labelrotation=20)
         c, m = report["config"], report["machine"]
         fig.suptitle(f"{c['arch']} batch {c['batch']} {c['image_size']}px {c['dtype']} on "
-                     f"{m['device_name']}", fontsize=9)
+                     f"{m['device_name']} ({m['cpu_count']} CPUs)", fontsize=9)
         fig.tight_layout()
         report["plot"] = os.path.join(out, "report.png")
         fig.savefig(report["plot"], dpi=110)
