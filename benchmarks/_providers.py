@@ -58,7 +58,7 @@ SIZES = (Sizes(torch.bfloat16, block_batch=64, block_image=224,
                warmup=3)
          if GPU else
          Sizes(torch.float32, block_batch=4, block_image=64,
-               model_batch={"resnet18": 4, "resnet50": 4}, model_image=64, rounds=3, warmup=1))
+               model_batch={"resnet18": 4, "resnet50": 4}, model_image=64, rounds=5, warmup=1))
 
 
 def _compile_wanted(scope: str) -> bool:

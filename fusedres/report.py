@@ -332,7 +332,7 @@ def default_config(device: str) -> Config:
         return Config(device, "bfloat16", "resnet50", batch=256, image_size=224, steps=20,
                       warmup=5, check_batch=16, backends=default_providers(dev))
     return Config(device, "float32", "resnet50", batch=4, image_size=64, steps=3, warmup=1,
-                  check_batch=2, backends=default_providers(dev))
+                  check_batch=4, backends=default_providers(dev))
 
 
 def machine_info(device: torch.device) -> dict:
@@ -529,7 +529,8 @@ def write(report: dict, out: str, log: Callable[[str], None]) -> None:
             ax.tick_params(axis="x", labelrotation=20)
         c, m = report["config"], report["machine"]
         fig.suptitle(f"{c['arch']} batch {c['batch']} {c['image_size']}px {c['dtype']} on "
-                     f"{m['device_name']} ({m['cpu_count']} CPUs)", fontsize=9)
+                     f"{m['device_name']} ({m['cpu_count']} CPUs, load {m['load_average_1min']:.1f})",
+                     fontsize=9)
         fig.tight_layout()
         report["plot"] = os.path.join(out, "report.png")
         fig.savefig(report["plot"], dpi=110)
