@@ -7,7 +7,8 @@
 //                                   in training, the coefficients a, b, c of dz = a*g + b*z + c.
 //   pass 2  bn_bwd_dz_kernel:       (training only) dz = a*g + b*z + c. When dresidual was written
 //                                   it already holds g, so pass 2 reads it instead of dy and y.
-// Centering on the saved mean keeps sum g*(z - mean) free of cancellation; sums run in fp32.
+// Centering on the saved mean keeps sum g*(z - mean) free of cancellation; sums run in fp32
+// (fp64 for fp64 activations).
 #include "cuda/bn_common.cuh"
 
 namespace fusedres {
