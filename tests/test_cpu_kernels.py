@@ -347,3 +347,11 @@ def test_default_kernel_build_matches_oracle():
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_build_info():
+    from fusedres import _C
+
+    info = _C.build_info()
+    assert "cpu kernels in use: " in info and "openmp" in info
+    assert _C.cuda_kernels_built() in (True, False)

@@ -1,6 +1,6 @@
 // Raw-pointer CPU kernels of the BatchNorm unit, vectorised with at::vec::Vectorized and
 // parallelised with at::parallel_for. Compiled once per CPU capability: include this file only from
-// a bn_act_kernels_<capability>.cpp that defines CPU_CAPABILITY first, so every symbol lands in its
+// a bn_act_kernels_*.cpp that defines CPU_CAPABILITY first, so every symbol lands in its
 // own `inline namespace CPU_CAPABILITY` (as in ATen) and the variants never collide at link time.
 //
 // Precision: activations load in their storage dtype and compute in acc_t (float, or double for

@@ -4,6 +4,11 @@
 // macros with which ATen selects its AVX2 Vectorized specialisations. As in ATen's own AVX2 kernel
 // files, the code here must only run after the run-time check; the table below is constant data,
 // so nothing in this file executes at load time.
+//
+// The file name sorts after bn_act_kernels_default.cpp on purpose: setup.py links objects in
+// sorted order and the linker keeps the first copy of every inline function both files
+// instantiate (std::vector members, c10 helpers), so those shared copies are the portable ones
+// and the DEFAULT kernels never run an AVX2 instruction on a CPU without AVX2.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FUSEDRES_HAVE_AVX2_KERNELS 1
 #pragma GCC target("avx2,fma,f16c")

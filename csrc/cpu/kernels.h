@@ -5,7 +5,7 @@
 //    memory layout, make inputs dense in it, allocate outputs, call a kernel. The argument checks
 //    live in csrc/common/checks.h and are run by the binding before these are called.
 //  * Raw-pointer kernels (csrc/cpu/bn_act_kernels.h), compiled once per CPU capability
-//    (bn_act_kernels_default.cpp, bn_act_kernels_avx2.cpp) and chosen at run time, the way ATen's
+//    (bn_act_kernels_default.cpp, bn_act_kernels_x86_avx2.cpp) and chosen at run time, the way ATen's
 //    DispatchStub does it, so one binary runs everywhere and uses AVX2 where the CPU has it.
 #pragma once
 
