@@ -454,7 +454,7 @@ def _run(cfg: FinetuneConfig, device: torch.device, amp_dtype) -> FinetuneResult
         apply_train_mode(model, cfg.mode)
         bar = _Progress(steps_per_epoch, step_in_epoch, f"epoch {epoch + 1}/{cfg.epochs}",
                         cfg.progress)
-        t0, epoch_losses = time.perf_counter(), []
+        t0 = time.perf_counter()
         for x, y in _iterate(train_ds, batches[step_in_epoch:], cfg.num_workers):
             if cfg.hflip:
                 start = step_in_epoch * cfg.batch_size
@@ -473,7 +473,6 @@ def _run(cfg: FinetuneConfig, device: torch.device, amp_dtype) -> FinetuneResult
             step_in_epoch += 1
             global_step += 1
             losses.append(loss.item())
-            epoch_losses.append(losses[-1])
             bar.update(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if cfg.save_every and global_step % cfg.save_every == 0:
                 checkpoint(epoch, step_in_epoch)
@@ -485,7 +484,9 @@ def _run(cfg: FinetuneConfig, device: torch.device, amp_dtype) -> FinetuneResult
             break
         val_acc, val_loss = evaluate(run_model, val_ds, cfg.batch_size, device, amp_dtype,
                                      cfg.channels_last, cfg.num_workers)
-        history.append({"epoch": epoch + 1, "train_loss": sum(epoch_losses) / max(1, len(epoch_losses)),
+        # From the full loss list, so an epoch resumed part-way reports the same mean.
+        epoch_losses = losses[global_step - steps_per_epoch:global_step]
+        history.append({"epoch": epoch + 1, "train_loss": sum(epoch_losses) / len(epoch_losses),
                         "val_loss": val_loss, "val_acc": val_acc,
                         "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0})
         if cfg.verbose:

@@ -1,0 +1,253 @@
+"""Fused models in the PyTorch ecosystem: autocast + GradScaler, torch.compile, torch.export,
+activation checkpointing, state_dict checkpoints and deterministic training, each compared with
+the eager twin of the same model (fusedres.to_eager) or the float64 oracle."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+import fusedres
+from fusedres import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU, reference
+
+from conftest import ATOL, CPU_FUSED_BACKENDS, assert_oracle_close
+
+
+def _small_net(backend: str) -> nn.Sequential:
+    """Stem unit + BasicBlock (stride 2, downsample) + Bottleneck + head: [N, 3, 16, 16] -> [N, 5].
+
+    One BatchNorm uses momentum=None (cumulative average), the path that reads
+    num_batches_tracked.
+    """
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        FusedConvBNReLU(3, 8, 3, stride=2, backend=backend),
+        FusedBasicBlock(8, 16, stride=2, backend=backend,
+                        downsample=nn.Sequential(reference.conv1x1(8, 16, 2), nn.BatchNorm2d(16))),
+        FusedBottleneck(16, 4, backend=backend),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+    net[1].bn1.momentum = None
+    for m in net.modules():  # non-trivial affine parameters, so their gradients matter
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.2, 0.2)
+    return net
+
+
+def _pair(backend):
+    fused = _small_net(backend)
+    return fused, fusedres.to_eager(copy.deepcopy(fused))
+
+
+def _step(model, x, target, n_calls=1):
+    """Forward (n_calls times, so running statistics move more than once) + backward."""
+    for _ in range(n_calls):
+        out = model(x)
+    (out.float() * target).sum().backward()
+    return out
+
+
+def _assert_models_close(a, b, rtol=1e-4, what=""):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        if p.grad is not None or q.grad is not None:
+            err = (p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-12)
+            assert err <= rtol, f"{what} grad of {name}: relative error {err:.2e}"
+    for (name, u), v in zip(a.named_buffers(), b.buffers()):
+        assert torch.allclose(u.double(), v.double(), rtol=rtol, atol=1e-6), f"{what} buffer {name}"
+
+
+# -- autocast and GradScaler ------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_matches_eager(backend, dtype):
+    """CPU autocast (bf16 and fp16) through the fused units: output dtype, outputs, gradients
+    and running statistics within DESIGN.md's rule against the fp64 oracle."""
+    fused, eager = _pair(backend)
+    oracle = reference.upcast(eager)
+    x = torch.randn(4, 3, 16, 16)
+    target = torch.randn(4, 5)
+    with torch.autocast("cpu", dtype=dtype):
+        y_f = _step(fused, x, target)
+        y_e = _step(eager, x, target)
+    y_o = _step(oracle, x.double(), target.double())
+    assert y_f.dtype == y_e.dtype
+    assert_oracle_close(y_f.float(), y_e.float(), y_o, "logits", atol=ATOL[dtype])
+    for (name, p), q, r in zip(fused.named_parameters(), eager.parameters(), oracle.parameters()):
+        assert_oracle_close(p.grad, q.grad, r.grad, f"grad {name}", atol=ATOL[dtype])
+    for (name, u), v, w in zip(fused.named_buffers(), eager.buffers(), oracle.buffers()):
+        if u.is_floating_point():
+            assert_oracle_close(u, v, w, name, atol=ATOL[dtype])
+
+
+def _train_steps(model, amp: bool, steps: int = 4):
+    """SGD steps with fp16 autocast + GradScaler (amp) or in the model's own dtype.
+
+    Returns:
+        The scaler's scale after each step (1.0 without amp).
+    """
+    dtype = next(model.parameters()).dtype
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=amp)
+    gen = torch.Generator().manual_seed(1)
+    scales = []
+    for _ in range(steps):
+        x = torch.randn(8, 3, 16, 16, generator=gen).to(dtype)
+        y = torch.randint(0, 5, (8,), generator=gen)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=amp):
+            loss = nn.functional.cross_entropy(model(x).to(dtype), y)
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    return scales
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+def test_grad_scaler_training_fp16(backend):
+    """fp16 autocast + torch.amp.GradScaler("cpu"), 4 SGD steps: the same scale decisions as
+    eager, and parameters within DESIGN.md's rule against an fp64 run without autocast (training
+    amplifies fp16 rounding, so the bound is eager fp16's own distance from fp64)."""
+    fused, eager = _pair(backend)
+    oracle = reference.upcast(eager)
+    assert _train_steps(fused, amp=True) == _train_steps(eager, amp=True)
+    _train_steps(oracle, amp=False)
+    for (name, p), q, r in zip(fused.named_parameters(), eager.parameters(), oracle.parameters()):
+        assert_oracle_close(p.detach(), q.detach(), r.detach(), name, atol=ATOL[torch.float16])
+
+
+# -- torch.compile and torch.export -----------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph_train_and_eval(backend, compiler):
+    """fullgraph=True (a graph break raises) in training (forward + backward, two calls so the
+    momentum=None running average is not baked in as a constant) and in eval mode."""
+    torch._dynamo.reset()
+    fused, eager = _pair(backend)
+    compiled = torch.compile(fused, fullgraph=True, backend=compiler)
+    x = torch.randn(4, 3, 16, 16)
+    target = torch.randn(4, 5)
+    for _ in range(2):
+        y_c = _step(compiled, x, target)
+        y_e = _step(eager, x, target)
+        torch.testing.assert_close(y_c, y_e, rtol=1e-4, atol=1e-5)
+    _assert_models_close(fused, eager, what=f"compiled ({compiler}) train")
+    fused.eval()
+    eager.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compile_resnet18_inductor():
+    """The whole fused resnet18 (32x32, batch 2) under inductor, fullgraph, train fwd + bwd."""
+    torch._dynamo.reset()
+    backend = "cpu" if fusedres.available_backends()["cpu"][0] else "torch_ops"
+    torch.manual_seed(0)
+    fused = fusedres.models.resnet18(num_classes=10, backend=backend)
+    eager = fusedres.to_eager(copy.deepcopy(fused))
+    # Batch 4 at 64x64 keeps 16 values per channel in layer4's BatchNorm; at 32x32 and batch 2
+    # there would be 2, whose near-zero variances make gradients ill-conditioned in any backend.
+    x = torch.randn(4, 3, 64, 64)
+    target = torch.randn(4, 10)
+    y_c = _step(torch.compile(fused, fullgraph=True), x, target)
+    y_e = _step(eager, x, target)
+    torch.testing.assert_close(y_c, y_e, rtol=1e-3, atol=1e-4)
+    _assert_models_close(fused, eager, rtol=1e-3, what="compiled resnet18")
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+def test_export_eval_model(backend):
+    """torch.export of an eval-mode fused model: the exported program gives the same logits."""
+    fused, eager = _pair(backend)
+    x = torch.randn(4, 3, 16, 16)
+    _step(fused, x, torch.randn(4, 5))  # non-trivial running statistics
+    fused.eval()
+    eager.load_state_dict(fused.state_dict())
+    eager.eval()
+    program = torch.export.export(fused, (x,))
+    x2 = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(program.module()(x2), eager(x2), rtol=1e-5, atol=1e-6)
+
+
+# -- activation checkpointing ----------------------------------------------------------------
+
+class _Checkpointed(nn.Module):
+    def __init__(self, net: nn.Sequential):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        for i, block in enumerate(self.net):
+            x = checkpoint(block, x, use_reentrant=False) if i < 3 else block(x)
+        return x
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_activation_checkpointing(backend, early_stop):
+    """use_reentrant=False checkpoints over the fused units and blocks give eager's gradients.
+
+    Running statistics: a full recomputation updates them a second time, in eager as well, and
+    then they match eager's. With early stop (PyTorch's default) the recomputation halts once
+    the region's last saved tensor exists; eager BatchNorm updates its statistics inside the op,
+    before that point, but a fused unit updates them after its autograd Function returns, so the
+    last unit of each checkpointed region is updated once instead of twice. Only the full
+    recomputation is compared for buffers.
+    """
+    fused, eager = _pair(backend)
+    plain = copy.deepcopy(eager)
+    x = torch.randn(4, 3, 16, 16)
+    target = torch.randn(4, 5)
+    with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):
+        _step(_Checkpointed(fused), x, target)
+        _step(_Checkpointed(eager), x, target)
+    _step(plain, x, target)
+    if early_stop:
+        for p, q in zip(fused.parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+    else:
+        _assert_models_close(fused, eager, what="checkpointed")
+        assert int(fused[0].bn.num_batches_tracked) == 2  # forward + recomputation
+    for p, q in zip(fused.parameters(), plain.parameters()):  # recomputation: same gradients
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+
+
+# -- checkpoints and determinism -------------------------------------------------------------
+
+def test_state_dict_round_trip(tmp_path):
+    """A trained fused resnet18's file loads into the eager model and back: same eval logits."""
+    fused = fusedres.models.resnet18(num_classes=10, backend="torch_ops")
+    _step(fused, torch.randn(4, 3, 32, 32), torch.randn(4, 10))
+    path = tmp_path / "fused.pth"
+    torch.save(fused.state_dict(), path)
+    eager = reference.ResNet(reference.BasicBlock, [2, 2, 2, 2], num_classes=10)
+    eager.load_state_dict(torch.load(path, weights_only=True))
+    again = fusedres.models.resnet18(num_classes=10, weights=str(path), backend="torch_ops")
+    x = torch.randn(2, 3, 32, 32)
+    for m in (fused, eager, again):
+        m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), eager(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(fused(x), again(x))
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+def test_deterministic_training_is_bitwise_reproducible(backend):
+    """With torch.use_deterministic_algorithms(True), two identical short fused training runs
+    end with bitwise identical parameters and buffers."""
+    pytest.importorskip("sklearn", reason="uses the digits data set (pip install scikit-learn)")
+    from fusedres.finetune import FinetuneConfig, finetune
+
+    cfg = dict(epochs=1, stop_after=4, image_size=16, batch_size=32, backend=backend,
+               deterministic=True, progress=False, verbose=False)
+    a = finetune(FinetuneConfig(**cfg))
+    b = finetune(FinetuneConfig(**cfg))
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
+    assert a.losses == b.losses
+    for (k, u), v in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(u, v), k
