@@ -72,7 +72,7 @@ def _variants():
     """(label, kernel, dtype, constexpr flags, {arch: configs}, aligned ints, is_conv)."""
     from fusedres.kernels import bn, conv
     chan = {"C"}
-    conv_chan = {"Cin", "Cout", "CIN_G", "COUT_G"}
+    conv_chan = {"Cin", "Cout", "CIN_G", "COUT_G", "w_stride_co", "w_stride_r", "w_stride_s"}
     flags_fwd = dict(HAS_RESIDUAL=True, RELU=True, CHANNELS_LAST=True)
     yield ("bn_stats_partial", bn._bn_stats_partial_kernel, "bf16", dict(CHANNELS_LAST=True),
            bn.REDUCE_CONFIGS, chan, False)
@@ -88,8 +88,10 @@ def _variants():
     yield ("bn_bwd_dz", bn._bn_act_bwd_dz_kernel, "bf16",
            dict(RELU=True, G_FROM_DRES=True, CHANNELS_LAST=True), bn.ELEMENTWISE_CONFIGS, chan,
            False)
+    # Weights in channels_last: ci is the unit stride, which triton's launcher specializes to
+    # the constant 1 (as it does every int argument equal to 1).
     base = dict(FLAT_K=False, POINTWISE=False, AFFINE=False, HAS_RESIDUAL=False, RELU=False,
-                STATS=True, DOT_PRECISION="tf32")
+                STATS=True, DOT_PRECISION="tf32", w_stride_ci=1)
     yield ("conv3x3_train_fp16", conv._conv_fwd_kernel, "fp16", dict(base, KH=3, KW=3),
            conv.CONV_CONFIGS, conv_chan, True)
     yield ("conv3x3_train_fp32", conv._conv_fwd_kernel, "fp32", dict(base, KH=3, KW=3),

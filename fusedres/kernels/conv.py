@@ -37,7 +37,7 @@ from fusedres.kernels._launch import cfg, interpreting, launch
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr,          # *T    input [N, H, W, Cin] contiguous (= channels_last [N, Cin, H, W])
-    w_ptr,          # *T    weight as a row-major [K, Cout] matrix, K = KH*KW*CIN_G, k = (r, s, ci)
+    w_ptr,          # *T    weight [Cout, CIN_G, KH, KW], any strides (channels_last: k contiguous)
     out_ptr,        # *T    output [N, Ho, Wo, Cout] contiguous (channels_last)
     res_ptr,        # *T    residual, like the output (read when HAS_RESIDUAL)
     scale_ptr,      # *fp32 [Cout] (AFFINE)
@@ -49,6 +49,7 @@ def _conv_fwd_kernel(
     Ho, Wo, Cout,   # output height, width, channels (all groups)
     CIN_G, COUT_G,  # channels per group
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    w_stride_co, w_stride_ci, w_stride_r, w_stride_s,  # weight strides (elements)
     KH: tl.constexpr,
     KW: tl.constexpr,
     FLAT_K: tl.constexpr,
@@ -102,12 +103,13 @@ def _conv_fwd_kernel(
             mask_k = k < K
             rs = k // CIN_G
             ci = k - rs * CIN_G
+            r = rs // KW
+            s = rs - r * KW
+            w_k = r * w_stride_r + s * w_stride_s + ci * w_stride_ci
             if POINTWISE:
                 a_mask = mask_m[:, None] & mask_k[None, :]
                 a_ptrs = x_ptr + a_row[:, None] + ci[None, :]
             else:
-                r = rs // KW
-                s = rs - r * KW
                 ih = ih0[:, None] + (r * dil_h)[None, :]
                 iw = iw0[:, None] + (s * dil_w)[None, :]
                 a_mask = (mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H)
@@ -117,20 +119,20 @@ def _conv_fwd_kernel(
             rs = kt // ci_tiles
             ci = (kt - rs * ci_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
             mask_k = ci < CIN_G
-            k = rs * CIN_G + ci
+            r = rs // KW
+            s = rs - r * KW
+            w_k = r * w_stride_r + s * w_stride_s + ci * w_stride_ci
             if POINTWISE:
                 a_mask = mask_m[:, None] & mask_k[None, :]
                 a_ptrs = x_ptr + a_row[:, None] + ci[None, :]
             else:
-                r = rs // KW
-                s = rs - r * KW
                 ih = ih0 + r * dil_h
                 iw = iw0 + s * dil_w
                 valid = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 a_mask = valid[:, None] & mask_k[None, :]
                 a_ptrs = x_ptr + (img_base + (ih * W + iw) * Cin)[:, None] + ci[None, :]
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        b = tl.load(w_ptr + k[:, None] * Cout + co[None, :],
+        b = tl.load(w_ptr + w_k[:, None] + (co * w_stride_co)[None, :],
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
@@ -207,7 +209,9 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
 
     Args:
         x: [N, Cin, H, W] fp16/bf16/fp32 (channels_last is used as is; other layouts are copied).
-        weight: [Cout, Cin/groups, KH, KW], x's dtype.
+        weight: [Cout, Cin/groups, KH, KW], x's dtype, read in place through its strides:
+            channels_last weights (``model.to(memory_format=torch.channels_last)``) load
+            contiguously along k; others work with strided loads.
         stride, padding, dilation: pairs; groups: int.
         scale, shift: [Cout] float32, both or neither (AFFINE epilogue).
         residual: [N, Cout, Ho, Wo] or None.
@@ -235,8 +239,6 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
     M = N * Ho * Wo
     cout_g = Cout // groups
     x = x.contiguous(memory_format=torch.channels_last)
-    # [Cout, Cin_g, KH, KW] -> [KH, KW, Cin_g, Cout] = the [K, Cout] matrix B (weights are small).
-    w_kc = weight.permute(2, 3, 1, 0).contiguous()
     out = torch.empty((N, Cout, Ho, Wo), dtype=x.dtype, device=x.device,
                       memory_format=torch.channels_last).fill_(float("nan"))
     affine = scale is not None
@@ -253,8 +255,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
     ran = launch(
         _conv_fwd_kernel,
         lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(cout_g, m["BLOCK_N"]), groups),
-        (x, w_kc, out, res, scale, shift, partial[0], partial[1], M, H, W, Cin, Ho, Wo, Cout,
-         cin_g, cout_g, sh, sw, ph, pw, dh, dw),
+        (x, weight, out, res, scale, shift, partial[0], partial[1], M, H, W, Cin, Ho, Wo, Cout,
+         cin_g, cout_g, sh, sw, ph, pw, dh, dw, *weight.stride()),
         table=table,
         key=("M", "Cin", "Cout", "CIN_G", "KH", "KW", "stride_h", "AFFINE", "HAS_RESIDUAL",
              "STATS"),

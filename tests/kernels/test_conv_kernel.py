@@ -96,13 +96,21 @@ def test_conv_with_eval_epilogue(dtype, geom, has_residual, relu):
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-def test_conv_accepts_both_layouts(fmt):
-    geom = GEOMETRIES["3x3-odd-flat"]
+@pytest.mark.parametrize("geom", [GEOMETRIES["3x3-odd-flat"], GEOMETRIES["3x3s2-c64-taps"]],
+                         ids=["flat", "taps"])
+def test_conv_accepts_both_layouts(fmt, geom):
+    """x and the weight in either layout (the weight is read in place through its strides)."""
     x, w = _inputs(geom, torch.float32, fmt)
+    w = w.contiguous(memory_format=fmt)
     stride, pad, dil, groups = _args(geom)
     z = _conv().conv2d(x, w, stride, pad, dil, groups)
     exact = F.conv2d(x.double(), w.double(), None, stride, pad, dil, groups)
     assert_oracle_close(z.cpu(), _eager_conv(x, w, geom, torch.float32).cpu(), exact.cpu(), "z")
+    # A weight view with no dense layout at all (every other output channel).
+    w_view = torch.stack([w, w], 1).flatten(0, 1)[::2]
+    assert not w_view.is_contiguous()
+    z_view = _conv().conv2d(x, w_view, stride, pad, dil, groups)
+    torch.testing.assert_close(z_view, z, rtol=0, atol=0)
 
 
 def test_conv_rejects_mismatched_groups():
