@@ -128,14 +128,14 @@ def run_benchmark(benchmark, provider: Provider, fn, *, images: int, bytes_moved
     stats = benchmark.stats
     if stats is not None:  # None under --benchmark-disable
         median = stats.stats.median
-        info["images_per_s"] = images / median
-        info["TFLOPs"] = flops / median / 1e12
-        info["GBps"] = bytes_moved / median / 1e9 if bytes_moved is not None else None
+        info["images/s"] = images / median
+        info["TFLOP/s"] = flops / median / 1e12
+        info["GB/s"] = bytes_moved / median / 1e9 if bytes_moved is not None else None
         peaks = _peaks()
-        if peaks.get("copy_GBps") and info["GBps"] is not None:
-            info["GBps_of_peak"] = info["GBps"] / peaks["copy_GBps"]
+        if peaks.get("copy_GBps") and info["GB/s"] is not None:
+            info["GB/s_of_peak"] = info["GB/s"] / peaks["copy_GBps"]
         if peaks.get("matmul_TFLOPs"):
-            info["TFLOPs_of_peak"] = info["TFLOPs"] / peaks["matmul_TFLOPs"]
+            info["TFLOP/s_of_peak"] = info["TFLOP/s"] / peaks["matmul_TFLOPs"]
     benchmark.extra_info.update(info)
     log = os.environ.get("FUSEDRES_BENCH_LOG")
     if log and stats is not None:

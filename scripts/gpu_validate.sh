@@ -182,7 +182,7 @@ if os.path.exists(p):
     for g, provs in groups.items():
         eager = provs.get("eager", {}).get("median_s")
         cells = [f"{k} {v['median_s'] * 1e3:.2f}"
-                 + (f" ({v['extra_info']['GBps']:.3g})" if v["extra_info"].get("GBps") else "")
+                 + (f" ({v['extra_info']['GB/s']:.3g})" if v["extra_info"].get("GB/s") else "")
                  + (f" {eager / v['median_s']:.2f}x" if eager and k != "eager" else "")
                  for k, v in provs.items()]
         print(f"  {g}: " + ", ".join(cells))
