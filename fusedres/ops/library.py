@@ -25,7 +25,15 @@ __all__ = ["REGISTERED", "output_memory_format"]
 
 
 def output_memory_format(z: torch.Tensor) -> torch.memory_format:
-    """The memory format the ops give outputs shaped like ``z`` ([N, C, H, W])."""
+    """The memory format the ops give their activation outputs for input ``z``.
+
+    Args:
+        z: [N, C, H, W] activation (any strides).
+
+    Returns:
+        ``torch.channels_last`` when z is channels_last dense and not also NCHW contiguous,
+        else ``torch.contiguous_format``.
+    """
     if z.dim() == 4 and not z.is_contiguous() and z.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
