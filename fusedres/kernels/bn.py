@@ -308,8 +308,11 @@ ELEMENTWISE_CONFIGS = {
 # the rows per program, which must be known before launch, so they are not autotuned.
 REDUCE_CONFIGS = {80: [cfg(4, 1, BLOCK_M=64, BLOCK_C=64)],
                   90: [cfg(8, 1, BLOCK_M=128, BLOCK_C=64)]}
-FINALIZE_CONFIGS = {80: [cfg(4, 1, BLOCK_P=64, BLOCK_C=32)],
-                    90: [cfg(4, 1, BLOCK_P=64, BLOCK_C=32)]}
+# The finalize runs one program per channel tile over all partials; the conv epilogue writes
+# one partial per 64-128 rows (6272 for ResNet-50's stem at batch 64), so wide P tiles keep
+# its serial loop short.
+FINALIZE_CONFIGS = {80: [cfg(8, 1, BLOCK_P=256, BLOCK_C=32)],
+                    90: [cfg(8, 1, BLOCK_P=256, BLOCK_C=32)]}
 # Under the interpreter every program is a Python step: few, large tiles run fastest.
 _INTERP = cfg(1, 1, BLOCK_M=64, BLOCK_C=16)
 _INTERP_FINALIZE = cfg(1, 1, BLOCK_P=16, BLOCK_C=16)
