@@ -11,5 +11,5 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   "$PYTHON" -m pip install "torch==2.13.0"
 fi
 "$PYTHON" -m pip install ninja numpy setuptools wheel
-MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PYTHON" -m pip install --no-build-isolation -e ".[test,report,triton]"
+MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PYTHON" -m pip install --no-build-isolation -e ".[test,report,triton,finetune,export]"
 "$PYTHON" -m fusedres.info
