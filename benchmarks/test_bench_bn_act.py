@@ -26,6 +26,8 @@ EPS = 1e-5
 SHAPES = [(8, 512, 28, 28), (8, 256, 56, 56), (8, 1024, 14, 14)]
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 PASSES = {"fwd": 4, "bwd": 5, "fwdbwd": 9}
+# Each case takes milliseconds; many rounds make the median robust to a noisy shared machine.
+ROUNDS = 30
 
 
 class Case:
@@ -99,5 +101,5 @@ def test_bn_act(benchmark, shape, fmt, mode, provider):
     case = Case(shape, FORMATS[fmt])
     fn = PROVIDERS[provider](case)[mode]
     benchmark.group = f"bn_act {'x'.join(map(str, shape))} {fmt} {mode}"
-    benchmark.pedantic(fn, rounds=5, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=2, iterations=1)
     record(benchmark, provider, PASSES[mode] * case.z.numel() * case.z.element_size())

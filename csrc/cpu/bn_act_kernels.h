@@ -9,7 +9,7 @@
 // in double with the formulas of common/bn_math.h, whose scalar versions also handle the tails.
 //
 // Memory passes (M = N*H*W per channel):
-//   bn_stats    one read of z (each tile's two passes run in L1).
+//   bn_stats    one read of z (each tile's two passes run in L1 or L2).
 //   bn_act_fwd  read z (+ residual), write y.
 //   bn_act_bwd  pass 1 reads dy, y, z and writes dresidual (and dz in eval mode, which is then
 //               done); pass 2 (training) reads g back (dresidual, or dy and y) and z, writes dz.
@@ -122,6 +122,24 @@ int64_t tile_elems() {
   return std::max<int64_t>(Io<T>::kStep, kTileBytes / static_cast<int64_t>(sizeof(T)));
 }
 
+// Rows per NHWC tile. Each tile ends in a scalar per-channel flush into double, so an L1-sized
+// tile (4 rows at C=1024) spent a quarter of its time there; an L2-sized tile keeps the flush
+// rare while the tile's second pass in bn_stats still reads from cache. The row cap keeps float
+// accumulators to at most kMaxTileRows terms.
+constexpr int64_t kNhwcTileBytes = 128 * 1024;
+// Rows bn_stats folds into its register accumulators before storing them back, so the
+// per-channel accumulator arrays cost one load and store per kRowBlock rows, not per row. (The
+// backward's pass 1 measured slower this way: it already does three loads and a store per
+// accumulator update, and four rows at once make sixteen memory streams.)
+constexpr int64_t kRowBlock = 4;
+constexpr int64_t kMaxTileRows = 1024;
+
+template <typename T>
+int64_t nhwc_tile_rows(int64_t C) {
+  const int64_t rows = kNhwcTileBytes / (std::max<int64_t>(C, 1) * static_cast<int64_t>(sizeof(T)));
+  return std::clamp<int64_t>(rows, 1, kMaxTileRows);
+}
+
 // ============================================================================================
 // bn_stats
 // ============================================================================================
@@ -209,8 +227,7 @@ void bn_stats_nhwc(const StatsParams& p) {
   const T* z = static_cast<const T*>(p.z);
   const int64_t chunks = num_chunks(rows);
   const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
-  // Rows per tile: the tile's two passes run in L1.
-  const int64_t tile_rows = std::max<int64_t>(1, tile_elems<T>() / C);
+  const int64_t tile_rows = nhwc_tile_rows<T>(C);
   std::vector<double> part_count(chunks, 0.0), part_mean(chunks * C, 0.0), part_m2(chunks * C, 0.0);
 
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
@@ -225,37 +242,54 @@ void bn_stats_nhwc(const StatsParams& p) {
         std::fill(tsum.begin(), tsum.end(), acc_t(0));
         std::fill(tdev.begin(), tdev.end(), acc_t(0));
         std::fill(tsq.begin(), tsq.end(), acc_t(0));
-        for (int64_t r = r0; r < r0 + nr; ++r) {
-          const T* row = z + r * C;
+        for (int64_t rb = r0; rb < r0 + nr; rb += kRowBlock) {
+          const int64_t rb_end = std::min(rb + kRowBlock, r0 + nr);
           int64_t c = 0;
           for (; c + IO::kStep <= C; c += IO::kStep) {
-            Vec a, b;
-            IO::load(row + c, a, b);
-            (Vec::loadu(tsum.data() + c) + a).store(tsum.data() + c);
-            (Vec::loadu(tsum.data() + c + Vec::size()) + b).store(tsum.data() + c + Vec::size());
+            Vec s0 = Vec::loadu(tsum.data() + c), s1 = Vec::loadu(tsum.data() + c + Vec::size());
+            for (int64_t r = rb; r < rb_end; ++r) {
+              Vec a, b;
+              IO::load(z + r * C + c, a, b);
+              s0 = s0 + a;
+              s1 = s1 + b;
+            }
+            s0.store(tsum.data() + c);
+            s1.store(tsum.data() + c + Vec::size());
           }
-          for (; c < C; ++c) tsum[c] += IO::get(row, c);
+          for (int64_t r = rb; r < rb_end; ++r) {
+            for (int64_t ct = c; ct < C; ++ct) tsum[ct] += IO::get(z + r * C, ct);
+          }
         }
         const acc_t inv_nr = acc_t(1) / static_cast<acc_t>(nr);
         for (int64_t c = 0; c < C; ++c) tsum[c] *= inv_nr;  // now the tile's first-pass mean
-        for (int64_t r = r0; r < r0 + nr; ++r) {
-          const T* row = z + r * C;
+        for (int64_t rb = r0; rb < r0 + nr; rb += kRowBlock) {
+          const int64_t rb_end = std::min(rb + kRowBlock, r0 + nr);
           int64_t c = 0;
           for (; c + IO::kStep <= C; c += IO::kStep) {
-            Vec a, b;
-            IO::load(row + c, a, b);
-            a = a - Vec::loadu(tsum.data() + c);
-            b = b - Vec::loadu(tsum.data() + c + Vec::size());
-            (Vec::loadu(tdev.data() + c) + a).store(tdev.data() + c);
-            (Vec::loadu(tdev.data() + c + Vec::size()) + b).store(tdev.data() + c + Vec::size());
-            at::vec::fmadd(a, a, Vec::loadu(tsq.data() + c)).store(tsq.data() + c);
-            at::vec::fmadd(b, b, Vec::loadu(tsq.data() + c + Vec::size()))
-                .store(tsq.data() + c + Vec::size());
+            const Vec m0 = Vec::loadu(tsum.data() + c), m1 = Vec::loadu(tsum.data() + c + Vec::size());
+            Vec d0 = Vec::loadu(tdev.data() + c), d1 = Vec::loadu(tdev.data() + c + Vec::size());
+            Vec q0 = Vec::loadu(tsq.data() + c), q1 = Vec::loadu(tsq.data() + c + Vec::size());
+            for (int64_t r = rb; r < rb_end; ++r) {
+              Vec a, b;
+              IO::load(z + r * C + c, a, b);
+              a = a - m0;
+              b = b - m1;
+              d0 = d0 + a;
+              d1 = d1 + b;
+              q0 = at::vec::fmadd(a, a, q0);
+              q1 = at::vec::fmadd(b, b, q1);
+            }
+            d0.store(tdev.data() + c);
+            d1.store(tdev.data() + c + Vec::size());
+            q0.store(tsq.data() + c);
+            q1.store(tsq.data() + c + Vec::size());
           }
-          for (; c < C; ++c) {
-            const acc_t d = IO::get(row, c) - tsum[c];
-            tdev[c] += d;
-            tsq[c] += d * d;
+          for (int64_t r = rb; r < rb_end; ++r) {
+            for (int64_t ct = c; ct < C; ++ct) {
+              const acc_t d = IO::get(z + r * C, ct) - tsum[ct];
+              tdev[ct] += d;
+              tsq[ct] += d * d;
+            }
           }
         }
         const double dnr = static_cast<double>(nr);
@@ -557,7 +591,7 @@ void bn_act_bwd_nhwc(const BwdParams& p) {
 
   const int64_t chunks = num_chunks(rows);
   const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
-  const int64_t tile_rows = std::max<int64_t>(1, tile_elems<T>() / C);
+  const int64_t tile_rows = nhwc_tile_rows<T>(C);
   std::vector<double> part_g(chunks * C, 0.0), part_gz(chunks * C, 0.0);
 
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
