@@ -2,7 +2,8 @@
 
 Providers (one pytest-benchmark group per case): ``eager`` (NCHW), ``eager_cl`` (channels_last),
 ``compile`` (torch.compile of the eager module, channels_last) and every fused backend (``cpu``
-on CPU; ``triton`` and ``cuda`` on GPU). Unusable ones are skipped with the reason.
+in NCHW and ``cpu_cl`` in channels_last on CPU; ``triton`` and ``cuda``, channels_last, on GPU).
+Unusable ones are skipped with the reason.
 
 Environment:
 
@@ -70,7 +71,7 @@ def _compile_wanted(scope: str) -> bool:
 
 def provider_params(scope: str) -> list:
     """pytest params of every provider for ``scope`` (``"blocks"`` or ``"models"``)."""
-    names = ["eager", "eager_cl", "compile", "cpu", "triton", "cuda"]
+    names = ["eager", "eager_cl", "compile", "cpu", "cpu_cl", "triton", "cuda"]
     params = []
     for name in names:
         p = make_provider(name)

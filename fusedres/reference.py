@@ -12,8 +12,10 @@ unchanged and :func:`fusedres.to_eager` can return them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Callable, Optional
+import warnings
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -339,3 +341,27 @@ class ResNet(nn.Module):
 def upcast(module: nn.Module) -> nn.Module:
     """A float64 deep copy of ``module`` (buffers included), for oracles. The original is untouched."""
     return copy.deepcopy(module).double()
+
+
+@contextlib.contextmanager
+def oracle_convolutions(device: torch.device | str) -> Iterator[None]:
+    """Within it, CPU convolutions run ATen's native kernels instead of oneDNN's.
+
+    torch 2.13.0+cpu's oneDNN convolution backward returned input gradients ~0.7% off (relative
+    L2 against float64) at ResNet-50 layer3 shapes, depending on which convolutions ran before,
+    in eager PyTorch (NCHW) and fused models (channels_last) alike; the native kernels agree
+    with float64. Every backend runs ATen's convolutions, so comparisons of fused kernels with
+    eager PyTorch and the float64 oracle run inside this to measure fusedres and not that
+    discrepancy. A no-op for other devices.
+
+    Args:
+        device: the device the comparison runs on.
+    """
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    with warnings.catch_warnings():
+        # torch.backends.mkldnn.flags() warns about Intel-GPU TF32 on every CPU build.
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield

@@ -64,7 +64,10 @@ class Provider:
 
     Attributes:
         name: ``eager`` (NCHW), ``eager_cl`` (channels_last), ``compile`` (torch.compile of the
-            eager model, channels_last) or a fused backend name (``cpu``, ``triton``, ``cuda``).
+            eager model, channels_last), a fused backend name in the layout its device favours
+            (``triton``, ``cuda``: channels_last; ``cpu``: NCHW, PyTorch's CPU default, where
+            ATen's CPU convolutions measured faster here), or ``cpu_cl`` (the cpu backend,
+            channels_last).
         backend: ``"eager"`` or the fused backend name.
     """
 
@@ -75,13 +78,17 @@ class Provider:
 
 
 def make_provider(name: str) -> Provider:
-    """The provider called ``name``; fused backends run channels_last (their fast layout)."""
+    """The provider called ``name`` (see :class:`Provider` for the names and their layouts)."""
     if name == "eager":
         return Provider("eager", "eager", False)
     if name == "eager_cl":
         return Provider("eager_cl", "eager", True)
     if name == "compile":
         return Provider("compile", "eager", True, compiled=True)
+    if name == "cpu":
+        return Provider("cpu", "cpu", False)
+    if name == "cpu_cl":
+        return Provider("cpu_cl", "cpu", True)
     return Provider(name, name, True)
 
 
@@ -108,8 +115,12 @@ def provider_status(provider: Provider, device: torch.device) -> tuple[bool, str
 
 
 def default_providers(device: torch.device) -> list[str]:
-    """eager, eager_cl and every fused backend name (unusable ones are reported, not run)."""
-    return ["eager", "eager_cl"] + [b for b in fusedres.BACKEND_NAMES if b != "eager"]
+    """eager, eager_cl and every fused backend (unusable ones are reported, not run); on the
+    CPU the cpu backend in both layouts."""
+    fused = [b for b in fusedres.BACKEND_NAMES if b != "eager"]
+    if device.type == "cpu":
+        fused.insert(fused.index("cpu") + 1, "cpu_cl")
+    return ["eager", "eager_cl"] + fused
 
 
 def build_model(arch: str, provider: Provider, device: torch.device,
@@ -256,7 +267,9 @@ def check_against_eager(arch: str, providers: list, device: torch.device, dtype:
     """Compares fused models with eager PyTorch and a float64 oracle, one training step.
 
     Forward in training mode (batch statistics), backward of a fixed random output gradient.
-    Eager and the oracle run once and serve every provider.
+    Eager and the oracle run once and serve every provider. On the CPU all of them run ATen's
+    native convolutions (reference.oracle_convolutions: oneDNN's backward disagrees with float64
+    there), so the check measures fusedres's kernels.
 
     Args:
         providers: fused providers.
@@ -286,12 +299,15 @@ def check_against_eager(arch: str, providers: list, device: torch.device, dtype:
         return {"logits": out.detach(), **{n: params[n].grad for n in GRAD_NAMES}}
 
     eager_p = make_provider("eager")
-    ref = run_one(build_model(arch, eager_p, device, base), x, gy, dtype)
-    exact = run_one(reference.upcast(build_model(arch, eager_p, device, base)), x.double(),
-                    gy.double(), torch.float64)
+    with reference.oracle_convolutions(device):
+        ref = run_one(build_model(arch, eager_p, device, base), x, gy, dtype)
+        exact = run_one(reference.upcast(build_model(arch, eager_p, device, base)), x.double(),
+                        gy.double(), torch.float64)
+        got_all = {p.name: run_one(build_model(arch, p, device, base), as_input(x, p), gy, dtype)
+                   for p in providers}
     results = {}
     for provider in providers:
-        got = run_one(build_model(arch, provider, device, base), as_input(x, provider), gy, dtype)
+        got = got_all[provider.name]
         tensors, ok = {}, True
         for name in got:
             diff = (got[name].double() - ref[name].double()).abs().max().item()
@@ -415,7 +431,9 @@ def run(cfg: Config, quiet: bool = False) -> dict:
     fused = [p for p in providers if p.backend != "eager"]
     if fused:
         log(f"checking {', '.join(p.name for p in fused)} against eager and a float64 oracle "
-            f"({cfg.arch}, batch {cfg.check_batch}, training step)")
+            f"({cfg.arch}, batch {cfg.check_batch}, training step"
+            + ("; ATen's native CPU convolutions, see reference.oracle_convolutions)"
+               if device.type == "cpu" else ")"))
         report["check"] = check_against_eager(cfg.arch, fused, device, dtype, cfg.check_batch,
                                               cfg.image_size)
     for name, chk in report["check"].items():

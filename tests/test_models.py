@@ -39,13 +39,9 @@ def _forward_backward(model, x):
     return y.detach(), x.grad, grads, bufs
 
 
-# torch 2.13.0+cpu's oneDNN convolution backward returned input gradients ~0.7% off (relative L2)
-# for ResNet-50 layer3 shapes, depending on which convolutions ran before: seen in the plain eager
-# model (contiguous) and the fused one (channels_last) alike, and gone with oneDNN disabled. The
-# convolutions are ATen's on every backend, so the whole-model tests run them without oneDNN and
-# test fusedres's own kernels instead of that discrepancy.
 def without_onednn():
-    return torch.backends.mkldnn.flags(enabled=False)
+    """Convolutions the fp64 oracle agrees with (see reference.oracle_convolutions)."""
+    return reference.oracle_convolutions("cpu")
 
 
 def _compare_models(fused, eager, x, training, norm="max"):

@@ -23,7 +23,7 @@ TINY = ["--device", "cpu", "--arch", "resnet18", "--batch", "2", "--image-size",
 def _backends():
     names = ["eager", "torch_ops", "triton"]
     if fusedres.available_backends()["cpu"][0]:
-        names.append("cpu")
+        names += ["cpu", "cpu_cl"]
     return names
 
 
@@ -94,3 +94,15 @@ def test_check_catches_a_wrong_backend():
     chk = report.check_against_eager("resnet18", [report.make_provider("wrong_for_test")],
                                      torch.device("cpu"), torch.float32, 2, 32)
     assert not chk["wrong_for_test"]["ok"]
+
+
+def test_cpu_providers_run_both_layouts():
+    """On the CPU the cpu backend runs NCHW (PyTorch's CPU default) and, as cpu_cl, channels_last;
+    on a GPU the default list has no cpu_cl."""
+    assert report.default_providers(torch.device("cpu"))[:4] == ["eager", "eager_cl", "cpu",
+                                                                 "cpu_cl"]
+    assert "cpu_cl" not in report.default_providers(torch.device("cuda"))
+    cpu, cpu_cl = report.make_provider("cpu"), report.make_provider("cpu_cl")
+    assert (cpu.backend, cpu.channels_last) == ("cpu", False)
+    assert (cpu_cl.backend, cpu_cl.channels_last) == ("cpu", True)
+    assert report.make_provider("triton").channels_last
