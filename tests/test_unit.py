@@ -256,6 +256,37 @@ def test_fused_path_is_taken(monkeypatch):
     assert calls == ["torch_ops"]
 
 
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode", "frozen_params"])
+def test_forward_without_autograd(monkeypatch, backend, training, grad_mode):
+    """Nothing to differentiate: the fused forward runs without the autograd.Function and gives
+    bitwise the output and running statistics of the recorded forward, close to eager's."""
+    import fusedres.ops.unit as unit_mod
+    eager = build_unit(8, 16, 3, 2, 1, True)
+    recorded, plain = fused_copy(eager, backend), fused_copy(eager, backend)
+    for m in (eager, recorded, plain):
+        m.train(training)
+    x, res = torch.randn(4, 8, 9, 9), torch.randn(4, 16, 5, 5)
+    y_recorded = recorded(x.requires_grad_(), res)
+    x = x.detach()
+    applied = []
+    monkeypatch.setattr(unit_mod.ConvBNActFunction, "apply", lambda *a: applied.append(a))
+    if grad_mode == "frozen_params":
+        plain.requires_grad_(False)
+        y_plain = plain(x, res)
+    else:
+        with getattr(torch, grad_mode)():
+            y_plain = plain(x, res)
+    assert applied == [] and not y_plain.requires_grad
+    assert torch.equal(y_plain, y_recorded.detach())
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(plain.bn, name), getattr(recorded.bn, name)), name
+    with torch.no_grad():
+        torch.testing.assert_close(y_plain, eager(x, res), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain.bn.running_var, eager.bn.running_var)
+
+
 def test_norm_layer_other_than_batchnorm_keeps_eager_semantics():
     """A GroupNorm unit cannot be fused: the module still computes the eager result."""
     fused = FusedConvBNReLU(4, 8, backend="torch_ops")

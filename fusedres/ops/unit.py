@@ -18,6 +18,23 @@ from fusedres.backend import Backend, ConvParams, resolve
 __all__ = ["ConvBNActFunction", "conv_bn_act", "check_unit_inputs"]
 
 
+def _fused_forward(x, weight, gamma, beta, residual, stat_mean, stat_var, backend: Backend,
+                   conv: ConvParams, relu: bool, use_batch_stats: bool, eps: float):
+    """The unit's forward on ``backend``: (y, z, mean, var, invstd, gamma in stats dtype)."""
+    sdt = reference.stats_dtype(x.dtype)
+    gamma_s, beta_s = gamma.to(sdt), beta.to(sdt)
+    if use_batch_stats:
+        y, z, mean, var, invstd = backend.forward_train(x, weight, gamma_s, beta_s, residual,
+                                                        relu, eps, conv)
+    else:
+        mean, var = stat_mean.to(sdt), stat_var.to(sdt)
+        invstd = torch.rsqrt(var + eps)
+        scale = gamma_s * invstd
+        y, z = backend.forward_eval(x, weight, scale, beta_s - mean * scale, residual, relu,
+                                    conv)
+    return y, z, mean, var, invstd, gamma_s
+
+
 class ConvBNActFunction(torch.autograd.Function):
     """Autograd for one unit on a fused backend.
 
@@ -29,17 +46,9 @@ class ConvBNActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, gamma, beta, residual, stat_mean, stat_var, backend: Backend,
                 conv: ConvParams, relu: bool, use_batch_stats: bool, eps: float):
-        sdt = reference.stats_dtype(x.dtype)
-        gamma_s, beta_s = gamma.to(sdt), beta.to(sdt)
-        if use_batch_stats:
-            y, z, mean, var, invstd = backend.forward_train(x, weight, gamma_s, beta_s, residual,
-                                                            relu, eps, conv)
-        else:
-            mean, var = stat_mean.to(sdt), stat_var.to(sdt)
-            invstd = torch.rsqrt(var + eps)
-            scale = gamma_s * invstd
-            y, z = backend.forward_eval(x, weight, scale, beta_s - mean * scale, residual, relu,
-                                        conv)
+        y, z, mean, var, invstd, gamma_s = _fused_forward(
+            x, weight, gamma, beta, residual, stat_mean, stat_var, backend, conv, relu,
+            use_batch_stats, eps)
         ctx.save_for_backward(x, weight, y, z, mean, invstd, gamma_s)
         ctx.backend, ctx.conv, ctx.relu, ctx.use_batch_stats = backend, conv, relu, use_batch_stats
         ctx.gamma_dtype, ctx.beta_dtype = gamma.dtype, beta.dtype
@@ -174,8 +183,15 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     stat_mean = bn.running_mean if not use_batch_stats else None
     stat_var = bn.running_var if not use_batch_stats else None
     params = ConvParams(tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
-    y, mean, var = ConvBNActFunction.apply(x, weight, gamma, beta, residual, stat_mean,
-                                           stat_var, be, params, relu, use_batch_stats, bn.eps)
+    args = (x, weight, gamma, beta, residual, stat_mean, stat_var, be, params, relu,
+            use_batch_stats, bn.eps)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, weight, gamma, beta, residual)):
+        y, mean, var = ConvBNActFunction.apply(*args)
+    else:
+        # Nothing to differentiate (inference, frozen layers): the autograd.Function's
+        # bookkeeping and saved tensors would be pure overhead.
+        y, _, mean, var, _, _ = _fused_forward(*args)
     if bn.training and bn.track_running_stats:
         _update_running_stats(bn, mean, var, count=out_size[0] * out_size[2] * out_size[3])
     return y
