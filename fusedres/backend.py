@@ -122,6 +122,7 @@ class Backend:
         """Backward of one unit.
 
         Args:
+            y: the unit's output, or None when ``relu`` is False (no mask to read).
             needs: (dx, dweight, dgamma_dbeta) booleans: which gradients are wanted.
 
         Returns:

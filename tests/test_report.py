@@ -51,6 +51,11 @@ def test_json_fields(tiny_report):
     eager = on_disk["results"][0]
     assert eager["speedup_train"] == pytest.approx(1.0)
     assert eager["traffic_ratio_train"] == pytest.approx(1.0)
+    # A fused unit keeps z and, only with ReLU, y (the mask's source), as eager does: never
+    # more activation memory than eager.
+    for r in on_disk["results"][1:]:
+        if not r["provider"].startswith("eager"):
+            assert r["saved_activation_bytes"] <= eager["saved_activation_bytes"], r["provider"]
     if "cpu" in providers:
         cpu = on_disk["results"][providers.index("cpu")]
         assert 0 < cpu["traffic_ratio_train"] < 1 and 0 < cpu["traffic_ratio_eval"] < 1

@@ -287,6 +287,21 @@ def test_forward_without_autograd(monkeypatch, backend, training, grad_mode):
     torch.testing.assert_close(plain.bn.running_var, eager.bn.running_var)
 
 
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+def test_output_kept_for_backward_only_with_relu(backend, relu):
+    """y is saved only as the ReLU mask's source: a downsample unit (no ReLU) must not hold its
+    output, the block's identity branch, until backward."""
+    unit = fused_copy(build_unit(8, 16, 1, 2, 1, relu), backend)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = unit(torch.randn(2, 8, 6, 6, requires_grad=True))
+    kept = {t.untyped_storage().data_ptr() for t in saved}
+    assert (y.untyped_storage().data_ptr() in kept) == relu
+    y.sum().backward()
+    assert unit.conv.weight.grad is not None
+
+
 def test_norm_layer_other_than_batchnorm_keeps_eager_semantics():
     """A GroupNorm unit cannot be fused: the module still computes the eager result."""
     fused = FusedConvBNReLU(4, 8, backend="torch_ops")

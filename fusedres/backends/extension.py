@@ -33,6 +33,9 @@ class ExtensionBackend(Backend):
         return torch.ops.fusedres.bn_act_fwd(z, scale, shift, residual, relu)
 
     def bn_act_bwd(self, dy, y, z, mean, invstd, weight, relu, has_residual, training):
+        # Without ReLU the kernels never read y (the unit does not keep it); the op's schema
+        # still takes a Tensor there, and z, same shape and layout, costs no copy.
+        y = y if relu else z
         dz, dweight, dbias, dres = torch.ops.fusedres.bn_act_bwd(
             dy, y, z, mean, invstd, weight, relu, has_residual, training)
         return dz, dweight, dbias, (dres if has_residual else None)

@@ -49,7 +49,9 @@ class ConvBNActFunction(torch.autograd.Function):
         y, z, mean, var, invstd, gamma_s = _fused_forward(
             x, weight, gamma, beta, residual, stat_mean, stat_var, backend, conv, relu,
             use_batch_stats, eps)
-        ctx.save_for_backward(x, weight, y, z, mean, invstd, gamma_s)
+        # Without ReLU there is no mask, so backward never reads y; keeping it would hold one
+        # activation per downsample unit (its y is the block's identity branch) for nothing.
+        ctx.save_for_backward(x, weight, y if relu else None, z, mean, invstd, gamma_s)
         ctx.backend, ctx.conv, ctx.relu, ctx.use_batch_stats = backend, conv, relu, use_batch_stats
         ctx.gamma_dtype, ctx.beta_dtype = gamma.dtype, beta.dtype
         ctx.mark_non_differentiable(mean, var)
