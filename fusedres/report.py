@@ -347,7 +347,7 @@ def default_config(device: str) -> Config:
     if dev.type == "cuda":
         return Config(device, "bfloat16", "resnet50", batch=256, image_size=224, steps=20,
                       warmup=5, check_batch=16, backends=default_providers(dev))
-    return Config(device, "float32", "resnet50", batch=4, image_size=64, steps=3, warmup=1,
+    return Config(device, "float32", "resnet50", batch=4, image_size=64, steps=8, warmup=2,
                   check_batch=4, backends=default_providers(dev))
 
 
