@@ -61,7 +61,7 @@ SIZES = (Sizes(torch.bfloat16, block_batch=64, block_image=224,
                warmup=3)
          if GPU else
          Sizes(torch.float32, block_batch=4, block_image=224,
-               model_batch={"resnet18": 4, "resnet50": 4}, model_image=64, rounds=5, warmup=1))
+               model_batch={"resnet18": 4, "resnet50": 4}, model_image=64, rounds=10, warmup=2))
 
 
 def _compile_wanted(scope: str) -> bool:
@@ -72,18 +72,23 @@ def _compile_wanted(scope: str) -> bool:
 
 
 def provider_params(scope: str) -> list:
-    """pytest params of every provider for ``scope`` (``"blocks"`` or ``"models"``)."""
+    """pytest params of every provider name for ``scope`` (``"blocks"`` or ``"models"``).
+
+    Names rather than :class:`Provider` objects, so that the saved benchmark JSON records them
+    (pytest-benchmark stores a param it cannot serialise as its repr); the tests rebuild the
+    Provider with ``make_provider``.
+    """
     names = ["eager", "eager_cl", "compile", "cpu", "cpu_cl", "triton", "cuda"]
     params = []
     for name in names:
         p = make_provider(name)
         if name == "compile" and not _compile_wanted(scope):
-            params.append(pytest.param(p, id=name, marks=pytest.mark.skip(
+            params.append(pytest.param(name, id=name, marks=pytest.mark.skip(
                 reason="torch.compile not benchmarked here: set FUSEDRES_BENCH_COMPILE=1")))
             continue
         ok, why = provider_status(p, DEVICE)
         marks = () if ok else pytest.mark.skip(reason=f"{name} unusable on {DEVICE}: {why}")
-        params.append(pytest.param(p, id=name, marks=marks))
+        params.append(pytest.param(name, id=name, marks=marks))
     return params
 
 
@@ -161,5 +166,5 @@ def bytes_for(provider: Provider, blocks, training: bool) -> int | None:
     return total
 
 
-__all__ = ["DEVICE", "GPU", "SIZES", "autocast", "bytes_for", "provider_params", "run_benchmark",
-           "timed"]
+__all__ = ["DEVICE", "GPU", "SIZES", "autocast", "bytes_for", "make_provider", "provider_params",
+           "run_benchmark", "timed"]

@@ -20,8 +20,8 @@ import torch.nn as nn
 import fusedres
 from fusedres import reference, traffic
 
-from _providers import (DEVICE, SIZES, autocast, bytes_for, provider_params, run_benchmark,
-                        timed)
+from _providers import (DEVICE, SIZES, autocast, bytes_for, make_provider, provider_params,
+                        run_benchmark, timed)
 
 # (name, kind, inplanes, planes, stride, input spatial size at 224x224 images)
 CASES = [
@@ -57,6 +57,7 @@ def make_block(kind: str, inplanes: int, planes: int, stride: int) -> nn.Module:
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_block(benchmark, case, mode, provider):
+    provider = make_provider(provider)
     name, kind, inplanes, planes, stride, full = case
     size = max(1, full * SIZES.block_image // 224)
     n, training = SIZES.block_batch, mode == "train"

@@ -17,14 +17,15 @@ import fusedres
 from fusedres import traffic
 from fusedres.report import build_model, make_eval_step, make_train_step
 
-from _providers import (DEVICE, SIZES, autocast, bytes_for, provider_params, run_benchmark,
-                        timed)
+from _providers import (DEVICE, SIZES, autocast, bytes_for, make_provider, provider_params,
+                        run_benchmark, timed)
 
 
 @pytest.mark.parametrize("provider", provider_params("models"))
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_model(benchmark, arch, mode, provider):
+    provider = make_provider(provider)
     n, size, training = SIZES.model_batch[arch], SIZES.model_image, mode == "train"
     benchmark.group = f"model {arch} batch {n} {size}px {mode}"
     torch.manual_seed(0)

@@ -14,8 +14,8 @@ What it does, printing progress as it goes:
 4. prints a table and writes ``report.json`` and ``report.png`` (matplotlib; without it, the JSON
    only) into the results folder (``--out``, default ``fusedres_results/``).
 
-The provider machinery (:class:`Provider`, :func:`build_model`, :func:`time_fn`, ...) is shared
-with the pytest-benchmark suites in ``benchmarks/``.
+The provider machinery (:class:`Provider`, :func:`build_model`, :func:`time_interleaved`, ...) is
+shared with the pytest-benchmark suites in ``benchmarks/``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from fusedres import reference, traffic
 __all__ = [
     "Config", "Provider", "build_model", "check_against_eager", "default_config", "main",
     "make_eval_step", "make_train_step", "peak_memory", "provider_status", "run", "saved_bytes",
-    "sync", "time_fn",
+    "sync", "time_interleaved",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -166,22 +166,25 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
-def time_fn(fn: Callable[[], object], steps: int, warmup: int, device: torch.device) -> float:
-    """Seconds of one ``fn()`` call, each synchronised, after ``warmup`` untimed calls.
+def time_interleaved(fns: dict, steps: int, warmup: int, device: torch.device) -> dict:
+    """Seconds of one call of each function in ``fns``, each call synchronised.
 
-    Returns the fastest of ``steps`` calls: on a shared machine the other calls carry other
-    processes' time, which the fastest has the least of (every provider is timed alike).
+    After ``warmup`` untimed calls of each, ``steps`` rounds call every function once in turn,
+    so a slow spell of a shared machine falls on all of them rather than on whichever was being
+    timed then. Returns ``{key: fastest call}``: the other calls carry other processes' time.
     """
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
         sync(device)
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    times = {key: [] for key in fns}
+    for _ in range(steps):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[key].append(time.perf_counter() - t0)
+    return {key: min(t) for key, t in times.items()}
 
 
 def saved_bytes(fn: Callable[[], object], exclude: tuple = ()) -> int:
@@ -211,15 +214,18 @@ def saved_bytes(fn: Callable[[], object], exclude: tuple = ()) -> int:
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
-    """Peak bytes allocated on a CUDA device while ``fn`` runs (everything: weights, optimizer
-    state, activations, workspaces); None on other devices (use :func:`saved_bytes`)."""
+    """Peak bytes a call of ``fn`` allocates on a CUDA device beyond what was allocated before
+    it: activations, gradients, workspaces; not the weights or optimizer state, which are the
+    same for every provider and would make the figure depend on what else is alive. None on
+    other devices (use :func:`saved_bytes`)."""
     if device.type != "cuda":
         return None
     sync(device)
+    before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
     sync(device)
-    return torch.cuda.max_memory_allocated(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def make_train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
@@ -441,18 +447,24 @@ def run(cfg: Config, quiet: bool = False) -> dict:
             log(f"  {name} {tname:28s} max abs {e['max_abs']:.2e}  max rel {e['max_rel']:.2e}  "
                 f"rel-L2 vs fp64: fused {e['rel_l2_fused']:.2e} eager {e['rel_l2_eager']:.2e}"
                 f"  {'ok' if e['ok'] else 'FAIL'}")
+    _dump(report, cfg.out)  # a run cut short (a timeout) keeps the check
 
     torch.manual_seed(0)
     base = getattr(fusedres.models, cfg.arch)()
     x = torch.randn(cfg.batch, 3, cfg.image_size, cfg.image_size, device=device)
     target = torch.randint(0, 1000, (cfg.batch,), device=device)
+    models = {}
     for p in providers:
-        log(f"timing {p.name}: {cfg.warmup} warm-up + best of {cfg.steps} steps, train then eval")
         model = build_model(cfg.arch, p, device, base)
         xin = as_input(x, p)
-        train = make_train_step(model, xin, target, dtype)
-        t_train = time_fn(train, cfg.steps, cfg.warmup, device)
-        peak = peak_memory(train, device)
+        models[p.name] = (model, xin, make_train_step(model, xin, target, dtype))
+    log(f"timing train steps ({', '.join(models)} in turn): {cfg.warmup} warm-up + best of "
+        f"{cfg.steps} each")
+    t_train = time_interleaved({name: m[2] for name, m in models.items()}, cfg.steps,
+                               cfg.warmup, device)
+    memory = {}
+    for p in providers:
+        model, xin, train = models[p.name]
         saved = None
         if not p.compiled:
             # Compiled graphs keep their own saved tensors out of these hooks' sight.
@@ -460,17 +472,22 @@ def run(cfg: Config, quiet: bool = False) -> dict:
                 with autocast(device, dtype):
                     model(xin)
             saved = saved_bytes(fwd, exclude=tuple(model.parameters()))
-        t_eval = time_fn(make_eval_step(model, xin, dtype), cfg.steps, cfg.warmup, device)
+        memory[p.name] = (peak_memory(train, device), saved)
+    log(f"timing eval forwards: {cfg.warmup} warm-up + best of {cfg.steps} each")
+    t_eval = time_interleaved({name: make_eval_step(model, xin, dtype)
+                               for name, (model, xin, _) in models.items()}, cfg.steps,
+                              cfg.warmup, device)
+    del models
+    for p in providers:
+        tt, te = t_train[p.name], t_eval[p.name]
         report["results"].append({
             "provider": p.name, "backend": p.backend, "channels_last": p.channels_last,
-            "compiled": p.compiled, "train_step_s": t_train, "eval_step_s": t_eval,
-            "train_images_per_s": cfg.batch / t_train, "eval_images_per_s": cfg.batch / t_eval,
-            "peak_allocated_bytes": peak, "saved_activation_bytes": saved,
+            "compiled": p.compiled, "train_step_s": tt, "eval_step_s": te,
+            "train_images_per_s": cfg.batch / tt, "eval_images_per_s": cfg.batch / te,
+            "peak_allocated_bytes": memory[p.name][0], "saved_activation_bytes": memory[p.name][1],
             "traffic_train_bytes": None if p.compiled else _traffic(cfg.arch, p.backend, cfg, True),
             "traffic_eval_bytes": None if p.compiled else _traffic(cfg.arch, p.backend, cfg, False),
         })
-        del model, train
-        _dump(report, cfg.out)  # a run cut short (a timeout) keeps what it measured
 
     eager = next((r for r in report["results"] if r["provider"] == "eager"), None)
     for r in report["results"]:
@@ -490,7 +507,7 @@ def format_table(report: dict) -> str:
     """The results as a Markdown table (what README files quote)."""
     m, c = report["machine"], report["config"]
     gpu = m["device"] == "cuda"
-    mem = "peak allocated" if gpu else "saved activations"
+    mem = "peak step memory" if gpu else "saved activations"
     lines = [f"{c['arch']}, batch {c['batch']}, {c['image_size']}x{c['image_size']}, {c['dtype']}, "
              f"{m['device_name']} ({m['cpu_count']} CPUs, load {m['load_average_1min']:.1f}), "
              f"torch {m['torch']}, {m['date'][:10]}",

@@ -111,3 +111,12 @@ def test_cpu_providers_run_both_layouts():
     assert (cpu.backend, cpu.channels_last) == ("cpu", False)
     assert (cpu_cl.backend, cpu_cl.channels_last) == ("cpu", True)
     assert report.make_provider("triton").channels_last
+
+
+def test_time_interleaved_alternates_providers():
+    """Every function gets its warm-up, then the timed calls alternate between them."""
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    times = report.time_interleaved(fns, steps=3, warmup=2, device=torch.device("cpu"))
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+    assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
