@@ -2,8 +2,9 @@
 
 Training step = forward + cross-entropy + backward + SGD (momentum) step, the unit of images/s
 in training; eval = forward under inference_mode. extra_info carries images/s, GB/s (the
-fusedres.traffic bytes of the units and blocks), conv TFLOP/s and memory: peak allocated on a
-GPU, the bytes saved for backward everywhere (see fusedres.report.saved_bytes).
+fusedres.traffic bytes of the units and blocks), conv TFLOP/s and memory: on a GPU the step's
+peak allocation beyond weights and optimizer state (fusedres.report.peak_memory), everywhere the
+bytes saved for backward (fusedres.report.saved_bytes).
 
     pytest benchmarks/test_bench_models.py --benchmark-only
 """
