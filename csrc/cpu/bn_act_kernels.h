@@ -144,6 +144,19 @@ int64_t nhwc_tile_rows(int64_t C) {
 // bn_stats
 // ============================================================================================
 
+// Adds a pair of vectors, centred on (ma, mb), to the deviation sums (d0, d1) and the squared
+// deviation sums (q0, q1): the second pass of the shifted two-pass variance.
+template <typename Vec>
+inline void add_centred(Vec a, Vec b, const Vec& ma, const Vec& mb, Vec& d0, Vec& d1, Vec& q0,
+                        Vec& q1) {
+  a = a - ma;
+  b = b - mb;
+  d0 = d0 + a;
+  d1 = d1 + b;
+  q0 = at::vec::fmadd(a, a, q0);
+  q1 = at::vec::fmadd(b, b, q1);
+}
+
 // Mean and M2 (sum of squared deviations) of a dense run of n >= 1 elements. The run is small
 // enough to stay in L1, so the second, centred pass costs no memory traffic; the deviations' own
 // sum corrects for the rounding of the first-pass mean.
@@ -169,12 +182,7 @@ inline void run_stats(const T* p, int64_t n, double& mean, double& m2) {
   for (; i + IO::kStep <= n; i += IO::kStep) {
     Vec a, b;
     IO::load(p + i, a, b);
-    a = a - mv;
-    b = b - mv;
-    d0 = d0 + a;
-    d1 = d1 + b;
-    q0 = at::vec::fmadd(a, a, q0);
-    q1 = at::vec::fmadd(b, b, q1);
+    add_centred(a, b, mv, mv, d0, d1, q0, q1);
   }
   double sd = hsum(d0 + d1), sq = hsum(q0 + q1);
   for (; i < n; ++i) {
@@ -272,12 +280,7 @@ void bn_stats_nhwc(const StatsParams& p) {
             for (int64_t r = rb; r < rb_end; ++r) {
               Vec a, b;
               IO::load(z + r * C + c, a, b);
-              a = a - m0;
-              b = b - m1;
-              d0 = d0 + a;
-              d1 = d1 + b;
-              q0 = at::vec::fmadd(a, a, q0);
-              q1 = at::vec::fmadd(b, b, q1);
+              add_centred(a, b, m0, m1, d0, d1, q0, q1);
             }
             d0.store(tdev.data() + c);
             d1.store(tdev.data() + c + Vec::size());
