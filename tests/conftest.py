@@ -16,6 +16,13 @@ import torch
 # when triton is first imported: it must be set before anything imports triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Kernel outputs start as NaN, so an element a Triton kernel fails to write cannot pass as stale
+# memory that happens to be right.
+os.environ.setdefault("FUSEDRES_POISON_OUTPUTS", "1")
+# On a GPU the test matrix runs each kernel's first config for this architecture instead of
+# autotuning every new shape (minutes of compiling and timing); tests/kernels/test_gpu_resnet50.py
+# runs every config, and the autotuner, at real shapes.
+os.environ.setdefault("FUSEDRES_TRITON_CONFIG", "0")
 
 import fusedres  # noqa: E402
 from fusedres.backend import register_backend  # noqa: E402

@@ -6,10 +6,21 @@ when it is used, so ``import fusedres`` never imports triton.
 Under ``TRITON_INTERPRET=1`` (CPU tests) ``@triton.autotune`` cannot run: its benchmarking needs a
 GPU driver. :func:`launch` therefore calls the plain ``@triton.jit`` kernel with one fixed config
 there, and wraps it in ``triton.autotune`` (once per kernel, lazily) on a GPU.
+
+Environment switches, read at call time:
+
+- ``FUSEDRES_TRITON_CONFIG=i`` runs config ``i`` of each kernel's table for this GPU (its last
+  when the table is shorter) instead of autotuning. The GPU tests use it: tuning every case of
+  their matrix compiles and times every config for every new shape, minutes on an H100; one test
+  runs every config, and one runs the autotuner.
+- ``FUSEDRES_POISON_OUTPUTS=1`` fills kernel outputs with NaN before the launch, so an element a
+  kernel fails to write shows up in the tests (which set it) instead of as stale memory. Off by
+  default: it costs one extra write of every output.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Sequence
 
@@ -41,6 +52,47 @@ def arch_configs(table: dict, arch: int) -> list:
     return table[max(usable)]
 
 
+def forced_config_index():
+    """The config index set by ``FUSEDRES_TRITON_CONFIG``, or None to autotune."""
+    value = os.environ.get("FUSEDRES_TRITON_CONFIG", "")
+    if value == "":
+        return None
+    if not value.isdigit():
+        raise ValueError(f"FUSEDRES_TRITON_CONFIG must be a config index (0, 1, ...), got {value!r}")
+    return int(value)
+
+
+def new_output(*size, **kwargs) -> torch.Tensor:
+    """``torch.empty(*size, **kwargs)``, NaN-filled under ``FUSEDRES_POISON_OUTPUTS=1``."""
+    out = torch.empty(*size, **kwargs)
+    if os.environ.get("FUSEDRES_POISON_OUTPUTS") == "1":
+        out.fill_(float("nan"))
+    return out
+
+
+def on_tensor_device(fn: Callable) -> Callable:
+    """Runs ``fn`` with the current CUDA device set to its first argument's device.
+
+    Triton launches (and the autotuner's timing runs) go to the *current* device and its current
+    stream, not to the tensors' device: without this, tensors on ``cuda:1`` would be read by a
+    kernel running on ``cuda:0``.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(first: torch.Tensor, *args, **kwargs):
+        if first.is_cuda and first.device.index != torch.cuda.current_device():
+            with torch.cuda.device(first.device):
+                return fn(first, *args, **kwargs)
+        return fn(first, *args, **kwargs)
+
+    return wrapper
+
+
+def _run(kernel, grid: Callable, args: Sequence, config: triton.Config, constexprs: dict):
+    meta = dict(config.kwargs, **constexprs)
+    kernel[grid(meta)](*args, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
 _TUNED: dict = {}
 
 
@@ -62,11 +114,15 @@ def launch(kernel, grid: Callable, args: Sequence, *, table: dict, key: Sequence
         The config that ran (launchers whose buffers depend on tile sizes read it).
     """
     if interpreting():
-        meta = dict(interp_config.kwargs, **constexprs)
-        kernel[grid(meta)](*args, **meta, num_warps=interp_config.num_warps,
-                           num_stages=interp_config.num_stages)
+        _run(kernel, grid, args, interp_config, constexprs)
         return interp_config
     arch = device_arch(device)
+    forced = forced_config_index()
+    if forced is not None:
+        configs = arch_configs(table, arch)
+        config = configs[min(forced, len(configs) - 1)]
+        _run(kernel, grid, args, config, constexprs)
+        return config
     # One autotuner per (kernel, arch, table): a kernel may be tuned over different tables for
     # different constexpr variants (e.g. the conv's FLAT_K path).
     cache_key = (kernel, arch, id(table))

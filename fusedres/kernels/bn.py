@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres.kernels._launch import arch_configs, cfg, device_arch, interpreting, launch
+from fusedres.kernels._launch import (arch_configs, cfg, device_arch, interpreting, launch,
+                                      new_output, on_tensor_device)
 
 
 # -- kernels ---------------------------------------------------------------------------------
@@ -360,6 +361,10 @@ def _dense(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     return t.contiguous(memory_format=fmt)
 
 
+def _new_like(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    return new_output(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt)
+
+
 def _check(z: torch.Tensor) -> None:
     if z.dim() != 4:
         raise ValueError(f"triton BN kernels take [N, C, H, W] tensors, got shape {tuple(z.shape)}")
@@ -368,6 +373,7 @@ def _check(z: torch.Tensor) -> None:
                         f"{z.dtype}; use backend='eager' (or 'cpu') for float64")
 
 
+@on_tensor_device
 def stats_from_partials(pmean: torch.Tensor, pm2: torch.Tensor, M: int, rows: int,
                         gamma: Optional[torch.Tensor] = None, beta: Optional[torch.Tensor] = None,
                         eps: float = 0.0):
@@ -385,7 +391,7 @@ def stats_from_partials(pmean: torch.Tensor, pm2: torch.Tensor, M: int, rows: in
     dev = pmean.device
     has_affine = gamma is not None
     # rows: mean, var, invstd, scale, shift (the last three written only with HAS_AFFINE).
-    out = torch.full((5 if has_affine else 2, C), float("nan"), dtype=torch.float32, device=dev)
+    out = new_output((5 if has_affine else 2, C), dtype=torch.float32, device=dev)
     if has_affine:
         gamma, beta = gamma.float().contiguous(), beta.float().contiguous()
         invstd, scale, shift = out[2], out[3], out[4]
@@ -399,6 +405,7 @@ def stats_from_partials(pmean: torch.Tensor, pm2: torch.Tensor, M: int, rows: in
     return tuple(out)
 
 
+@on_tensor_device
 def bn_stats(z: torch.Tensor):
     """Per-channel batch mean and biased variance.
 
@@ -419,13 +426,14 @@ def bn_stats(z: torch.Tensor):
     c_blocks = triton.cdiv(C, bc)
     rows = _rows_per_program(M, c_blocks, bm, z.device)
     P = triton.cdiv(M, rows)
-    partial = torch.full((2, P, C), float("nan"), dtype=torch.float32, device=z.device)
+    partial = new_output((2, P, C), dtype=torch.float32, device=z.device)
     _bn_stats_partial_kernel[(P, c_blocks)](
         z, partial[0], partial[1], M, C, H * W, rows, CHANNELS_LAST=cl, BLOCK_M=bm, BLOCK_C=bc,
         num_warps=conf.num_warps, num_stages=conf.num_stages)
     return stats_from_partials(partial[0], partial[1], M, rows)
 
 
+@on_tensor_device
 def bn_act_fwd(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
     """``y = act(z*scale + shift + residual)`` in one pass (F2).
@@ -441,7 +449,7 @@ def bn_act_fwd(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     z = _dense(z, fmt)
     N, C, H, W = z.shape
     M = N * H * W
-    y = torch.empty_like(z, memory_format=fmt).fill_(float("nan"))
+    y = _new_like(z, fmt)
     res = _dense(residual.to(z.dtype), fmt) if residual is not None else z
     launch(_bn_act_fwd_kernel,
            lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(C, m["BLOCK_C"])),
@@ -451,6 +459,7 @@ def bn_act_fwd(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     return y
 
 
+@on_tensor_device
 def bn_act_bwd(dy: torch.Tensor, y: torch.Tensor, z: Optional[torch.Tensor], mean: torch.Tensor,
                invstd: torch.Tensor, weight: torch.Tensor, relu: bool, has_residual: bool,
                training: bool, need_dweight: bool = True):
@@ -481,22 +490,22 @@ def bn_act_bwd(dy: torch.Tensor, y: torch.Tensor, z: Optional[torch.Tensor], mea
     M = N * H * W
     dev = dy.device
     mean, invstd, weight = (t.float().contiguous() for t in (mean, invstd, weight))
-    dz = torch.empty_like(dy, memory_format=fmt).fill_(float("nan"))
-    dres = torch.empty_like(dy, memory_format=fmt).fill_(float("nan")) if has_residual else dz
+    dz = _new_like(dy, fmt)
+    dres = _new_like(dy, fmt) if has_residual else dz
 
     conf = _reduce_config(dev)
     bm, bc = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_C"]
     c_blocks = triton.cdiv(C, bc)
     rows = _rows_per_program(M, c_blocks, bm, dev)
     P = triton.cdiv(M, rows)
-    partial = torch.full((2, P, C), float("nan"), dtype=torch.float32, device=dev)
+    partial = new_output((2, P, C), dtype=torch.float32, device=dev)
     _bn_act_bwd_reduce_kernel[(P, c_blocks)](
         dy, y, z, dres, dz, mean, invstd, weight, partial[0], partial[1], M, C, H * W, rows,
         RELU=relu, HAS_RESIDUAL=has_residual, NEED_DWEIGHT=need_dweight, WRITE_DZ=not training,
         CHANNELS_LAST=cl, BLOCK_M=bm, BLOCK_C=bc, num_warps=conf.num_warps,
         num_stages=conf.num_stages)
 
-    sums = torch.full((2, C), float("nan"), dtype=torch.float32, device=dev)
+    sums = new_output((2, C), dtype=torch.float32, device=dev)
     fconf = _finalize_config(dev)
     _bn_bwd_finalize_kernel[(triton.cdiv(C, fconf.kwargs["BLOCK_C"]),)](
         partial[0], partial[1], invstd, sums[0], sums[1], P, C, NEED_DWEIGHT=need_dweight,

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres.kernels._launch import cfg, interpreting, launch
+from fusedres.kernels._launch import cfg, interpreting, launch, new_output, on_tensor_device
 
 
 @triton.jit
@@ -196,12 +196,30 @@ _INTERP = cfg(1, 1, BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
 _TAP_ALIGNED = 64
 
 
+def _conv_allows_tf32() -> bool:
+    """Whether fp32 convolutions may use TF32, by the flag cuDNN's convolutions follow.
+
+    Reading the legacy ``torch.backends.cudnn.allow_tf32`` raises once a program has set the
+    newer per-operator flags (``torch.backends.cudnn.conv.fp32_precision``) to disagree with
+    the RNN ones; then the per-operator flag decides, ``"none"`` deferring to its parents.
+    """
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        for flags in (torch.backends.cudnn.conv, torch.backends.cudnn, torch.backends):
+            precision = getattr(flags, "fp32_precision", "none")
+            if precision != "none":
+                return precision == "tf32"
+        return True
+
+
 def _min_block_m(table: dict) -> int:
     if interpreting():
         return _INTERP.kwargs["BLOCK_M"]
     return min(c.kwargs["BLOCK_M"] for configs in table.values() for c in configs)
 
 
+@on_tensor_device
 def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int, *,
            scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
            residual: Optional[torch.Tensor] = None, relu: bool = False, stats: bool = False):
@@ -239,8 +257,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
     M = N * Ho * Wo
     cout_g = Cout // groups
     x = x.contiguous(memory_format=torch.channels_last)
-    out = torch.empty((N, Cout, Ho, Wo), dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last).fill_(float("nan"))
+    out = new_output((N, Cout, Ho, Wo), dtype=x.dtype, device=x.device,
+                     memory_format=torch.channels_last)
     affine = scale is not None
     scale = scale.float().contiguous() if affine else out
     shift = shift.float().contiguous() if affine else out
@@ -249,9 +267,9 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
     table = CONV_FLAT_CONFIGS if flat_k else CONV_CONFIGS
     # Autotuning may pick any BLOCK_M: size the partials for the smallest, use the one that ran.
     p_alloc = triton.cdiv(M, _min_block_m(table)) if stats else 1
-    partial = torch.full((2, p_alloc, Cout), float("nan"), dtype=torch.float32, device=x.device)
+    partial = new_output((2, p_alloc, Cout), dtype=torch.float32, device=x.device)
     pointwise = KH == 1 and KW == 1 and (sh, sw) == (1, 1) and (ph, pw) == (0, 0)
-    precision = "tf32" if (x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32) else "ieee"
+    precision = "tf32" if (x.dtype != torch.float32 or _conv_allows_tf32()) else "ieee"
     ran = launch(
         _conv_fwd_kernel,
         lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(cout_g, m["BLOCK_N"]), groups),

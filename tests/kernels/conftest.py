@@ -8,8 +8,8 @@ module collected earlier have imported the kernels already, they are dropped fro
 here and re-imported (interpreted) on next use; should triton itself have been imported already,
 collection stops with the line to add to tests/conftest.py.
 
-With CUDA present nothing is set: the same tests run on the GPU (with autotuning), plus the
-``cuda``-marked ones. The variable stays set for the rest of the session; other backends do not
+With CUDA present nothing is set here: the same tests run on the GPU (each kernel's first config,
+see tests/conftest.py), plus the ``cuda``-marked ones. The variable stays set for the rest of the session; other backends do not
 read it (``auto`` never picks triton for CPU tensors).
 """
 
@@ -60,8 +60,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
         elif DEVICE == "cpu":
             item.add_marker(pytest.mark.triton_interp)
+        else:
+            item.add_marker(pytest.mark.cuda)  # `pytest -m cuda` selects what runs on the GPU
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _full_precision_fp32_convolutions():
+    """On a GPU, fp32 convolutions run in full fp32 on both sides of every comparison.
+
+    With TF32 allowed (PyTorch's default for cuDNN) the triton conv always uses TF32 (~1e-3
+    relative error) while cuDNN picks TF32 or plain fp32 kernels by shape (~1e-7), so the 2x-eager
+    rule would compare unlike roundings. With the flag off both are fp32 (the triton conv's
+    ``ieee`` dot); TF32's rounding is the fp16/bf16 path's tl.dot, tested in those dtypes.
+    """
+    if DEVICE != "cuda":
+        yield
+        return
+    allowed = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = allowed

@@ -118,3 +118,25 @@ def test_conv_rejects_mismatched_groups():
     w = torch.randn(4, 4, 3, 3, device=DEVICE)
     with pytest.raises(ValueError, match="groups"):
         _conv().conv2d(x, w, (1, 1), (1, 1), (1, 1), 1)
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"),
+                    reason="this torch has no per-operator TF32 flags")
+def test_tf32_choice_reads_the_per_operator_flag():
+    """Reading the legacy cudnn.allow_tf32 raises once the newer per-operator flags disagree
+    (conv "ieee", RNN "tf32"); the conv then follows the conv flag, and still runs."""
+    flags = torch.backends.cudnn.conv
+    saved = flags.fp32_precision
+    try:
+        flags.fp32_precision = "ieee"
+        assert _conv()._conv_allows_tf32() is False
+        geom = GEOMETRIES["3x3-odd-flat"]
+        x, w = _inputs(geom, torch.float32)
+        stride, pad, dil, groups = _args(geom)
+        z = _conv().conv2d(x, w, stride, pad, dil, groups)
+        exact = F.conv2d(x.double(), w.double(), None, stride, pad, dil, groups)
+        assert_oracle_close(z.cpu(), _eager_conv(x, w, geom, torch.float32).cpu(), exact.cpu(), "z")
+        flags.fp32_precision = "tf32"
+        assert _conv()._conv_allows_tf32() is True
+    finally:
+        flags.fp32_precision = saved

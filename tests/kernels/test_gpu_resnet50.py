@@ -1,7 +1,8 @@
-"""The triton backend on a GPU at ResNet-50 / ResNeXt-50 shapes, fp16 and bf16 (and fp32/TF32).
+"""The triton backend on a GPU at ResNet-50 / ResNeXt-50 shapes, fp16, bf16 and fp32.
 
-The interpreter tests prove the structure at tiny shapes; these prove the compiled kernels, the
-autotuned configs and the int32/int64 index arithmetic at real sizes, against the fp64 oracle.
+The interpreter tests prove the structure at tiny shapes; these prove the compiled kernels, every
+config of every kernel, the autotuner and the int32/int64 index arithmetic at real sizes, against
+the fp64 oracle. fp32 convolutions run without TF32 on both sides (tests/kernels/conftest.py).
 """
 
 import pytest
@@ -31,21 +32,26 @@ RESNET50_UNITS = {
 }
 
 
+def _unit_case(name, dtype, has_residual=True, training=True, device="cuda"):
+    """Runs RESNET50_UNITS[name] through the triton backend and checks it against the oracle."""
+    n, cin, h, w, cout, k, stride, groups = RESNET50_UNITS[name]
+    eager = reference.ConvBNAct(cin, cout, k, stride, groups=groups, relu=True)
+    _randomize_bn(eager.bn)
+    eager = eager.to(device, dtype)
+    fused = FusedConvBNReLU(cin, cout, k, stride, groups=groups, relu=True, backend="triton")
+    fused.to(device, dtype).load_state_dict(eager.state_dict())
+    x = torch.randn(n, cin, h, w, device=device).to(memory_format=torch.channels_last)
+    ho, wo = (h + 2 * (k // 2) - k) // stride + 1, (w + 2 * (k // 2) - k) // stride + 1
+    res = torch.randn(n, cout, ho, wo, device=device) if has_residual else None
+    return _compare(fused, eager, x, res, dtype, training)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("unit", RESNET50_UNITS.values(), ids=RESNET50_UNITS.keys())
+@pytest.mark.parametrize("unit", RESNET50_UNITS)
 @pytest.mark.parametrize("has_residual", [True, False], ids=["res", "nores"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_resnet50_unit(dtype, unit, has_residual, training):
-    n, cin, h, w, cout, k, stride, groups = unit
-    eager = reference.ConvBNAct(cin, cout, k, stride, groups=groups, relu=True)
-    _randomize_bn(eager.bn)
-    eager = eager.to("cuda", dtype)
-    fused = FusedConvBNReLU(cin, cout, k, stride, groups=groups, relu=True, backend="triton")
-    fused.to("cuda", dtype).load_state_dict(eager.state_dict())
-    x = torch.randn(n, cin, h, w, device="cuda").to(memory_format=torch.channels_last)
-    ho, wo = (h + 2 * (k // 2) - k) // stride + 1, (w + 2 * (k // 2) - k) // stride + 1
-    res = torch.randn(n, cout, ho, wo, device="cuda") if has_residual else None
-    got = _compare(fused, eager, x, res, dtype, training)
+    got = _unit_case(unit, dtype, has_residual, training)
     assert got["y"].is_contiguous(memory_format=torch.channels_last)
 
 
@@ -65,3 +71,36 @@ def test_int64_offsets_beyond_2_pow_31():
     scale = torch.ones(64, device="cuda")
     y = bn.bn_act_fwd(z, scale, torch.zeros(64, device="cuda"), None, relu=True)
     assert torch.equal(y[-1], torch.relu(z[-1]))
+
+
+def _most_configs() -> int:
+    from fusedres.kernels import bn, conv
+    from fusedres.kernels._launch import arch_configs, device_arch
+    arch = device_arch(torch.device("cuda"))
+    tables = (conv.CONV_CONFIGS, conv.CONV_FLAT_CONFIGS, bn.ELEMENTWISE_CONFIGS)
+    return max(len(arch_configs(t, arch)) for t in tables)
+
+
+@pytest.mark.parametrize("unit", ["l1-3x3", "l2-downsample-1x1s2", "stem-7x7s2",
+                                  "resnext-l1-3x3-g32"])
+def test_every_config(monkeypatch, unit):
+    """The matrix above runs each kernel's first config; production may autotune to any."""
+    for index in range(_most_configs()):
+        monkeypatch.setenv("FUSEDRES_TRITON_CONFIG", str(index))
+        for training in (True, False):
+            _unit_case(unit, torch.bfloat16, training=training)
+
+
+@pytest.mark.parametrize("unit", ["l1-1x1-expand", "l3-3x3"])
+def test_autotuned(monkeypatch, unit):
+    """What users run: the autotuner picks the config (timing every one on first use)."""
+    monkeypatch.delenv("FUSEDRES_TRITON_CONFIG", raising=False)
+    for training in (True, False):
+        _unit_case(unit, torch.bfloat16, training=training)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensors_on_second_device():
+    """Triton launches on the current device; the launchers switch to the tensors' device."""
+    assert torch.cuda.current_device() == 0
+    _unit_case("l3-3x3", torch.float16, device="cuda:1")

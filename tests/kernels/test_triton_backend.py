@@ -78,7 +78,7 @@ def _compare(fused, eager, x, residual, dtype, training):
     res64 = None if residual is None else residual.double()
     with torch.no_grad():
         y64 = oracle(*((x64,) if res64 is None else (x64, res64)))
-    dy = torch.randn(y64.shape, dtype=torch.float64, device=DEVICE)
+    dy = torch.randn(y64.shape, dtype=torch.float64, device=x.device)
     # Only the last ReLU's kink matters for the test's dy (inner kinks are averaged out).
     dy = dy.masked_fill(y64.abs() < KINK_BAND[dtype], 0.0)
     cast = (lambda t: None if t is None else t.to(dtype))

@@ -1,0 +1,47 @@
+"""The launcher's switches: forced configs, output poisoning, the tensors' device."""
+
+import pytest
+import torch
+
+
+def _launch():
+    from fusedres.kernels import _launch  # after conftest has set TRITON_INTERPRET
+    return _launch
+
+
+def test_forced_config_index(monkeypatch):
+    launch = _launch()
+    monkeypatch.delenv("FUSEDRES_TRITON_CONFIG", raising=False)
+    assert launch.forced_config_index() is None
+    monkeypatch.setenv("FUSEDRES_TRITON_CONFIG", "2")
+    assert launch.forced_config_index() == 2
+    monkeypatch.setenv("FUSEDRES_TRITON_CONFIG", "fast")
+    with pytest.raises(ValueError, match="FUSEDRES_TRITON_CONFIG must be a config index"):
+        launch.forced_config_index()
+
+
+def test_outputs_are_poisoned_only_when_asked(monkeypatch):
+    launch = _launch()
+    monkeypatch.setenv("FUSEDRES_POISON_OUTPUTS", "1")
+    out = launch.new_output((3, 4), dtype=torch.float16, memory_format=torch.contiguous_format)
+    assert out.shape == (3, 4) and out.dtype == torch.float16 and out.isnan().all()
+    monkeypatch.setenv("FUSEDRES_POISON_OUTPUTS", "0")
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "fill_", lambda self, v: calls.append(v) or self)
+    launch.new_output((3, 4))
+    assert calls == []
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launchers_run_on_the_tensors_device():
+    seen = []
+    wrapped = _launch().on_tensor_device(lambda t: seen.append(torch.cuda.current_device()))
+    torch.cuda.set_device(0)
+    wrapped(torch.empty(1, device="cuda:1"))
+    assert seen == [1] and torch.cuda.current_device() == 0
+
+
+def test_launchers_pass_cpu_tensors_through():
+    wrapped = _launch().on_tensor_device(lambda t, k=0: (t, k))
+    t = torch.empty(2)
+    assert wrapped(t, k=3) == (t, 3)
