@@ -11,12 +11,7 @@ Environment:
 - ``FUSEDRES_BENCH_COMPILE``: ``1`` adds torch.compile everywhere, ``0`` nowhere. Unset: on a
   GPU for the whole models only (a compile of each of the 30 block cases would cost minutes), on
   CPU nowhere (inductor's C++ compile of a block takes longer than the whole CPU suite).
-- ``FUSEDRES_BENCH_LOG``: a file to which every finished case appends one JSON line (group,
-  name, median seconds, extra_info), so a run cut short by a timeout keeps what it measured
-  (pytest-benchmark writes ``--benchmark-json`` only at the end).
-- ``FUSEDRES_DEVICE_PEAKS``: a JSON file ``{"copy_GBps": .., "matmul_TFLOPs": ..}`` measured on
-  this device (scripts/gpu_validate.sh writes one); GB/s and TFLOP/s are then also reported as
-  fractions of those peaks.
+- ``FUSEDRES_BENCH_LOG`` and ``FUSEDRES_DEVICE_PEAKS``: see benchmarks/conftest.py.
 
 Sizes adapt to the device: small on CPU so the whole suite runs in minutes on 2 cores, real
 ResNet sizes in bf16 autocast and channels_last on a GPU. Every timed function synchronises the
@@ -25,13 +20,13 @@ device before it returns, so a host timer measures the kernels.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+from conftest import publish
 from fusedres import traffic
 from fusedres.report import (Provider, autocast, make_provider, peak_memory, provider_status,
                              saved_bytes, sync)
@@ -92,14 +87,6 @@ def provider_params(scope: str) -> list:
     return params
 
 
-def _peaks() -> dict:
-    path = os.environ.get("FUSEDRES_DEVICE_PEAKS")
-    if not path or not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
 def timed(fn):
     """``fn`` followed by a device synchronisation (what the benchmark times)."""
     def run():
@@ -139,17 +126,7 @@ def run_benchmark(benchmark, provider: Provider, fn, *, images: int, bytes_moved
         info["images/s"] = images / median
         info["TFLOP/s"] = flops / median / 1e12
         info["GB/s"] = bytes_moved / median / 1e9 if bytes_moved is not None else None
-        peaks = _peaks()
-        if peaks.get("copy_GBps") and info["GB/s"] is not None:
-            info["GB/s_of_peak"] = info["GB/s"] / peaks["copy_GBps"]
-        if peaks.get("matmul_TFLOPs"):
-            info["TFLOP/s_of_peak"] = info["TFLOP/s"] / peaks["matmul_TFLOPs"]
-    benchmark.extra_info.update(info)
-    log = os.environ.get("FUSEDRES_BENCH_LOG")
-    if log and stats is not None:
-        with open(log, "a") as f:
-            f.write(json.dumps({"group": benchmark.group, "name": benchmark.name,
-                                "median_s": stats.stats.median, "extra_info": info}) + "\n")
+    publish(benchmark, info)
 
 
 def bytes_for(provider: Provider, blocks, training: bool) -> int | None:

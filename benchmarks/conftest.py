@@ -2,11 +2,19 @@
 
 Every suite reports ``benchmark.extra_info["GB/s"]`` from the bytes a perfectly fused
 implementation must move, so providers are compared by the memory traffic they make useful.
+
+- ``FUSEDRES_DEVICE_PEAKS``: a JSON file ``{"copy_GBps": .., "matmul_TFLOPs": ..}`` measured on
+  this device (scripts/gpu_validate.sh writes one); GB/s and TFLOP/s are then also reported as
+  fractions of those peaks.
+- ``FUSEDRES_BENCH_LOG``: a file to which every finished case appends one JSON line (group,
+  name, median seconds, extra_info), so a run cut short by a timeout keeps what it measured
+  (pytest-benchmark writes ``--benchmark-json`` only at the end).
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import sys
 
@@ -47,13 +55,43 @@ def gbps(nbytes: float, seconds: float) -> float:
     return nbytes / seconds / 1e9 if seconds > 0 else float("nan")
 
 
-def record(benchmark, provider: str, nbytes: float) -> None:
-    """Stores the provider name, the byte count and the GB/s of the mean time in extra_info.
+def _peaks() -> dict:
+    path = os.environ.get("FUSEDRES_DEVICE_PEAKS")
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def publish(benchmark, info: dict) -> None:
+    """Puts ``info`` in the case's extra_info, with GB/s and TFLOP/s as fractions of the device's
+    measured peaks when known, and appends the case to ``FUSEDRES_BENCH_LOG``.
+    """
+    info["malloc_keeps_freed_memory"] = MALLOC_TUNED
+    peaks = _peaks()
+    if peaks.get("copy_GBps") and info.get("GB/s") is not None:
+        info["GB/s_of_peak"] = info["GB/s"] / peaks["copy_GBps"]
+    if peaks.get("matmul_TFLOPs") and info.get("TFLOP/s") is not None:
+        info["TFLOP/s_of_peak"] = info["TFLOP/s"] / peaks["matmul_TFLOPs"]
+    benchmark.extra_info.update(info)
+    log = os.environ.get("FUSEDRES_BENCH_LOG")
+    if log and benchmark.stats is not None:
+        with open(log, "a") as f:
+            f.write(json.dumps({"group": benchmark.group, "name": benchmark.name,
+                                "median_s": benchmark.stats.stats.median,
+                                "extra_info": info}) + "\n")
+
+
+def record(benchmark, provider: str, nbytes: float, flops: float = 0, **info) -> None:
+    """Publishes the provider, the byte count and the GB/s (and TFLOP/s for ``flops``) of the
+    median time, plus ``info``.
 
     Call after the benchmark ran (``benchmark.stats`` holds the timings then).
     """
-    mean = benchmark.stats.stats.mean
-    benchmark.extra_info["provider"] = provider
-    benchmark.extra_info["bytes"] = int(nbytes)
-    benchmark.extra_info["GB/s"] = round(gbps(nbytes, mean), 2)
-    benchmark.extra_info["malloc_keeps_freed_memory"] = MALLOC_TUNED
+    info.update(provider=provider, bytes=int(nbytes))
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        median = benchmark.stats.stats.median
+        info["GB/s"] = round(gbps(nbytes, median), 2)
+        if flops:
+            info["TFLOP/s"] = flops / median / 1e12
+    publish(benchmark, info)

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import record
 from fusedres import reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -42,17 +43,14 @@ ACTIVATIONS = [("l1-256x56", 256, 56, 56), ("l2-512x28", 512, 28, 28),
 PROVIDERS = ["eager", "triton"]
 
 
-def _run(benchmark, fn, bytes_moved: int, flops: int = 0):
+def _run(benchmark, provider: str, fn, bytes_moved: int, flops: int = 0):
     def timed():
         fn()
         torch.cuda.synchronize()
 
     benchmark.pedantic(timed, rounds=20, warmup_rounds=3, iterations=1)
-    seconds = benchmark.stats.stats.median
-    benchmark.extra_info["bytes"] = bytes_moved
-    benchmark.extra_info["GB/s"] = bytes_moved / seconds / 1e9
-    if flops:
-        benchmark.extra_info["TFLOP/s"] = flops / seconds / 1e12
+    record(benchmark, provider, bytes_moved, flops, device=torch.cuda.get_device_name(),
+           dtype=str(DTYPE).removeprefix("torch."))
 
 
 def _act(c, h, w):
@@ -73,7 +71,7 @@ def test_bn_stats(benchmark, shape, provider):
     z = _act(c, h, w)
     fn = (lambda: bn.bn_stats(z)) if provider == "triton" else \
         (lambda: reference.bn_stats(z, upcast=False))
-    _run(benchmark, fn, z.numel() * z.element_size())
+    _run(benchmark, provider, fn, z.numel() * z.element_size())
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -86,7 +84,7 @@ def test_bn_act_fwd(benchmark, shape, provider):
     scale, shift = _channel(c), _channel(c, -0.5, 0.5)
     impl = bn.bn_act_fwd if provider == "triton" else \
         (lambda *a: reference.bn_act_fwd(*a, upcast=False))
-    _run(benchmark, lambda: impl(z, scale, shift, res, True), 3 * z.numel() * z.element_size())
+    _run(benchmark, provider, lambda: impl(z, scale, shift, res, True), 3 * z.numel() * z.element_size())
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -101,7 +99,7 @@ def test_bn_act_bwd(benchmark, shape, provider):
     impl = bn.bn_act_bwd if provider == "triton" else \
         (lambda *a: reference.bn_act_bwd(*a, upcast=False))
     # read dy, y, z; write dz, dresidual
-    _run(benchmark, lambda: impl(dy, y, z, mean, invstd, gamma, True, True, True),
+    _run(benchmark, provider, lambda: impl(dy, y, z, mean, invstd, gamma, True, True, True),
          5 * z.numel() * z.element_size())
 
 
@@ -133,7 +131,7 @@ def test_conv_train_forward(benchmark, case, provider):
     fn = lambda: backend.forward_train(x, weight, gamma, beta, res, True, 1e-5, params)  # noqa: E731
     # read x, w, residual; write z and y
     moved = x.numel() * x.element_size() + weight.numel() * weight.element_size() + 3 * out_bytes
-    _run(benchmark, fn, moved, flops)
+    _run(benchmark, provider, fn, moved, flops)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -156,7 +154,7 @@ def test_conv_eval_forward(benchmark, case, provider):
             z = F.conv2d(x, weight, None, stride, pad)
             reference.bn_act_fwd(z, scale, shift, res, True, upcast=False)
     moved = x.numel() * x.element_size() + weight.numel() * weight.element_size() + 2 * out_bytes
-    _run(benchmark, fn, moved, flops)
+    _run(benchmark, provider, fn, moved, flops)
 
 
 def _out_hw(x, weight, stride, pad):
