@@ -56,6 +56,8 @@ class Backend:
     name = "base"
     #: device types (``torch.device.type``) whose tensors this backend runs on.
     device_types: tuple = ()
+    #: activation dtypes its kernels take; None: every floating dtype.
+    dtypes: Optional[tuple] = None
 
     def availability(self) -> tuple[bool, str]:
         """Returns (usable here, why or why not)."""
@@ -200,8 +202,12 @@ def current_backend_name(requested: Optional[str] = None) -> str:
     return "auto"
 
 
-def resolve(requested: Optional[str], device: torch.device) -> Backend:
-    """The backend that runs tensors on ``device`` for the ``requested`` name.
+def resolve(requested: Optional[str], device: torch.device,
+            dtype: Optional[torch.dtype] = None) -> Backend:
+    """The backend that runs tensors on ``device`` (of ``dtype``) for the ``requested`` name.
+
+    ``auto`` skips backends whose kernels do not take ``dtype`` (float64 on a GPU runs through
+    the cuda backend, not triton); a backend named explicitly raises on such input itself.
 
     Raises:
         RuntimeError: an explicitly named backend that cannot run here, with the reason.
@@ -210,7 +216,9 @@ def resolve(requested: Optional[str], device: torch.device) -> Backend:
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("eager",)):
             backend = get_backend(candidate)
-            if device.type in backend.device_types and backend.availability()[0]:
+            if (device.type in backend.device_types
+                    and (dtype is None or backend.dtypes is None or dtype in backend.dtypes)
+                    and backend.availability()[0]):
                 return backend
         return get_backend("eager")
     backend = get_backend(name)

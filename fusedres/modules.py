@@ -16,9 +16,56 @@ import torch.nn as nn
 
 from fusedres import reference
 from fusedres.backend import current_backend_name
-from fusedres.ops.unit import conv_bn_act
+from fusedres.ops.unit import conv_bn_act, conv_output_shape, single_value_error, uses_batch_stats
 
 __all__ = ["FusedConvBNReLU", "FusedBasicBlock", "FusedBottleneck"]
+
+
+def _is_conv_bn_pair(ds: Optional[nn.Module]) -> bool:
+    return (isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d)
+            and isinstance(ds[1], nn.BatchNorm2d))
+
+
+def _check_block(block: nn.Module, x: torch.Tensor, units: list, name: str) -> None:
+    """Raises, before any unit runs, for input that would fail inside the block.
+
+    Each unit checks its input before it touches running statistics, but an input that passes
+    the first unit and fails a later one (an identity branch that does not fit the output, a
+    feature map too small for a later convolution, one value per channel after a stride) would
+    leave the earlier units' statistics updated. The arithmetic here costs a few microseconds.
+
+    Args:
+        x: the block's input [N, Cin, H, W]. Input the first unit refuses is left to it: it
+            names the problem, and nothing has run yet.
+        units: ``[(unit name, conv, bn), ...]`` in order.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != units[0][1].in_channels:
+        return
+    shape = x.shape
+    for index, (unit_name, conv, bn) in enumerate(units):
+        out = conv_output_shape(shape, conv)
+        too_small = min(out[2:]) <= 0
+        single_value = (isinstance(bn, nn.BatchNorm2d) and uses_batch_stats(bn)
+                        and out[0] * out[2] * out[3] == 1)
+        if (too_small or single_value) and index == 0:
+            return
+        if too_small:
+            raise ValueError(f"{name}.{unit_name}: its input {tuple(shape)} is too small for the "
+                             f"{tuple(conv.kernel_size)} convolution (output would be {tuple(out)})")
+        if single_value:
+            raise single_value_error(out)
+        shape = out
+    ds = block.downsample
+    if ds is None:
+        identity = x.shape
+    elif _is_conv_bn_pair(ds):
+        identity = conv_output_shape(x.shape, ds[0])
+    else:
+        return  # a custom downsample module: its output is known only once it has run
+    if identity != shape:
+        raise ValueError(f"{name}: the identity branch has shape {tuple(identity)} but the block's "
+                         f"output has shape {tuple(shape)}; a block that changes the channel count "
+                         f"or the resolution needs a matching downsample")
 
 
 def _fused_downsample(block: nn.Module, x: torch.Tensor, prefix: str) -> torch.Tensor:
@@ -26,8 +73,7 @@ def _fused_downsample(block: nn.Module, x: torch.Tensor, prefix: str) -> torch.T
     ds = block.downsample
     if ds is None:
         return x
-    if (isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d)
-            and isinstance(ds[1], nn.BatchNorm2d)):
+    if _is_conv_bn_pair(ds):
         return conv_bn_act(x, ds[0], ds[1], relu=False, backend=block.backend,
                            name=f"{prefix}.downsample")
     return ds(x)
@@ -83,6 +129,8 @@ class FusedBasicBlock(reference.BasicBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
+        _check_block(self, x, [("conv1", self.conv1, self.bn1), ("conv2", self.conv2, self.bn2)],
+                     name)
         identity = _fused_downsample(self, x, name)
         out = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend,
                           name=f"{name}.conv1")
@@ -106,6 +154,8 @@ class FusedBottleneck(reference.Bottleneck):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
+        _check_block(self, x, [("conv1", self.conv1, self.bn1), ("conv2", self.conv2, self.bn2),
+                               ("conv3", self.conv3, self.bn3)], name)
         identity = _fused_downsample(self, x, name)
         out = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend,
                           name=f"{name}.conv1")

@@ -28,6 +28,18 @@ def test_auto_on_cpu_prefers_the_cpp_kernels():
     assert resolve("auto", torch.device("cpu")).name == ("cpu" if ok else "eager")
 
 
+def test_auto_skips_a_backend_whose_kernels_do_not_take_the_dtype(monkeypatch):
+    """As auto on a GPU skips triton (fp16/bf16/fp32 kernels) for float64 input."""
+    cpu_backend = fusedres.get_backend("cpu")
+    if not cpu_backend.availability()[0]:
+        pytest.skip("the cpu backend is unusable here; auto would pick eager for every dtype")
+    monkeypatch.setattr(cpu_backend, "dtypes", (torch.float32,))
+    cpu = torch.device("cpu")
+    assert resolve("auto", cpu, torch.float32) is cpu_backend
+    assert resolve("auto", cpu, torch.float64).name == "eager"
+    assert resolve("auto", cpu).name == "cpu"
+
+
 def test_named_backend_on_the_wrong_device_is_refused():
     with pytest.raises(RuntimeError, match=r"backend 'cuda' is not usable here|runs on cuda tensors"):
         resolve("cuda", torch.device("cpu"))

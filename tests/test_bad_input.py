@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import CPU_FUSED_BACKENDS
-from fusedres import FusedBottleneck, FusedConvBNReLU
+from fusedres import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU
 
 
 def _snapshot(module):
@@ -47,11 +47,39 @@ def test_device_mismatch_names_both_devices(block):
     _assert_untouched(block, before)
 
 
-def test_batchnorm_parameter_dtype_mismatch():
-    unit = FusedConvBNReLU(4, 8, backend="torch_ops")
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+def test_batchnorm_parameter_dtype_mismatch(backend):
+    unit = FusedConvBNReLU(4, 8, backend=backend).train()
     unit.bn.half()
+    before = _snapshot(unit)
     with pytest.raises(TypeError, match=r"BatchNorm weight has dtype torch.float16; it must match"):
         unit(torch.randn(2, 4, 6, 6))
+    _assert_untouched(unit, before)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("make_block,x,match", [
+    (lambda b: FusedBottleneck(16, 8, backend=b), torch.randn(2, 16, 8, 8),
+     r"FusedBottleneck: the identity branch has shape \(2, 16, 8, 8\) but the block's output has "
+     r"shape \(2, 32, 8, 8\); a block that changes the channel count or the resolution needs a "
+     r"matching downsample"),
+    (lambda b: FusedBasicBlock(8, 8, stride=2, backend=b), torch.randn(2, 8, 8, 8),
+     r"FusedBasicBlock: the identity branch has shape \(2, 8, 8, 8\) but the block's output has "
+     r"shape \(2, 8, 4, 4\)"),
+    (lambda b: FusedBottleneck(16, 4, stride=2, backend=b), torch.randn(1, 16, 2, 2),
+     r"^Expected more than 1 value per channel when training, got input size "
+     r"torch.Size\(\[1, 4, 1, 1\]\)$"),
+], ids=["bottleneck-without-downsample", "basic-stride2-without-downsample",
+        "one-value-per-channel-after-stride"])
+def test_block_fails_before_any_unit_runs(backend, make_block, x, match):
+    """Input that only a later unit of a block would refuse is refused before the first unit
+    updates its running statistics (eager would leave bn1 updated)."""
+    torch.manual_seed(0)
+    block = make_block(backend).train()
+    before = _snapshot(block)
+    with pytest.raises(ValueError, match=match):
+        block(x)
+    _assert_untouched(block, before)
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
@@ -84,10 +112,13 @@ def test_residual_mismatches_are_named(backend):
     _assert_untouched(unit, before)
 
 
-def test_input_too_small_for_the_kernel():
-    unit = FusedConvBNReLU(4, 8, kernel_size=7, padding=0, backend="torch_ops")
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+def test_input_too_small_for_the_kernel(backend):
+    unit = FusedConvBNReLU(4, 8, kernel_size=7, padding=0, backend=backend).train()
+    before = _snapshot(unit)
     with pytest.raises(ValueError, match=r"too small for the \(7, 7\) convolution"):
         unit(torch.randn(2, 4, 5, 5))
+    _assert_untouched(unit, before)
 
 
 def test_unknown_backend_name():

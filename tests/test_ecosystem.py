@@ -61,6 +61,20 @@ def _assert_models_close(a, b, rtol=1e-4, what=""):
 # -- autocast and GradScaler ------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+def test_autocast_leaves_float64_alone(backend):
+    """Autocast casts only lower-precision-eligible tensors: a float64 model stays float64,
+    fused as in eager."""
+    fused, eager = (m.double() for m in _pair(backend))
+    x, target = torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_f = _step(fused, x, target)
+        y_e = _step(eager, x, target)
+    assert y_f.dtype == y_e.dtype == torch.float64
+    torch.testing.assert_close(y_f, y_e, rtol=1e-10, atol=ATOL[torch.float64])
+    _assert_models_close(fused, eager, rtol=1e-9, what="float64 under autocast:")
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_matches_eager(backend, dtype):
     """CPU autocast (bf16 and fp16) through the fused units: output dtype, outputs, gradients

@@ -245,9 +245,9 @@ def test_backend_argument_reaches_every_unit(monkeypatch):
 
     original = unit.resolve
 
-    def spy(requested, device):
+    def spy(requested, device, dtype=None):
         seen.add(requested)
-        return original(requested, device)
+        return original(requested, device, dtype)
 
     monkeypatch.setattr(unit, "resolve", spy)
     fusedres.models.resnet18(backend="torch_ops", num_classes=2)(torch.randn(2, 3, 32, 32))

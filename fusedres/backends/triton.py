@@ -23,6 +23,7 @@ shows. Until a GPU measurement says otherwise, cuDNN wins.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -36,8 +37,24 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=None)
+def _availability(interpreting: bool) -> tuple[bool, str]:
+    # Looks triton up without importing it: importing it here would fix the interpreter mode for
+    # the whole process before tests get to set TRITON_INTERPRET.
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed; pip install 'triton>=3.6,<3.10'"
+    version = importlib.metadata.version("triton")
+    if interpreting:
+        return True, f"triton {version} (TRITON_INTERPRET=1: CPU interpreter)"
+    if not torch.cuda.is_available():
+        return False, (f"triton {version} is installed but torch sees no CUDA device "
+                       "(set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)")
+    return True, f"triton {version}"
+
+
 class TritonBackend(Backend):
     name = "triton"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
 
     @property
     def device_types(self) -> tuple:
@@ -45,17 +62,9 @@ class TritonBackend(Backend):
         return ("cuda", "cpu") if _interpreting() else ("cuda",)
 
     def availability(self) -> tuple[bool, str]:
-        # Looks triton up without importing it: importing it here would fix the interpreter
-        # mode for the whole process before tests get to set TRITON_INTERPRET.
-        if importlib.util.find_spec("triton") is None:
-            return False, "triton is not installed; pip install 'triton>=3.6,<3.10'"
-        version = importlib.metadata.version("triton")
-        if _interpreting():
-            return True, f"triton {version} (TRITON_INTERPRET=1: CPU interpreter)"
-        if not torch.cuda.is_available():
-            return False, (f"triton {version} is installed but torch sees no CUDA device "
-                           "(set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)")
-        return True, f"triton {version}"
+        # Every unit resolves its backend, and looking a package's version up costs ~0.3 ms:
+        # cached, keyed on what tests may change at run time.
+        return _availability(_interpreting())
 
     # -- primitive ops -----------------------------------------------------------------------
 

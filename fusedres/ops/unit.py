@@ -7,7 +7,7 @@ kernel has succeeded, updates the BatchNorm running statistics exactly like ``nn
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -70,13 +70,25 @@ class ConvBNActFunction(torch.autograd.Function):
         return dx, dw, dgamma, dbeta, dres, None, None, None, None, None, None, None
 
 
-def _conv_output_size(x: torch.Tensor, conv: nn.Conv2d) -> torch.Size:
+def conv_output_shape(shape: Sequence[int], conv: nn.Conv2d) -> torch.Size:
+    """The output shape of ``conv`` for an input of ``shape`` [N, Cin, H, W]."""
     hw = [
-        (x.shape[2 + i] + 2 * conv.padding[i] - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1)
+        (shape[2 + i] + 2 * conv.padding[i] - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1)
         // conv.stride[i] + 1
         for i in range(2)
     ]
-    return torch.Size([x.shape[0], conv.out_channels, *hw])
+    return torch.Size([shape[0], conv.out_channels, *hw])
+
+
+def uses_batch_stats(bn: nn.Module) -> bool:
+    """Whether ``bn`` normalises with batch statistics (training, or no running statistics)."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def single_value_error(out_size: Sequence[int]) -> ValueError:
+    """nn.BatchNorm2d's error, word for word, for one value per channel in training."""
+    return ValueError(f"Expected more than 1 value per channel when training, got input size "
+                      f"{torch.Size(out_size)}")
 
 
 def check_unit_inputs(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
@@ -113,7 +125,7 @@ def check_unit_inputs(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
         if t.dtype not in (x.dtype, torch.float32, torch.float64):
             raise TypeError(f"{name}: BatchNorm {pname} has dtype {t.dtype}; it must match the input "
                             f"({x.dtype}) or be float32")
-    out_size = _conv_output_size(x, conv)
+    out_size = conv_output_shape(x.shape, conv)
     if min(out_size[2:]) <= 0:
         raise ValueError(f"{name}: input spatial size {tuple(x.shape[2:])} is too small for the "
                          f"{tuple(conv.kernel_size)} convolution (output would be {tuple(out_size)})")
@@ -135,6 +147,11 @@ def _is_fusable(conv: nn.Module, bn: nn.Module) -> bool:
     # Anything else (SyncBatchNorm, GroupNorm, reflect padding, conv bias) keeps eager semantics.
     return (isinstance(conv, nn.Conv2d) and conv.bias is None and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str) and isinstance(bn, nn.BatchNorm2d))
+
+
+def _autocast_dtype(dtype: torch.dtype, autocast_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype autocast hands a convolution's ``dtype`` operand: float64 is left alone."""
+    return dtype if autocast_dtype is None or dtype == torch.float64 else autocast_dtype
 
 
 def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
@@ -159,25 +176,25 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
         [N, Cout, Ho, Wo] in x's dtype.
     """
     out_size = check_unit_inputs(x, conv, bn, residual, name)
-    be = resolve(backend, x.device)
+    autocast = (torch.get_autocast_dtype(x.device.type)
+                if torch.is_autocast_enabled(x.device.type) else None)
+    be = resolve(backend, x.device, _autocast_dtype(x.dtype, autocast))
     if getattr(be, "uses_reference_composition", False) or not _is_fusable(conv, bn):
         return reference.unit_forward(x, conv, bn, residual, relu)
-    weight = conv.weight
-    if torch.is_autocast_enabled(x.device.type):
-        # What autocast does to the eager unit: conv input and weight in the autocast dtype, BN
-        # parameters and statistics in float32, so the output is in the autocast dtype.
-        dt = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dt), weight.to(dt)
-        residual = None if residual is None else residual.to(dt)
+    # What autocast does to the eager unit: conv input and weight in the autocast dtype, BN
+    # parameters and statistics in float32, so the output is in the autocast dtype.
+    x = x.to(_autocast_dtype(x.dtype, autocast))
+    weight = conv.weight.to(_autocast_dtype(conv.weight.dtype, autocast))
+    if residual is not None:
+        residual = residual.to(_autocast_dtype(residual.dtype, autocast))
     if x.shape[0] == 0:
         # nn.BatchNorm2d on an empty batch returns it, leaves the running statistics alone and
         # still counts the batch; the eager composition is that behaviour exactly.
         return reference.unit_forward(x, conv, bn, residual, relu)
 
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    use_batch_stats = uses_batch_stats(bn)
     if use_batch_stats and out_size[0] * out_size[2] * out_size[3] == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                         f"{out_size}")
+        raise single_value_error(out_size)
     sdt = reference.stats_dtype(x.dtype)
     channels = conv.out_channels
     gamma = bn.weight if bn.affine else torch.ones(channels, dtype=sdt, device=x.device)
