@@ -51,7 +51,8 @@ def _check_block(block: nn.Module, x: torch.Tensor, units: list, name: str) -> N
             return
         if too_small:
             raise ValueError(f"{name}.{unit_name}: its input {tuple(shape)} is too small for the "
-                             f"{tuple(conv.kernel_size)} convolution (output would be {tuple(out)})")
+                             f"{tuple(conv.kernel_size)} convolution (output would be "
+                             f"{tuple(out)})")
         if single_value:
             raise single_value_error(out)
         shape = out

@@ -94,8 +94,8 @@ class _WrongBackend(EagerBackend):
         return super().bn_act_fwd(z, scale, shift + 0.01, residual, relu)
 
 
-def test_check_catches_a_wrong_backend():
-    fusedres.backend.register_backend(_WrongBackend())
+def test_check_catches_a_wrong_backend(monkeypatch):
+    monkeypatch.setitem(fusedres.backend._REGISTRY, "wrong_for_test", _WrongBackend())
     chk = report.check_against_eager("resnet18", [report.make_provider("wrong_for_test")],
                                      torch.device("cpu"), torch.float32, 2, 32)
     assert not chk["wrong_for_test"]["ok"]
@@ -119,4 +119,4 @@ def test_time_interleaved_alternates_providers():
     fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
     times = report.time_interleaved(fns, steps=3, warmup=2, device=torch.device("cpu"))
     assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
-    assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
+    assert set(times) == {"a", "b"}

@@ -92,7 +92,7 @@ def fused_copy(eager_unit, backend):
 
 # Half-width of the band around the ReLU kink where dy is zeroed: a pre-activation that close to
 # 0 may round to either side in this dtype, and the mask (a step function) then flips.
-KINK_BAND = {torch.float64: 0.0, torch.float32: 1e-4, torch.bfloat16: 6e-2}
+KINK_BAND = {torch.float64: 0.0, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
 
 
 def away_from_kink(dy, oracle, x, residual, dtype):
@@ -148,7 +148,7 @@ def test_unit_fp32(backend, shape, layout, has_residual, relu, training):
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2], SHAPES[4]], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -190,7 +190,8 @@ def test_running_stats_over_steps(backend):
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("has_residual", [True, False], ids=["res", "nores"])
-def test_gradcheck_float64(backend, training, has_residual):
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+def test_gradcheck_float64(backend, training, has_residual, relu):
     """float64 gradcheck of ConvBNActFunction: x, weight, gamma, beta and residual."""
     torch.manual_seed(1)
     be = get_backend(backend)
@@ -204,9 +205,8 @@ def test_gradcheck_float64(backend, training, has_residual):
     rvar = torch.rand(6, dtype=torch.float64) + 0.5
 
     def unit(x, w, gamma, beta, res):
-        # Shift so that few pre-activations sit near the ReLU kink, where finite differences lie.
         y, _, _ = ConvBNActFunction.apply(x, w, gamma, beta, res, None if training else rmean,
-                                          None if training else rvar, be, conv, True, training,
+                                          None if training else rvar, be, conv, relu, training,
                                           1e-5)
         return y
 
@@ -241,19 +241,28 @@ def test_empty_batch_like_eager(backend, training):
         assert torch.equal(getattr(fused.bn, name), getattr(eager.bn, name)), name
 
 
-def test_fused_path_is_taken(monkeypatch):
-    """The fused modules must really run ConvBNActFunction, not fall back to eager."""
-    calls = []
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+def test_fused_path_is_taken(monkeypatch, backend):
+    """The fused modules must really run ConvBNActFunction and the backend's kernels, not fall
+    back to the eager composition."""
+    calls, kernel_calls = [], []
     original = ConvBNActFunction.apply
+    backend_type = type(get_backend(backend))
+    original_fwd = backend_type.bn_act_fwd
 
     def spy(*args):
         calls.append(args[7].name)
         return original(*args)
 
+    def kernel_spy(self, *args):
+        kernel_calls.append(self.name)
+        return original_fwd(self, *args)
+
     monkeypatch.setattr(ConvBNActFunction, "apply", spy)
-    unit = FusedConvBNReLU(4, 6, backend="torch_ops")
+    monkeypatch.setattr(backend_type, "bn_act_fwd", kernel_spy)
+    unit = FusedConvBNReLU(4, 6, backend=backend)
     unit(torch.randn(2, 4, 5, 5))
-    assert calls == ["torch_ops"]
+    assert calls == [backend] and kernel_calls == [backend]
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
