@@ -152,7 +152,6 @@ EOF
 }
 
 # `timeout` runs programs, not shell functions: export them to a child bash.
-# `timeout` runs programs, not shell functions: export them to a child bash.
 export -f env_info build peaks
 export OUTDIR PY FUSEDRES_DEVICE_PEAKS="$OUTDIR/peaks.json"
 # Every finished benchmark case appends a line here, so a stage cut by its timeout keeps results.
