@@ -181,12 +181,14 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     be = resolve(backend, x.device, _autocast_dtype(x.dtype, autocast))
     if getattr(be, "uses_reference_composition", False) or not _is_fusable(conv, bn):
         return reference.unit_forward(x, conv, bn, residual, relu)
-    # What autocast does to the eager unit: conv input and weight in the autocast dtype, BN
-    # parameters and statistics in float32, so the output is in the autocast dtype.
-    x = x.to(_autocast_dtype(x.dtype, autocast))
-    weight = conv.weight.to(_autocast_dtype(conv.weight.dtype, autocast))
-    if residual is not None:
-        residual = residual.to(_autocast_dtype(residual.dtype, autocast))
+    weight = conv.weight
+    if autocast is not None:
+        # What autocast does to the eager unit: conv input and weight in the autocast dtype, BN
+        # parameters and statistics in float32, so the output is in the autocast dtype.
+        x = x.to(_autocast_dtype(x.dtype, autocast))
+        weight = weight.to(_autocast_dtype(weight.dtype, autocast))
+        if residual is not None:
+            residual = residual.to(_autocast_dtype(residual.dtype, autocast))
     if x.shape[0] == 0:
         # nn.BatchNorm2d on an empty batch returns it, leaves the running statistics alone and
         # still counts the batch; the eager composition is that behaviour exactly.
