@@ -10,52 +10,10 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 import fusedres
-from fusedres import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU, reference
+from fusedres import reference
 
 from conftest import ATOL, CPU_FUSED_BACKENDS, assert_oracle_close
-
-
-def _small_net(backend: str) -> nn.Sequential:
-    """Stem unit + BasicBlock (stride 2, downsample) + Bottleneck + head: [N, 3, 16, 16] -> [N, 5].
-
-    One BatchNorm uses momentum=None (cumulative average), the path that reads
-    num_batches_tracked.
-    """
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        FusedConvBNReLU(3, 8, 3, stride=2, backend=backend),
-        FusedBasicBlock(8, 16, stride=2, backend=backend,
-                        downsample=nn.Sequential(reference.conv1x1(8, 16, 2), nn.BatchNorm2d(16))),
-        FusedBottleneck(16, 4, backend=backend),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
-    net[1].bn1.momentum = None
-    for m in net.modules():  # non-trivial affine parameters, so their gradients matter
-        if isinstance(m, nn.BatchNorm2d):
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.2, 0.2)
-    return net
-
-
-def _pair(backend):
-    fused = _small_net(backend)
-    return fused, fusedres.to_eager(copy.deepcopy(fused))
-
-
-def _step(model, x, target, n_calls=1):
-    """Forward (n_calls times, so running statistics move more than once) + backward."""
-    for _ in range(n_calls):
-        out = model(x)
-    (out.float() * target).sum().backward()
-    return out
-
-
-def _assert_models_close(a, b, rtol=1e-4, what=""):
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        if p.grad is not None or q.grad is not None:
-            err = (p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-12)
-            assert err <= rtol, f"{what} grad of {name}: relative error {err:.2e}"
-    for (name, u), v in zip(a.named_buffers(), b.buffers()):
-        assert torch.allclose(u.double(), v.double(), rtol=rtol, atol=1e-6), f"{what} buffer {name}"
+from nets import assert_models_close, fused_eager_pair, train_step
 
 
 # -- autocast and GradScaler ------------------------------------------------------------------
@@ -64,14 +22,14 @@ def _assert_models_close(a, b, rtol=1e-4, what=""):
 def test_autocast_leaves_float64_alone(backend):
     """Autocast casts only lower-precision-eligible tensors: a float64 model stays float64,
     fused as in eager."""
-    fused, eager = (m.double() for m in _pair(backend))
+    fused, eager = (m.double() for m in fused_eager_pair(backend))
     x, target = torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y_f = _step(fused, x, target)
-        y_e = _step(eager, x, target)
+        y_f = train_step(fused, x, target)
+        y_e = train_step(eager, x, target)
     assert y_f.dtype == y_e.dtype == torch.float64
     torch.testing.assert_close(y_f, y_e, rtol=1e-10, atol=ATOL[torch.float64])
-    _assert_models_close(fused, eager, rtol=1e-9, what="float64 under autocast:")
+    assert_models_close(fused, eager, rtol=1e-9, what="float64 under autocast:")
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
@@ -79,14 +37,14 @@ def test_autocast_leaves_float64_alone(backend):
 def test_autocast_matches_eager(backend, dtype):
     """CPU autocast (bf16 and fp16) through the fused units: output dtype, outputs, gradients
     and running statistics within DESIGN.md's rule against the fp64 oracle."""
-    fused, eager = _pair(backend)
+    fused, eager = fused_eager_pair(backend)
     oracle = reference.upcast(eager)
     x = torch.randn(4, 3, 16, 16)
     target = torch.randn(4, 5)
     with torch.autocast("cpu", dtype=dtype):
-        y_f = _step(fused, x, target)
-        y_e = _step(eager, x, target)
-    y_o = _step(oracle, x.double(), target.double())
+        y_f = train_step(fused, x, target)
+        y_e = train_step(eager, x, target)
+    y_o = train_step(oracle, x.double(), target.double())
     assert y_f.dtype == y_e.dtype
     assert_oracle_close(y_f.float(), y_e.float(), y_o, "logits", atol=ATOL[dtype])
     for (name, p), q, r in zip(fused.named_parameters(), eager.parameters(), oracle.parameters()):
@@ -125,7 +83,7 @@ def test_grad_scaler_training_fp16(backend):
     """fp16 autocast + torch.amp.GradScaler("cpu"), 4 SGD steps: the same scale decisions as
     eager, and parameters within DESIGN.md's rule against an fp64 run without autocast (training
     amplifies fp16 rounding, so the bound is eager fp16's own distance from fp64)."""
-    fused, eager = _pair(backend)
+    fused, eager = fused_eager_pair(backend)
     oracle = reference.upcast(eager)
     assert _train_steps(fused, amp=True) == _train_steps(eager, amp=True)
     _train_steps(oracle, amp=False)
@@ -141,15 +99,15 @@ def test_compile_fullgraph_train_and_eval(backend, compiler):
     """fullgraph=True (a graph break raises) in training (forward + backward, two calls so the
     momentum=None running average is not baked in as a constant) and in eval mode."""
     torch._dynamo.reset()
-    fused, eager = _pair(backend)
+    fused, eager = fused_eager_pair(backend)
     compiled = torch.compile(fused, fullgraph=True, backend=compiler)
     x = torch.randn(4, 3, 16, 16)
     target = torch.randn(4, 5)
     for _ in range(2):
-        y_c = _step(compiled, x, target)
-        y_e = _step(eager, x, target)
+        y_c = train_step(compiled, x, target)
+        y_e = train_step(eager, x, target)
         torch.testing.assert_close(y_c, y_e, rtol=1e-4, atol=1e-5)
-    _assert_models_close(fused, eager, what=f"compiled ({compiler}) train")
+    assert_models_close(fused, eager, what=f"compiled ({compiler}) train")
     fused.eval()
     eager.eval()
     with torch.no_grad():
@@ -168,18 +126,18 @@ def test_compile_resnet18_inductor():
     # there would be 2, whose near-zero variances make gradients ill-conditioned in any backend.
     x = torch.randn(4, 3, 64, 64)
     target = torch.randn(4, 10)
-    y_c = _step(torch.compile(fused, fullgraph=True), x, target)
-    y_e = _step(eager, x, target)
+    y_c = train_step(torch.compile(fused, fullgraph=True), x, target)
+    y_e = train_step(eager, x, target)
     torch.testing.assert_close(y_c, y_e, rtol=1e-3, atol=1e-4)
-    _assert_models_close(fused, eager, rtol=1e-3, what="compiled resnet18")
+    assert_models_close(fused, eager, rtol=1e-3, what="compiled resnet18")
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
 def test_export_eval_model(backend):
     """torch.export of an eval-mode fused model: the exported program gives the same logits."""
-    fused, eager = _pair(backend)
+    fused, eager = fused_eager_pair(backend)
     x = torch.randn(4, 3, 16, 16)
-    _step(fused, x, torch.randn(4, 5))  # non-trivial running statistics
+    train_step(fused, x, torch.randn(4, 5))  # non-trivial running statistics
     fused.eval()
     eager.load_state_dict(fused.state_dict())
     eager.eval()
@@ -213,19 +171,19 @@ def test_activation_checkpointing(backend, early_stop):
     last unit of each checkpointed region is updated once instead of twice. Only the full
     recomputation is compared for buffers.
     """
-    fused, eager = _pair(backend)
+    fused, eager = fused_eager_pair(backend)
     plain = copy.deepcopy(eager)
     x = torch.randn(4, 3, 16, 16)
     target = torch.randn(4, 5)
     with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):
-        _step(_Checkpointed(fused), x, target)
-        _step(_Checkpointed(eager), x, target)
-    _step(plain, x, target)
+        train_step(_Checkpointed(fused), x, target)
+        train_step(_Checkpointed(eager), x, target)
+    train_step(plain, x, target)
     if early_stop:
         for p, q in zip(fused.parameters(), eager.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
     else:
-        _assert_models_close(fused, eager, what="checkpointed")
+        assert_models_close(fused, eager, what="checkpointed")
         assert int(fused[0].bn.num_batches_tracked) == 2  # forward + recomputation
     for p, q in zip(fused.parameters(), plain.parameters()):  # recomputation: same gradients
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
@@ -236,7 +194,7 @@ def test_activation_checkpointing(backend, early_stop):
 def test_state_dict_round_trip(tmp_path):
     """A trained fused resnet18's file loads into the eager model and back: same eval logits."""
     fused = fusedres.models.resnet18(num_classes=10, backend="torch_ops")
-    _step(fused, torch.randn(4, 3, 32, 32), torch.randn(4, 10))
+    train_step(fused, torch.randn(4, 3, 32, 32), torch.randn(4, 10))
     path = tmp_path / "fused.pth"
     torch.save(fused.state_dict(), path)
     eager = reference.ResNet(reference.BasicBlock, [2, 2, 2, 2], num_classes=10)

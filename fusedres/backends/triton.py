@@ -1,8 +1,10 @@
 """The ``triton`` backend: fused convolution + BatchNorm kernels written in Triton.
 
 Runs CUDA tensors, and CPU tensors when ``TRITON_INTERPRET=1`` is set (tests only: the
-interpreter is slow). Triton and the kernels (fusedres.kernels) are imported on first use, so
-``import fusedres`` works, and stays light, without triton.
+interpreter is slow). The launchers run behind torch.library ops (``torch.ops.fusedres_triton``,
+fusedres/ops/triton_library.py), so ``torch.compile`` and ``torch.export`` trace a model on this
+backend without graph breaks. Triton and the kernels (fusedres.kernels) are imported on first
+use, so ``import fusedres`` works, and stays light, without triton.
 
 Fusion points (DESIGN.md section 2):
 
@@ -23,7 +25,6 @@ shows. Until a GPU measurement says otherwise, cuDNN wins.
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -31,14 +32,17 @@ import os
 import torch
 
 from fusedres.backend import Backend, ConvParams, register_backend
+from fusedres.ops import triton_library as _ops
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
-def _availability(interpreting: bool) -> tuple[bool, str]:
+_AVAILABILITY: dict[bool, tuple[bool, str]] = {}
+
+
+def _find_triton(interpreting: bool) -> tuple[bool, str]:
     # Looks triton up without importing it: importing it here would fix the interpreter mode for
     # the whole process before tests get to set TRITON_INTERPRET.
     if importlib.util.find_spec("triton") is None:
@@ -63,62 +67,66 @@ class TritonBackend(Backend):
 
     def availability(self) -> tuple[bool, str]:
         # Every unit resolves its backend, and looking a package's version up costs ~0.3 ms:
-        # cached, keyed on what tests may change at run time.
-        return _availability(_interpreting())
+        # cached, keyed on what tests may change at run time. A plain dict rather than
+        # functools.lru_cache, which torch.compile traces through (and warns about).
+        interpreting = _interpreting()
+        if interpreting not in _AVAILABILITY:
+            _AVAILABILITY[interpreting] = _find_triton(interpreting)
+        return _AVAILABILITY[interpreting]
 
-    # -- primitive ops -----------------------------------------------------------------------
+    # -- primitive ops: torch.ops.fusedres_triton (fusedres/ops/triton_library.py) ----------
 
     def conv(self, x, weight, stride, padding, dilation, groups):
-        from fusedres.kernels import conv
-        return _like(conv.conv2d(x, weight, stride, padding, dilation, groups), x)
+        z = _ops.conv2d(x, weight, list(stride), list(padding), list(dilation), groups, None, None,
+                        None, False)
+        return _like(z, x)
 
     def bn_stats(self, z):
-        from fusedres.kernels import bn
-        return bn.bn_stats(z)
+        mean, var = _ops.bn_stats(z).unbind(0)
+        return mean, var
 
     def bn_act_fwd(self, z, scale, shift, residual, relu):
-        from fusedres.kernels import bn
-        return bn.bn_act_fwd(z, scale, shift, residual, relu)
+        return _ops.bn_act_fwd(z, scale, shift, residual, relu)
 
     def bn_act_bwd(self, dy, y, z, mean, invstd, weight, relu, has_residual, training):
-        from fusedres.kernels import bn
-        return bn.bn_act_bwd(dy, y, z, mean, invstd, weight, relu, has_residual, training)
+        dz, sums, dres = _ops.bn_act_bwd(dy, y if relu else dy, z, mean, invstd, weight, relu,
+                                         has_residual, training, True)
+        dbias, dweight = sums.unbind(0)
+        return dz, dweight, dbias, (dres if has_residual else None)
 
     # -- composites --------------------------------------------------------------------------
 
     def forward_train(self, x, weight, gamma, beta, residual, relu, eps, conv: ConvParams):
-        from fusedres.kernels import bn
-        from fusedres.kernels import conv as conv_k
-        z, pmean, pm2, rows = conv_k.conv2d(x, weight, *conv, stats=True)
-        count = z.numel() // z.shape[1]
-        mean, var, invstd, scale, shift = bn.stats_from_partials(pmean, pm2, count, rows, gamma,
-                                                                 beta, eps)
-        y = bn.bn_act_fwd(z, scale, shift, residual, relu)
+        z, stats = _ops.conv2d_bn_train(x, weight, *_geometry(conv), gamma, beta, eps)
+        mean, var, invstd, scale, shift = stats.unbind(0)
+        y = _ops.bn_act_fwd(z, scale, shift, residual, relu)
         # z stays channels_last (the layout the backward's kernels and cuDNN like best); y takes
         # x's memory format, as ATen's convolution would give it.
         return _like(y, x), z, mean, var, invstd
 
     def forward_eval(self, x, weight, scale, shift, residual, relu, conv: ConvParams):
-        from fusedres.kernels import conv as conv_k
-        y = conv_k.conv2d(x, weight, *conv, scale=scale, shift=shift, residual=residual, relu=relu)
+        y = _ops.conv2d(x, weight, *_geometry(conv), scale, shift, residual, relu)
         # z = None: backward recomputes it only when dgamma/dbeta are wanted (see backward).
         return _like(y, x), None
 
     def backward(self, dy, x, weight, y, z, mean, invstd, gamma, relu, has_residual, training,
                  conv: ConvParams, needs: tuple):
-        from fusedres.kernels import bn
-        from fusedres.kernels import conv as conv_k
         need_dx, need_dw, need_affine = needs
         if z is None and (training or need_affine):
             # Eval forward did not write z; dgamma needs it. Recomputing costs one convolution,
             # only in the rare "frozen statistics, trainable gamma" case.
-            z = conv_k.conv2d(x, weight, *conv)
-        dz, dgamma, dbeta, dres = bn.bn_act_bwd(dy, y, z, mean, invstd, gamma, relu, has_residual,
-                                                training, need_dweight=need_affine)
+            z = _ops.conv2d(x, weight, *_geometry(conv), None, None, None, False)
+        # Without ReLU the kernels never read y (the unit does not keep it): dy stands in.
+        dz, sums, dres = _ops.bn_act_bwd(dy, y if relu else dy, z, mean, invstd, gamma, relu,
+                                         has_residual, training, need_affine)
         dx, dw = self.conv_backward(dz, x, weight, *conv, need_dx=need_dx, need_dw=need_dw)
-        if not need_affine:
-            dgamma = dbeta = None
-        return dx, dw, dgamma, dbeta, dres
+        dbias, dgamma = sums.unbind(0) if need_affine else (None, None)
+        return dx, dw, dgamma, dbias, (dres if has_residual else None)
+
+
+def _geometry(conv: ConvParams) -> tuple:
+    """(stride, padding, dilation, groups) as the ops' schema takes them (int lists)."""
+    return list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
 
 
 def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -231,7 +231,7 @@ def _bn_bwd_finalize_kernel(
     psum_gz_ptr,    # *fp32 [P, C]: partial sums of g*(z - mean) (NEED_DWEIGHT)
     invstd_ptr,     # *fp32 [C]
     dbias_ptr,      # *fp32 [C] out: sum g
-    dweight_ptr,    # *fp32 [C] out: invstd * sum g*(z - mean) (NEED_DWEIGHT)
+    dweight_ptr,    # *fp32 [C] out: invstd * sum g*(z - mean) (NEED_DWEIGHT; else zeros)
     P, C,           # partials, channels
     NEED_DWEIGHT: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -250,8 +250,9 @@ def _bn_bwd_finalize_kernel(
             acc_gz += tl.sum(tl.load(psum_gz_ptr + offs, mask=mask, other=0.0), axis=0)
     tl.store(dbias_ptr + offs_c, acc_g, mask=mask_c)
     if NEED_DWEIGHT:
-        invstd = tl.load(invstd_ptr + offs_c, mask=mask_c)
-        tl.store(dweight_ptr + offs_c, acc_gz * invstd, mask=mask_c)
+        acc_gz *= tl.load(invstd_ptr + offs_c, mask=mask_c)
+    # Zeros without NEED_DWEIGHT: every element of the op's output is defined, run to run.
+    tl.store(dweight_ptr + offs_c, acc_gz, mask=mask_c)
 
 
 @triton.jit
@@ -385,7 +386,8 @@ def stats_from_partials(pmean: torch.Tensor, pm2: torch.Tensor, M: int, rows: in
         gamma, beta: [C] fp32, or None: also return invstd, scale, shift.
 
     Returns:
-        (mean, var) [C] fp32, plus (invstd, scale, shift) when gamma is given.
+        [2, C] fp32 rows (mean, var), or [5, C] rows (mean, var, invstd, scale, shift) when
+        gamma is given: one tensor, so that callers may unpack it or keep it whole.
     """
     P, C = pmean.shape
     dev = pmean.device
@@ -402,7 +404,7 @@ def stats_from_partials(pmean: torch.Tensor, pm2: torch.Tensor, M: int, rows: in
         pmean, pm2, out[0], out[1], gamma, beta, invstd, scale, shift, P, C, M, rows, eps,
         HAS_AFFINE=has_affine, **conf.kwargs, num_warps=conf.num_warps,
         num_stages=conf.num_stages)
-    return tuple(out)
+    return out
 
 
 @on_tensor_device
@@ -414,7 +416,7 @@ def bn_stats(z: torch.Tensor):
             are copied to NCHW first).
 
     Returns:
-        (mean, var): [C] float32 each.
+        [2, C] float32: rows mean and var (unpacks as ``mean, var = bn_stats(z)``).
     """
     _check(z)
     cl, fmt = _layout(z)
@@ -459,7 +461,6 @@ def bn_act_fwd(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     return y
 
 
-@on_tensor_device
 def bn_act_bwd(dy: torch.Tensor, y: torch.Tensor, z: Optional[torch.Tensor], mean: torch.Tensor,
                invstd: torch.Tensor, weight: torch.Tensor, relu: bool, has_residual: bool,
                training: bool, need_dweight: bool = True):
@@ -476,6 +477,22 @@ def bn_act_bwd(dy: torch.Tensor, y: torch.Tensor, z: Optional[torch.Tensor], mea
     Returns:
         (dz, dweight or None, dbias, dresidual or None): dz and dresidual [N, C, H, W] in z's
         (or dy's) dtype and memory format; dweight, dbias [C] float32.
+    """
+    need_dweight = need_dweight or training
+    dz, sums, dres = bn_act_bwd_packed(dy, y, z, mean, invstd, weight, relu, has_residual,
+                                       training, need_dweight)
+    return dz, (sums[1] if need_dweight else None), sums[0], dres
+
+
+@on_tensor_device
+def bn_act_bwd_packed(dy: torch.Tensor, y: torch.Tensor, z: Optional[torch.Tensor],
+                      mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor, relu: bool,
+                      has_residual: bool, training: bool, need_dweight: bool = True):
+    """:func:`bn_act_bwd` with the per-channel sums in one tensor (the registered op's form).
+
+    Returns:
+        (dz, sums [2, C] float32 with rows dbias and dweight (zeros unless ``need_dweight`` or
+        ``training``), dresidual or None).
     """
     ref = z if z is not None else dy
     _check(ref)
@@ -510,12 +527,11 @@ def bn_act_bwd(dy: torch.Tensor, y: torch.Tensor, z: Optional[torch.Tensor], mea
     _bn_bwd_finalize_kernel[(triton.cdiv(C, fconf.kwargs["BLOCK_C"]),)](
         partial[0], partial[1], invstd, sums[0], sums[1], P, C, NEED_DWEIGHT=need_dweight,
         **fconf.kwargs, num_warps=fconf.num_warps, num_stages=fconf.num_stages)
-    dbias, dweight = sums[0], (sums[1] if need_dweight else None)
 
     if training:
         launch(_bn_act_bwd_dz_kernel,
                lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(C, m["BLOCK_C"])),
-               (dy, y, dres, z, dz, mean, invstd, weight, dbias, dweight, M, C, H * W),
+               (dy, y, dres, z, dz, mean, invstd, weight, sums[0], sums[1], M, C, H * W),
                table=ELEMENTWISE_CONFIGS, key=("M", "C"), interp_config=_INTERP, device=dev,
                RELU=relu, G_FROM_DRES=has_residual, CHANNELS_LAST=cl)
-    return dz, dweight, dbias, (dres if has_residual else None)
+    return dz, sums, (dres if has_residual else None)

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 import fusedres
 from conftest import assert_oracle_close
+from nets import assert_models_close, fused_eager_pair, train_step
 from fusedres import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU, reference
 from fusedres.backend import get_backend, resolve
 
@@ -209,3 +210,40 @@ def test_global_backend_choice_reaches_triton(monkeypatch):
     fusedres.set_backend("triton")
     FusedConvBNReLU(3, 4, 3).to(DEVICE)(torch.randn(2, 3, 5, 5, device=DEVICE))
     assert calls, "the fused triton path was not taken"
+
+
+# -- torch.compile and torch.export ------------------------------------------------------------
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph_train_and_eval(compiler):
+    """The triton ops are registered torch.library ops: fullgraph=True (a graph break raises)
+    traces a fused network on this backend, training (two calls, forward + backward) and eval,
+    and gives the eager twin's outputs, gradients and running statistics."""
+    torch._dynamo.reset()
+    fused, eager = (m.to(DEVICE) for m in fused_eager_pair("triton"))
+    compiled = torch.compile(fused, fullgraph=True, backend=compiler)
+    x = torch.randn(4, 3, 16, 16, device=DEVICE)
+    target = torch.randn(4, 5, device=DEVICE)
+    for _ in range(2):
+        torch.testing.assert_close(train_step(compiled, x, target), train_step(eager, x, target),
+                                   rtol=1e-4, atol=1e-5)
+    assert_models_close(fused, eager, what=f"compiled ({compiler}) train")
+    fused.eval()
+    eager.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+def test_export_eval_model():
+    """torch.export of an eval-mode network on the triton backend keeps the fused ops (no
+    decomposition into ATen) and gives the eager twin's logits."""
+    fused, eager = (m.to(DEVICE) for m in fused_eager_pair("triton"))
+    train_step(fused, torch.randn(4, 3, 16, 16, device=DEVICE), torch.randn(4, 5, device=DEVICE))
+    fused.eval()
+    eager.load_state_dict(fused.state_dict())
+    eager.eval()
+    program = torch.export.export(fused, (torch.randn(4, 3, 16, 16, device=DEVICE),))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert "fusedres_triton.conv2d.default" in targets, sorted(targets)
+    x = torch.randn(4, 3, 16, 16, device=DEVICE)
+    torch.testing.assert_close(program.module()(x), eager(x), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,81 @@
+"""torch.library.opcheck of the triton backend's ops (``torch.ops.fusedres_triton.*``): schema,
+fake kernels against the real launchers (shapes, dtypes, strides) and tracing through AOT
+dispatch, on the GPU or in Triton's interpreter."""
+
+import pytest
+import torch
+
+from fusedres.ops import triton_library  # noqa: F401  (defines torch.ops.fusedres_triton)
+
+from .conftest import DEVICE
+
+ops = torch.ops.fusedres_triton
+FORMATS = pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
+                                  ids=["contiguous", "channels_last"])
+
+
+def _act(shape, fmt=torch.channels_last, dtype=torch.float32):
+    return torch.randn(shape, device=DEVICE, dtype=dtype).contiguous(memory_format=fmt)
+
+
+def _vec(c, lo=0.5, hi=1.5):
+    return torch.rand(c, device=DEVICE) * (hi - lo) + lo
+
+
+# (x shape, weight shape, stride, padding, groups): 3x3 stride 2 with odd sizes; grouped 1x1.
+CONVS = [((2, 5, 7, 6), (6, 5, 3, 3), [2, 2], [1, 1], 1),
+         ((2, 8, 5, 5), (8, 2, 1, 1), [1, 1], [0, 0], 4)]
+
+
+@pytest.mark.parametrize("case", CONVS, ids=["3x3s2", "1x1g4"])
+@FORMATS
+@pytest.mark.parametrize("epilogue", ["plain", "affine_residual_relu"])
+def test_opcheck_conv2d(case, fmt, epilogue):
+    xs, ws, stride, padding, groups = case
+    x, w = _act(xs, fmt), _act(ws) / 3
+    scale = shift = residual = None
+    if epilogue != "plain":
+        out = ops.conv2d(x, w, stride, padding, [1, 1], groups, None, None, None, False)
+        scale, shift, residual = _vec(ws[0]), _vec(ws[0], -1, 1), torch.randn_like(out)
+    torch.library.opcheck(ops.conv2d.default,
+                          (x, w, stride, padding, [1, 1], groups, scale, shift, residual,
+                           epilogue != "plain"))
+
+
+@pytest.mark.parametrize("case", CONVS, ids=["3x3s2", "1x1g4"])
+def test_opcheck_conv2d_bn_train(case):
+    xs, ws, stride, padding, groups = case
+    args = (_act(xs), _act(ws) / 3, stride, padding, [1, 1], groups, _vec(ws[0]),
+            _vec(ws[0], -1, 1), 1e-5)
+    torch.library.opcheck(ops.conv2d_bn_train.default, args)
+
+
+@FORMATS
+def test_opcheck_bn_stats(fmt):
+    torch.library.opcheck(ops.bn_stats.default, (_act((2, 6, 5, 7), fmt),))
+
+
+@FORMATS
+@pytest.mark.parametrize("residual", [False, True])
+def test_opcheck_bn_act_fwd(fmt, residual):
+    z = _act((2, 6, 5, 7), fmt)
+    res = torch.randn_like(z) if residual else None
+    torch.library.opcheck(ops.bn_act_fwd.default, (z, _vec(6), _vec(6, -1, 1), res, residual))
+
+
+@FORMATS
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("has_residual", [True, False])
+def test_opcheck_bn_act_bwd(fmt, training, has_residual):
+    z, dy = _act((2, 6, 5, 7), fmt), _act((2, 6, 5, 7), fmt)
+    y = torch.relu(z)
+    args = (dy, y, z, _vec(6, -0.2, 0.2), _vec(6), _vec(6), True, has_residual, training, True)
+    torch.library.opcheck(ops.bn_act_bwd.default, args)
+
+
+def test_opcheck_bn_act_bwd_without_z():
+    """Eval backward without dgamma: the forward never wrote z, and the op does not need it."""
+    dy = _act((2, 6, 5, 7))
+    args = (dy, torch.relu(_act((2, 6, 5, 7))), None, _vec(6, -0.2, 0.2), _vec(6), _vec(6), True,
+            False, False, False)
+    torch.library.opcheck(ops.bn_act_bwd.default, args)
