@@ -76,8 +76,10 @@ def _variants():
     flags_fwd = dict(HAS_RESIDUAL=True, RELU=True, CHANNELS_LAST=True)
     yield ("bn_stats_partial", bn._bn_stats_partial_kernel, "bf16", dict(CHANNELS_LAST=True),
            bn.REDUCE_CONFIGS, chan, False)
-    yield ("bn_stats_finalize", bn._bn_stats_finalize_kernel, "fp32", dict(HAS_AFFINE=True),
-           bn.FINALIZE_CONFIGS, chan, False)
+    yield ("bn_stats_finalize", bn._bn_stats_finalize_kernel, "fp32",
+           dict(HAS_AFFINE=True, PARTIAL=False), bn.FINALIZE_CONFIGS, chan, False)
+    yield ("bn_stats_finalize_chunks", bn._bn_stats_finalize_kernel, "fp32",
+           dict(HAS_AFFINE=False, PARTIAL=True), bn.FINALIZE_CONFIGS, chan, False)
     yield ("bn_act_fwd", bn._bn_act_fwd_kernel, "bf16", flags_fwd, bn.ELEMENTWISE_CONFIGS, chan,
            False)
     yield ("bn_bwd_reduce", bn._bn_act_bwd_reduce_kernel, "bf16",

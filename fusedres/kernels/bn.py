@@ -88,8 +88,8 @@ def _bn_stats_partial_kernel(
 def _bn_stats_finalize_kernel(
     pmean_ptr,      # *fp32 [P, C]: per-partial means (stride C)
     pm2_ptr,        # *fp32 [P, C]: per-partial sums of squared deviations
-    mean_ptr,       # *fp32 [C] out: batch mean
-    var_ptr,        # *fp32 [C] out: biased batch variance
+    mean_ptr,       # *fp32 [C] out: batch mean ([S, C] chunk means with PARTIAL)
+    var_ptr,        # *fp32 [C] out: biased batch variance ([S, C] chunk M2 sums with PARTIAL)
     gamma_ptr,      # *fp32 [C]: BN weight (read when HAS_AFFINE)
     beta_ptr,       # *fp32 [C]: BN bias (read when HAS_AFFINE)
     invstd_ptr,     # *fp32 [C] out: 1/sqrt(var + eps) (HAS_AFFINE)
@@ -97,44 +97,55 @@ def _bn_stats_finalize_kernel(
     shift_ptr,      # *fp32 [C] out: beta - mean*scale (HAS_AFFINE)
     P, C, M,        # partials, channels, rows of the whole batch
     ROWS,           # rows per partial: partial p covers min(ROWS, M - p*ROWS) rows
+    P_CHUNK,        # partials merged per program along axis 1 (P when there is one chunk)
     eps,            # BN epsilon (HAS_AFFINE)
     HAS_AFFINE: tl.constexpr,
+    PARTIAL: tl.constexpr,  # write each chunk's (mean, M2), the input of a second finalize
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    # Two passes over the partials: the global mean first, then M2 = sum(M2_p + n_p*(mean_p -
-    # mean)^2). Partials are few (M / ROWS), so re-reading them costs nothing.
+    chunk = tl.program_id(1)
+    p_begin = chunk * P_CHUNK
+    p_end = tl.minimum(p_begin + P_CHUNK, P)
+    rows = tl.minimum(M - p_begin.to(tl.int64) * ROWS,
+                      (p_end - p_begin).to(tl.int64) * ROWS).to(tl.float32)
+    # Two passes over the chunk's partials: its mean first, then M2 = sum(M2_p + n_p*(mean_p -
+    # mean)^2). A chunk is at most a few BLOCK_P tiles, so re-reading them costs nothing.
     total = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
+    for p0 in range(p_begin, p_end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask = (offs_p < P)[:, None] & mask_c[None, :]
+        mask = (offs_p < p_end)[:, None] & mask_c[None, :]
         cnt = tl.minimum(M - offs_p.to(tl.int64) * ROWS, ROWS).to(tl.float32)
         pm = tl.load(pmean_ptr + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :], mask=mask,
                      other=0.0)
         total += tl.sum(pm * cnt[:, None], axis=0)
-    mean = total / M
+    mean = total / rows
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
+    for p0 in range(p_begin, p_end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask = (offs_p < P)[:, None] & mask_c[None, :]
+        mask = (offs_p < p_end)[:, None] & mask_c[None, :]
         cnt = tl.minimum(M - offs_p.to(tl.int64) * ROWS, ROWS).to(tl.float32)
         offs = offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
         pm = tl.load(pmean_ptr + offs, mask=mask, other=0.0)
         pm2 = tl.load(pm2_ptr + offs, mask=mask, other=0.0)
         d = pm - mean[None, :]
         m2 += tl.sum(tl.where(mask, pm2 + cnt[:, None] * d * d, 0.0), axis=0)
-    var = m2 / M
-    tl.store(mean_ptr + offs_c, mean, mask=mask_c)
-    tl.store(var_ptr + offs_c, var, mask=mask_c)
-    if HAS_AFFINE:
-        invstd = 1.0 / tl.sqrt_rn(var + eps)
-        scale = tl.load(gamma_ptr + offs_c, mask=mask_c) * invstd
-        shift = tl.load(beta_ptr + offs_c, mask=mask_c) - mean * scale
-        tl.store(invstd_ptr + offs_c, invstd, mask=mask_c)
-        tl.store(scale_ptr + offs_c, scale, mask=mask_c)
-        tl.store(shift_ptr + offs_c, shift, mask=mask_c)
+    if PARTIAL:
+        tl.store(mean_ptr + chunk * C + offs_c, mean, mask=mask_c)
+        tl.store(var_ptr + chunk * C + offs_c, m2, mask=mask_c)
+    else:
+        var = m2 / rows
+        tl.store(mean_ptr + offs_c, mean, mask=mask_c)
+        tl.store(var_ptr + offs_c, var, mask=mask_c)
+        if HAS_AFFINE:
+            invstd = 1.0 / tl.sqrt_rn(var + eps)
+            scale = tl.load(gamma_ptr + offs_c, mask=mask_c) * invstd
+            shift = tl.load(beta_ptr + offs_c, mask=mask_c) - mean * scale
+            tl.store(invstd_ptr + offs_c, invstd, mask=mask_c)
+            tl.store(scale_ptr + offs_c, scale, mask=mask_c)
+            tl.store(shift_ptr + offs_c, shift, mask=mask_c)
 
 
 @triton.jit
@@ -310,9 +321,9 @@ ELEMENTWISE_CONFIGS = {
 # the rows per program, which must be known before launch, so they are not autotuned.
 REDUCE_CONFIGS = {80: [cfg(4, 1, BLOCK_M=64, BLOCK_C=64)],
                   90: [cfg(8, 1, BLOCK_M=128, BLOCK_C=64)]}
-# The finalize runs one program per channel tile over all partials; the conv epilogue writes
+# The finalize runs one program per channel tile and chunk of partials; the conv epilogue writes
 # one partial per 64-128 rows (6272 for ResNet-50's stem at batch 64), so wide P tiles keep
-# its serial loop short.
+# the serial loop of each program short.
 FINALIZE_CONFIGS = {80: [cfg(8, 1, BLOCK_P=256, BLOCK_C=32)],
                     90: [cfg(8, 1, BLOCK_P=256, BLOCK_C=32)]}
 # Under the interpreter every program is a Python step: few, large tiles run fastest.
@@ -322,6 +333,9 @@ _INTERP_FINALIZE = cfg(1, 1, BLOCK_P=16, BLOCK_C=16)
 # are spread so that about _PROGRAMS_PER_SM programs per SM run.
 _INTERP_ROWS = 1024
 _PROGRAMS_PER_SM = 4
+# BLOCK_P tiles of partials one statistics-finalize program merges before a second level takes
+# over: each tile is a dependent load, so a program's latency grows with this.
+_FINALIZE_TILES_PER_PROGRAM = 4
 
 
 def _reduce_config(device: torch.device) -> triton.Config:
@@ -400,10 +414,21 @@ def stats_from_partials(pmean: torch.Tensor, pm2: torch.Tensor, M: int, rows: in
     else:
         gamma = beta = invstd = scale = shift = out[0]  # unused: HAS_AFFINE is off
     conf = _finalize_config(dev)
-    _bn_stats_finalize_kernel[(triton.cdiv(C, conf.kwargs["BLOCK_C"]),)](
-        pmean, pm2, out[0], out[1], gamma, beta, invstd, scale, shift, P, C, M, rows, eps,
-        HAS_AFFINE=has_affine, **conf.kwargs, num_warps=conf.num_warps,
-        num_stages=conf.num_stages)
+    launch_conf = dict(**conf.kwargs, num_warps=conf.num_warps, num_stages=conf.num_stages)
+    c_blocks = triton.cdiv(C, conf.kwargs["BLOCK_C"])
+    p_chunk = _FINALIZE_TILES_PER_PROGRAM * conf.kwargs["BLOCK_P"]
+    if P > p_chunk:
+        # The convolution's epilogue leaves one partial per 64-128 rows: 25088 for ResNet-50's
+        # stem at batch 256. One program per channel tile would walk them all serially, so
+        # first merge chunks of p_chunk partials in parallel, one (mean, M2) pair per chunk.
+        chunks = new_output((2, triton.cdiv(P, p_chunk), C), dtype=torch.float32, device=dev)
+        _bn_stats_finalize_kernel[(c_blocks, chunks.shape[1])](
+            pmean, pm2, chunks[0], chunks[1], gamma, beta, invstd, scale, shift, P, C, M, rows,
+            p_chunk, eps, HAS_AFFINE=False, PARTIAL=True, **launch_conf)
+        pmean, pm2, P, rows = chunks[0], chunks[1], chunks.shape[1], rows * p_chunk
+    _bn_stats_finalize_kernel[(c_blocks, 1)](
+        pmean, pm2, out[0], out[1], gamma, beta, invstd, scale, shift, P, C, M, rows, P, eps,
+        HAS_AFFINE=has_affine, PARTIAL=False, **launch_conf)
     return out
 
 

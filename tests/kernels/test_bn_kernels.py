@@ -48,6 +48,43 @@ def test_bn_stats(dtype, fmt, shape):
         assert_oracle_close(got.cpu(), ref.cpu(), ex.cpu().double(), name=name, atol=1e-6)
 
 
+def _finalize_chunk() -> int:
+    """Partials one first-level finalize program merges on this device."""
+    bn = _bn()
+    return bn._FINALIZE_TILES_PER_PROGRAM * bn._finalize_config(torch.device(DEVICE)).kwargs["BLOCK_P"]
+
+
+@pytest.mark.parametrize("partials", ["one", "chunk", "chunk+1", "3chunks-7", "chunk*(chunk+2)"])
+def test_stats_from_partials(partials):
+    """The statistics finalize against float64, from one tile of partials up to more chunks than
+    one second-level tile holds; the last partial (and chunk) covers fewer rows than the rest."""
+    chunk = _finalize_chunk()
+    p = {"one": 5, "chunk": chunk, "chunk+1": chunk + 1, "3chunks-7": 3 * chunk - 7,
+         "chunk*(chunk+2)": chunk * (chunk + 2)}[partials]
+    rows, c = 3, 5
+    m = rows * p - 2
+    z = torch.randn(m, c, dtype=torch.float64) * torch.linspace(0.1, 4.0, c) + 3.0
+    padded = torch.cat([z, z.new_zeros(rows * p - m, c)]).view(p, rows, c)
+    counts = torch.full((p, 1), float(rows), dtype=torch.float64)
+    counts[-1] = rows - 2
+    pmean = padded.sum(1) / counts
+    centred = (padded - pmean[:, None]) * (torch.arange(rows)[None, :, None] < counts[:, None])
+    pm2 = (centred ** 2).sum(1)
+    gamma, beta = _channel(c, 0.5, 1.5), _channel(c, -0.5, 0.5)
+    got = _bn().stats_from_partials(pmean.float().to(DEVICE), pm2.float().to(DEVICE), m, rows,
+                                    gamma, beta, 1e-5).cpu()
+    var, mean = torch.var_mean(z, dim=0, correction=0)
+    invstd = torch.rsqrt(var + 1e-5)
+    scale = gamma.cpu().double() * invstd
+    exact = torch.stack([mean, var, invstd, scale, beta.cpu().double() - mean * scale])
+    var32, mean32 = torch.var_mean(z.float(), dim=0, correction=0)
+    invstd32 = torch.rsqrt(var32 + 1e-5)
+    scale32 = gamma.cpu() * invstd32
+    eager = torch.stack([mean32, var32, invstd32, scale32, beta.cpu() - mean32 * scale32])
+    for name, g, e, x in zip(("mean", "var", "invstd", "scale", "shift"), got, eager, exact):
+        assert_oracle_close(g, e, x, name=name, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=_IDS.get)
 @pytest.mark.parametrize("has_residual", [True, False], ids=["res", "nores"])
