@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from typing import Callable, Sequence
 
 import torch
@@ -94,6 +95,7 @@ def _run(kernel, grid: Callable, args: Sequence, config: triton.Config, constexp
 
 
 _TUNED: dict = {}
+_AUTOTUNER_LOCK = threading.Lock()
 
 
 def launch(kernel, grid: Callable, args: Sequence, *, table: dict, key: Sequence[str],
@@ -130,5 +132,10 @@ def launch(kernel, grid: Callable, args: Sequence, *, table: dict, key: Sequence
     if tuned is None:
         tuned = triton.autotune(configs=arch_configs(table, arch), key=list(key))(kernel)
         _TUNED[cache_key] = tuned
-    tuned[grid](*args, **constexprs)
-    return tuned.best_config
+    # Triton's Autotuner keeps per-call state on itself (the arguments, then best_config, read
+    # here after the launch): threads launching through one autotuner (nn.DataParallel's
+    # replicas) would read each other's config, and the statistics partials be merged with the
+    # wrong row count. The lock costs an uncontended acquire per launch.
+    with _AUTOTUNER_LOCK:
+        tuned[grid](*args, **constexprs)
+        return tuned.best_config

@@ -1,5 +1,7 @@
 """The launcher's switches: forced configs, output poisoning, the tensors' device."""
 
+import threading
+
 import pytest
 import torch
 
@@ -45,3 +47,42 @@ def test_launchers_pass_cpu_tensors_through():
     wrapped = _launch().on_tensor_device(lambda t, k=0: (t, k))
     t = torch.empty(2)
     assert wrapped(t, k=3) == (t, 3)
+
+
+def test_autotuned_launches_from_threads_each_get_their_config(monkeypatch):
+    """Two threads launch one kernel through the same autotuner, with keys tuned to different
+    configs: each gets back the config its own launch ran, not the other's (the statistics
+    partials are merged with that config's row count). With a fake autotuner, on the CPU: a's
+    launch waits inside the autotuner, up to a timeout, for b's launch to begin."""
+    launch = _launch()
+    a_inside, b_began = threading.Event(), threading.Event()
+
+    class FakeAutotuner:
+        best_config = None
+
+        def __getitem__(self, grid):
+            def run(which):
+                self.best_config = which  # what Triton's Autotuner does, once per key
+                if which == "a":
+                    a_inside.set()
+                    b_began.wait(timeout=0.5)
+                else:
+                    b_began.set()
+            return run
+
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.delenv("FUSEDRES_TRITON_CONFIG", raising=False)
+    monkeypatch.setattr(launch.triton, "autotune", lambda configs, key: lambda k: FakeAutotuner())
+    monkeypatch.setattr(launch, "_TUNED", {})
+    kernel, table, got = object(), {0: [launch.cfg(1, 1, BLOCK_M=16)]}, {}
+
+    def run(which):
+        got[which] = launch.launch(kernel, None, (which,), table=table, key=(),
+                                   interp_config=None, device=torch.device("cpu"))
+
+    thread_a = threading.Thread(target=run, args=("a",))
+    thread_a.start()
+    assert a_inside.wait(timeout=5)
+    run("b")
+    thread_a.join()
+    assert got == {"a": "a", "b": "b"}
