@@ -12,7 +12,9 @@ Environment switches, read at call time:
 - ``FUSEDRES_TRITON_CONFIG=i`` runs config ``i`` of each kernel's table for this GPU (its last
   when the table is shorter) instead of autotuning. The GPU tests use it: tuning every case of
   their matrix compiles and times every config for every new shape, minutes on an H100; one test
-  runs every config, and one runs the autotuner.
+  runs every config, and one runs the autotuner. Under
+  ``torch.use_deterministic_algorithms(True)`` config 0 is the default, so that results are
+  bitwise reproducible from run to run.
 - ``FUSEDRES_POISON_OUTPUTS=1`` fills kernel outputs with NaN before the launch, so an element a
   kernel fails to write shows up in the tests (which set it) instead of as stale memory. Off by
   default: it costs one extra write of every output.
@@ -54,10 +56,16 @@ def arch_configs(table: dict, arch: int) -> list:
 
 
 def forced_config_index():
-    """The config index set by ``FUSEDRES_TRITON_CONFIG``, or None to autotune."""
+    """The config index set by ``FUSEDRES_TRITON_CONFIG``, or None to autotune.
+
+    Under ``torch.use_deterministic_algorithms(True)`` the default is 0: the autotuner picks by
+    timing, so two runs could pick configs with different tile sizes, and tile sizes decide the
+    order of the conv's and the statistics' fp32 sums, so results would differ in their last
+    bits from run to run.
+    """
     value = os.environ.get("FUSEDRES_TRITON_CONFIG", "")
     if value == "":
-        return None
+        return 0 if torch.are_deterministic_algorithms_enabled() else None
     if not value.isdigit():
         raise ValueError(f"FUSEDRES_TRITON_CONFIG must be a config index (0, 1, ...), got {value!r}")
     return int(value)

@@ -22,6 +22,24 @@ def test_forced_config_index(monkeypatch):
         launch.forced_config_index()
 
 
+def test_deterministic_mode_runs_the_first_config(monkeypatch):
+    """Autotuning picks by timing, so two runs could differ in tile sizes and hence in the order
+    of fp32 sums: deterministic mode runs config 0 unless a config is forced."""
+    launch = _launch()
+    monkeypatch.delenv("FUSEDRES_TRITON_CONFIG", raising=False)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert launch.forced_config_index() == 0
+        monkeypatch.setenv("FUSEDRES_TRITON_CONFIG", "1")
+        assert launch.forced_config_index() == 1
+        torch.use_deterministic_algorithms(False)
+        monkeypatch.delenv("FUSEDRES_TRITON_CONFIG")
+        assert launch.forced_config_index() is None
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 def test_outputs_are_poisoned_only_when_asked(monkeypatch):
     launch = _launch()
     monkeypatch.setenv("FUSEDRES_POISON_OUTPUTS", "1")
