@@ -27,7 +27,7 @@ the input's device.
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,13 @@ class ConvParams(NamedTuple):
     padding: tuple
     dilation: tuple
     groups: int
+
+
+def conv_output_hw(hw: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int],
+                   padding: Sequence[int], dilation: Sequence[int]) -> tuple[int, int]:
+    """(Ho, Wo) of a convolution over an (H, W) input; each geometry argument is a pair."""
+    return tuple((hw[i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1
+                 for i in range(2))
 
 
 class Backend:

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedres.backend import conv_output_hw
 from fusedres.kernels._launch import cfg, interpreting, launch, new_output, on_tensor_device
 
 
@@ -252,8 +253,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
     if H * W * Cin >= 2**31:
         raise ValueError("conv2d: one image of the input has more than 2^31 elements")
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    Ho = (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1
-    Wo = (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
+    Ho, Wo = conv_output_hw((H, W), (KH, KW), stride, padding, dilation)
     M = N * Ho * Wo
     cout_g = Cout // groups
     x = x.contiguous(memory_format=torch.channels_last)

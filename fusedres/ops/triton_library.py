@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
+from fusedres.backend import conv_output_hw
 from fusedres.ops.library import output_memory_format
 
 __all__ = ["conv2d", "conv2d_bn_train", "bn_stats", "bn_act_fwd", "bn_act_bwd"]
@@ -49,11 +50,8 @@ def _op(schema: str, fake: Callable) -> Callable:
 def _channels_last_out(x: torch.Tensor, weight: torch.Tensor, stride, padding,
                        dilation) -> torch.Tensor:
     """The convolution's output as the kernel allocates it: [N, Cout, Ho, Wo] channels_last."""
-    n, _, h, w = x.shape
-    cout, _, kh, kw = weight.shape
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return torch.empty((n, cout, ho, wo), dtype=x.dtype, device=x.device,
+    hw = conv_output_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    return torch.empty((x.shape[0], weight.shape[0], *hw), dtype=x.dtype, device=x.device,
                        memory_format=torch.channels_last)
 
 

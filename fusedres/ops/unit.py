@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from fusedres import reference
-from fusedres.backend import Backend, ConvParams, resolve
+from fusedres.backend import Backend, ConvParams, conv_output_hw, resolve
 
 __all__ = ["ConvBNActFunction", "conv_bn_act", "check_unit_inputs"]
 
@@ -72,11 +72,7 @@ class ConvBNActFunction(torch.autograd.Function):
 
 def conv_output_shape(shape: Sequence[int], conv: nn.Conv2d) -> torch.Size:
     """The output shape of ``conv`` for an input of ``shape`` [N, Cin, H, W]."""
-    hw = [
-        (shape[2 + i] + 2 * conv.padding[i] - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1)
-        // conv.stride[i] + 1
-        for i in range(2)
-    ]
+    hw = conv_output_hw(shape[2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation)
     return torch.Size([shape[0], conv.out_channels, *hw])
 
 
