@@ -52,6 +52,18 @@ def conv_output_hw(hw: Sequence[int], kernel_size: Sequence[int], stride: Sequen
                  for i in range(2))
 
 
+def in_memory_format_of(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` in x's memory format, as ATen's convolution of ``x`` would return it.
+
+    Fused CUDA backends compute in channels_last (the layout their kernels and cuDNN's tensor-core
+    convolutions want) and hand results back in the caller's layout; a channels_last model pays no
+    copy. t, x: [N, C, H, W].
+    """
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return t.contiguous(memory_format=fmt)
+
+
 class Backend:
     """Base class of a backend: ATen convolutions, subclasses supply the BatchNorm ops.
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import CPU_FUSED_BACKENDS, assert_oracle_close
+import fusedres
 from fusedres import FusedConvBNReLU, reference
 from fusedres.backend import ConvParams, get_backend
 from fusedres.ops.unit import ConvBNActFunction
@@ -154,6 +155,46 @@ def test_unit_fp32(backend, shape, layout, has_residual, relu, training):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_unit_other_dtypes(backend, dtype, shape, layout, training):
     compare_unit(backend, shape, dtype, layout, True, True, training)
+
+
+@pytest.fixture
+def cuda_backend_on_cpu(monkeypatch):
+    """The ``cuda`` backend object, let run on CPU tensors: its composition (layouts, the
+    channels_last convolutions) then runs with the CPU kernels behind the same torch.ops.fusedres
+    ops, which the dispatcher picks from the tensors' device."""
+    backend = get_backend("cuda")
+    if not fusedres.available_backends()["cpu"][0]:
+        pytest.skip("the cpu kernels behind torch.ops.fusedres are not built")
+    monkeypatch.setattr(backend, "device_types", ("cuda", "cpu"))
+    monkeypatch.setattr(backend, "availability", lambda: (True, "test: CPU kernels"))
+    seen_z_layouts = []
+    bn_stats = backend.bn_stats
+
+    def spy(z):
+        seen_z_layouts.append(z.is_contiguous(memory_format=torch.channels_last))
+        return bn_stats(z)
+
+    monkeypatch.setattr(backend, "bn_stats", spy)
+    return seen_z_layouts
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[4]], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cuda_backend_composition_on_cpu(cuda_backend_on_cpu, shape, layout, dtype, training):
+    """The cuda backend convolves in channels_last (z never needs a layout copy in the BN ops)
+    and returns y in the input's layout, with the oracle's values, gradients and statistics."""
+    compare_unit("cuda", shape, dtype, layout, True, True, training)
+    if training:
+        assert cuda_backend_on_cpu == [True]
+
+
+def test_cuda_backend_returns_the_input_layout(cuda_backend_on_cpu):
+    unit = FusedConvBNReLU(4, 6, backend="cuda")
+    assert unit(torch.randn(2, 4, 5, 5)).is_contiguous()
+    x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    assert unit(x).is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)

@@ -31,7 +31,7 @@ import os
 
 import torch
 
-from fusedres.backend import Backend, ConvParams, register_backend
+from fusedres.backend import Backend, ConvParams, in_memory_format_of, register_backend
 from fusedres.ops import triton_library as _ops
 
 
@@ -79,7 +79,7 @@ class TritonBackend(Backend):
     def conv(self, x, weight, stride, padding, dilation, groups):
         z = _ops.conv2d(x, weight, list(stride), list(padding), list(dilation), groups, None, None,
                         None, False)
-        return _like(z, x)
+        return in_memory_format_of(z, x)
 
     def bn_stats(self, z):
         mean, var = _ops.bn_stats(z).unbind(0)
@@ -102,12 +102,12 @@ class TritonBackend(Backend):
         y = _ops.bn_act_fwd(z, scale, shift, residual, relu)
         # z stays channels_last (the layout the backward's kernels and cuDNN like best); y takes
         # x's memory format, as ATen's convolution would give it.
-        return _like(y, x), z, mean, var, invstd
+        return in_memory_format_of(y, x), z, mean, var, invstd
 
     def forward_eval(self, x, weight, scale, shift, residual, relu, conv: ConvParams):
         y = _ops.conv2d(x, weight, *_geometry(conv), scale, shift, residual, relu)
         # z = None: backward recomputes it only when dgamma/dbeta are wanted (see backward).
-        return _like(y, x), None
+        return in_memory_format_of(y, x), None
 
     def backward(self, dy, x, weight, y, z, mean, invstd, gamma, relu, has_residual, training,
                  conv: ConvParams, needs: tuple):
@@ -127,13 +127,6 @@ class TritonBackend(Backend):
 def _geometry(conv: ConvParams) -> tuple:
     """(stride, padding, dilation, groups) as the ops' schema takes them (int lists)."""
     return list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
-
-
-def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``t`` in x's memory format (the kernels write channels_last), as ATen's conv returns it."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return t.contiguous(memory_format=fmt)
 
 
 register_backend(TritonBackend())
