@@ -6,3 +6,7 @@
 Under ``TRITON_INTERPRET=1`` these modules must be imported after the variable is set: triton
 decides at decoration time whether a ``@triton.jit`` function is interpreted.
 """
+
+from fusedres.kernels import _interpreter_compat
+
+_interpreter_compat.apply()

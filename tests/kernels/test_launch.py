@@ -104,3 +104,45 @@ def test_autotuned_launches_from_threads_each_get_their_config(monkeypatch):
     run("b")
     thread_a.join()
     assert got == {"a": "a", "b": "b"}
+
+
+def _patch_lang_tensor_like_triton_3_6(tensor, scope):
+    # Triton 3.6's conversion (its interpreter.py), which numpy 2.4 rejects for 1-element arrays.
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+
+class _RecordingScope:
+    def __init__(self):
+        self.changes = []
+
+    def set_attr(self, obj, name, value):
+        self.changes.append((name, value))
+        setattr(obj, name, value)
+
+
+def test_interpreter_compat_fixes_only_the_old_conversion(monkeypatch):
+    """The numpy 2.4 fix for triton 3.6's interpreter: applied where the old conversion is, a
+    no-op elsewhere (the installed triton, twice)."""
+    from triton.runtime import interpreter
+
+    from fusedres.kernels import _interpreter_compat
+
+    np = pytest.importorskip("numpy")
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", _patch_lang_tensor_like_triton_3_6)
+    assert _interpreter_compat.apply()
+    assert not _interpreter_compat.apply(), "applied twice"
+
+    class Handle:
+        data = np.array([7], dtype=np.int32)  # how the interpreter holds a runtime scalar
+
+    class Tensor:
+        handle = Handle()
+
+    scope = _RecordingScope()
+    interpreter._patch_lang_tensor(Tensor, scope)
+    assert [name for name, _ in scope.changes] == ["__index__", "__index__"]
+    assert range(Tensor())[-1] == 6
+
+    monkeypatch.undo()
+    # The installed triton either never needed the fix or got it when fusedres.kernels loaded.
+    assert not _interpreter_compat.apply(), "patched the installed triton again"
