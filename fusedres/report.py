@@ -41,9 +41,10 @@ import fusedres
 from fusedres import reference, traffic
 
 __all__ = [
-    "Config", "Provider", "build_model", "check_against_eager", "default_config", "main",
-    "make_eval_step", "make_train_step", "peak_memory", "provider_status", "run", "saved_bytes",
-    "sync", "time_interleaved",
+    "BOTTLENECK_TARGETS", "Config", "MEMORY_BOUND_TARGET", "Provider", "bench_targets",
+    "build_model", "check_against_eager", "cpu_peak_memory", "default_config",
+    "format_bench_cases", "format_targets", "main", "make_eval_step", "make_train_step",
+    "peak_memory", "provider_status", "run", "saved_bytes", "sync", "time_interleaved",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -141,7 +142,8 @@ def build_model(arch: str, provider: Provider, device: torch.device,
     if provider.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if provider.compiled:
-        model = torch.compile(model)
+        # Static shapes: a second shape would otherwise recompile with dynamic sizes, slower code.
+        model = torch.compile(model, dynamic=False)
     return model
 
 
@@ -214,10 +216,16 @@ def saved_bytes(fn: Callable[[], object], exclude: tuple = ()) -> int:
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
-    """Peak bytes a call of ``fn`` allocates on a CUDA device beyond what was allocated before
-    it: activations, gradients, workspaces; not the weights or optimizer state, which are the
-    same for every provider and would make the figure depend on what else is alive. None on
-    other devices (use :func:`saved_bytes`)."""
+    """Peak bytes a call of ``fn`` allocates beyond what was allocated before it: activations,
+    gradients, workspaces; not the weights or optimizer state, which are the same for every
+    provider and would make the figure depend on what else is alive.
+
+    On CUDA the caching allocator's counters give it. On the CPU, :func:`cpu_peak_memory`
+    replays torch.profiler's record of the CPU allocator; the profiler slows ``fn`` down, so
+    call this outside timed loops (the benchmarks and the main job do). None on other devices.
+    """
+    if device.type == "cpu":
+        return cpu_peak_memory(fn)
     if device.type != "cuda":
         return None
     sync(device)
@@ -226,6 +234,45 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]
     fn()
     sync(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+def cpu_peak_memory(fn: Callable[[], object]) -> int:
+    """Peak bytes of CPU tensor memory that a call of ``fn`` allocates beyond what was live
+    before it.
+
+    Runs ``fn`` under ``torch.profiler.profile(profile_memory=True)``: c10's CPU allocator then
+    reports every allocation and free with its running total of the bytes allocated while
+    profiling, tensors that ops allocate inside their kernels (workspaces) included. The peak is
+    the largest running total minus the total before the first allocation. The allocator does
+    not report the free of a block it allocated while no profiler ran, so freeing such memory
+    does not lower the total: the figure can only err high, by such memory. Memory that a
+    library allocates with its own allocator (oneDNN's scratchpads) is not seen: it is the same
+    for every provider's convolutions.
+
+    Args:
+        fn: the call to measure, e.g. a training step.
+
+    Returns:
+        Bytes, 0 when ``fn`` allocates nothing.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    allocation = torch._C._profiler._ExtraFields_Allocation
+    events = []  # (time, bytes allocated (+) or freed (-), running total after it)
+    nodes = list(prof.profiler.kineto_results.experimental_event_tree())
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.children)
+        fields = node.extra_fields
+        if isinstance(fields, allocation) and fields.device.type == "cpu":
+            events.append((node.start_time_ns, fields.alloc_size, fields.total_allocated))
+    if not events:
+        return 0
+    events.sort(key=lambda e: e[0])
+    _, first_bytes, first_total = events[0]
+    return max(total for _, _, total in events) - (first_total - first_bytes)
 
 
 def make_train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
@@ -506,28 +553,139 @@ def run(cfg: Config, quiet: bool = False) -> dict:
 def format_table(report: dict) -> str:
     """The results as a Markdown table (what README files quote)."""
     m, c = report["machine"], report["config"]
-    gpu = m["device"] == "cuda"
-    mem = "peak step memory" if gpu else "saved activations"
     lines = [f"{c['arch']}, batch {c['batch']}, {c['image_size']}x{c['image_size']}, {c['dtype']}, "
              f"{m['device_name']} ({m['cpu_count']} CPUs, load {m['load_average_1min']:.1f}), "
              f"torch {m['torch']}, {m['date'][:10]}",
              "",
-             f"| provider | train img/s | eval img/s | {mem} | speedup train | speedup eval "
-             "| bytes moved vs eager (train / eval) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| provider | train img/s | eval img/s | peak train step memory | saved activations "
+             "| speedup train | speedup eval | bytes moved vs eager (train / eval) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["results"]:
-        mem_bytes = r["peak_allocated_bytes"] if gpu else r["saved_activation_bytes"]
         ratio = ("-" if r["traffic_ratio_train"] is None
                  else f"{r['traffic_ratio_train']:.2f} / {r['traffic_ratio_eval']:.2f}")
         sp = [("-" if r[k] is None else f"{r[k]:.2f}x") for k in ("speedup_train", "speedup_eval")]
         lines.append(f"| {r['provider']} | {r['train_images_per_s']:.1f} | "
-                     f"{r['eval_images_per_s']:.1f} | {_fmt_bytes(mem_bytes)} | {sp[0]} | {sp[1]} "
-                     f"| {ratio} |")
+                     f"{r['eval_images_per_s']:.1f} | {_fmt_bytes(r['peak_allocated_bytes'])} | "
+                     f"{_fmt_bytes(r['saved_activation_bytes'])} | {sp[0]} | {sp[1]} | {ratio} |")
     for s in report["skipped"]:
         lines.append(f"\nskipped {s['provider']}: {s['reason']}")
     checks = [f"{name}: {'ok' if chk['ok'] else 'FAILED'}" for name, chk in report["check"].items()]
     if checks:
         lines.append("\nerror check vs eager / fp64 oracle: " + ", ".join(checks))
+    return "\n".join(lines)
+
+
+# -- benchmark summaries (benchmarks/conftest.py's terminal summary, scripts/gpu_validate.sh) ---
+
+#: Targets of a fused Bottleneck's training step (forward + backward): speedup over the faster
+#: eager layout and over torch.compile of the eager block, in the same run.
+BOTTLENECK_TARGETS = {"eager": 1.3, "compile": 1.1}
+#: A memory-bound kernel's target: this fraction of the device's measured copy bandwidth.
+MEMORY_BOUND_TARGET = 0.8
+
+
+def _groups(cases: list) -> dict:
+    """{group: {provider: case}} in the order the cases ran (a provider's last case wins)."""
+    groups: dict = {}
+    for case in cases:
+        groups.setdefault(case["group"], {})[case["extra_info"]["provider"]] = case
+    return groups
+
+
+def _eager_baseline(provs: dict) -> Optional[dict]:
+    """The group's NCHW ``eager`` case, else ``eager_cl``, else None."""
+    return provs.get("eager") or provs.get("eager_cl")
+
+
+def _num(value: Optional[float], fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def format_bench_cases(cases: list) -> str:
+    """Benchmark cases as one small table per group.
+
+    Columns: provider, median ms per call, GB/s (the case's byte count over the median),
+    images/s, speedup over the group's eager provider (``eager``, NCHW, or ``eager_cl`` where
+    the group has no NCHW eager), and ``traffic_ratio_vs_eager`` (bytes the eager sequence moves
+    / bytes this provider moves, by :mod:`fusedres.traffic`). "-" where not measured.
+
+    Args:
+        cases: dicts ``{"group", "name", "median_s", "extra_info"}`` with
+            ``extra_info["provider"]``, as benchmarks/conftest.py logs each case.
+    """
+    lines = []
+    for group, provs in _groups(cases).items():
+        eager = _eager_baseline(provs)
+        lines += [group, f"  {'provider':10s} {'median ms':>10s} {'GB/s':>8s} {'images/s':>10s} "
+                         f"{'vs eager':>9s} {'bytes eager/own':>16s}"]
+        for name, case in provs.items():
+            info, median = case["extra_info"], case["median_s"]
+            speedup = eager["median_s"] / median if eager else None
+            lines.append(f"  {name:10s} {median * 1e3:10.3f} {_num(info.get('GB/s'), '.1f'):>8s} "
+                         f"{_num(info.get('images/s'), '.1f'):>10s} "
+                         f"{_num(speedup, '.2f') + ('x' if speedup else ''):>9s} "
+                         f"{_num(info.get('traffic_ratio_vs_eager'), '.2f'):>16s}")
+    return "\n".join(lines)
+
+
+def bench_targets(cases: list, copy_gbps: Optional[float]) -> list:
+    """Benchmark cases measured against the targets; nothing is asserted.
+
+    - every fused provider's Bottleneck training step (block cases with ``kind`` bottleneck and
+      ``mode`` train): speedup over the faster of the group's eager layouts and over its
+      torch.compile provider, against :data:`BOTTLENECK_TARGETS`;
+    - every fused provider's memory-bound kernel (``memory_bound`` in extra_info): GB/s as a
+      fraction of ``copy_gbps``, against :data:`MEMORY_BOUND_TARGET` (skipped without it).
+
+    Args:
+        cases: as for :func:`format_bench_cases`.
+        copy_gbps: the device's measured copy bandwidth (read + write), or None.
+
+    Returns:
+        Rows ``{"what", "provider", "measured", "ok"}``: ``measured`` a readable string; ``ok``
+        True or False, or None where a comparison is missing (no eager or no compile case).
+    """
+    rows = []
+    for group, provs in _groups(cases).items():
+        for name, case in provs.items():
+            info = case["extra_info"]
+            if info.get("backend", "eager") == "eager" or info.get("compiled"):
+                continue
+            if info.get("kind") == "bottleneck" and info.get("mode") == "train":
+                eager = [c["median_s"] for c in provs.values()
+                         if c["extra_info"].get("backend") == "eager"
+                         and not c["extra_info"].get("compiled")]
+                compiled = [c["median_s"] for c in provs.values() if c["extra_info"].get("compiled")]
+                vs = {"eager": min(eager) / case["median_s"] if eager else None,
+                      "compile": min(compiled) / case["median_s"] if compiled else None}
+                measured = ", ".join(f"{_num(v, '.2f')}x {k} (>= {BOTTLENECK_TARGETS[k]}x)"
+                                     for k, v in vs.items())
+                ok = (None if None in vs.values()
+                      else all(vs[k] >= BOTTLENECK_TARGETS[k] for k in vs))
+                rows.append({"what": group, "provider": name, "measured": measured, "ok": ok})
+            elif info.get("memory_bound") and copy_gbps and info.get("GB/s") is not None:
+                frac = info["GB/s"] / copy_gbps
+                rows.append({"what": group, "provider": name,
+                             "measured": f"{info['GB/s']:.0f} GB/s = {frac:.0%} of copy "
+                                         f"(>= {MEMORY_BOUND_TARGET:.0%})",
+                             "ok": frac >= MEMORY_BOUND_TARGET})
+    return rows
+
+
+def format_targets(cases: list, copy_gbps: Optional[float]) -> str:
+    """:func:`bench_targets` as lines ending in PASS, FAIL or n/a, with a count."""
+    rows = bench_targets(cases, copy_gbps)
+    lines = [f"targets (measured, not asserted): Bottleneck train step >= "
+             f"{BOTTLENECK_TARGETS['eager']}x eager (faster layout) and >= "
+             f"{BOTTLENECK_TARGETS['compile']}x torch.compile; memory-bound kernels >= "
+             f"{MEMORY_BOUND_TARGET:.0%} of the copy bandwidth"
+             + (f" ({copy_gbps:.0f} GB/s)" if copy_gbps else " (not measured: no check)")]
+    for r in rows:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[r["ok"]]
+        lines.append(f"  {verdict:4s} {r['what']} {r['provider']}: {r['measured']}")
+    judged = [r for r in rows if r["ok"] is not None]
+    lines.append(f"  {sum(r['ok'] for r in judged)} of {len(judged)} targets met"
+                 + (f", {len(rows) - len(judged)} not comparable" if len(judged) < len(rows) else ""))
     return "\n".join(lines)
 
 
