@@ -8,9 +8,10 @@ Unusable ones are skipped with the reason.
 Environment:
 
 - ``FUSEDRES_BENCH_DEVICE``: ``cpu`` or ``cuda`` (default: cuda when available).
-- ``FUSEDRES_BENCH_COMPILE``: ``1`` adds torch.compile everywhere, ``0`` nowhere. Unset: on a
-  GPU for the whole models only (a compile of each of the 30 block cases would cost minutes), on
-  CPU nowhere (inductor's C++ compile of a block takes longer than the whole CPU suite).
+- ``FUSEDRES_BENCH_COMPILE``: ``1`` adds torch.compile everywhere, ``0`` (or anything else)
+  nowhere. Unset: the whole models and the kernel suites, not the 30 block cases (a compile
+  each would cost minutes). On the 2-core CPU machine (load ~6) inductor compiled resnet18's
+  train step in 69 s and its eval forward in 26 s, resnet50's train step in 107 s.
 - ``FUSEDRES_BENCH_LOG`` and ``FUSEDRES_DEVICE_PEAKS``: see benchmarks/conftest.py.
 
 Sizes adapt to the device: small on CPU so the whole suite runs in minutes on 2 cores, real
@@ -21,6 +22,7 @@ device before it returns, so a host timer measures the kernels.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -49,9 +51,10 @@ class Sizes:
     warmup: int
 
 
-# CPU: blocks at their real ResNet stage shapes (56/28/14/7 px) with a small batch; whole models
-# at 64 px, where a resnet50 train step takes about 0.1 s on 2 cores.
-SIZES = (Sizes(torch.bfloat16, block_batch=64, block_image=224,
+# GPU: blocks at batch 128 (the batch of the Bottleneck targets), models at 256. CPU: blocks at
+# their real ResNet stage shapes (56/28/14/7 px) with a small batch; whole models at 64 px, where
+# a resnet50 train step takes about 0.1 s on 2 cores.
+SIZES = (Sizes(torch.bfloat16, block_batch=128, block_image=224,
                model_batch={"resnet18": 256, "resnet50": 256}, model_image=224, rounds=10,
                warmup=3)
          if GPU else
@@ -59,15 +62,31 @@ SIZES = (Sizes(torch.bfloat16, block_batch=64, block_image=224,
                model_batch={"resnet18": 4, "resnet50": 4}, model_image=64, rounds=10, warmup=2))
 
 
-def _compile_wanted(scope: str) -> bool:
+def compile_skip_reason(scope: str) -> str | None:
+    """Why torch.compile is not benchmarked in ``scope`` (``"kernels"``, ``"blocks"`` or
+    ``"models"``), or None when it is."""
     env = os.environ.get("FUSEDRES_BENCH_COMPILE")
     if env is not None:
-        return env == "1"
-    return GPU and scope == "models"
+        return None if env == "1" else f"torch.compile switched off (FUSEDRES_BENCH_COMPILE={env})"
+    if scope == "blocks":
+        return ("torch.compile of each of the 30 block cases would cost minutes: set "
+                "FUSEDRES_BENCH_COMPILE=1")
+    return None
+
+
+def compiled(module):
+    """torch.compile of ``module`` with static shapes, after a reset of dynamo's caches.
+
+    Every case compiles the same ``forward`` code again: without the reset, dynamo's per-code
+    recompile limit (8) would silently run later cases eagerly, and a second shape would
+    recompile with dynamic sizes.
+    """
+    torch._dynamo.reset()
+    return torch.compile(module, dynamic=False)
 
 
 def provider_params(scope: str) -> list:
-    """pytest params of every provider name for ``scope`` (``"blocks"`` or ``"models"``).
+    """pytest params of every provider name for ``scope`` (see :func:`compile_skip_reason`).
 
     Names rather than :class:`Provider` objects, so that the saved benchmark JSON records them
     (pytest-benchmark stores a param it cannot serialise as its repr); the tests rebuild the
@@ -77,12 +96,11 @@ def provider_params(scope: str) -> list:
     params = []
     for name in names:
         p = make_provider(name)
-        if name == "compile" and not _compile_wanted(scope):
-            params.append(pytest.param(name, id=name, marks=pytest.mark.skip(
-                reason="torch.compile not benchmarked here: set FUSEDRES_BENCH_COMPILE=1")))
-            continue
         ok, why = provider_status(p, DEVICE)
-        marks = () if ok else pytest.mark.skip(reason=f"{name} unusable on {DEVICE}: {why}")
+        reason = None if ok else f"{name} unusable on {DEVICE}: {why}"
+        if reason is None and p.compiled:
+            reason = compile_skip_reason(scope)
+        marks = pytest.mark.skip(reason=reason) if reason else ()
         params.append(pytest.param(name, id=name, marks=marks))
     return params
 
@@ -95,26 +113,41 @@ def timed(fn):
     return run
 
 
-def run_benchmark(benchmark, provider: Provider, fn, *, images: int, bytes_moved,
-                  flops: int, forward, params) -> None:
+def run_benchmark(benchmark, provider: Provider, fn, *, images: int, blocks, training: bool,
+                  forward, params, **labels) -> None:
     """Times ``fn`` with fixed rounds and records extra_info.
+
+    extra_info: the provider, images/s, GB/s of the provider's own traffic-model bytes,
+    ``traffic_ratio_vs_eager`` (bytes the eager sequence moves / bytes this provider moves; None
+    for torch.compile, whose kernels the model does not describe), conv TFLOP/s, the first call's
+    seconds (``first_call_s``: torch.compile's compile or Triton's autotuning included), the
+    call's peak memory (:func:`fusedres.report.peak_memory`) and the bytes saved for backward.
 
     Args:
         fn: the timed function (it synchronises the device itself).
         images: images per call (the batch), for images/s.
-        bytes_moved: the traffic model's bytes per call, or None (torch.compile: not modelled).
-        flops: convolution FLOPs per call, for TFLOP/s.
+        blocks: the traffic model's units of what ``fn`` runs (lists of units, a one-unit list
+            for a lone unit, as :func:`fusedres.traffic.model_blocks` gives them).
+        training: ``fn`` is a training step (forward with batch statistics and backward).
         forward: a forward pass with autograd recording, for the saved-activation bytes
             (None for compiled modules, whose saved tensors the hooks cannot see).
         params: the module's parameters (not counted as saved activations).
+        **labels: more extra_info (the block, the mode), logged with the case.
     """
+    bytes_moved = bytes_for(provider, blocks, training)
+    eager_bytes = bytes_for(make_provider("eager"), blocks, training)
+    flops = sum(traffic.unit_flops(u, training) for units in blocks for u in units)
     info = {"provider": provider.name, "backend": provider.backend,
             "channels_last": provider.channels_last, "compiled": provider.compiled,
             "device": torch.cuda.get_device_name(DEVICE) if GPU else "cpu",
             "dtype": str(SIZES.dtype).removeprefix("torch."), "images": images,
             "bytes_moved": bytes_moved, "conv_flops": flops,
+            "traffic_ratio_vs_eager": eager_bytes / bytes_moved if bytes_moved else None,
             # other processes' load: CPU timings on a shared machine need it beside them
-            "load_average_1min": os.getloadavg()[0]}
+            "load_average_1min": os.getloadavg()[0], **labels}
+    t0 = time.perf_counter()
+    fn()
+    info["first_call_s"] = time.perf_counter() - t0
     benchmark.pedantic(fn, rounds=SIZES.rounds, warmup_rounds=SIZES.warmup, iterations=1)
     # Memory after timing: the warm-up has already paid for autotuning and compilation.
     info["peak_allocated_bytes"] = peak_memory(fn, DEVICE)
@@ -143,5 +176,5 @@ def bytes_for(provider: Provider, blocks, training: bool) -> int | None:
     return total
 
 
-__all__ = ["DEVICE", "GPU", "SIZES", "autocast", "bytes_for", "make_provider", "provider_params",
-           "run_benchmark", "timed"]
+__all__ = ["DEVICE", "GPU", "SIZES", "autocast", "bytes_for", "compile_skip_reason", "compiled",
+           "make_provider", "provider_params", "run_benchmark", "timed"]

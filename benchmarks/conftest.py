@@ -1,7 +1,8 @@
 """Generic helpers shared by the benchmark suites (pytest-benchmark): device sync and bandwidth.
 
-Every suite reports ``benchmark.extra_info["GB/s"]`` from the bytes a perfectly fused
-implementation must move, so providers are compared by the memory traffic they make useful.
+Every suite reports ``benchmark.extra_info["GB/s"]``: the kernel suites from the bytes any
+implementation must move (the same for every provider, an effective rate), the block and model
+suites from each provider's own bytes by :mod:`fusedres.traffic`.
 
 - ``FUSEDRES_DEVICE_PEAKS``: a JSON file ``{"copy_GBps": .., "matmul_TFLOPs": ..}`` measured on
   this device (scripts/gpu_validate.sh writes one); GB/s and TFLOP/s are then also reported as
@@ -9,6 +10,9 @@ implementation must move, so providers are compared by the memory traffic they m
 - ``FUSEDRES_BENCH_LOG``: a file to which every finished case appends one JSON line (group,
   name, median seconds, extra_info), so a run cut short by a timeout keeps what it measured
   (pytest-benchmark writes ``--benchmark-json`` only at the end).
+
+At the end of a run the terminal summary prints, per group, each provider's median, GB/s,
+images/s, speedup over eager and bytes ratio to eager (:func:`fusedres.report.format_bench_cases`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import os
 import sys
 
 import torch
+
+from fusedres.report import format_bench_cases
 
 # glibc malloc serves big blocks (a [8, 256, 56, 56] activation is 25 MB) with mmap and unmaps them
 # on free, so every op that allocates its outputs pays first-touch page faults again each call
@@ -41,6 +47,8 @@ def _keep_freed_memory() -> bool:
 
 #: Whether glibc was told to keep freed memory (recorded in each benchmark's extra_info).
 MALLOC_TUNED = _keep_freed_memory()
+#: Every timed case of this session, as logged to FUSEDRES_BENCH_LOG (for the terminal summary).
+TIMED_CASES: list = []
 
 
 def sync(device: torch.device | str | None = None) -> None:
@@ -74,12 +82,22 @@ def publish(benchmark, info: dict) -> None:
     if peaks.get("matmul_TFLOPs") and info.get("TFLOP/s") is not None:
         info["TFLOP/s_of_peak"] = info["TFLOP/s"] / peaks["matmul_TFLOPs"]
     benchmark.extra_info.update(info)
+    if benchmark.stats is None:  # --benchmark-disable: nothing was timed
+        return
+    case = {"group": benchmark.group, "name": benchmark.name,
+            "median_s": benchmark.stats.stats.median, "extra_info": info}
+    TIMED_CASES.append(case)
     log = os.environ.get("FUSEDRES_BENCH_LOG")
-    if log and benchmark.stats is not None:
+    if log:
         with open(log, "a") as f:
-            f.write(json.dumps({"group": benchmark.group, "name": benchmark.name,
-                                "median_s": benchmark.stats.stats.median,
-                                "extra_info": info}) + "\n")
+            f.write(json.dumps(case) + "\n")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TIMED_CASES:
+        terminalreporter.write_sep("-", "fusedres: per group, median, GB/s, images/s, speedup "
+                                        "over eager, bytes eager moves / bytes each moves")
+        terminalreporter.write_line(format_bench_cases(TIMED_CASES))
 
 
 def record(benchmark, provider: str, nbytes: float, flops: float = 0, **info) -> None:

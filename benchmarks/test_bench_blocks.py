@@ -4,14 +4,15 @@ Per stage: the first block (with its downsample where torchvision has one) and a
 Training = forward with batch statistics + backward of the input and every parameter
 (``torch.autograd.grad``, so no gradient accumulation is timed); eval = forward under
 inference_mode. One pytest-benchmark group per (block, mode); see _providers for the providers,
-sizes and extra_info (images/s, GB/s from fusedres.traffic, TFLOP/s, memory).
+sizes and extra_info (images/s, GB/s and the bytes ratio to eager from fusedres.traffic,
+TFLOP/s, memory). On a GPU the blocks run at batch 128 in bf16 channels_last, the setting of the
+Bottleneck targets (fusedres.report.BOTTLENECK_TARGETS); torch.compile needs
+FUSEDRES_BENCH_COMPILE=1 here (scripts/gpu_validate.sh selects the ResNet-50 training cases).
 
     pytest benchmarks/test_bench_blocks.py --benchmark-only
 """
 
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ import torch.nn as nn
 import fusedres
 from fusedres import reference, traffic
 
-from _providers import (DEVICE, SIZES, autocast, bytes_for, make_provider, provider_params,
+from _providers import (DEVICE, SIZES, autocast, compiled, make_provider, provider_params,
                         run_benchmark, timed)
 
 # (name, kind, inplanes, planes, stride, input spatial size at 224x224 images)
@@ -71,7 +72,7 @@ def test_block(benchmark, case, mode, provider):
     fmt = torch.channels_last if provider.channels_last else torch.contiguous_format
     block = block.to(memory_format=fmt)
     params = list(block.parameters())
-    module = torch.compile(block) if provider.compiled else block
+    module = compiled(block) if provider.compiled else block
     # Inside a network a block's input is already in the compute dtype (bf16 on GPU).
     x = torch.randn(n, inplanes, size, size, device=DEVICE, dtype=SIZES.dtype)
     x = x.contiguous(memory_format=fmt).requires_grad_(training)
@@ -91,12 +92,9 @@ def test_block(benchmark, case, mode, provider):
                 forward()
 
     units = traffic.block_units(kind, n, inplanes, planes, size, size, stride)
-    run_benchmark(benchmark, provider, timed(step), images=n,
-                  bytes_moved=bytes_for(provider, [units], training),
-                  flops=sum(traffic.unit_flops(u, training) for u in units),
+    run_benchmark(benchmark, provider, timed(step), images=n, blocks=[units], training=training,
                   forward=None if (provider.compiled or not training) else forward,
-                  params=params)
-    benchmark.extra_info["block"] = name
+                  params=params, block=name, kind=kind, mode=mode)
 
 
 def test_cases_cover_every_distinct_block_shape():

@@ -1,31 +1,54 @@
-"""BatchNorm (training) + residual add + ReLU on CPU: eager PyTorch vs the fused C++ ops.
+"""BatchNorm (training) + residual add + ReLU on CPU: eager PyTorch vs torch.compile vs the fused
+C++ ops.
 
 Run with ``pytest benchmarks/test_bench_bn_act.py --benchmark-only``. One pytest-benchmark group
-per case (shape, memory format, mode), two providers:
+per (shape, mode); the providers, named as in _providers, each in its memory format:
 
-- ``eager``: ``relu(F.batch_norm(z, training=True) + residual)``, backward by autograd;
-- ``cpu``: ``bn_stats -> rsqrt -> scale/shift -> bn_act_fwd`` and ``bn_act_bwd``
-  (torch.ops.fusedres, csrc/cpu).
+- ``eager`` (NCHW) and ``eager_cl`` (channels_last): ``relu(F.batch_norm(z, training=True) +
+  residual)``, backward by autograd;
+- ``compile``: torch.compile (inductor) of that eager function, channels_last; extra_info's
+  ``first_call_s`` holds the compile. FUSEDRES_BENCH_COMPILE=0 skips it;
+- ``cpu`` (NCHW) and ``cpu_cl`` (channels_last): ``bn_stats -> rsqrt -> scale/shift ->
+  bn_act_fwd`` and ``bn_act_bwd`` (torch.ops.fusedres, csrc/cpu).
 
 Modes: ``fwd``, ``bwd`` (gradients of z, gamma, beta and the residual for a fixed dy) and
-``fwdbwd``. ``extra_info["GB/s"]`` counts the bytes a perfectly fused implementation must move,
-in tensor passes of the [N, C, H, W] activation: forward 4 (read z for the statistics, read z and
-the residual, write y), backward 5 (read dy, y and z, write dz and dresidual), both 9.
+``full`` (both). ``extra_info["GB/s"]`` counts the bytes the op must move at least, the same for
+every provider (an effective rate), in tensor passes of the [N, C, H, W] activation
+(:data:`MIN_PASSES`); ``traffic_ratio_vs_eager`` is the passes eager makes over the passes the
+provider makes, by fusedres.traffic's counting rules (:data:`EAGER_PASSES`; the fused ops make
+the minimum; None for torch.compile, whose kernels the model does not describe).
+
+On a GPU this file is skipped: benchmarks/test_bench_triton.py times the same ops there (cuda,
+triton and eager in the same groups).
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from _providers import DEVICE, compile_skip_reason, make_provider
 from conftest import record
-from fusedres import _ext
+from fusedres import _ext, traffic
+
+pytestmark = pytest.mark.skipif(
+    DEVICE.type != "cpu", reason="CPU benchmark of the C++ ops; on CUDA "
+    "benchmarks/test_bench_triton.py times them (cuda, triton, eager)")
 
 EPS = 1e-5
 SHAPES = [(8, 512, 28, 28), (8, 256, 56, 56), (8, 1024, 14, 14)]
-FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
-PASSES = {"fwd": 4, "bwd": 5, "fwdbwd": 9}
+#: Passes the op must make at least. Forward: read z for the statistics; read z and the residual,
+#: write y. Backward: the batch-statistics gradient needs sums over the whole batch before dz, so
+#: two passes: read dy, y and z, write dresidual; read dresidual and z, write dz.
+MIN_PASSES = {"fwd": 4, "bwd": 7, "full": 11}
+#: Passes eager PyTorch makes (fusedres.traffic, rule 4). Forward: statistics (read z), normalise
+#: (read z, write t), add (read t and the residual, write s), ReLU (read s, write y). Backward:
+#: ReLU backward (read dy and y, write g), BatchNorm backward (read g and z twice, write dz).
+EAGER_PASSES = {"fwd": 8, "bwd": 8, "full": 16}
+PROVIDERS = ["eager", "eager_cl", "compile", "cpu", "cpu_cl"]
 # Each case takes milliseconds; many rounds make the median robust to a noisy shared machine.
 ROUNDS = 30
 
@@ -43,29 +66,34 @@ class Case:
         self.running_mean, self.running_var = torch.zeros(c), torch.ones(c)
 
 
-def eager_fns(case):
+def eager_fns(case, compile_it: bool):
     z = case.z.clone().requires_grad_()
     res = case.res.clone().requires_grad_()
     gamma = case.gamma.clone().requires_grad_()
     beta = case.beta.clone().requires_grad_()
     leaves = (z, gamma, beta, res)
 
-    def fwd():
+    def unit():
         out = F.batch_norm(z, case.running_mean, case.running_var, gamma, beta, True, 0.1, EPS)
         return torch.relu(out + res)
 
+    if compile_it:
+        # A fresh dynamo cache per case: the same code compiled for 9 cases would pass dynamo's
+        # recompile limit (8) and run the last ones eagerly.
+        torch._dynamo.reset()
+    fwd = torch.compile(unit, dynamic=False) if compile_it else unit
     y = fwd()
 
     def bwd():
         return torch.autograd.grad(y, leaves, case.dy, retain_graph=True)
 
-    def fwdbwd():
+    def full():
         return torch.autograd.grad(fwd(), leaves, case.dy)
 
-    return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwdbwd}
+    return {"fwd": fwd, "bwd": bwd, "full": full}
 
 
-def fused_fns(case):
+def fused_fns(case, compile_it: bool):
     ops = torch.ops.fusedres
 
     def fwd():
@@ -80,26 +108,51 @@ def fused_fns(case):
     def bwd():
         return ops.bn_act_bwd(case.dy, y, case.z, mean, invstd, case.gamma, True, True, True)
 
-    def fwdbwd():
+    def full():
         y, mean, invstd = fwd()
         return ops.bn_act_bwd(case.dy, y, case.z, mean, invstd, case.gamma, True, True, True)
 
-    return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwdbwd}
+    return {"fwd": fwd, "bwd": bwd, "full": full}
 
 
-PROVIDERS = {"eager": eager_fns, "cpu": fused_fns}
-
-
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-@pytest.mark.parametrize("mode", list(PASSES))
-@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", list(MIN_PASSES))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_bn_act(benchmark, shape, fmt, mode, provider):
-    if provider == "cpu" and not _ext.extension_loaded():
-        pytest.skip(f"cpu provider needs the C++ extension: {_ext.EXTENSION_ERROR}")
+def test_bn_act(benchmark, shape, mode, provider):
+    p = make_provider(provider)
+    if p.backend == "cpu" and not _ext.extension_loaded():
+        pytest.skip(f"{provider} provider needs the C++ extension: {_ext.EXTENSION_ERROR}")
+    if p.compiled and compile_skip_reason("kernels") is not None:
+        pytest.skip(compile_skip_reason("kernels"))
     torch.manual_seed(0)
-    case = Case(shape, FORMATS[fmt])
-    fn = PROVIDERS[provider](case)[mode]
-    benchmark.group = f"bn_act {'x'.join(map(str, shape))} {fmt} {mode}"
+    case = Case(shape, torch.channels_last if p.channels_last else torch.contiguous_format)
+    benchmark.group = f"bn_act {'x'.join(map(str, shape))} {mode}"
+    t0 = time.perf_counter()
+    fn = (fused_fns if p.backend == "cpu" else eager_fns)(case, p.compiled)[mode]
+    fn()
+    first_call_s = time.perf_counter() - t0
     benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=2, iterations=1)
-    record(benchmark, provider, PASSES[mode] * case.z.numel() * case.z.element_size())
+    passes = None if p.compiled else (EAGER_PASSES if p.backend == "eager" else MIN_PASSES)[mode]
+    record(benchmark, provider, MIN_PASSES[mode] * case.z.numel() * case.z.element_size(),
+           backend=p.backend, channels_last=p.channels_last, compiled=p.compiled, mode=mode,
+           first_call_s=first_call_s,
+           traffic_ratio_vs_eager=EAGER_PASSES[mode] / passes if passes else None)
+
+
+def test_pass_counts_follow_the_traffic_model():
+    """The pass tables above against fusedres.traffic: for a unit whose convolution is the same
+    for every backend, eager minus fused bytes must be the passes eager makes beyond the fused
+    ops, in training (forward + backward) and in eval (the forward without the statistics)."""
+    n, c, h, w = SHAPES[0]
+    unit = traffic.Unit("u", n, c, h, w, c, kernel=1, residual=True, needs_dx=False)
+    pass_bytes = n * c * h * w * 4
+
+    def eager_minus_fused(training):
+        return (traffic.unit_traffic(unit, "eager", training).total
+                - traffic.unit_traffic(unit, "cpu", training).total)
+
+    assert eager_minus_fused(True) == (EAGER_PASSES["full"] - MIN_PASSES["full"]) * pass_bytes
+    assert EAGER_PASSES["full"] == EAGER_PASSES["fwd"] + EAGER_PASSES["bwd"]
+    assert MIN_PASSES["full"] == MIN_PASSES["fwd"] + MIN_PASSES["bwd"]
+    # Eval drops the statistics pass (one pass over z) from both.
+    assert eager_minus_fused(False) == (EAGER_PASSES["fwd"] - MIN_PASSES["fwd"]) * pass_bytes

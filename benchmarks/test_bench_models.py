@@ -2,9 +2,11 @@
 
 Training step = forward + cross-entropy + backward + SGD (momentum) step, the unit of images/s
 in training; eval = forward under inference_mode. extra_info carries images/s, GB/s (the
-fusedres.traffic bytes of the units and blocks), conv TFLOP/s and memory: on a GPU the step's
-peak allocation beyond weights and optimizer state (fusedres.report.peak_memory), everywhere the
-bytes saved for backward (fusedres.report.saved_bytes).
+fusedres.traffic bytes of the units and blocks) and the bytes ratio to eager, conv TFLOP/s and
+memory: the step's peak allocation beyond weights and optimizer state
+(fusedres.report.peak_memory, on CPU from torch.profiler's allocator record) and the bytes saved
+for backward (fusedres.report.saved_bytes). torch.compile runs unless FUSEDRES_BENCH_COMPILE=0
+(on 2 CPU cores its compiles take minutes: see _providers).
 
     pytest benchmarks/test_bench_models.py --benchmark-only
 """
@@ -18,8 +20,8 @@ import fusedres
 from fusedres import traffic
 from fusedres.report import build_model, make_eval_step, make_train_step
 
-from _providers import (DEVICE, SIZES, autocast, bytes_for, make_provider, provider_params,
-                        run_benchmark, timed)
+from _providers import (DEVICE, SIZES, autocast, make_provider, provider_params, run_benchmark,
+                        timed)
 
 
 @pytest.mark.parametrize("provider", provider_params("models"))
@@ -30,6 +32,9 @@ def test_model(benchmark, arch, mode, provider):
     n, size, training = SIZES.model_batch[arch], SIZES.model_image, mode == "train"
     benchmark.group = f"model {arch} batch {n} {size}px {mode}"
     torch.manual_seed(0)
+    if provider.compiled:
+        # A fresh dynamo cache per case: see _providers.compiled.
+        torch._dynamo.reset()
     model = build_model(arch, provider, DEVICE, getattr(fusedres.models, arch)())
     fmt = torch.channels_last if provider.channels_last else torch.contiguous_format
     x = torch.randn(n, 3, size, size, device=DEVICE).contiguous(memory_format=fmt)
@@ -43,10 +48,7 @@ def test_model(benchmark, arch, mode, provider):
         with autocast(DEVICE, SIZES.dtype):
             model(x)
 
-    blocks = traffic.model_blocks(arch, n, size)
     run_benchmark(benchmark, provider, timed(step), images=n,
-                  bytes_moved=bytes_for(provider, blocks, training),
-                  flops=sum(traffic.unit_flops(u, training) for b in blocks for u in b),
+                  blocks=traffic.model_blocks(arch, n, size), training=training,
                   forward=forward if (training and not provider.compiled) else None,
-                  params=list(model.parameters()))
-    benchmark.extra_info["arch"] = arch
+                  params=list(model.parameters()), arch=arch, mode=mode)

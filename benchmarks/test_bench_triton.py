@@ -1,32 +1,58 @@
-"""Per-kernel benchmarks of the Triton backend against eager PyTorch, at ResNet-50 shapes.
+"""Per-kernel benchmarks at ResNet-50 shapes: eager PyTorch, the triton and cuda backends.
 
-One pytest-benchmark group per (op, shape) with the providers ``eager`` and ``triton``. Every
-case reports in extra_info the bytes it must move at least (each input read once, each output
-written once), the GB/s that makes, and for convolutions the TFLOP/s. Compare GB/s with the
-device's copy bandwidth: a memory-bound kernel is done when it is near it.
+One pytest-benchmark group per (op, mode, shape); the providers share it:
 
-    pytest benchmarks/test_bench_triton.py --benchmark-only --benchmark-group-by=group
+- ``eager``: the BatchNorm ops as the reference composes them in plain PyTorch ops (the eager
+  backend); a convolution unit as eager PyTorch runs it: F.conv2d, F.batch_norm, + residual,
+  ReLU, backward by autograd;
+- ``triton``: the triton backend (fusedres/kernels behind torch.ops.fusedres_triton);
+- ``cuda``: the cuda backend (torch.ops.fusedres on CUDA tensors, csrc/cuda; cuDNN convolutions);
+- ``cpu``: the cpu backend (csrc/cpu), so that the file also runs, small, without a GPU.
 
-Skipped without CUDA (the interpreter says nothing about speed). Shapes: batch 64, bf16,
-channels_last (override the batch with FUSEDRES_BENCH_BATCH).
+Unusable providers are skipped with the reason (triton is not timed on a CPU). Ops: bn_stats,
+bn_act_fwd, bn_act_bwd (``memory_bound`` in extra_info: scripts/gpu_validate.sh compares their
+GB/s with the device's copy bandwidth), and a convolution unit (conv -> BN -> + residual ->
+ReLU) in four modes: training forward, eval forward (BN folded into scale/shift), training
+backward and full (training forward + backward).
+
+extra_info: the bytes a case must move at least, the same for every provider (each input read
+once, each output written once; a BatchNorm training backward makes two passes, see
+``test_bn_act_bwd``), the GB/s that makes (compare with the copy bandwidth: a memory-bound
+kernel is done when it is near it), and for the convolutions TFLOP/s.
+
+Timing: a round launches the op ``launches`` times back to back and synchronises once (see
+:class:`SyncEvery`), so the median is the time per launch with the synchronisation amortised,
+as inside a network: the device time, or the host's launch cost where a kernel is shorter than
+that. Rounds of at least ~2 GB of traffic on a GPU, one launch per round on CPU.
+
+    pytest benchmarks/test_bench_triton.py --benchmark-only
+
+Shapes: batch 64, bf16, channels_last on a GPU; batch 2, float32 on CPU (FUSEDRES_BENCH_BATCH
+overrides the batch).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import fusedres
+from _providers import DEVICE, GPU, make_provider
 from conftest import record
-from fusedres import reference
+from fusedres.backend import ConvParams, conv_output_hw
+from fusedres.report import provider_status, sync
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="Triton kernel benchmarks need a CUDA device")
-
-BATCH = int(os.environ.get("FUSEDRES_BENCH_BATCH", "64"))
-DTYPE = torch.bfloat16
+BATCH = int(os.environ.get("FUSEDRES_BENCH_BATCH", "64" if GPU else "2"))
+DTYPE = torch.bfloat16 if GPU else torch.float32
+EPS = 1e-5
+ROUNDS, WARMUP = 20, 3
+# Bytes of traffic per timed round on a GPU (~0.7 ms at 3 TB/s), at most this many launches.
+ROUND_BYTES, MAX_LAUNCHES = 2e9, 50
 # (name, Cin, H, W, Cout, kernel, stride): the ResNet-50 convolutions that dominate its time.
 CONVS = [
     ("stem-7x7s2", 3, 224, 224, 64, 7, 2),
@@ -40,123 +66,191 @@ CONVS = [
 # (name, C, H, W): BatchNorm tensors (a conv output) of ResNet-50.
 ACTIVATIONS = [("l1-256x56", 256, 56, 56), ("l2-512x28", 512, 28, 28),
                ("l3-1024x14", 1024, 14, 14), ("l4-2048x7", 2048, 7, 7)]
-PROVIDERS = ["eager", "triton"]
+PROVIDERS = ["eager", "triton", "cuda", "cpu"]
 
 
-def _run(benchmark, provider: str, fn, bytes_moved: int, flops: int = 0):
-    def timed():
-        fn()
-        torch.cuda.synchronize()
+class SyncEvery:
+    """Calls ``fn`` and synchronises the device after every ``n``-th call.
 
-    benchmark.pedantic(timed, rounds=20, warmup_rounds=3, iterations=1)
-    record(benchmark, provider, bytes_moved, flops, device=torch.cuda.get_device_name(),
-           dtype=str(DTYPE).removeprefix("torch."))
+    Timed with ``benchmark.pedantic(..., iterations=n)``, each round is ``n`` back-to-back
+    launches and one synchronisation, and pytest-benchmark's time per iteration is the device
+    time per launch: a synchronisation per call would add a host round trip (10-20 us) to
+    kernels that take a few microseconds.
+    """
+
+    def __init__(self, fn, n: int):
+        self.fn, self.n, self.calls = fn, n, 0
+
+    def __call__(self):
+        self.fn()
+        self.calls += 1
+        if self.calls % self.n == 0:
+            sync(DEVICE)
+
+
+def _backend(provider: str):
+    """The provider's fusedres backend; skips the case, with the reason, where it is unusable."""
+    ok, why = provider_status(make_provider(provider), DEVICE)
+    if not ok:
+        pytest.skip(f"{provider} unusable on {DEVICE}: {why}")
+    return fusedres.get_backend(provider)
+
+
+def _run(benchmark, provider: str, fn, bytes_moved: int, flops: int = 0, **info):
+    """Times ``fn`` (see the module docstring) and records bytes, GB/s, TFLOP/s and ``info``."""
+    t0 = time.perf_counter()
+    fn()
+    sync(DEVICE)
+    first_call_s = time.perf_counter() - t0  # autotuning included
+    launches = min(MAX_LAUNCHES, math.ceil(ROUND_BYTES / bytes_moved)) if GPU else 1
+    benchmark.pedantic(SyncEvery(fn, launches), rounds=ROUNDS, warmup_rounds=WARMUP,
+                       iterations=launches)
+    record(benchmark, provider, bytes_moved, flops,
+           device=torch.cuda.get_device_name(DEVICE) if GPU else "cpu",
+           dtype=str(DTYPE).removeprefix("torch."), batch=BATCH, launches_per_round=launches,
+           first_call_s=first_call_s, backend=provider, **info)
 
 
 def _act(c, h, w):
-    return torch.randn(BATCH, c, h, w, device="cuda", dtype=DTYPE).to(
+    return torch.randn(BATCH, c, h, w, device=DEVICE, dtype=DTYPE).to(
         memory_format=torch.channels_last)
 
 
 def _channel(c, lo=0.5, hi=1.5):
-    return torch.empty(c, device="cuda").uniform_(lo, hi)
+    return torch.empty(c, device=DEVICE).uniform_(lo, hi)
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", ACTIVATIONS, ids=[a[0] for a in ACTIVATIONS])
 def test_bn_stats(benchmark, shape, provider):
-    from fusedres.kernels import bn
+    backend = _backend(provider)
     name, c, h, w = shape
     benchmark.group = f"bn_stats-{name}"
     z = _act(c, h, w)
-    fn = (lambda: bn.bn_stats(z)) if provider == "triton" else \
-        (lambda: reference.bn_stats(z, upcast=False))
-    _run(benchmark, provider, fn, z.numel() * z.element_size())
+    _run(benchmark, provider, lambda: backend.bn_stats(z), _nbytes(z), memory_bound=True)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", ACTIVATIONS, ids=[a[0] for a in ACTIVATIONS])
 def test_bn_act_fwd(benchmark, shape, provider):
-    from fusedres.kernels import bn
+    backend = _backend(provider)
     name, c, h, w = shape
     benchmark.group = f"bn_act_fwd-{name}"
     z, res = _act(c, h, w), _act(c, h, w)
     scale, shift = _channel(c), _channel(c, -0.5, 0.5)
-    impl = bn.bn_act_fwd if provider == "triton" else \
-        (lambda *a: reference.bn_act_fwd(*a, upcast=False))
-    _run(benchmark, provider, lambda: impl(z, scale, shift, res, True), 3 * z.numel() * z.element_size())
+    # read z and the residual, write y
+    _run(benchmark, provider, lambda: backend.bn_act_fwd(z, scale, shift, res, True),
+         3 * _nbytes(z), memory_bound=True)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", ACTIVATIONS, ids=[a[0] for a in ACTIVATIONS])
 def test_bn_act_bwd(benchmark, shape, provider):
-    from fusedres.kernels import bn
+    backend = _backend(provider)
     name, c, h, w = shape
     benchmark.group = f"bn_act_bwd-{name}"
     z, dy = _act(c, h, w), _act(c, h, w)
     y = torch.relu(_act(c, h, w))
     mean, invstd, gamma = _channel(c, -0.1, 0.1), _channel(c), _channel(c)
-    impl = bn.bn_act_bwd if provider == "triton" else \
-        (lambda *a: reference.bn_act_bwd(*a, upcast=False))
-    # read dy, y, z; write dz, dresidual
-    _run(benchmark, provider, lambda: impl(dy, y, z, mean, invstd, gamma, True, True, True),
-         5 * z.numel() * z.element_size())
+    # dz needs sums over the whole batch first: two passes at least. Read dy, y and z, write
+    # dresidual; read dresidual and z, write dz.
+    _run(benchmark, provider,
+         lambda: backend.bn_act_bwd(dy, y, z, mean, invstd, gamma, True, True, True),
+         7 * _nbytes(z), memory_bound=True)
 
 
-def _conv_case(case):
-    name, cin, h, w, cout, k, stride = case
-    x = _act(cin, h, w)
-    weight = (torch.randn(cout, cin, k, k, device="cuda") / (cin * k * k) ** 0.5).to(DTYPE)
-    weight = weight.contiguous(memory_format=torch.channels_last)
-    pad = k // 2
-    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-    flops = 2 * BATCH * ho * wo * cout * cin * k * k
-    out_bytes = BATCH * cout * ho * wo * x.element_size()
-    return name, x, weight, (stride, stride), (pad, pad), flops, out_bytes
+class ConvUnit:
+    """Inputs of one convolution unit at a CONVS shape, and its timed functions per provider.
+
+    x [N, Cin, H, W], weight [Cout, Cin, k, k], residual and dy [N, Cout, Ho, Wo] (channels_last,
+    DTYPE); gamma, beta, scale, shift [Cout] (float32).
+    """
+
+    def __init__(self, case):
+        _, cin, h, w, cout, k, stride = case
+        self.x = _act(cin, h, w)
+        self.weight = (torch.randn(cout, cin, k, k, device=DEVICE) / (cin * k * k) ** 0.5).to(
+            DTYPE).contiguous(memory_format=torch.channels_last)
+        self.conv = ConvParams((stride, stride), (k // 2, k // 2), (1, 1), 1)
+        ho, wo = conv_output_hw((h, w), (k, k), self.conv.stride, self.conv.padding, (1, 1))
+        self.res, self.dy = _act(cout, ho, wo), _act(cout, ho, wo)
+        self.gamma, self.beta = _channel(cout), _channel(cout, -0.5, 0.5)
+        self.scale, self.shift = _channel(cout), _channel(cout, -0.5, 0.5)
+        self.flops = 2 * self.res.numel() * cin * k * k
+        xw = _nbytes(self.x, self.weight)
+        out = _nbytes(self.res)
+        #: least bytes per mode: each input read once, each output written once
+        self.bytes = {
+            "train_fwd": xw + 3 * out,        # read x, w, residual; write z, y
+            "eval_fwd": xw + 2 * out,         # read x, w, residual; write y
+            "train_bwd": 2 * xw + 4 * out,    # read dy, y, z, x, w; write dx, dw, dresidual
+        }
+        self.bytes["train_full"] = self.bytes["train_fwd"] + self.bytes["train_bwd"]
+
+    def eager(self, mode: str):
+        """F.conv2d -> F.batch_norm -> + residual -> ReLU; backward by autograd."""
+        leaves = [t.detach().requires_grad_() for t in (self.x, self.weight, self.gamma,
+                                                         self.beta, self.res)]
+        x, weight, gamma, beta, res = leaves
+        stride, padding = self.conv.stride, self.conv.padding
+        if mode == "eval_fwd":
+            # Running statistics that make BatchNorm the fused providers' z * scale + shift.
+            mean = torch.zeros_like(self.scale)
+            var = torch.full_like(self.scale, 1 - EPS)
+
+            def fwd():
+                with torch.inference_mode():
+                    z = F.conv2d(self.x, self.weight, None, stride, padding)
+                    y = F.batch_norm(z, mean, var, self.scale, self.shift, False, 0.0, EPS)
+                    return torch.relu(y + self.res)
+            return fwd
+
+        def fwd():
+            z = F.conv2d(x, weight, None, stride, padding)
+            return torch.relu(F.batch_norm(z, None, None, gamma, beta, True, 0.0, EPS) + res)
+
+        if mode == "train_fwd":
+            return fwd
+        if mode == "train_bwd":
+            y = fwd()
+            return lambda: torch.autograd.grad(y, leaves, self.dy, retain_graph=True)
+        return lambda: torch.autograd.grad(fwd(), leaves, self.dy)
+
+    def fused(self, backend, mode: str):
+        """The backend's composites, as fusedres.ops.unit.ConvBNActFunction calls them."""
+        def fwd():
+            return backend.forward_train(self.x, self.weight, self.gamma, self.beta, self.res,
+                                         True, EPS, self.conv)
+
+        def bwd(saved):
+            y, z, mean, _, invstd = saved
+            return backend.backward(self.dy, self.x, self.weight, y, z, mean, invstd, self.gamma,
+                                    True, True, True, self.conv, (True, True, True))
+
+        if mode == "eval_fwd":
+            return lambda: backend.forward_eval(self.x, self.weight, self.scale, self.shift,
+                                                self.res, True, self.conv)
+        if mode == "train_fwd":
+            return fwd
+        if mode == "train_bwd":
+            saved = fwd()
+            return lambda: bwd(saved)
+        return lambda: bwd(fwd())
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case", CONVS, ids=[c[0] for c in CONVS])
-def test_conv_train_forward(benchmark, case, provider):
-    """Training forward of a unit: conv + batch statistics (F1) + scale/shift/residual/ReLU (F2)."""
-    from fusedres.backend import ConvParams, get_backend
-    name, x, weight, stride, pad, flops, out_bytes = _conv_case(case)
-    benchmark.group = f"conv_train_fwd-{name}"
-    cout = weight.shape[0]
-    gamma, beta = _channel(cout), _channel(cout, -0.5, 0.5)
-    res = torch.randn(x.shape[0], cout, *_out_hw(x, weight, stride, pad), device="cuda",
-                      dtype=DTYPE).to(memory_format=torch.channels_last)
-    backend = get_backend("triton" if provider == "triton" else "eager")
-    params = ConvParams(stride, pad, (1, 1), 1)
-    fn = lambda: backend.forward_train(x, weight, gamma, beta, res, True, 1e-5, params)  # noqa: E731
-    # read x, w, residual; write z and y
-    moved = x.numel() * x.element_size() + weight.numel() * weight.element_size() + 3 * out_bytes
-    _run(benchmark, provider, fn, moved, flops)
-
-
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("case", CONVS, ids=[c[0] for c in CONVS])
-def test_conv_eval_forward(benchmark, case, provider):
-    """Eval forward of a unit: conv with the folded-BN + residual + ReLU epilogue (F2)."""
-    from fusedres.kernels import conv
-    name, x, weight, stride, pad, flops, out_bytes = _conv_case(case)
-    benchmark.group = f"conv_eval_fwd-{name}"
-    cout = weight.shape[0]
-    scale, shift = _channel(cout), _channel(cout, -0.5, 0.5)
-    res = torch.randn(x.shape[0], cout, *_out_hw(x, weight, stride, pad), device="cuda",
-                      dtype=DTYPE).to(memory_format=torch.channels_last)
-    if provider == "triton":
-        def fn():
-            conv.conv2d(x, weight, stride, pad, (1, 1), 1, scale=scale, shift=shift,
-                        residual=res, relu=True)
-    else:
-        def fn():
-            z = F.conv2d(x, weight, None, stride, pad)
-            reference.bn_act_fwd(z, scale, shift, res, True, upcast=False)
-    moved = x.numel() * x.element_size() + weight.numel() * weight.element_size() + 2 * out_bytes
-    _run(benchmark, provider, fn, moved, flops)
-
-
-def _out_hw(x, weight, stride, pad):
-    k = weight.shape[-1]
-    return tuple((x.shape[2 + i] + 2 * pad[i] - k) // stride[i] + 1 for i in range(2))
+# The training step's unit first: a stage cut by its time limit (scripts/gpu_validate.sh) keeps it.
+@pytest.mark.parametrize("mode", ["train_full", "train_fwd", "train_bwd", "eval_fwd"])
+def test_conv_unit(benchmark, mode, case, provider):
+    """One convolution unit; training modes use batch statistics."""
+    backend = _backend(provider)
+    benchmark.group = f"conv_{mode}-{case[0]}"
+    unit = ConvUnit(case)
+    fn = unit.eager(mode) if provider == "eager" else unit.fused(backend, mode)
+    passes = {"train_fwd": 1, "eval_fwd": 1, "train_bwd": 2, "train_full": 3}[mode]
+    _run(benchmark, provider, fn, unit.bytes[mode], passes * unit.flops, mode=mode)
