@@ -6,7 +6,12 @@
 # so that it compiles against the torch in this environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+# `python`, else `python3` (the GPU machines have only python3); PYTHON overrides.
+PYTHON=${PYTHON:-$(command -v python || command -v python3 || true)}
+if [[ -z "$PYTHON" ]]; then
+  echo "install.sh: neither python nor python3 is on PATH; set PYTHON=/path/to/python" >&2
+  exit 1
+fi
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   "$PYTHON" -m pip install "torch==2.13.0"
 fi
