@@ -7,6 +7,15 @@
 //   bn_act_fwd(z, scale, shift, residual?, relu) -> y = act(z*scale + shift + residual)
 //   bn_act_bwd(dy, y, z, mean, invstd, weight, relu, has_residual, training)
 //       -> (dz, dweight, dbias, dresidual)    dresidual is empty (shape [0]) without a residual
+//   bn_act_fwd_mask(z, scale, shift, residual?) -> (y, mask)
+//       y = relu(z*scale + shift + residual) and its packed ReLU mask: uint8 [ceil(numel / 8)],
+//       bit k (least significant first) of byte j set when element 8j + k of y, in y's memory
+//       order, passes the gradient (not y <= 0, threshold_backward's rule); padding bits 0
+//   bn_act_bwd_mask(dy, mask, z, mean, invstd, weight, has_residual, training)
+//       -> bn_act_bwd(dy, y, z, ..., relu=true, ...) with the gate read from the mask instead of y
+// When the mask pays: the backward reads 1/8 byte per element for the gate instead of y's 2-4
+// bytes. It saves no memory in a ResNet unit, whose y is saved anyway as the next convolution's
+// input (fusedres/ops/unit.py keeps y); only where nothing else keeps y alive.
 // Per-channel vectors are in the statistics dtype (float64 for float64 activations, else float32);
 // activation outputs take z's dtype and memory format. Every device's implementation runs the
 // argument checks of common/checks.h first.
@@ -41,6 +50,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
     bool training) {
   checks::check_bn_act_bwd_args(dy, y, z, mean, invstd, weight);
   return cpu::bn_act_bwd(dy, y, z, mean, invstd, weight, relu, has_residual, training);
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_act_fwd_mask_cpu(const at::Tensor& z, const at::Tensor& scale,
+                                                       const at::Tensor& shift,
+                                                       const c10::optional<at::Tensor>& residual) {
+  checks::check_bn_act_fwd_args(z, scale, shift, residual, "fusedres::bn_act_fwd_mask");
+  return cpu::bn_act_fwd_mask(z, scale, shift, residual);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_mask_cpu(
+    const at::Tensor& dy, const at::Tensor& mask, const at::Tensor& z, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& weight, bool has_residual, bool training) {
+  checks::check_bn_act_bwd_mask_args(dy, mask, z, mean, invstd, weight);
+  return cpu::bn_act_bwd_mask(dy, mask, z, mean, invstd, weight, has_residual, training);
 }
 
 bool cuda_kernels_built() {
@@ -85,12 +108,21 @@ TORCH_LIBRARY(fusedres, m) {
       "bn_act_bwd(Tensor dy, Tensor y, Tensor z, Tensor mean, Tensor invstd, Tensor weight, "
       "bool relu, bool has_residual, bool training) "
       "-> (Tensor dz, Tensor dweight, Tensor dbias, Tensor dresidual)");
+  m.def(
+      "bn_act_fwd_mask(Tensor z, Tensor scale, Tensor shift, Tensor? residual) "
+      "-> (Tensor y, Tensor mask)");
+  m.def(
+      "bn_act_bwd_mask(Tensor dy, Tensor mask, Tensor z, Tensor mean, Tensor invstd, "
+      "Tensor weight, bool has_residual, bool training) "
+      "-> (Tensor dz, Tensor dweight, Tensor dbias, Tensor dresidual)");
 }
 
 TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
   m.impl("bn_stats", &fusedres::bn_stats_cpu);
   m.impl("bn_act_fwd", &fusedres::bn_act_fwd_cpu);
   m.impl("bn_act_bwd", &fusedres::bn_act_bwd_cpu);
+  m.impl("bn_act_fwd_mask", &fusedres::bn_act_fwd_mask_cpu);
+  m.impl("bn_act_bwd_mask", &fusedres::bn_act_bwd_mask_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -115,13 +147,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 //
 // Layout: the kernels walk channels_last (NHWC) buffers as a [N*H*W, C] matrix. Inputs in another
 // layout are copied to channels_last here, and outputs are returned in the memory format of
-// checks::unit_memory_format(z) (so NCHW users pay two transposes; fused modules keep
-// activations channels_last on CUDA).
+// checks::unit_memory_format(z). The cuda backend convolves in channels_last, so z arrives here
+// without a copy; only NCHW dy and residual tensors are transposed.
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 
 #include <limits>
 
+#include "common/cuda_launch.h"
 #include "cuda/bn_kernels.h"
 
 namespace fusedres {
@@ -155,11 +188,6 @@ struct CudaCall {
                 ": ", cudaGetErrorString(err));
   }
 };
-
-void check_launch(const cuda::LaunchStatus& st, const char* op) {
-  TORCH_CHECK(st.ok(), op, ": CUDA kernel ", st.kernel, " failed: ", cudaGetErrorString(st.error),
-              " (", cudaGetErrorName(st.error), ")");
-}
 
 void check_cuda_input(const at::Tensor& z, const char* op) {
   TORCH_CHECK(z.is_cuda(), op, ": the CUDA implementation got z on ", z.device());
@@ -236,13 +264,11 @@ at::Tensor bn_act_fwd_cuda(const at::Tensor& z, const at::Tensor& scale, const a
   return to_output_format(y, fmt);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cuda(
-    const at::Tensor& dy, const at::Tensor& y, const at::Tensor& z, const at::Tensor& mean,
-    const at::Tensor& invstd, const at::Tensor& weight, bool relu, bool has_residual,
-    bool training) {
-  constexpr const char* op = "fusedres::bn_act_bwd";
-  checks::check_bn_act_bwd_args(dy, y, z, mean, invstd, weight);
-  check_cuda_input(z, op);
+// bn_act_bwd on checked arguments, the ReLU gate from y or (NHWC only, y undefined) from the mask.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cuda_gated(
+    const at::Tensor& dy, const at::Tensor& y, const at::Tensor& mask, const at::Tensor& z,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight, bool relu,
+    bool has_residual, bool training, const char* op) {
   const auto fmt = checks::unit_memory_format(z);
   const int64_t C = z.size(1);
   const auto sdt = checks::stats_dtype(z.scalar_type());
@@ -256,14 +282,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cuda(
   // dy often arrives in another layout than the saved tensors; one conversion here lets every
   // stream share the NHWC index.
   const at::Tensor dyc = dy.contiguous(c10::MemoryFormat::ChannelsLast);
-  const at::Tensor yc = y.contiguous(c10::MemoryFormat::ChannelsLast);
+  const at::Tensor yc = y.defined() ? y.contiguous(c10::MemoryFormat::ChannelsLast) : at::Tensor();
+  const at::Tensor maskc = mask.defined() ? mask.contiguous() : at::Tensor();
   const at::Tensor zc = z.contiguous(c10::MemoryFormat::ChannelsLast);
   const at::Tensor m = mean.contiguous(), is = invstd.contiguous(), w = weight.contiguous();
   at::Tensor dweight = at::empty({C}, z.options().dtype(sdt));
   at::Tensor dbias = at::empty({C}, z.options().dtype(sdt));
   cuda::BwdParams p;
   p.dy = dyc.const_data_ptr();
-  p.y = yc.const_data_ptr();
+  p.y = yc.defined() ? yc.const_data_ptr() : nullptr;
+  p.mask = maskc.defined() ? maskc.const_data_ptr<uint8_t>() : nullptr;
   p.z = zc.const_data_ptr();
   p.mean = m.const_data_ptr();
   p.invstd = is.const_data_ptr();
@@ -285,6 +313,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cuda(
           has_residual ? to_output_format(dres, fmt) : dres};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cuda(
+    const at::Tensor& dy, const at::Tensor& y, const at::Tensor& z, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& weight, bool relu, bool has_residual,
+    bool training) {
+  constexpr const char* op = "fusedres::bn_act_bwd";
+  checks::check_bn_act_bwd_args(dy, y, z, mean, invstd, weight);
+  check_cuda_input(z, op);
+  return bn_act_bwd_cuda_gated(dy, y, at::Tensor(), z, mean, invstd, weight, relu, has_residual,
+                               training, op);
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_act_fwd_mask_cuda(const at::Tensor& z, const at::Tensor& scale,
+                                                        const at::Tensor& shift,
+                                                        const c10::optional<at::Tensor>& residual) {
+  constexpr const char* op = "fusedres::bn_act_fwd_mask";
+  checks::check_bn_act_fwd_args(z, scale, shift, residual, op);
+  check_cuda_input(z, op);
+  // The mask's bits follow y's memory order, so NCHW stays NCHW here (the flat mask kernel walks
+  // either layout) instead of taking the NHWC round trip of the other ops.
+  const auto fmt = checks::unit_memory_format(z);
+  at::Tensor y = at::empty(z.sizes(), z.options().memory_format(fmt));
+  at::Tensor mask = at::empty({(z.numel() + 7) / 8}, z.options().dtype(at::kByte));
+  if (z.numel() == 0) return {y, mask};
+  CudaCall call(z, op);
+  const at::Tensor zc = z.contiguous(fmt);
+  const bool has_res = residual.has_value() && residual->defined();
+  const at::Tensor res = has_res ? residual->contiguous(fmt) : at::Tensor();
+  const at::Tensor sc = scale.contiguous(), sh = shift.contiguous();
+  cuda::FwdMaskParams p;
+  p.z = zc.const_data_ptr();
+  p.residual = has_res ? res.const_data_ptr() : nullptr;
+  p.scale = sc.const_data_ptr();
+  p.shift = sh.const_data_ptr();
+  p.y = y.mutable_data_ptr();
+  p.mask = mask.mutable_data_ptr<uint8_t>();
+  p.numel = z.numel();
+  p.channels = z.size(1);
+  p.channel_run = fmt == c10::MemoryFormat::ChannelsLast ? 1 : z.size(2) * z.size(3);
+  p.num_sms = call.num_sms;
+  p.kind = cuda_scalar_kind(z.scalar_type());
+  check_launch(cuda::bn_act_fwd_mask(p, call.stream), op);
+  return {y, mask};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_mask_cuda(
+    const at::Tensor& dy, const at::Tensor& mask, const at::Tensor& z, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& weight, bool has_residual, bool training) {
+  constexpr const char* op = "fusedres::bn_act_bwd_mask";
+  checks::check_bn_act_bwd_mask_args(dy, mask, z, mean, invstd, weight);
+  check_cuda_input(z, op);
+  if (checks::unit_memory_format(z) == c10::MemoryFormat::ChannelsLast) {
+    return bn_act_bwd_cuda_gated(dy, at::Tensor(), mask, z, mean, invstd, weight, true,
+                                 has_residual, training, op);
+  }
+  // NCHW: the bits are in NCHW order while the kernels walk NHWC, so expand them into a 0/1 gate
+  // tensor shaped like z and take the y path (NCHW inputs on CUDA pay layout copies anyway).
+  const at::Tensor gate = mask.unsqueeze(1)
+                              .bitwise_right_shift(at::arange(8, mask.options()))
+                              .bitwise_and(1)
+                              .reshape({-1})
+                              .narrow(0, 0, z.numel())
+                              .view(z.sizes())
+                              .to(z.scalar_type());
+  return bn_act_bwd_cuda_gated(dy, gate, at::Tensor(), z, mean, invstd, weight, true, has_residual,
+                               training, op);
+}
+
 }  // namespace
 }  // namespace fusedres
 
@@ -292,5 +387,7 @@ TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
   m.impl("bn_stats", &fusedres::bn_stats_cuda);
   m.impl("bn_act_fwd", &fusedres::bn_act_fwd_cuda);
   m.impl("bn_act_bwd", &fusedres::bn_act_bwd_cuda);
+  m.impl("bn_act_fwd_mask", &fusedres::bn_act_fwd_mask_cuda);
+  m.impl("bn_act_bwd_mask", &fusedres::bn_act_bwd_mask_cuda);
 }
 #endif  // FUSEDRES_WITH_CUDA

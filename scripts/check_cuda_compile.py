@@ -2,9 +2,13 @@
 """Compile every csrc/cuda/*.cu with nvcc for real GPU targets and report ptxas resource usage.
 
 No GPU is needed: nvcc builds the cubins and ``-Xptxas -v`` prints, per kernel and architecture,
-the registers, spill stores/loads, stack frame and static shared memory. The command prints one
-table row per (kernel, arch) and exits non-zero on a compile error or on any spill (a spill in a
-memory-bound kernel costs local-memory traffic on every element).
+the registers, spill stores/loads, stack frame and static shared memory. The PTX of the same build
+(kept with ``-keep``) shows the width of every global access. The command prints one table row per
+(kernel, arch) and exits non-zero on a compile error, on any spill (a spill in a memory-bound
+kernel costs local-memory traffic on every element), or on a vector kernel (one instantiated with
+a vector width > 1) whose activation loads, or stores where it writes activations, are not 128-bit
+(``ld/st.global*.v4`` of 32-bit elements or ``.v2`` of 64-bit ones): a silent fallback to narrower
+accesses would cost a large part of the bandwidth these kernels live on.
 
 The flags mirror what ``setup.py`` gives nvcc (-O3, --use_fast_math, ...) plus the flags
 torch.utils.cpp_extension always adds (``COMMON_NVCC_FLAGS``: no implicit half/bfloat16
@@ -45,6 +49,22 @@ _FRAME = re.compile(
     r"(?P<stack>\d+) bytes stack frame, (?P<spill_st>\d+) bytes spill stores, (?P<spill_ld>\d+) bytes spill loads")
 _USED = re.compile(r"Used (?P<regs>\d+) registers")
 _SMEM = re.compile(r"(?P<smem>\d+) bytes smem")
+_PTX_ENTRY = re.compile(r"^\s*(?:\.visible\s+|\.weak\s+)?\.entry\s+(?P<name>[\w$]+)", re.MULTILINE)
+# A global load or store with its qualifiers, e.g. ld.global.nc.L1::no_allocate.v4.f32 or st.global.v2.f64.
+_PTX_GLOBAL_ACCESS = re.compile(r"\b(?P<op>ld|st)\.global(?P<quals>(?:\.[\w:]+)+)")
+_PTX_VECTOR_TYPE = re.compile(r"^\.v(?P<n>\d)\.[a-z]+(?P<bits>\d+)$")
+
+# Vector kernels that write activations, by base name: a predicate on the template arguments
+# (strings, e.g. ["float", "4", "true", "false"]) saying whether this instantiation stores any.
+# The others (bn_stats_partial_kernel, bn_bwd_reduce_kernel without residual or eval dz) only
+# read activations and write per-channel partials, which are scalar by nature.
+WRITES_ACTIVATIONS = {
+    "bn_act_fwd_kernel": lambda args: True,
+    "bn_act_fwd_mask_kernel": lambda args: True,
+    "bn_bwd_dz_kernel": lambda args: True,
+    # <T, VEC, GATE, HAS_RESIDUAL, WRITE_DZ>
+    "bn_bwd_reduce_kernel": lambda args: "true" in args[3:5],
+}
 
 
 def find_nvcc() -> str | None:
@@ -69,10 +89,14 @@ def cuda_include_dir(nvcc: str) -> str | None:
     return None
 
 
-def nvcc_command(nvcc: str, source: str, archs, output: str) -> list[str]:
+def nvcc_command(nvcc: str, source: str, archs, output: str, keep_dir: str | None = None) -> list[str]:
+    """The nvcc command line; with ``keep_dir`` the intermediate files, among them one
+    ``<stem>.compute_<arch>.ptx`` per architecture, stay there."""
     cmd = [nvcc, *SETUP_NVCC_FLAGS, *TORCH_NVCC_FLAGS, "-I", os.path.join(ROOT, "csrc"), "-Xptxas", "-v"]
     for arch in archs:
         cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    if keep_dir is not None:
+        cmd += ["-keep", "-keep-dir", keep_dir]
     return cmd + ["-c", source, "-o", output]
 
 
@@ -107,6 +131,61 @@ def base_name(short: str) -> str:
     return short.split("<", 1)[0]
 
 
+def template_args(short: str) -> list[str]:
+    """'k<__half, 8, (GradSource)1>' -> ['__half', '8', '(GradSource)1'] (top-level arguments only)."""
+    if "<" not in short:
+        return []
+    inner = short[short.index("<") + 1:short.rindex(">")]
+    args, depth, start = [], 0, 0
+    for i, ch in enumerate(inner):
+        if ch in "<(":
+            depth += 1
+        elif ch in ">)":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            args.append(inner[start:i].strip())
+            start = i + 1
+    return args + [inner[start:].strip()]
+
+
+def vector_width(short: str) -> int:
+    """The VEC template argument of a per-element kernel (the second one, by convention), else 1."""
+    args = template_args(short)
+    return int(args[1]) if len(args) > 1 and args[1].isdigit() else 1
+
+
+def parse_ptx(ptx: str) -> dict[str, dict]:
+    """Per .entry (mangled name) of a PTX module, the count of 128-bit global loads and stores."""
+    counts, starts = {}, list(_PTX_ENTRY.finditer(ptx))
+    for i, m in enumerate(starts):
+        body = ptx[m.end():starts[i + 1].start() if i + 1 < len(starts) else len(ptx)]
+        wide = {"ld": 0, "st": 0}
+        for access in _PTX_GLOBAL_ACCESS.finditer(body):
+            for qual in re.findall(r"\.v\d\.[a-z]+\d+", access.group("quals")):
+                v = _PTX_VECTOR_TYPE.match(qual)
+                if int(v.group("n")) * int(v.group("bits")) == 128:
+                    wide[access.group("op")] += 1
+        counts[m.group("name")] = {"wide_loads": wide["ld"], "wide_stores": wide["st"]}
+    return counts
+
+
+def vector_access_errors(kernels: list[dict]) -> list[str]:
+    """What is wrong with the global access widths of ptxas rows annotated by parse_ptx's counts."""
+    errors = []
+    for k in kernels:
+        if vector_width(k["kernel"]) <= 1:
+            continue
+        if k.get("wide_loads") is None:
+            errors.append(f"{k['kernel']} on {k['arch']}: no PTX found for it")
+            continue
+        if k["wide_loads"] == 0:
+            errors.append(f"{k['kernel']} on {k['arch']}: no 128-bit global loads")
+        writes = WRITES_ACTIVATIONS.get(k["base"], lambda args: False)(template_args(k["kernel"]))
+        if writes and k["wide_stores"] == 0:
+            errors.append(f"{k['kernel']} on {k['arch']}: no 128-bit global stores")
+    return errors
+
+
 def parse_ptxas(log: str) -> list[dict]:
     """One dict per (kernel, arch) from nvcc -Xptxas -v output."""
     rows, current = [], None
@@ -137,22 +216,34 @@ def parse_ptxas(log: str) -> list[dict]:
 
 
 def compile_one(nvcc: str, source: str, archs, tmpdir: str) -> dict:
-    obj = os.path.join(tmpdir, os.path.basename(source) + ".o")
-    cmd = nvcc_command(nvcc, source, archs, obj)
+    stem = os.path.splitext(os.path.basename(source))[0]
+    keep_dir = os.path.join(tmpdir, stem)
+    os.makedirs(keep_dir, exist_ok=True)
+    cmd = nvcc_command(nvcc, source, archs, os.path.join(keep_dir, stem + ".o"), keep_dir)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     warnings = [ln for ln in log.splitlines() if "warning" in ln.lower()]
+    kernels = parse_ptxas(log) if proc.returncode == 0 else []
+    for arch in archs if proc.returncode == 0 else ():
+        ptx_path = os.path.join(keep_dir, f"{stem}.compute_{arch}.ptx")
+        if os.path.exists(ptx_path):
+            with open(ptx_path) as f:
+                counts = parse_ptx(f.read())
+            for k in kernels:
+                if k["arch"] == f"sm_{arch}" and k["mangled"] in counts:
+                    k.update(counts[k["mangled"]])
     return {"file": os.path.relpath(source, ROOT), "returncode": proc.returncode, "command": cmd,
-            "log": log, "warnings": warnings, "kernels": parse_ptxas(log) if proc.returncode == 0 else []}
+            "log": log, "warnings": warnings, "kernels": kernels}
 
 
 def format_table(results: list[dict]) -> str:
-    header = ("file", "kernel", "arch", "regs", "spill st", "spill ld", "stack", "smem")
+    header = ("file", "kernel", "arch", "regs", "spill st", "spill ld", "stack", "smem", "ld128", "st128")
     lines = [header]
     for res in results:
         for k in sorted(res["kernels"], key=lambda r: (r["kernel"], r["arch"])):
             lines.append((res["file"], k["kernel"], k["arch"], str(k["registers"]), str(k["spill_stores"]),
-                          str(k["spill_loads"]), str(k["stack"]), str(k["smem"])))
+                          str(k["spill_loads"]), str(k["stack"]), str(k["smem"]), str(k.get("wide_loads", "-")),
+                          str(k.get("wide_stores", "-"))))
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines)
 
@@ -191,10 +282,13 @@ def main(argv=None) -> int:
                 failed = True
                 print(f"SPILL in {res['file']}: {k['kernel']} on {k['arch']}: {k['spill_stores']} bytes "
                       f"stores, {k['spill_loads']} bytes loads", file=sys.stderr)
+        for error in vector_access_errors(res["kernels"]):
+            failed = True
+            print(f"NARROW ACCESS in {res['file']}: {error}", file=sys.stderr)
     print(format_table(results))
     n_kernels = sum(len(r["kernels"]) for r in results)
     print(f"\n{len(results)} files, {n_kernels} kernel builds for sm_{', sm_'.join(args.arch)}: "
-          f"{'FAILED' if failed else 'ok (no compile errors, no spills)'}")
+          f"{'FAILED' if failed else 'ok (no compile errors, no spills, 128-bit accesses in the vector kernels)'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"ok": not failed, "archs": [f"sm_{a}" for a in args.arch],

@@ -280,6 +280,98 @@ def test_bn_act_bwd_empty(fmt, residual):
 
 
 # ---------------------------------------------------------------------------------------------
+# the ReLU bit mask: bn_act_fwd_mask / bn_act_bwd_mask
+# ---------------------------------------------------------------------------------------------
+
+
+def assert_same(actual, expected, name):
+    """Bitwise equality, NaN positions included."""
+    assert actual.shape == expected.shape and actual.stride() == expected.stride(), name
+    assert torch.equal(actual.isnan(), expected.isnan()) and \
+        torch.equal(actual.nan_to_num(), expected.nan_to_num()), f"{name} differs"
+
+
+# Tails of every kind: numel % 8 of 401408, 50176, 945, 6, 50 is 0, 0, 1, 6, 2; C % 8 of 64, 256,
+# 7, 3, 5 is 0, 0, 7, 3, 5; H*W % 8 of 3136, 196, 45, 2, 9 is 0, 4, 5, 2, 1.
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bn_act_fwd_mask(dtype, fmt, residual, shape):
+    z = make_act(shape, dtype, fmt)
+    z[0, 0, 0, 0] = float("nan")  # a NaN output passes its gradient: its bit is 1
+    c = z.shape[1]
+    scale, shift = stat_vec(c, dtype, 0.2, 2.0), stat_vec(c, dtype)
+    res = make_act(shape, dtype, fmt, offset=0.0, scale=1.0) if residual else None
+    y, mask = ops.bn_act_fwd_mask(z, scale, shift, res)
+    assert_layout(y, z, "y")
+    # The same y as bn_act_fwd, bit for bit (so the oracle tests of bn_act_fwd cover it) ...
+    assert_same(y, ops.bn_act_fwd(z, scale, shift, res, True), "y")
+    assert_matches_oracle(y, reference.bn_act_fwd(z, scale, shift, res, True, upcast=False),
+                          reference.bn_act_fwd(z, scale, shift, res, True), "y")
+    # ... and exactly its gates, in y's memory order.
+    assert mask.dtype == torch.uint8 and mask.shape == (fusedres.ops.library.relu_mask_bytes(z.numel()),)
+    assert torch.equal(mask, fusedres.ops.library.pack_relu_mask(y, expected_format(z)))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bn_act_bwd_mask(dtype, fmt, residual, shape):
+    dy, _, z, mean, invstd, weight = make_bwd_inputs(shape, dtype, fmt, False, True)
+    scale = weight * invstd
+    y, mask = ops.bn_act_fwd_mask(z, scale, -mean * scale, None)
+    if dtype == torch.float32:
+        y[0, 0, 0, 0] = float("nan")  # a NaN output passes its gradient: the mask's bit is 1
+        mask = fusedres.ops.library.pack_relu_mask(y, expected_format(z))
+    for training in (True, False):
+        dz, dweight, dbias, dres = ops.bn_act_bwd_mask(dy, mask, z, mean, invstd, weight, residual, training)
+        oracle = reference.bn_act_bwd(dy, y, z, mean, invstd, weight, True, residual, training)
+        eager = reference.bn_act_bwd(dy, y, z, mean, invstd, weight, True, residual, training, upcast=False)
+        assert_layout(dz, z, "dz")
+        assert_matches_oracle(dz, eager[0], oracle[0], f"dz (training={training})")
+        assert_oracle_close(dweight, eager[1], oracle[1], "dweight")
+        assert_oracle_close(dbias, eager[2], oracle[2], "dbias")
+        if residual:
+            # g = gate ? dy : 0 is exact, so the mask gated exactly the elements y does.
+            assert_layout(dres, z, "dresidual")
+            assert_same(dres, oracle[3], "dresidual")
+        else:
+            assert dres.shape == (0,)
+        # The y variant on the same inputs: the gate is the only difference. Equal up to the host
+        # compiler's freedom to contract a*b + c differently in the two instantiations' scalar tails.
+        for name, a, b in zip(("dz", "dweight", "dbias", "dresidual"), (dz, dweight, dbias, dres),
+                              ops.bn_act_bwd(dy, y, z, mean, invstd, weight, True, residual, training)):
+            tol = 1e-12 if dtype == torch.float64 else 0.0
+            scale = max(1.0, b.abs().nan_to_num().max().item()) if b.numel() else 1.0
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, equal_nan=True, msg=name)
+
+
+def test_bn_act_mask_ops_empty():
+    z = torch.empty(0, 8, 5, 5)
+    ones = torch.ones(8)
+    y, mask = ops.bn_act_fwd_mask(z, ones, ones, None)
+    assert y.shape == z.shape and mask.shape == (0,) and mask.dtype == torch.uint8
+    dz, dweight, dbias, dres = ops.bn_act_bwd_mask(z, mask, z, ones, ones, ones, True, True)
+    assert dz.shape == dres.shape == z.shape and torch.equal(dbias, torch.zeros(8))
+
+
+def test_bn_act_bwd_mask_argument_checks_name_the_mask():
+    z = torch.randn(2, 4, 3, 3)
+    v = torch.ones(4)
+    mask = torch.zeros(9, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match=r"fusedres::bn_act_bwd_mask: mask must be a \[ceil\(numel\(z\) / 8\)\] = \[9\]"):
+        ops.bn_act_bwd_mask(z, mask[:8], z, v, v, v, False, True)
+    with pytest.raises(RuntimeError, match="fusedres::bn_act_bwd_mask: mask must be uint8, got Int"):
+        ops.bn_act_bwd_mask(z, mask.int(), z, v, v, v, False, True)
+    with pytest.raises(RuntimeError, match="fusedres::bn_act_bwd_mask: dy must have the shape of z"):
+        ops.bn_act_bwd_mask(z[:1], mask, z, v, v, v, False, True)
+    with pytest.raises(RuntimeError, match="fusedres::bn_act_fwd_mask: scale must be a \\[C\\] vector"):
+        ops.bn_act_fwd_mask(z, v[:3], v, None)
+
+
+# ---------------------------------------------------------------------------------------------
 # argument checks, float16, the portable kernel build
 # ---------------------------------------------------------------------------------------------
 
@@ -323,6 +415,7 @@ def test_default_kernel_build_matches_oracle():
     script = textwrap.dedent("""
         import torch
         from fusedres import _C, reference as R
+        from fusedres.ops.library import pack_relu_mask
         assert "in use: DEFAULT" in _C.build_info(), _C.build_info()
         ops = torch.ops.fusedres
         torch.manual_seed(0)
@@ -345,6 +438,11 @@ def test_default_kernel_build_matches_oracle():
                     want = R.bn_act_bwd(dy, y, z, m, inv, sc, True, True, training, upcast=False)
                     for g, w in zip(got, want):
                         torch.testing.assert_close(g, w, **tol)
+                    # The mask variants: y and the gradients bit for bit those of the y variants.
+                    ym, mask = ops.bn_act_fwd_mask(z, sc, sh, res)
+                    assert torch.equal(ym, y) and torch.equal(mask, pack_relu_mask(y, fmt))
+                    for g, w in zip(ops.bn_act_bwd_mask(dy, mask, z, m, inv, sc, True, training), got):
+                        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
         print("ok")
     """)
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default")

@@ -224,6 +224,77 @@ def test_bn_act_bwd_empty():
 
 
 # ---------------------------------------------------------------------------------------------
+# the ReLU bit mask: bn_act_fwd_mask / bn_act_bwd_mask
+
+
+def assert_same(actual, expected, name):
+    """Bitwise equality, NaN positions included."""
+    assert actual.shape == expected.shape and actual.stride() == expected.stride(), name
+    assert torch.equal(actual.isnan(), expected.isnan()) and \
+        torch.equal(actual.nan_to_num(), expected.nan_to_num()), f"{name} differs"
+
+
+def check_fwd_mask(z, residual):
+    c = z.shape[1]
+    scale, shift = stat_vec(c, z.dtype), stat_vec(c, z.dtype)
+    y, mask = ops.bn_act_fwd_mask(z, scale, shift, residual)
+    assert_layout(y, z, "y")
+    assert_oracle_close(y, reference.bn_act_fwd(z, scale, shift, residual, True, upcast=False),
+                        reference.bn_act_fwd(z, scale, shift, residual, True, upcast=True), "y")
+    fmt = fusedres.ops.library.output_memory_format(z)
+    assert mask.dtype == torch.uint8 and mask.device == z.device
+    assert torch.equal(mask, fusedres.ops.library.pack_relu_mask(y, fmt))
+    return y, mask
+
+
+def check_bwd_mask(z, has_residual, training):
+    """bn_act_bwd_mask against the oracle and against bn_act_bwd on the same y."""
+    c = z.shape[1]
+    mean, invstd, weight = stat_vec(c, z.dtype, -0.5, 0.5), stat_vec(c, z.dtype, 0.2, 2.0), stat_vec(c, z.dtype)
+    y, mask = ops.bn_act_fwd_mask(z, weight * invstd, -mean * weight * invstd, None)
+    dy = make_act(tuple(z.shape), z.dtype, "contiguous", offset=0.0, scale=1.0)
+    with_mask = ops.bn_act_bwd_mask(dy, mask, z, mean, invstd, weight, has_residual, training)
+    args = (dy, y, z, mean, invstd, weight, True, has_residual, training)
+    oracle, eager = reference.bn_act_bwd(*args, upcast=True), reference.bn_act_bwd(*args, upcast=False)
+    assert_layout(with_mask[0], z, "dz")
+    for name, got, o, e in zip(("dz", "dweight", "dbias"), with_mask, oracle, eager):
+        assert_oracle_close(got, e, o, name)
+    if has_residual:
+        assert_layout(with_mask[3], z, "dresidual")
+        assert_same(with_mask[3], oracle[3].to(z.dtype), "dresidual")  # g is dy or 0: exact
+    # The y variant: the gate is the only difference, so they agree up to the compiler's freedom to
+    # contract a*b + c differently in the two kernels (seen in fp64 on the CPU).
+    tol = 1e-12 if z.dtype == torch.float64 else 0.0
+    for name, a, b in zip(("dz", "dweight", "dbias", "dresidual"), with_mask, ops.bn_act_bwd(*args)):
+        scale = max(1.0, b.abs().nan_to_num().max().item()) if b.numel() else 1.0
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, equal_nan=True, msg=name)
+
+
+# C=64 channels_last takes the vector mask kernel; C=12 and 7, NCHW and the view the flat one.
+@pytest.mark.parametrize("has_residual", [True, False], ids=["res", "nores"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SMALL_SHAPES + BIG_SHAPES[:1], ids=shape_id)
+def test_bn_act_fwd_mask(shape, dtype, fmt, has_residual):
+    z = make_act(shape, dtype, fmt)
+    check_fwd_mask(z, make_act(tuple(z.shape), dtype, fmt) if has_residual else None)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("has_residual", [True, False], ids=["res", "nores"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=shape_id)
+def test_bn_act_bwd_mask_equals_bwd_with_y(shape, dtype, fmt, has_residual, training):
+    check_bwd_mask(make_act(shape, dtype, fmt), has_residual, training)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bn_act_bwd_mask_resnet50(fmt):
+    check_bwd_mask(make_act(BIG_SHAPES[0], torch.bfloat16, fmt), True, True)
+
+
+# ---------------------------------------------------------------------------------------------
 # launch plumbing: alignment fallback, streams, errors, 64-bit offsets, opcheck
 
 
@@ -239,6 +310,8 @@ def test_misaligned_buffers_take_the_scalar_path(dtype):
     check_stats(z)
     check_fwd(z, None, True)
     check_bwd(z, True, True, True)
+    check_fwd_mask(z, None)
+    check_bwd_mask(z, False, True)
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="streams are a CUDA matter")
@@ -324,4 +397,10 @@ def test_opcheck(fmt):
     for has_residual, training in ((True, True), (False, False)):
         torch.library.opcheck(ops.bn_act_bwd.default,
                               (make_act(tuple(z.shape), z.dtype, fmt), y, z, mean, invstd, weight, True,
+                               has_residual, training))
+    torch.library.opcheck(ops.bn_act_fwd_mask.default, (z, scale, shift, residual))
+    _, mask = ops.bn_act_fwd_mask(z, scale, shift, None)
+    for has_residual, training in ((True, True), (False, False)):
+        torch.library.opcheck(ops.bn_act_bwd_mask.default,
+                              (make_act(tuple(z.shape), z.dtype, fmt), mask, z, mean, invstd, weight,
                                has_residual, training))

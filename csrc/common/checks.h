@@ -70,8 +70,8 @@ inline void check_bn_stats_args(const at::Tensor& z) {
 
 inline void check_bn_act_fwd_args(const at::Tensor& z, const at::Tensor& scale,
                                   const at::Tensor& shift,
-                                  const c10::optional<at::Tensor>& residual) {
-  constexpr const char* op = "fusedres::bn_act_fwd";
+                                  const c10::optional<at::Tensor>& residual,
+                                  const char* op = "fusedres::bn_act_fwd") {
   check_activation(z, op, "z");
   check_channel_vector(scale, "scale", z, op);
   check_channel_vector(shift, "shift", z, op);
@@ -87,6 +87,30 @@ inline void check_bn_act_bwd_args(const at::Tensor& dy, const at::Tensor& y, con
   check_activation(z, op, "z");
   check_like(dy, "dy", z, "z", op);
   check_like(y, "y", z, "z", op);
+  check_channel_vector(mean, "mean", z, op);
+  check_channel_vector(invstd, "invstd", z, op);
+  check_channel_vector(weight, "weight", z, op);
+}
+
+// The packed ReLU mask of bn_act_fwd_mask for the activation z: uint8 [ceil(numel(z) / 8)].
+inline void check_relu_mask(const at::Tensor& mask, const at::Tensor& z, const char* op) {
+  TORCH_CHECK(mask.defined(), op, ": mask is an undefined tensor");
+  const int64_t bytes = (z.numel() + 7) / 8;
+  TORCH_CHECK(mask.dim() == 1 && mask.size(0) == bytes, op,
+              ": mask must be a [ceil(numel(z) / 8)] = [", bytes, "] tensor, got shape ", mask.sizes());
+  TORCH_CHECK(mask.scalar_type() == at::kByte, op, ": mask must be uint8, got ",
+              mask.scalar_type());
+  TORCH_CHECK(mask.device() == z.device(), op, ": mask must be on the device of z (", z.device(),
+              "), got ", mask.device());
+}
+
+inline void check_bn_act_bwd_mask_args(const at::Tensor& dy, const at::Tensor& mask,
+                                       const at::Tensor& z, const at::Tensor& mean,
+                                       const at::Tensor& invstd, const at::Tensor& weight) {
+  constexpr const char* op = "fusedres::bn_act_bwd_mask";
+  check_activation(z, op, "z");
+  check_like(dy, "dy", z, "z", op);
+  check_relu_mask(mask, z, op);
   check_channel_vector(mean, "mean", z, op);
   check_channel_vector(invstd, "invstd", z, op);
   check_channel_vector(weight, "weight", z, op);

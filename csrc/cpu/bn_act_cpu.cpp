@@ -72,15 +72,38 @@ at::Tensor bn_act_fwd(const at::Tensor& z, const at::Tensor& scale, const at::Te
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
-    const at::Tensor& dy, const at::Tensor& y, const at::Tensor& z, const at::Tensor& mean,
-    const at::Tensor& invstd, const at::Tensor& weight, bool relu, bool has_residual,
-    bool training) {
+std::tuple<at::Tensor, at::Tensor> bn_act_fwd_mask(const at::Tensor& z, const at::Tensor& scale,
+                                                   const at::Tensor& shift,
+                                                   const c10::optional<at::Tensor>& residual) {
+  const auto fmt = checks::unit_memory_format(z);
+  const at::Tensor zc = z.contiguous(fmt);
+  at::Tensor y = at::empty_like(zc, fmt);
+  at::Tensor mask = at::empty({(z.numel() + 7) / 8}, z.options().dtype(at::kByte));
+  if (z.numel() == 0) return {y, mask};
+  const bool has_res = residual.has_value() && residual->defined();
+  const at::Tensor res = has_res ? residual->contiguous(fmt) : at::Tensor();
+  const at::Tensor sc = scale.contiguous(), sh = shift.contiguous();
+  FwdParams p{geometry(zc, fmt), zc.const_data_ptr(), sc.const_data_ptr(), sh.const_data_ptr(),
+              has_res ? res.const_data_ptr() : nullptr, y.mutable_data_ptr(), true,
+              mask.mutable_data_ptr<uint8_t>()};
+  kernels().bn_act_fwd(p, z.scalar_type());
+  return {y, mask};
+}
+
+namespace {
+
+// bn_act_bwd with the ReLU gate from y (mask undefined) or from the packed mask (y undefined).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_gated(
+    const at::Tensor& dy, const at::Tensor& y, const at::Tensor& mask, const at::Tensor& z,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight, bool relu,
+    bool has_residual, bool training) {
   const auto fmt = checks::unit_memory_format(z);
   const at::Tensor zc = z.contiguous(fmt);
   // dy often arrives in another layout than the forward tensors (autograd hands over whatever the
   // next op produced): convert once so every stream shares z's index.
-  const at::Tensor dyc = dy.contiguous(fmt), yc = y.contiguous(fmt);
+  const at::Tensor dyc = dy.contiguous(fmt);
+  const at::Tensor yc = y.defined() ? y.contiguous(fmt) : at::Tensor();
+  const at::Tensor maskc = mask.defined() ? mask.contiguous() : at::Tensor();
   const int64_t C = z.size(1);
   const auto sdt = checks::stats_dtype(z.scalar_type());
   at::Tensor dz = at::empty_like(zc, fmt);
@@ -94,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
   const at::Tensor m = mean.contiguous(), is = invstd.contiguous(), w = weight.contiguous();
   BwdParams p{geometry(zc, fmt),
               dyc.const_data_ptr(),
-              yc.const_data_ptr(),
+              yc.defined() ? yc.const_data_ptr() : nullptr,
               zc.const_data_ptr(),
               m.const_data_ptr(),
               is.const_data_ptr(),
@@ -104,9 +127,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
               dbias.mutable_data_ptr(),
               has_residual ? dres.mutable_data_ptr() : nullptr,
               relu,
-              training};
+              training,
+              maskc.defined() ? maskc.const_data_ptr<uint8_t>() : nullptr};
   kernels().bn_act_bwd(p, z.scalar_type());
   return {dz, dweight, dbias, dres};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
+    const at::Tensor& dy, const at::Tensor& y, const at::Tensor& z, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& weight, bool relu, bool has_residual,
+    bool training) {
+  return bn_act_bwd_gated(dy, y, at::Tensor(), z, mean, invstd, weight, relu, has_residual,
+                          training);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_mask(
+    const at::Tensor& dy, const at::Tensor& mask, const at::Tensor& z, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& weight, bool has_residual, bool training) {
+  return bn_act_bwd_gated(dy, at::Tensor(), mask, z, mean, invstd, weight, true, has_residual,
+                          training);
 }
 
 }  // namespace cpu

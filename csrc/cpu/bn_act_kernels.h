@@ -10,7 +10,7 @@
 //
 // Memory passes (M = N*H*W per channel):
 //   bn_stats    one read of z (each tile's two passes run in L1 or L2).
-//   bn_act_fwd  read z (+ residual), write y.
+//   bn_act_fwd  read z (+ residual), write y (and, for the mask variant, 1/8 byte per element).
 //   bn_act_bwd  pass 1 reads dy, y, z and writes dresidual (and dz in eval mode, which is then
 //               done); pass 2 (training) reads g back (dresidual, or dy and y) and z, writes dz.
 //               NCHW runs both passes channel by channel, so pass 2 re-reads a channel that pass 1
@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -405,9 +406,93 @@ void bn_act_fwd_impl(const FwdParams& p) {
   }
 }
 
+// Appends gate bits, least significant first, to consecutive bytes of the packed ReLU mask. A
+// writer that starts on a byte boundary and stops on one (or at the tensor's end) owns its bytes,
+// so parallel chunks of whole bytes need no synchronisation.
+class MaskWriter {
+ public:
+  explicit MaskWriter(uint8_t* out) : out_(out) {}
+
+  // The gates of n stored outputs: 1 where the backward passes the gradient (not y <= 0).
+  template <typename T>
+  void put_gates(const T* y, int64_t n) {
+    using acc_t = typename Io<T>::acc_t;
+    for (int64_t i = 0; i < n; ++i) {
+      bits_ |= static_cast<unsigned>(!(static_cast<acc_t>(y[i]) <= acc_t(0))) << count_;
+      if (++count_ == 8) {
+        *out_++ = static_cast<uint8_t>(bits_);
+        bits_ = 0;
+        count_ = 0;
+      }
+    }
+  }
+
+  // Writes a last partial byte (padding bits 0).
+  void flush() {
+    if (count_ != 0) *out_ = static_cast<uint8_t>(bits_);
+  }
+
+ private:
+  uint8_t* out_;
+  unsigned bits_ = 0;
+  int count_ = 0;
+};
+
+// bn_act_fwd with ReLU plus the packed mask of y. Threads split the tensor into chunks of whole
+// mask bytes in memory order; within a chunk, runs of constant layout (a channel's H*W plane in
+// NCHW, a row's channels in NHWC) go through fwd_run, and the gates are read back from the y just
+// stored (still in L1), so the mask is exactly y's, after rounding to the storage dtype.
+template <typename T, bool HAS_RESIDUAL>
+void bn_act_fwd_mask_impl(const FwdParams& p) {
+  using IO = Io<T>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  const int64_t C = p.g.C, HW = p.g.HW, numel = p.g.N * C * HW;
+  const T* z = static_cast<const T*>(p.z);
+  const T* res = static_cast<const T*>(p.residual);
+  T* y = static_cast<T*>(p.y);
+  const acc_t* scale = static_cast<const acc_t*>(p.scale);
+  const acc_t* shift = static_cast<const acc_t*>(p.shift);
+  at::parallel_for(0, (numel + 7) / 8, kGrainElems / 8, [&](int64_t b0, int64_t b1) {
+    MaskWriter bits(p.mask + b0);
+    const int64_t e_end = std::min(numel, b1 * 8);
+    for (int64_t e = b0 * 8; e < e_end;) {
+      int64_t len;
+      if (p.g.channels_last) {
+        const int64_t c = e % C;
+        len = std::min(C - c, e_end - e);
+        fwd_run<T, HAS_RESIDUAL, true>(
+            z + e, HAS_RESIDUAL ? res + e : nullptr, y + e, len,
+            [&](int64_t i, Vec& sa, Vec& sb, Vec& ta, Vec& tb) {
+              sa = Vec::loadu(scale + c + i);
+              sb = Vec::loadu(scale + c + i + Vec::size());
+              ta = Vec::loadu(shift + c + i);
+              tb = Vec::loadu(shift + c + i + Vec::size());
+            },
+            [&](int64_t i, acc_t& so, acc_t& to) { so = scale[c + i]; to = shift[c + i]; });
+      } else {
+        const int64_t plane = e / HW, c = plane % C;
+        len = std::min(HW - (e - plane * HW), e_end - e);
+        const acc_t s = scale[c], t = shift[c];
+        const Vec vs(s), vt(t);
+        fwd_run<T, HAS_RESIDUAL, true>(
+            z + e, HAS_RESIDUAL ? res + e : nullptr, y + e, len,
+            [&](int64_t, Vec& sa, Vec& sb, Vec& ta, Vec& tb) { sa = sb = vs; ta = tb = vt; },
+            [&](int64_t, acc_t& so, acc_t& to) { so = s; to = t; });
+      }
+      bits.put_gates(y + e, len);
+      e += len;
+    }
+    bits.flush();
+  });
+}
+
 template <typename T>
 void bn_act_fwd_typed(const FwdParams& p) {
   const bool has_res = p.residual != nullptr;
+  if (p.mask != nullptr) {
+    return has_res ? bn_act_fwd_mask_impl<T, true>(p) : bn_act_fwd_mask_impl<T, false>(p);
+  }
   if (has_res && p.relu) return bn_act_fwd_impl<T, true, true>(p);
   if (has_res) return bn_act_fwd_impl<T, true, false>(p);
   if (p.relu) return bn_act_fwd_impl<T, false, true>(p);
@@ -432,10 +517,44 @@ inline DzCoef dz_coefficients(double gamma, double mean, double invstd, double s
   return {k.a, k.b, k.c + k.b * mean};
 }
 
+// The ReLU gate of the backward, g = gate <= 0 ? 0 : dy, for a run of elements: read off the saved
+// output y (OutputGate) or off the packed mask of bn_act_fwd_mask (MaskGate, gates 0 or 1).
+// at(off) is the gate of the run starting `off` elements further in memory order.
+template <typename T>
+struct OutputGate {
+  using Vec = typename Io<T>::Vec;
+  using acc_t = typename Io<T>::acc_t;
+  const T* y;
+
+  OutputGate at(int64_t off) const { return {y + off}; }
+  void load(int64_t i, Vec& a, Vec& b) const { Io<T>::load(y + i, a, b); }
+  acc_t get(int64_t i) const { return Io<T>::get(y, i); }
+};
+
+template <typename T>
+struct MaskGate {
+  using Vec = typename Io<T>::Vec;
+  using acc_t = typename Io<T>::acc_t;
+  const uint8_t* mask;
+  int64_t first;  // bit index (memory-order element index) of the run's element 0
+
+  MaskGate at(int64_t off) const { return {mask, first + off}; }
+  acc_t get(int64_t i) const {
+    const int64_t e = first + i;
+    return ((mask[e >> 3] >> (e & 7)) & 1) ? acc_t(1) : acc_t(0);
+  }
+  void load(int64_t i, Vec& a, Vec& b) const {
+    acc_t lanes[Io<T>::kStep];
+    for (int64_t j = 0; j < Io<T>::kStep; ++j) lanes[j] = get(i + j);
+    a = Vec::loadu(lanes);
+    b = Vec::loadu(lanes + Vec::size());
+  }
+};
+
 // Pass 1 over a dense run: accumulates sum g and sum g*(z - mean) into (sg, sgz) vectors (`mv`
 // gives the mean lanes), stores g into dres when WRITE_DRES, and dz = a*g when EVAL_DZ.
-template <typename T, bool RELU, bool WRITE_DRES, bool EVAL_DZ, typename Lanes>
-inline void bwd_reduce_run(const T* dy, const T* y, const T* z, T* dres, T* dz, int64_t n,
+template <typename T, bool RELU, bool WRITE_DRES, bool EVAL_DZ, typename Gate, typename Lanes>
+inline void bwd_reduce_run(const T* dy, const Gate& gate, const T* z, T* dres, T* dz, int64_t n,
                            Lanes lanes, typename Io<T>::Vec& sg0, typename Io<T>::Vec& sg1,
                            typename Io<T>::Vec& sgz0, typename Io<T>::Vec& sgz1) {
   using IO = Io<T>;
@@ -443,7 +562,7 @@ inline void bwd_reduce_run(const T* dy, const T* y, const T* z, T* dres, T* dz, 
   for (int64_t i = 0; i + IO::kStep <= n; i += IO::kStep) {
     Vec da, db, ya, yb, za, zb, ma, mb, aa, ab;
     IO::load(dy + i, da, db);
-    IO::load(y + i, ya, yb);
+    if constexpr (RELU) gate.load(i, ya, yb);
     IO::load(z + i, za, zb);
     lanes(i, ma, mb, aa, ab);
     const Vec ga = masked_grad<RELU>(da, ya), gb = masked_grad<RELU>(db, yb);
@@ -458,8 +577,8 @@ inline void bwd_reduce_run(const T* dy, const T* y, const T* z, T* dres, T* dz, 
 
 // Pass 2 over a dense run: dz = a*g + b*(z - mean) + c0, with g read back from dres (FROM_DRES)
 // or recomputed from dy and y.
-template <typename T, bool RELU, bool FROM_DRES, typename Lanes, typename ScalarLanes>
-inline void bwd_dz_run(const T* dy, const T* y, const T* dres, const T* z, T* dz, int64_t n,
+template <typename T, bool RELU, bool FROM_DRES, typename Gate, typename Lanes, typename ScalarLanes>
+inline void bwd_dz_run(const T* dy, const Gate& gate, const T* dres, const T* z, T* dz, int64_t n,
                        Lanes lanes, ScalarLanes slanes) {
   using IO = Io<T>;
   using acc_t = typename IO::acc_t;
@@ -472,7 +591,7 @@ inline void bwd_dz_run(const T* dy, const T* y, const T* dres, const T* z, T* dz
     } else {
       Vec da, db, ya, yb;
       IO::load(dy + i, da, db);
-      IO::load(y + i, ya, yb);
+      if constexpr (RELU) gate.load(i, ya, yb);
       ga = masked_grad<RELU>(da, ya);
       gb = masked_grad<RELU>(db, yb);
     }
@@ -485,20 +604,19 @@ inline void bwd_dz_run(const T* dy, const T* y, const T* dres, const T* z, T* dz
     acc_t m, a, b, c0;
     slanes(i, m, a, b, c0);
     const acc_t g = FROM_DRES ? IO::get(dres, i)
-                              : math::relu_grad<acc_t>(IO::get(dy, i), IO::get(y, i), RELU);
+                              : math::relu_grad<acc_t>(IO::get(dy, i), RELU ? gate.get(i) : acc_t(1), RELU);
     dz[i] = static_cast<T>(a * g + b * (IO::get(z, i) - m) + c0);
   }
 }
 
-template <typename T, bool RELU, bool HAS_RES, bool TRAINING>
-void bn_act_bwd_nchw(const BwdParams& p) {
+template <typename T, bool RELU, bool HAS_RES, bool TRAINING, typename Gate>
+void bn_act_bwd_nchw(const BwdParams& p, const Gate& gate) {
   using IO = Io<T>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   const int64_t N = p.g.N, C = p.g.C, HW = p.g.HW;
   const double count = static_cast<double>(N * HW);
   const T* dy = static_cast<const T*>(p.dy);
-  const T* y = static_cast<const T*>(p.y);
   const T* z = static_cast<const T*>(p.z);
   T* dz = static_cast<T*>(p.dz);
   T* dres = static_cast<T*>(p.dresidual);
@@ -522,7 +640,7 @@ void bn_act_bwd_nchw(const BwdParams& p) {
           const int64_t len = std::min(tile, HW - t0), off = base + t0;
           Vec sg0(0), sg1(0), sgz0(0), sgz1(0);
           bwd_reduce_run<T, RELU, HAS_RES, !TRAINING>(
-              dy + off, y + off, z + off, HAS_RES ? dres + off : nullptr, dz + off, len,
+              dy + off, gate.at(off), z + off, HAS_RES ? dres + off : nullptr, dz + off, len,
               [&](int64_t, Vec& ma, Vec& mb, Vec& aa, Vec& ab) {
                 ma = mb = mv;
                 aa = ab = av;
@@ -531,7 +649,8 @@ void bn_act_bwd_nchw(const BwdParams& p) {
           sum_g += hsum(sg0 + sg1);
           sum_gz += hsum(sgz0 + sgz1);
           for (int64_t i = len - len % IO::kStep; i < len; ++i) {
-            const acc_t g = math::relu_grad<acc_t>(IO::get(dy, off + i), IO::get(y, off + i), RELU);
+            const acc_t g =
+                math::relu_grad<acc_t>(IO::get(dy, off + i), RELU ? gate.get(off + i) : acc_t(1), RELU);
             sum_g += g;
             sum_gz += static_cast<double>(g) * static_cast<double>(IO::get(z, off + i) - m);
             if constexpr (HAS_RES) dres[off + i] = static_cast<T>(g);
@@ -549,7 +668,7 @@ void bn_act_bwd_nchw(const BwdParams& p) {
         for (int64_t n = 0; n < N; ++n) {
           const int64_t off = (n * C + c) * HW;
           bwd_dz_run<T, RELU, HAS_RES>(
-              dy + off, y + off, HAS_RES ? dres + off : nullptr, z + off, dz + off, HW,
+              dy + off, gate.at(off), HAS_RES ? dres + off : nullptr, z + off, dz + off, HW,
               [&](int64_t, Vec& ma, Vec& mb, Vec& aa, Vec& ab, Vec& ba, Vec& bb, Vec& ca,
                   Vec& cb) {
                 ma = mb = mv;
@@ -569,15 +688,14 @@ void bn_act_bwd_nchw(const BwdParams& p) {
   });
 }
 
-template <typename T, bool RELU, bool HAS_RES, bool TRAINING>
-void bn_act_bwd_nhwc(const BwdParams& p) {
+template <typename T, bool RELU, bool HAS_RES, bool TRAINING, typename Gate>
+void bn_act_bwd_nhwc(const BwdParams& p, const Gate& gate) {
   using IO = Io<T>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   const int64_t C = p.g.C, rows = p.g.N * p.g.HW;
   const double count = static_cast<double>(rows);
   const T* dy = static_cast<const T*>(p.dy);
-  const T* y = static_cast<const T*>(p.y);
   const T* z = static_cast<const T*>(p.z);
   T* dz = static_cast<T*>(p.dz);
   T* dres = static_cast<T*>(p.dresidual);
@@ -612,7 +730,7 @@ void bn_act_bwd_nhwc(const BwdParams& p) {
             Vec sg0 = Vec::loadu(tg.data() + c), sg1 = Vec::loadu(tg.data() + c + Vec::size());
             Vec sgz0 = Vec::loadu(tgz.data() + c), sgz1 = Vec::loadu(tgz.data() + c + Vec::size());
             bwd_reduce_run<T, RELU, HAS_RES, !TRAINING>(
-                dy + off + c, y + off + c, z + off + c, HAS_RES ? dres + off + c : nullptr,
+                dy + off + c, gate.at(off + c), z + off + c, HAS_RES ? dres + off + c : nullptr,
                 dz + off + c, IO::kStep,
                 [&](int64_t, Vec& ma, Vec& mb, Vec& aa, Vec& ab) {
                   ma = Vec::loadu(mean + c);
@@ -628,7 +746,7 @@ void bn_act_bwd_nhwc(const BwdParams& p) {
           }
           for (; c < C; ++c) {
             const acc_t g =
-                math::relu_grad<acc_t>(IO::get(dy, off + c), IO::get(y, off + c), RELU);
+                math::relu_grad<acc_t>(IO::get(dy, off + c), RELU ? gate.get(off + c) : acc_t(1), RELU);
             tg[c] += g;
             tgz[c] += g * (IO::get(z, off + c) - mean[c]);
             if constexpr (HAS_RES) dres[off + c] = static_cast<T>(g);
@@ -667,7 +785,7 @@ void bn_act_bwd_nhwc(const BwdParams& p) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t off = r * C;
         bwd_dz_run<T, RELU, HAS_RES>(
-            dy + off, y + off, HAS_RES ? dres + off : nullptr, z + off, dz + off, C,
+            dy + off, gate.at(off), HAS_RES ? dres + off : nullptr, z + off, dz + off, C,
             [&](int64_t c, Vec& ma, Vec& mb, Vec& aa, Vec& ab, Vec& ba, Vec& bb, Vec& ca,
                 Vec& cb) {
               constexpr int64_t w = Vec::size();
@@ -691,33 +809,31 @@ void bn_act_bwd_nhwc(const BwdParams& p) {
   }
 }
 
-template <typename T, bool RELU, bool HAS_RES, bool TRAINING>
-void bn_act_bwd_layout(const BwdParams& p) {
+template <typename T, bool RELU, bool HAS_RES, bool TRAINING, typename Gate>
+void bn_act_bwd_layout(const BwdParams& p, const Gate& gate) {
   if (p.g.channels_last) {
-    bn_act_bwd_nhwc<T, RELU, HAS_RES, TRAINING>(p);
+    bn_act_bwd_nhwc<T, RELU, HAS_RES, TRAINING>(p, gate);
   } else {
-    bn_act_bwd_nchw<T, RELU, HAS_RES, TRAINING>(p);
+    bn_act_bwd_nchw<T, RELU, HAS_RES, TRAINING>(p, gate);
   }
+}
+
+template <typename T, bool RELU, typename Gate>
+void bn_act_bwd_switches(const BwdParams& p, const Gate& gate) {
+  // The switches are compile-time so the inner loops carry no branches.
+  if (p.dresidual != nullptr) {
+    return p.training ? bn_act_bwd_layout<T, RELU, true, true>(p, gate)
+                      : bn_act_bwd_layout<T, RELU, true, false>(p, gate);
+  }
+  return p.training ? bn_act_bwd_layout<T, RELU, false, true>(p, gate)
+                    : bn_act_bwd_layout<T, RELU, false, false>(p, gate);
 }
 
 template <typename T>
 void bn_act_bwd_typed(const BwdParams& p) {
-  const bool has_res = p.dresidual != nullptr;
-  // 8 specialisations: the switches are compile-time so the inner loops carry no branches.
-  if (p.relu) {
-    if (has_res) {
-      return p.training ? bn_act_bwd_layout<T, true, true, true>(p)
-                        : bn_act_bwd_layout<T, true, true, false>(p);
-    }
-    return p.training ? bn_act_bwd_layout<T, true, false, true>(p)
-                      : bn_act_bwd_layout<T, true, false, false>(p);
-  }
-  if (has_res) {
-    return p.training ? bn_act_bwd_layout<T, false, true, true>(p)
-                      : bn_act_bwd_layout<T, false, true, false>(p);
-  }
-  return p.training ? bn_act_bwd_layout<T, false, false, true>(p)
-                    : bn_act_bwd_layout<T, false, false, false>(p);
+  if (p.mask != nullptr) return bn_act_bwd_switches<T, true>(p, MaskGate<T>{p.mask, 0});
+  const OutputGate<T> gate{static_cast<const T*>(p.y)};
+  return p.relu ? bn_act_bwd_switches<T, true>(p, gate) : bn_act_bwd_switches<T, false>(p, gate);
 }
 
 // ============================================================================================

@@ -26,10 +26,20 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& z);
 at::Tensor bn_act_fwd(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
                       const c10::optional<at::Tensor>& residual, bool relu);
 
+// bn_act_fwd with ReLU that also returns the packed ReLU mask of y (fusedres.cpp describes it).
+std::tuple<at::Tensor, at::Tensor> bn_act_fwd_mask(const at::Tensor& z, const at::Tensor& scale,
+                                                   const at::Tensor& shift,
+                                                   const c10::optional<at::Tensor>& residual);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
     const at::Tensor& dy, const at::Tensor& y, const at::Tensor& z, const at::Tensor& mean,
     const at::Tensor& invstd, const at::Tensor& weight, bool relu, bool has_residual,
     bool training);
+
+// bn_act_bwd with ReLU whose gate comes from bn_act_fwd_mask's mask instead of y.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_mask(
+    const at::Tensor& dy, const at::Tensor& mask, const at::Tensor& z, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& weight, bool has_residual, bool training);
 
 // The name of the kernel variant in use ("AVX2" or "DEFAULT"), and the variants compiled in.
 std::string kernel_variant();
@@ -61,12 +71,15 @@ struct FwdParams {
   const void* residual;  // act, read; nullptr when the unit has no residual
   void* y;               // act, written: act(z*scale + shift + residual)
   bool relu;
+  // Written when not nullptr (then relu is true): the packed ReLU mask of y, bit e%8 of byte e/8
+  // for element e in the memory order of g, ceil(N*C*H*W / 8) bytes, padding bits 0.
+  uint8_t* mask = nullptr;
 };
 
 struct BwdParams {
   Geometry g;
   const void* dy;      // act, read
-  const void* y;       // act, read: the saved forward output (ReLU mask)
+  const void* y;       // act, read: the saved forward output (ReLU gate); unused with `mask`
   const void* z;       // act, read
   const void* mean;    // stat [C]
   const void* invstd;  // stat [C]
@@ -77,6 +90,9 @@ struct BwdParams {
   void* dresidual;     // act, written (= g); nullptr when the unit has no residual
   bool relu;
   bool training;       // batch statistics: dz carries the mean/variance terms
+  // When not nullptr (then relu is true): the ReLU gate comes from this packed mask of
+  // bn_act_fwd_mask (FwdParams::mask's layout) instead of from y.
+  const uint8_t* mask = nullptr;
 };
 
 struct KernelTable {

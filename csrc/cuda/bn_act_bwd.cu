@@ -1,6 +1,7 @@
 // Backward of y = act(bn(z) + residual) over an NHWC tensor viewed as [rows, channels].
 //
-//   pass 1  bn_bwd_reduce_kernel:   g = relu_grad(dy, y); per-block partial sums of g and
+//   pass 1  bn_bwd_reduce_kernel:   g = dy through the ReLU gate (read off the saved output y,
+//                                   or off the packed bit mask of bn_act_fwd_mask); per-block partial sums of g and
 //                                   g*(z - mean); writes dresidual = g (HAS_RESIDUAL) and, in eval,
 //                                   dz = gamma*invstd*g (WRITE_DZ), which needs no reduction.
 //   finalize bn_bwd_finalize_kernel: one warp per channel sums the partials -> dbias, dweight and,
@@ -15,12 +16,29 @@ namespace fusedres {
 namespace cuda {
 namespace {
 
+// Where pass 1 gets the ReLU gate from.
+enum class ReluGate : int {
+  kNone = 0,     // no ReLU: g = dy
+  kOutput = 1,   // the saved output: g = y <= 0 ? 0 : dy
+  kBitMask = 2,  // the packed mask of bn_act_fwd_mask: g = bit ? dy : 0
+};
+
 // Where pass 2 gets g from.
 enum class GradSource : int {
   kMasked = 0,    // a buffer that already holds g (dresidual)
   kReluMask = 1,  // dy masked by the saved output: g = y <= 0 ? 0 : dy
   kIdentity = 2,  // no ReLU: g = dy
+  kBitMask = 3,   // dy masked by the packed bit mask: g = bit ? dy : 0
 };
+
+// dy through the gate of element k of a vector: `y` is its saved output (kOutput), `bits` the
+// vector's mask bits (kBitMask).
+template <ReluGate GATE, typename A>
+__device__ __forceinline__ A gate_grad(A dy, A y, unsigned bits, int k) {
+  if constexpr (GATE == ReluGate::kOutput) return math::relu_grad(dy, y, true);
+  if constexpr (GATE == ReluGate::kBitMask) return ((bits >> k) & 1u) ? dy : A(0);
+  return dy;
+}
 
 // Workspace layout, P = grid.y row chunks: sum_g [C][P], sum_g_zc [C][P], coef [3][C] (a, b, c).
 template <typename A>
@@ -36,10 +54,11 @@ BwdWorkspace<A> bwd_workspace(void* base, int64_t channels, int64_t partials) {
   return {p, p + channels * partials, p + 2 * channels * partials};
 }
 
-template <typename T, int VEC, bool RELU, bool HAS_RESIDUAL, bool WRITE_DZ>
+template <typename T, int VEC, ReluGate GATE, bool HAS_RESIDUAL, bool WRITE_DZ>
 __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) bn_bwd_reduce_kernel(
     const T* __restrict__ dy,              // [rows, channels] output gradient
-    const T* __restrict__ y,               // [rows, channels] saved output; read only when RELU
+    const T* __restrict__ y,               // [rows, channels] saved output; read only for kOutput
+    const uint8_t* __restrict__ mask,      // [rows * channels bits] read only for kBitMask
     const T* __restrict__ z,               // [rows, channels] saved conv output
     const acc_t<T>* __restrict__ mean,     // [channels]
     const acc_t<T>* __restrict__ invstd,   // [channels]; read only when WRITE_DZ
@@ -67,12 +86,14 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) bn_bwd_reduce_
   if (active) {
     for (int64_t r0 = int64_t(blockIdx.y) * blockDim.y + ty; r0 < rows; r0 += kRows * row_step) {
       Vec<T, VEC> dyv[kRows], yv[kRows], zv[kRows];
+      unsigned bits[kRows];
 #pragma unroll
       for (int u = 0; u < kRows; ++u) {
         const int64_t r = r0 + u * row_step;
         if (r < rows) {
           dyv[u] = load_vec<T, VEC>(dy + r * channels + c0);
-          if constexpr (RELU) yv[u] = load_vec<T, VEC>(y + r * channels + c0);
+          if constexpr (GATE == ReluGate::kOutput) yv[u] = load_vec<T, VEC>(y + r * channels + c0);
+          if constexpr (GATE == ReluGate::kBitMask) bits[u] = mask_bits<VEC>(mask, r * channels + c0);
           zv[u] = load_vec<T, VEC>(z + r * channels + c0);
         }
       }
@@ -83,8 +104,9 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) bn_bwd_reduce_
           Vec<T, VEC> gv, dzv;
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
-            const A yk = RELU ? to_acc(yv[u].v[k]) : A(1);
-            const A g = math::relu_grad(to_acc(dyv[u].v[k]), yk, RELU);
+            const A yk = GATE == ReluGate::kOutput ? to_acc(yv[u].v[k]) : A(1);
+            const unsigned bk = GATE == ReluGate::kBitMask ? bits[u] : 0u;
+            const A g = gate_grad<GATE>(to_acc(dyv[u].v[k]), yk, bk, k);
             s_g[k] += g;
             s_gzc[k] += g * (to_acc(zv[u].v[k]) - mu[k]);
             if constexpr (HAS_RESIDUAL) gv.v[k] = from_acc<T>(g);
@@ -171,6 +193,7 @@ template <typename T, int VEC, GradSource GRAD>
 __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) bn_bwd_dz_kernel(
     const T* __restrict__ g_src,         // [rows, channels] g (kMasked) or dy
     const T* __restrict__ y,             // [rows, channels] saved output; read only for kReluMask
+    const uint8_t* __restrict__ mask,    // [rows * channels bits] read only for kBitMask
     const T* __restrict__ z,             // [rows, channels] saved conv output
     const acc_t<T>* __restrict__ coef,   // [3, channels] a, b, c from the finalize kernel
     T* __restrict__ dz,                  // [rows, channels] out
@@ -189,12 +212,14 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) bn_bwd_dz_kern
   const int64_t row_step = int64_t(gridDim.y) * blockDim.y;
   for (int64_t r0 = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r0 < rows; r0 += kRows * row_step) {
     Vec<T, VEC> gv[kRows], yv[kRows], zv[kRows];
+    unsigned bits[kRows];
 #pragma unroll
     for (int u = 0; u < kRows; ++u) {
       const int64_t r = r0 + u * row_step;
       if (r < rows) {
         gv[u] = load_vec<T, VEC>(g_src + r * channels + c0);
         if constexpr (GRAD == GradSource::kReluMask) yv[u] = load_vec<T, VEC>(y + r * channels + c0);
+        if constexpr (GRAD == GradSource::kBitMask) bits[u] = mask_bits<VEC>(mask, r * channels + c0);
         zv[u] = load_vec<T, VEC>(z + r * channels + c0);
       }
     }
@@ -207,12 +232,21 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) bn_bwd_dz_kern
         for (int k = 0; k < VEC; ++k) {
           A g = to_acc(gv[u].v[k]);
           if constexpr (GRAD == GradSource::kReluMask) g = math::relu_grad(g, to_acc(yv[u].v[k]), true);
+          if constexpr (GRAD == GradSource::kBitMask) g = gate_grad<ReluGate::kBitMask>(g, A(0), bits[u], k);
           out.v[k] = from_acc<T>(ca[k] * g + cb[k] * to_acc(zv[u].v[k]) + cc[k]);
         }
         store_vec<T, VEC>(dz + r * channels + c0, out);
       }
     }
   }
+}
+
+// Calls f(std::integral_constant<ReluGate, gate>{}) with the gate the parameters ask for.
+template <typename F>
+LaunchStatus dispatch_gate(const BwdParams& p, F&& f) {
+  if (p.mask != nullptr) return f(std::integral_constant<ReluGate, ReluGate::kBitMask>{});
+  if (p.relu) return f(std::integral_constant<ReluGate, ReluGate::kOutput>{});
+  return f(std::integral_constant<ReluGate, ReluGate::kNone>{});
 }
 
 template <typename T>
@@ -236,12 +270,12 @@ LaunchStatus launch_bwd_vec(const BwdParams& p, cudaStream_t stream) {
   T* dz = static_cast<T*>(p.dz);
   T* dres = static_cast<T*>(p.dresidual);
 
-  LaunchStatus st = dispatch_bool(p.relu, [&](auto relu) {
+  LaunchStatus st = dispatch_gate(p, [&](auto gate) {
     return dispatch_bool(dres != nullptr, [&](auto has_residual) {
       return dispatch_bool(!p.training, [&](auto write_dz) {
-        bn_bwd_reduce_kernel<T, VEC, decltype(relu)::value, decltype(has_residual)::value,
+        bn_bwd_reduce_kernel<T, VEC, decltype(gate)::value, decltype(has_residual)::value,
                              decltype(write_dz)::value><<<t.grid, t.block, 0, stream>>>(
-            dy, y, z, mean, invstd, weight, dres, dz, ws.sum_g, ws.sum_g_zc, p.rows, p.channels);
+            dy, y, p.mask, z, mean, invstd, weight, dres, dz, ws.sum_g, ws.sum_g_zc, p.rows, p.channels);
         FUSEDRES_RETURN_IF_LAUNCH_FAILED("bn_bwd_reduce_kernel");
         return LaunchStatus{};
       });
@@ -261,13 +295,16 @@ LaunchStatus launch_bwd_vec(const BwdParams& p, cudaStream_t stream) {
   const Tiling te = make_tiling(p.rows, p.channels, VEC, p.num_sms, 8, 65535);
   if (dres != nullptr) {
     bn_bwd_dz_kernel<T, VEC, GradSource::kMasked><<<te.grid, te.block, 0, stream>>>(
-        dres, nullptr, z, ws.coef, dz, p.rows, p.channels);
+        dres, nullptr, nullptr, z, ws.coef, dz, p.rows, p.channels);
+  } else if (p.mask != nullptr) {
+    bn_bwd_dz_kernel<T, VEC, GradSource::kBitMask><<<te.grid, te.block, 0, stream>>>(
+        dy, nullptr, p.mask, z, ws.coef, dz, p.rows, p.channels);
   } else if (p.relu) {
     bn_bwd_dz_kernel<T, VEC, GradSource::kReluMask><<<te.grid, te.block, 0, stream>>>(
-        dy, y, z, ws.coef, dz, p.rows, p.channels);
+        dy, y, nullptr, z, ws.coef, dz, p.rows, p.channels);
   } else {
     bn_bwd_dz_kernel<T, VEC, GradSource::kIdentity><<<te.grid, te.block, 0, stream>>>(
-        dy, nullptr, z, ws.coef, dz, p.rows, p.channels);
+        dy, nullptr, nullptr, z, ws.coef, dz, p.rows, p.channels);
   }
   FUSEDRES_RETURN_IF_LAUNCH_FAILED("bn_bwd_dz_kernel");
   return {};

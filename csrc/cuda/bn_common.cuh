@@ -137,6 +137,14 @@ LaunchStatus dispatch_bool(bool b, F&& f) {
   return b ? f(std::true_type{}) : f(std::false_type{});
 }
 
+// Gradient gate from the packed ReLU mask (bn_act_fwd_mask): bit k of the result is the bit of
+// element e + k. e is a multiple of VEC and VEC divides 8, so the VEC bits share one byte.
+template <int VEC>
+__device__ __forceinline__ unsigned mask_bits(const uint8_t* __restrict__ mask, int64_t e) {
+  static_assert(8 % VEC == 0, "a vector's mask bits must share one byte");
+  return unsigned(mask[e >> 3]) >> unsigned(e & 7);
+}
+
 // Chan merge of another thread's (count, mean, M2) statistics, fetched with warp shuffles.
 template <typename A>
 __device__ __forceinline__ void warp_welford_reduce(A& count, A& mean, A& m2) {

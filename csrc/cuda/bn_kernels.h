@@ -61,15 +61,41 @@ struct FwdParams {
 
 LaunchStatus bn_act_fwd(const FwdParams& p, cudaStream_t stream);
 
+// y = relu(z*scale + shift + residual) plus its packed ReLU mask: bit k of mask[j] (LSB first) is
+// !(y <= 0) for element 8j + k of y in memory order, the elements through which the backward
+// passes the gradient; the padding bits of the last byte are 0. Memory order is NHWC
+// (channel_run = 1) or NCHW (channel_run = H*W): the channel of element e is
+// (e / channel_run) % channels. NHWC with channels % 8 == 0 and 16-byte aligned buffers runs a
+// vector kernel (each thread owns 8 channels, one mask byte per row); anything else, and fp64,
+// runs a kernel over flat runs of 8 elements.
+struct FwdMaskParams {
+  const void* z = nullptr;         // [numel] input in memory order, storage dtype
+  const void* residual = nullptr;  // [numel] storage dtype, z's order, or nullptr for no residual
+  const void* scale = nullptr;     // [channels] accumulation dtype
+  const void* shift = nullptr;     // [channels] accumulation dtype
+  void* y = nullptr;               // [numel] output, z's order, storage dtype
+  uint8_t* mask = nullptr;         // [(numel + 7) / 8] output
+  int64_t numel = 0;               // N*C*H*W, > 0
+  int64_t channels = 0;            // C
+  int64_t channel_run = 1;         // consecutive elements of one channel in memory: 1 or H*W
+  int num_sms = 1;
+  ScalarKind kind = ScalarKind::kFloat32;
+};
+
+LaunchStatus bn_act_fwd_mask(const FwdMaskParams& p, cudaStream_t stream);
+
 // Backward of bn_act_fwd composed with BatchNorm:
-//   g = relu ? (y <= 0 ? 0 : dy) : dy;  dresidual = g;  dbias = sum g;
+//   g = relu ? (y <= 0 ? 0 : dy) : dy  (with a mask: g = bit ? dy : 0);  dresidual = g;  dbias = sum g;
 //   dweight = invstd * sum g*(z - mean);  dz = a*g + b*z + c (math::bwd_coefficients).
 // Training: pass 1 reduces the two sums (and writes dresidual), a finalize kernel forms dweight,
 // dbias and a, b, c, pass 2 writes dz. Eval: dz = gamma*invstd*g needs no reduction, so pass 1
 // writes it directly and pass 2 is skipped.
 struct BwdParams {
   const void* dy = nullptr;      // [rows, channels] output gradient, storage dtype
-  const void* y = nullptr;       // [rows, channels] saved forward output (ReLU mask), storage dtype
+  const void* y = nullptr;       // [rows, channels] saved forward output (ReLU gate), storage dtype;
+                                 // not read when `mask` is set
+  const uint8_t* mask = nullptr;  // packed ReLU mask of bn_act_fwd_mask in NHWC order, or nullptr;
+                                  // when set, relu must be true and the gate comes from it
   const void* z = nullptr;       // [rows, channels] saved conv output, storage dtype
   const void* mean = nullptr;    // [channels] statistics used in forward, accumulation dtype
   const void* invstd = nullptr;  // [channels] accumulation dtype
