@@ -40,6 +40,31 @@ def test_auto_skips_a_backend_whose_kernels_do_not_take_the_dtype(monkeypatch):
     assert resolve("auto", cpu).name == "cpu"
 
 
+def test_auto_order_on_cuda_tensors(monkeypatch):
+    """auto on a CUDA tensor: triton first for its dtypes, the cuda kernels for float64, eager
+    last; CPU tensors never go to triton, even when the interpreter lets it run them.
+
+    Availability is faked (nothing runs), so the order is tested on any machine: with both GPU
+    backends usable, float16 can only land on triton if ``_AUTO_ORDER["cuda"]`` lists it first.
+    """
+    triton_backend, cuda_backend = fusedres.get_backend("triton"), fusedres.get_backend("cuda")
+    # As under TRITON_INTERPRET=1: triton claims CPU tensors too.
+    monkeypatch.setattr(type(triton_backend), "device_types", ("cuda", "cpu"))
+    monkeypatch.setattr(triton_backend, "availability", lambda: (True, "faked for the test"))
+    monkeypatch.setattr(cuda_backend, "availability", lambda: (True, "faked for the test"))
+    cuda = torch.device("cuda")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, None):
+        assert resolve("auto", cuda, dtype).name == "triton", dtype
+    assert resolve("auto", cuda, torch.float64).name == "cuda"
+    monkeypatch.setattr(cuda_backend, "availability", lambda: (False, "faked for the test"))
+    assert resolve("auto", cuda, torch.float64).name == "eager"
+    assert resolve("auto", cuda, torch.float16).name == "triton"
+
+    cpu_ok, _ = fusedres.available_backends()["cpu"]
+    for dtype in (torch.float16, torch.float32, None):
+        assert resolve("auto", torch.device("cpu"), dtype).name == ("cpu" if cpu_ok else "eager")
+
+
 def test_named_backend_on_the_wrong_device_is_refused():
     with pytest.raises(RuntimeError, match=r"backend 'cuda' is not usable here|runs on cuda tensors"):
         resolve("cuda", torch.device("cpu"))
