@@ -13,6 +13,12 @@ from fusedres import reference
 
 from .conftest import DEVICE, DTYPES
 
+# Imported here, after tests/kernels/conftest.py has chosen interpreter or GPU, for the test
+# kernel below (without triton the conftest skips this directory's tests with the reason).
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+from fusedres.kernels.bn import _tile_offsets  # noqa: E402
+
 # [N, C, H, W]: odd C (partial channel tile), M = 2*7*9 = 126 (partial row tile);
 # 5*3*15*17 = 1275 rows (several reduction programs, 3 channel tiles under the interpreter).
 SHAPES = [(2, 13, 7, 9), (5, 35, 15, 17)]
@@ -161,3 +167,81 @@ def test_float64_is_refused_with_a_clear_error():
     z = torch.randn(2, 3, 4, 4, dtype=torch.float64, device=DEVICE)
     with pytest.raises(TypeError, match="float64"):
         _bn().bn_stats(z)
+
+
+@triton.jit
+def _tile_offsets_kernel(out_ptr, first_row, first_channel, C, HW, CHANNELS_LAST: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Stores bn._tile_offsets [BLOCK_M, BLOCK_C] of rows and channels from the first ones on."""
+    # Rows and channels as the BN kernels form them: an int64 row base plus an int32 range.
+    offs_m = first_row.to(tl.int64) + tl.arange(0, BLOCK_M)
+    offs_c = first_channel + tl.arange(0, BLOCK_C)
+    offs = _tile_offsets(offs_m, offs_c, C, HW, CHANNELS_LAST)
+    tl.store(out_ptr + tl.arange(0, BLOCK_M)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :],
+             offs)
+
+
+@pytest.mark.parametrize("cl", [True, False], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("c,hw,limit", [(64, 56 * 56, 2**31), (13, 7 * 9, 2**31),
+                                        (2048, 7 * 7, 2**32)],
+                         ids=["c64-past-2^31", "c13-past-2^31", "c2048-past-2^32"])
+def test_tile_offsets_are_int64(cl, c, hw, limit):
+    """Every BN kernel addresses elements through bn._tile_offsets: for rows whose offsets cross
+    2^31 (and 2^32) elements they are exact, as Python integers compute them; 32-bit arithmetic
+    anywhere on the way would wrap. The rows: in NHWC those around limit / C (the offsets cross
+    the limit inside the tile), in NCHW those around the first image whose base passes it; the
+    channels are the last tile's (the largest offsets)."""
+    block_m, block_c = 32, 16
+    if cl:
+        first_row = limit // c - block_m // 2
+    else:
+        first_row = (limit // (c * hw) + 1) * hw - block_m // 2
+    first_channel = max(0, c - block_c)
+    out = torch.empty(block_m, block_c, dtype=torch.int64, device=DEVICE)
+    _tile_offsets_kernel[(1,)](out, first_row, first_channel, c, hw, CHANNELS_LAST=cl,
+                               BLOCK_M=block_m, BLOCK_C=block_c)
+    expected = []
+    for m in range(first_row, first_row + block_m):
+        n, pixel = divmod(m, hw)
+        expected.append([m * c + ch if cl else (n * c + ch) * hw + pixel
+                         for ch in range(first_channel, first_channel + block_c)])
+    expected = torch.tensor(expected, dtype=torch.int64)
+    assert expected.max() >= limit and (expected.min() < limit or not cl)
+    torch.testing.assert_close(out.cpu(), expected, rtol=0, atol=0)
+
+
+# The [N, C, H, W] tensors each kernel reads (tt.load) and writes (tt.store).
+_ACTIVATION_ACCESSES = {
+    "bn-stats": {("%z_ptr", "tt.load")},
+    "bn-fwd": {("%z_ptr", "tt.load"), ("%res_ptr", "tt.load"), ("%y_ptr", "tt.store")},
+    "bn-bwd-reduce": {("%dy_ptr", "tt.load"), ("%y_ptr", "tt.load"), ("%z_ptr", "tt.load"),
+                      ("%dres_ptr", "tt.store"), ("%dz_ptr", "tt.store")},
+    "bn-bwd-dz": {("%dy_ptr", "tt.load"), ("%y_ptr", "tt.load"), ("%z_ptr", "tt.load"),
+                  ("%dz_ptr", "tt.store")},
+}
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("kernel", _ACTIVATION_ACCESSES)
+def test_compiled_bn_kernels_address_activations_with_int64(kernel, layout):
+    """Beyond bn._tile_offsets, the rows fed to it must be int64 too: in the compiled kernels
+    (TTIR for sm_90, no GPU needed) every load and store of an [N, C, H, W] tensor adds an i64
+    offset, and the rows (offs_m, row0), the NCHW image index (n, hw) and the offsets (offs) are
+    computed in i64 throughout (an i32 product widened afterwards would have wrapped already)."""
+    from .test_conv_kernel import (assert_int64, integer_arith_types, kernel_ttir,
+                                   offset_types_by_pointer)
+    ttir = kernel_ttir()[f"{kernel}-{layout}"]
+    found = set()
+    for pointer, op, types in offset_types_by_pointer(ttir):
+        if (pointer, op) in _ACTIVATION_ACCESSES[kernel]:
+            found.add((pointer, op))
+            assert "i64" in types, f"{kernel}-{layout}: a {op} of {pointer} has {types} offsets"
+    missing = _ACTIVATION_ACCESSES[kernel] - found
+    assert not missing, f"{kernel}-{layout}: not found in the TTIR: {missing}"
+    row_variables = {"offs_m", "offs"}
+    if kernel in ("bn-stats", "bn-bwd-reduce"):
+        row_variables.add("row0")  # the row reductions walk their rows from row0 on
+    if layout == "nchw":
+        row_variables |= {"n", "hw"}
+    assert_int64(integer_arith_types(ttir, ("offs_m", "row0", "offs", "n", "hw")), row_variables,
+                 f"{kernel}-{layout}")

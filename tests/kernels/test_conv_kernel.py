@@ -2,8 +2,17 @@
 
 Each geometry exercises one structural path of the kernel: FLAT_K (channels per group not a
 multiple of 64), tap-by-tap (64 channels), POINTWISE (1x1 stride 1), strided and padded gathers,
-groups, dilation, and output tiles that overhang M and Cout.
+groups, dilation, and output tiles that overhang M and Cout. Which path each geometry takes is
+asserted too, and the compiled kernel's address arithmetic (TTIR for sm_90, no GPU needed) is
+checked to be int64 where N*H*W*C may pass 2^31.
 """
+
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +22,8 @@ from conftest import assert_oracle_close
 from fusedres import reference
 
 from .conftest import DEVICE, DTYPES
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 
 # (N, Cin, H, W, Cout, kernel, stride, padding, groups, dilation)
 GEOMETRIES = {
@@ -25,6 +36,9 @@ GEOMETRIES = {
     "3x3-groups4": (2, 8, 6, 5, 12, 3, 1, 1, 4, 1),
     "3x3s2-groups2": (1, 16, 7, 7, 10, 3, 2, 1, 2, 1),
     "3x3-dilation2": (2, 6, 8, 8, 5, 3, 1, 2, 1, 2),
+    "3x3-groups2-c64-taps": (2, 128, 4, 3, 24, 3, 1, 1, 2, 1),
+    "1x1-groups4-pointwise": (2, 8, 5, 4, 12, 1, 1, 0, 4, 1),
+    "1x1-groups2-c64-pointwise": (1, 128, 3, 5, 40, 1, 1, 0, 2, 1),
 }
 
 
@@ -76,8 +90,9 @@ def test_conv_with_stats_epilogue(dtype, geom):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("geom", GEOMETRIES.values(), ids=GEOMETRIES.keys())
-@pytest.mark.parametrize("has_residual,relu", [(True, True), (False, True), (False, False)],
-                         ids=["res-relu", "relu", "affine-only"])
+@pytest.mark.parametrize("has_residual,relu",
+                         [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["res-relu", "res-norelu", "relu", "affine-only"])
 def test_conv_with_eval_epilogue(dtype, geom, has_residual, relu):
     """F2 in eval: y = act(conv(x)*scale + shift + residual) in the conv's epilogue."""
     x, w = _inputs(geom, dtype)
@@ -140,3 +155,247 @@ def test_tf32_choice_reads_the_per_operator_flag():
         assert _conv()._conv_allows_tf32() is True
     finally:
         flags.fp32_precision = saved
+
+
+# -- which k-walk each geometry takes --------------------------------------------------------
+
+# name -> (FLAT_K, POINTWISE) for GEOMETRIES, and for ResNet-50 / ResNeXt-50's units
+# (N, Cin, H, W, Cout, kernel, stride, padding, groups, dilation) at a small H, W: the path
+# depends on the channels per group and the filter, not on the image size.
+PATHS = {
+    "3x3-odd-flat": (True, False),
+    "3x3s2-c64-taps": (False, False),
+    "7x7s2-stem": (True, False),
+    "1x1-odd-pointwise": (True, True),
+    "1x1-c64-pointwise": (False, True),
+    "1x1s2-downsample": (False, False),
+    "3x3-groups4": (True, False),
+    "3x3s2-groups2": (True, False),
+    "3x3-dilation2": (True, False),
+    "3x3-groups2-c64-taps": (False, False),
+    "1x1-groups4-pointwise": (True, True),
+    "1x1-groups2-c64-pointwise": (False, True),
+}
+RESNET_GEOMETRIES = {
+    "resnet50-stem-7x7s2": ((1, 3, 20, 20, 64, 7, 2, 3, 1, 1), (True, False)),
+    "resnet50-1x1-reduce": ((1, 256, 4, 4, 64, 1, 1, 0, 1, 1), (False, True)),
+    "resnet50-1x1-expand": ((1, 64, 4, 4, 256, 1, 1, 0, 1, 1), (False, True)),
+    "resnet50-3x3": ((1, 64, 4, 4, 64, 3, 1, 1, 1, 1), (False, False)),
+    "resnet50-3x3s2": ((1, 128, 4, 4, 128, 3, 2, 1, 1, 1), (False, False)),
+    "resnet50-downsample-1x1s2": ((1, 256, 4, 4, 512, 1, 2, 0, 1, 1), (False, False)),
+    "resnext50-3x3-g32": ((1, 128, 4, 4, 128, 3, 1, 1, 32, 1), (True, False)),
+}
+PATH_CASES = {**{name: (GEOMETRIES[name], path) for name, path in PATHS.items()},
+              **RESNET_GEOMETRIES}
+
+
+@pytest.mark.parametrize("name", PATH_CASES)
+def test_conv_path_selection(monkeypatch, name):
+    """1x1 stride-1 unpadded convolutions run as a plain GEMM (POINTWISE), channels per group
+    that are a multiple of 64 walk k tap by tap, everything else (the 3-channel stem, narrow
+    groups) decodes k per element (FLAT_K), each with its own config table.
+
+    conv.py has no path-selection function of its own: the launch is intercepted (and not run)
+    to read the constexprs the launcher chose.
+    """
+    assert PATHS.keys() == GEOMETRIES.keys(), "every geometry states the path it takes"
+    conv = _conv()
+    geom, (flat_k, pointwise) = PATH_CASES[name]
+    launches = []
+
+    def record(kernel, grid, args, *, table, interp_config, **kwargs):
+        launches.append(dict(kwargs, table=table))
+        return interp_config
+
+    monkeypatch.setattr(conv, "launch", record)
+    x, w = _inputs(geom, torch.float32)
+    conv.conv2d(x, w, *_args(geom))
+    assert len(launches) == 1
+    chosen = launches[0]
+    assert (chosen["FLAT_K"], chosen["POINTWISE"]) == (flat_k, pointwise), chosen
+    assert chosen["table"] is (conv.CONV_FLAT_CONFIGS if flat_k else conv.CONV_CONFIGS)
+    assert (chosen["KH"], chosen["KW"]) == (geom[5], geom[5])
+
+
+# -- int64 offsets in the compiled kernel ----------------------------------------------------
+
+# Compiles kernel variants to TTIR for sm_90 in a subprocess (this process may be interpreting,
+# and triton fixes that mode at import) and prints {label: ttir} as JSON: the conv kernel's three
+# k-walks with every epilogue on, and the BN kernels that touch [N, C, H, W] tensors in both
+# layouts, fp16, with the first config of each table. Pointer element types come from the
+# kernels' argument comments (``# *T``, ``# *fp32``); pointers and channel counts get triton's
+# divisible-by-16 hint, as real launches give them.
+_TTIR_SCRIPT = r"""
+import inspect, json, re
+from triton._C.libtriton import ir
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+from fusedres.kernels import bn, conv
+from fusedres.kernels._launch import arch_configs
+
+ARG_COMMENT = re.compile(r"^\s*(\w+),?\s*#\s*\*(\w+)")
+
+
+def source(kernel, constexprs):
+    pointers = {}
+    for line in inspect.getsource(kernel.fn).splitlines():
+        m = ARG_COMMENT.match(line)
+        if m and m.group(1).endswith("_ptr"):
+            pointers[m.group(1)] = "*" + ("fp16" if m.group(2) == "T" else m.group(2))
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32" if name == "eps" else "i32"
+            if name in ("C", "Cin", "Cout"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+epilogue = dict(AFFINE=True, HAS_RESIDUAL=True, RELU=True, STATS=True, DOT_PRECISION="tf32",
+                w_stride_ci=1)
+variants = {
+    "conv-taps-3x3": (conv._conv_fwd_kernel, conv.CONV_CONFIGS,
+                      dict(epilogue, KH=3, KW=3, FLAT_K=False, POINTWISE=False)),
+    "conv-flat-7x7": (conv._conv_fwd_kernel, conv.CONV_FLAT_CONFIGS,
+                      dict(epilogue, KH=7, KW=7, FLAT_K=True, POINTWISE=False)),
+    "conv-pointwise-1x1": (conv._conv_fwd_kernel, conv.CONV_CONFIGS,
+                           dict(epilogue, KH=1, KW=1, FLAT_K=False, POINTWISE=True)),
+}
+for cl in (True, False):
+    layout = "nhwc" if cl else "nchw"
+    variants.update({
+        f"bn-stats-{layout}": (bn._bn_stats_partial_kernel, bn.REDUCE_CONFIGS,
+                               dict(CHANNELS_LAST=cl)),
+        f"bn-fwd-{layout}": (bn._bn_act_fwd_kernel, bn.ELEMENTWISE_CONFIGS,
+                             dict(HAS_RESIDUAL=True, RELU=True, CHANNELS_LAST=cl)),
+        f"bn-bwd-reduce-{layout}": (bn._bn_act_bwd_reduce_kernel, bn.REDUCE_CONFIGS,
+                                    dict(RELU=True, HAS_RESIDUAL=True, NEED_DWEIGHT=True,
+                                         WRITE_DZ=True, CHANNELS_LAST=cl)),
+        f"bn-bwd-dz-{layout}": (bn._bn_act_bwd_dz_kernel, bn.ELEMENTWISE_CONFIGS,
+                                dict(RELU=True, G_FROM_DRES=False, CHANNELS_LAST=cl)),
+    })
+out = {}
+for label, (kernel, table, constexprs) in variants.items():
+    config = arch_configs(table, 90)[0]
+    src = source(kernel, dict(config.kwargs, **constexprs))
+    options = backend.parse_options({"num_warps": config.num_warps,
+                                     "num_stages": config.num_stages})
+    stages = {}
+    backend.add_stages(stages, options, src.language)
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = src.make_ir(target, options, backend.get_codegen_implementation(options),
+                         backend.get_module_map(), context)
+    out[label] = str(stages["ttir"](module, {"hash": label, "target": target, **options.__dict__}))
+print(json.dumps(out))
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_ttir() -> dict:
+    """{variant label: TTIR text for sm_90} of the conv and BN kernels (see _TTIR_SCRIPT)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _TTIR_SCRIPT], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+# `%name = op operands : types loc(...)`; a name may carry a `_<n>` suffix per SSA value.
+_TTIR_OP = re.compile(r"^\s*(%[\w.]+) = ([\w.]+) (.*)$")
+_FOLLOW = ("tt.splat", "tt.broadcast", "tt.expand_dims")
+
+
+def offset_types_by_pointer(ttir: str) -> list:
+    """[(kernel argument, op, offset integer types)] for every tt.load and tt.store.
+
+    Follows each accessed pointer back through tt.addptr (collecting the offset operand's integer
+    type: "i32" or "i64"), splat, broadcast and expand_dims to the kernel argument it starts from.
+    """
+    defs = {}
+    for line in ttir.splitlines():
+        m = _TTIR_OP.match(line)
+        if m:
+            defs[m.group(1)] = (m.group(2), m.group(3))
+    accesses = []
+    for line in ttir.splitlines():
+        m = re.search(r"\b(tt\.load|tt\.store) (%[\w.]+)", line)
+        if not m:
+            continue
+        name, types = m.group(2), []
+        while name in defs and defs[name][0] in ("tt.addptr",) + _FOLLOW:
+            op, rest = defs[name]
+            operands = re.findall(r"%[\w.]+", rest.split(" : ")[0])
+            if op == "tt.addptr":
+                offset_type = rest.split(" : ")[1].split(", ")[1]
+                types.append(re.match(r"(?:tensor<(?:\d+x)*)?(i\d+)", offset_type).group(1))
+            name = operands[0]
+        accesses.append((name, m.group(1), types))
+    return accesses
+
+
+def integer_arith_types(ttir: str, variables) -> dict:
+    """{variable: [result types]} of the integer arithmetic (muli, addi, subi, divsi) whose TTIR
+    values carry the name of one of the kernel's ``variables`` (triton 3.9 names a value after
+    the variable it is assigned to, with a ``_<n>`` suffix per further value).
+
+    Skips the calling test when the TTIR carries no such names (another triton version).
+    """
+    types = {}
+    for line in ttir.splitlines():
+        m = _TTIR_OP.match(line)
+        if not m or m.group(2) not in ("arith.muli", "arith.addi", "arith.subi", "arith.divsi"):
+            continue
+        var = re.match(r"%(\w+?)(?:_\d+)?$", m.group(1)).group(1)
+        if var in variables:
+            types.setdefault(var, []).append(m.group(3).split(" : ")[-1].split(" loc(")[0])
+    if not types:
+        pytest.skip("this triton does not name TTIR values after the kernel's variables")
+    return types
+
+
+def assert_int64(types: dict, expected, what: str) -> None:
+    """Every variable of ``expected`` has integer arithmetic in ``types``, and all of it is i64."""
+    assert set(expected) <= set(types), f"{what}: no arithmetic found for {set(expected) - set(types)}"
+    for var, result_types in types.items():
+        assert all(t == "i64" or t.endswith("xi64>") for t in result_types), \
+            f"{what}: {var} computed in {result_types}"
+
+
+@pytest.mark.parametrize("variant", ["taps-3x3", "flat-7x7", "pointwise-1x1"])
+def test_compiled_conv_addresses_activations_with_int64(variant):
+    """N*H*W*C passes 2^31 at ResNet batch sizes: in the compiled kernel (TTIR for sm_90, no GPU
+    needed) every load and store of x, the output and the residual adds an i64 offset. (The
+    weights, per-channel vectors and [M / BLOCK_M, Cout] statistics partials are small enough
+    for i32.)"""
+    accesses = offset_types_by_pointer(kernel_ttir()[f"conv-{variant}"])
+    by_pointer = {}
+    for pointer, op, types in accesses:
+        by_pointer.setdefault(pointer, []).append((op, types))
+    large = {"%x_ptr": "tt.load", "%out_ptr": "tt.store", "%res_ptr": "tt.load"}
+    for pointer, op in large.items():
+        assert any(o == op for o, _ in by_pointer.get(pointer, [])), \
+            f"{variant}: no {op} of {pointer} found in the TTIR: {sorted(by_pointer)}"
+        for o, types in by_pointer[pointer]:
+            assert "i64" in types, f"{variant}: a {o} of {pointer} has only {types} offsets"
+
+
+@pytest.mark.parametrize("variant", ["taps-3x3", "flat-7x7", "pointwise-1x1"])
+def test_compiled_conv_row_and_image_offsets_are_int64_throughout(variant):
+    """An i64 offset is not enough when it was multiplied out in i32 and widened afterwards:
+    the arithmetic of the row index, the image base, the input row (POINTWISE) and the output
+    offsets (the kernel's variables offs_m, img_base, a_row, out_offs, whose names triton 3.9
+    keeps on the TTIR values) runs in i64 from the start."""
+    types = integer_arith_types(kernel_ttir()[f"conv-{variant}"],
+                                ("offs_m", "img_base", "a_row", "out_offs"))
+    assert_int64(types, {"offs_m", "out_offs", "a_row" if "pointwise" in variant else "img_base"},
+                 variant)
