@@ -51,7 +51,8 @@ def _randomize_bn(bn):
 
 
 def _run(module, x, residual, dy):
-    """Forward + backward; every output, gradient and BN buffer by name."""
+    """Forward + backward; every output, gradient and BN buffer (running statistics and
+    num_batches_tracked) by name."""
     x = x.detach().clone().requires_grad_()
     args = (x,)
     if residual is not None:
@@ -65,20 +66,26 @@ def _run(module, x, residual, dy):
     for name, p in module.named_parameters():
         out["d." + name] = p.grad
     for name, b in module.named_buffers():
-        if b.is_floating_point():
-            out[name] = b.clone()
+        out[name] = b.clone()
     return out
 
 
-def _compare(fused, eager, x, residual, dtype, training):
-    """Runs fused (dtype), eager (dtype) and the fp64 oracle; applies the tolerance rule."""
+def _compare(fused, eager, x, residual, dtype, training, grad_norm="max"):
+    """Runs fused (dtype), eager (dtype) and the fp64 oracle; applies the tolerance rule.
+
+    Integer buffers (num_batches_tracked) must equal the oracle's exactly. ``grad_norm`` is the
+    norm of the rule for the gradients (dx, dresidual, d.<parameter>): "rel_l2" where inner ReLU
+    kinks make single entries noise (see conftest.assert_oracle_close).
+    """
     oracle = reference.upcast(eager)
     for m in (fused, eager, oracle):
         m.train(training)
     x64 = x.double()
     res64 = None if residual is None else residual.double()
     with torch.no_grad():
-        y64 = oracle(*((x64,) if res64 is None else (x64, res64)))
+        # On a copy: in training this forward moves the running statistics, which the three
+        # runs below must each move once from the same start.
+        y64 = copy.deepcopy(oracle)(*((x64,) if res64 is None else (x64, res64)))
     dy = torch.randn(y64.shape, dtype=torch.float64, device=x.device)
     # Only the last ReLU's kink matters for the test's dy (inner kinks are averaged out).
     dy = dy.masked_fill(y64.abs() < KINK_BAND[dtype], 0.0)
@@ -89,7 +96,12 @@ def _compare(fused, eager, x, residual, dtype, training):
     assert got.keys() == exact.keys()
     for key in exact:
         assert got[key] is not None, f"{key} was not computed"
-        assert_oracle_close(got[key].cpu(), ref[key].cpu(), exact[key].cpu(), name=key)
+        if not exact[key].is_floating_point():
+            assert torch.equal(got[key].cpu(), exact[key].cpu()), \
+                f"{key}: {got[key].tolist()} != {exact[key].tolist()}"
+            continue
+        norm = grad_norm if key in ("dx", "dresidual") or key.startswith("d.") else "max"
+        assert_oracle_close(got[key].cpu(), ref[key].cpu(), exact[key].cpu(), name=key, norm=norm)
     return got
 
 
@@ -168,15 +180,36 @@ BLOCKS = {
     "bottleneck-s2-downsample": (FusedBottleneck, reference.Bottleneck, 16, 4, 2, 1, 64, 7),
     "resnext-bottleneck": (FusedBottleneck, reference.Bottleneck, 32, 8, 1, 4, 16, 5),
 }
-# Blocks add wiring, not kernel paths: fp32 only under the interpreter (the units cover fp16).
-BLOCK_DTYPES = DTYPES if DEVICE == "cuda" else [torch.float32]
 
 
-@pytest.mark.parametrize("dtype", BLOCK_DTYPES, ids=str)
-@pytest.mark.parametrize("block", BLOCKS.values(), ids=BLOCKS.keys())
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+# Blocks add wiring, not kernel paths: under the interpreter (time) every block runs in fp32,
+# and these also in fp16, in training (the units cover the other fp16 paths).
+INTERP_FP16_BLOCKS = ("basic-s2-downsample", "bottleneck-s2-downsample")
+
+
+def _block_cases():
+    """pytest params (dtype, block name, training): on a GPU every combination."""
+    cases = []
+    for training in (True, False):
+        for name in BLOCKS:
+            for dtype in DTYPES:
+                if (DEVICE == "cuda" or dtype == torch.float32
+                        or (training and name in INTERP_FP16_BLOCKS)):
+                    mode = "train" if training else "eval"
+                    cases.append(pytest.param(dtype, name, training, id=f"{mode}-{name}-{dtype}"))
+    return cases
+
+
+@pytest.mark.parametrize("dtype,block,training", _block_cases())
 def test_block(dtype, block, training):
-    fused_cls, eager_cls, inplanes, planes, stride, groups, base_width, h = block
+    """Forward + backward of a block. In fp16/bf16 some pre-activations of the two inner ReLUs
+    round to the other side of 0 (in eager and fused runs alike), each moving single gradient
+    entries by O(1), so gradients are compared by relative L2 error there; on a GPU the blocks
+    also run 4x the batch at 3x the size, enough of those flips for the error ratio to be
+    stable (at the interpreter's size, bf16 failed in ~10% of seeds, measured on the CPU
+    kernels; fp16 in none)."""
+    fused_cls, eager_cls, inplanes, planes, stride, groups, base_width, h = BLOCKS[block]
+    batch, h = (8, 3 * h) if DEVICE == "cuda" else (2, h)
     out = planes * eager_cls.expansion
     ds = _downsample(inplanes, out, stride) if (stride != 1 or inplanes != out) else None
     eager = eager_cls(inplanes, planes, stride, copy.deepcopy(ds), groups, base_width)
@@ -187,8 +220,9 @@ def test_block(dtype, block, training):
     fused = fused_cls(inplanes, planes, stride, copy.deepcopy(ds), groups, base_width,
                       backend="triton").to(DEVICE, dtype)
     fused.load_state_dict(eager.state_dict())
-    x = torch.randn(2, inplanes, h, h, device=DEVICE).to(memory_format=torch.channels_last)
-    _compare(fused, eager, x, None, dtype, training)
+    x = torch.randn(batch, inplanes, h, h, device=DEVICE).to(memory_format=torch.channels_last)
+    _compare(fused, eager, x, None, dtype, training,
+             grad_norm="max" if dtype == torch.float32 else "rel_l2")
 
 
 def test_float64_is_refused_with_a_clear_error():
