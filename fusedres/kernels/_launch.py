@@ -44,9 +44,13 @@ def device_arch(device: torch.device) -> int:
     return 10 * major + minor
 
 
-def cfg(num_warps: int, num_stages: int, **meta) -> triton.Config:
-    """A ``triton.Config`` written compactly: ``cfg(4, 3, BLOCK_M=128)``."""
-    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+def cfg(num_warps: int, num_stages: int, maxnreg: int | None = None, **meta) -> triton.Config:
+    """A ``triton.Config`` written compactly: ``cfg(4, 3, BLOCK_M=128)``.
+
+    ``maxnreg`` caps registers per thread (ptxas ``.maxnreg``); see the conv tables for why a
+    config would set it.
+    """
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
 
 
 def arch_configs(table: dict, arch: int) -> list:
@@ -99,7 +103,9 @@ def on_tensor_device(fn: Callable) -> Callable:
 
 def _run(kernel, grid: Callable, args: Sequence, config: triton.Config, constexprs: dict):
     meta = dict(config.kwargs, **constexprs)
-    kernel[grid(meta)](*args, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+    options = {"maxnreg": config.maxnreg} if config.maxnreg is not None else {}
+    kernel[grid(meta)](*args, **meta, num_warps=config.num_warps, num_stages=config.num_stages,
+                       **options)
 
 
 _TUNED: dict = {}

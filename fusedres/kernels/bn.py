@@ -318,8 +318,10 @@ ELEMENTWISE_CONFIGS = {
          cfg(8, 1, BLOCK_M=64, BLOCK_C=128)],
 }
 # Row-reductions (stats, bwd pass 1) use one config per arch: their partial buffers are sized by
-# the rows per program, which must be known before launch, so they are not autotuned.
-REDUCE_CONFIGS = {80: [cfg(4, 1, BLOCK_M=64, BLOCK_C=64)],
+# the rows per program, which must be known before launch, so they are not autotuned. On sm_80
+# too 128x64 tiles with 8 warps: 64x64 ones spill a few bytes (4 warps: the fp32 NCHW
+# statistics; 8 warps: the fp32 eval backward) in scripts/check_triton_compile.py.
+REDUCE_CONFIGS = {80: [cfg(8, 1, BLOCK_M=128, BLOCK_C=64)],
                   90: [cfg(8, 1, BLOCK_M=128, BLOCK_C=64)]}
 # The finalize runs one program per channel tile and chunk of partials; the conv epilogue writes
 # one partial per 64-128 rows (6272 for ResNet-50's stem at batch 64), so wide P tiles keep

@@ -164,25 +164,44 @@ def _conv_fwd_kernel(
 
 # -- configs ---------------------------------------------------------------------------------
 
-# Shared memory per stage is (BLOCK_M + BLOCK_N)*BLOCK_K*itemsize: every config fits fp32
-# operands too (sm_80: 163 KB, sm_90: 227 KB per block), and none spills registers, with any
-# epilogue: both checked by scripts/check_triton_compile.py. 128x128 tiles take 8 warps (a
-# 64-register fp32 accumulator per thread; with 4 warps the epilogue spills). BLOCK_N = 64 tiles
-# serve the 64-channel layers of ResNet's first stage.
+# One pair of tables (tap by tap or POINTWISE; FLAT_K) per kind of operand, picked by
+# _conv_table: fp16/bf16 and fp32 with TF32 run tl.dot on tensor cores (mma on sm_80, wgmma on
+# sm_90); fp32 without TF32 ("ieee") multiplies on the FMA units with the product's operand
+# slices in registers, so it takes BLOCK_K = 16. scripts/check_triton_compile.py compiles every
+# config of each table for every variant the launcher produces (each epilogue and path; both
+# weight layouts with --all-specialisations) and fails on a spill; the register counts quoted
+# are its worst variant's, both layouts, triton 3.6 and 3.9 (ptxas allocates differently under
+# each: a tile clean under one can spill under the other). Spills seen there come in two kinds: tiles
+# too big for 255 registers (fp32 64x64 FLAT_K tiles, ieee tiles with BLOCK_K = 32), and a few
+# bytes where ptxas, run by triton with --regAllocOptLevel=2, settles on 80-128 registers for
+# occupancy and spills the rest (some 4-warp 64x64 tiles, several ieee tiles); those depend on
+# the whole kernel, so only the check can tell.
+# Shared memory per stage is (BLOCK_M + BLOCK_N)*BLOCK_K*itemsize, within the 163 KB (sm_80)
+# and 227 KB (sm_90) per block at every config. BLOCK_N = 64 tiles serve the 64-channel layers
+# of ResNet's first stage.
+
+# fp16/bf16, the fast path. 128x128 tiles take 8 warps (a 64-register fp32 accumulator per
+# thread). sm_80: at most 233 registers; its 64x64 tile takes BLOCK_K = 64 (with 32 and 4 warps
+# ptxas spills 4 bytes in the 1x1 statistics epilogue). The 128x128 tile sets maxnreg to the
+# hardware's 255: without it ptxas under triton 3.6 holds the bf16 1x1 statistics kernel with
+# channels_last weights to 128 registers (two blocks per SM) and spills 8 bytes; with it, 160
+# registers and no spill (154 under 3.9). sm_90: at most 248; the 128x64 tile takes 8 warps
+# (254 registers with 4).
 CONV_CONFIGS = {
-    80: [cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
+    80: [cfg(8, 3, maxnreg=255, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
          cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
          cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
-         cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)],
+         cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)],
     90: [cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
          cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
-         cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
+         cfg(8, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
          cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)],
 }
 # FLAT_K decodes (r, s, ci) per element of the A tile: [BLOCK_M, BLOCK_K] integer tensors that
 # need registers of their own, so smaller tiles. Those convolutions (stem, narrow groups) are a
 # small share of a ResNet's time. BLOCK_N = 16 is for ResNeXt's narrow groups (4-8 output
-# channels per group), where a 64-wide tile would be mostly masked.
+# channels per group), where a 64-wide tile would be mostly masked. At most 190 registers
+# (sm_80) and 168 (sm_90).
 CONV_FLAT_CONFIGS = {
     80: [cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
          cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
@@ -190,6 +209,43 @@ CONV_FLAT_CONFIGS = {
     90: [cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
          cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
          cfg(4, 4, BLOCK_M=64, BLOCK_N=16, BLOCK_K=32)],
+}
+# fp32 with TF32: twice the shared memory per stage, and on sm_80 more registers per mma
+# operand. sm_80 runs 8 warps on every tile (4 warps: 254 registers at 64x128, a 4-8 byte
+# spill at 64x64), and its 128x64 tile 4 stages (with 2 or 3, 8-16 bytes spill under triton
+# 3.6); at most 212 registers. sm_90: at most 243.
+CONV_TF32_CONFIGS = {
+    80: [cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
+         cfg(8, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
+         cfg(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)],
+    90: [cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
+         cfg(8, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
+         cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)],
+}
+# sm_80 drops the 64x64 FLAT_K tile (255 registers with 4 warps, a spill with 8) and runs its
+# 128x64 tile in 2 stages (with 3, 8 bytes spill under triton 3.6); at most 190 registers.
+# sm_90 runs the 16-bit table (at most 168).
+CONV_TF32_FLAT_CONFIGS = {
+    80: [cfg(8, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
+         cfg(4, 4, BLOCK_M=64, BLOCK_N=16, BLOCK_K=32)],
+    90: CONV_FLAT_CONFIGS[90],
+}
+# fp32 without TF32 (the GPU tests' setting): BLOCK_K = 16 keeps the operand slices in
+# registers; the 128x64 tile with 8 warps and 2 stages is the one that spills in no variant on
+# either arch (at most 170 registers); every other tap-by-tap tile tried spills a few bytes on
+# sm_90. sm_80's smaller tile is 64x32: 64x64 spills 8-24 bytes (triton 3.6 and 3.9, 4 or 8
+# warps).
+CONV_IEEE_CONFIGS = {
+    80: [cfg(8, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=16),
+         cfg(4, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16)],
+    90: [cfg(8, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=16)],
+}
+# At most 202 registers (sm_80) and 160 (sm_90).
+CONV_IEEE_FLAT_CONFIGS = {
+    80: [cfg(8, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=16),
+         cfg(4, 3, BLOCK_M=64, BLOCK_N=16, BLOCK_K=16)],
+    90: [cfg(8, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=16),
+         cfg(4, 3, BLOCK_M=64, BLOCK_N=16, BLOCK_K=16)],
 }
 # tl.dot needs every dimension >= 16; small tiles keep the interpreter's numpy work small.
 _INTERP = cfg(1, 1, BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
@@ -212,6 +268,15 @@ def _conv_allows_tf32() -> bool:
             if precision != "none":
                 return precision == "tf32"
         return True
+
+
+def _conv_table(dtype: torch.dtype, flat_k: bool, precision: str) -> dict:
+    """The config table for operands of ``dtype`` multiplied at ``precision``, FLAT_K or not."""
+    if dtype != torch.float32:
+        return CONV_FLAT_CONFIGS if flat_k else CONV_CONFIGS
+    if precision == "tf32":
+        return CONV_TF32_FLAT_CONFIGS if flat_k else CONV_TF32_CONFIGS
+    return CONV_IEEE_FLAT_CONFIGS if flat_k else CONV_IEEE_CONFIGS
 
 
 def _min_block_m(table: dict) -> int:
@@ -264,12 +329,12 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
     shift = shift.float().contiguous() if affine else out
     res = residual.contiguous(memory_format=torch.channels_last) if residual is not None else out
     flat_k = cin_g % _TAP_ALIGNED != 0
-    table = CONV_FLAT_CONFIGS if flat_k else CONV_CONFIGS
+    precision = "tf32" if (x.dtype != torch.float32 or _conv_allows_tf32()) else "ieee"
+    table = _conv_table(x.dtype, flat_k, precision)
     # Autotuning may pick any BLOCK_M: size the partials for the smallest, use the one that ran.
     p_alloc = triton.cdiv(M, _min_block_m(table)) if stats else 1
     partial = new_output((2, p_alloc, Cout), dtype=torch.float32, device=x.device)
     pointwise = KH == 1 and KW == 1 and (sh, sw) == (1, 1) and (ph, pw) == (0, 0)
-    precision = "tf32" if (x.dtype != torch.float32 or _conv_allows_tf32()) else "ieee"
     ran = launch(
         _conv_fwd_kernel,
         lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(cout_g, m["BLOCK_N"]), groups),

@@ -213,8 +213,42 @@ def test_conv_path_selection(monkeypatch, name):
     assert len(launches) == 1
     chosen = launches[0]
     assert (chosen["FLAT_K"], chosen["POINTWISE"]) == (flat_k, pointwise), chosen
-    assert chosen["table"] is (conv.CONV_FLAT_CONFIGS if flat_k else conv.CONV_CONFIGS)
+    assert chosen["table"] is conv._conv_table(torch.float32, flat_k, chosen["DOT_PRECISION"])
     assert (chosen["KH"], chosen["KW"]) == (geom[5], geom[5])
+
+
+# (dtype, TF32 allowed) -> (precision, table names for tap-by-tap/POINTWISE and for FLAT_K).
+OPERAND_TABLES = {
+    (torch.float16, False): ("tf32", "CONV_CONFIGS", "CONV_FLAT_CONFIGS"),
+    (torch.bfloat16, True): ("tf32", "CONV_CONFIGS", "CONV_FLAT_CONFIGS"),
+    (torch.float32, True): ("tf32", "CONV_TF32_CONFIGS", "CONV_TF32_FLAT_CONFIGS"),
+    (torch.float32, False): ("ieee", "CONV_IEEE_CONFIGS", "CONV_IEEE_FLAT_CONFIGS"),
+}
+
+
+@pytest.mark.parametrize("dtype,allow_tf32", OPERAND_TABLES, ids=str)
+@pytest.mark.parametrize("name", ["3x3s2-c64-taps", "7x7s2-stem"])
+def test_conv_config_table_per_operand(monkeypatch, name, dtype, allow_tf32):
+    """Each kind of operand autotunes over its own tables (scripts/check_triton_compile.py
+    checks each table against the variants that use it): 16-bit operands always run on tensor
+    cores, fp32 on them only when TF32 is allowed, else as FMA ("ieee") with smaller k slices."""
+    conv = _conv()
+    precision, table, flat_table = OPERAND_TABLES[dtype, allow_tf32]
+    launches = []
+
+    def record(kernel, grid, args, *, table, interp_config, **kwargs):
+        launches.append(dict(kwargs, table=table))
+        return interp_config
+
+    monkeypatch.setattr(conv, "launch", record)
+    monkeypatch.setattr(conv, "_conv_allows_tf32", lambda: allow_tf32)
+    geom = GEOMETRIES[name]
+    x, w = _inputs(geom, dtype)
+    conv.conv2d(x, w, *_args(geom))
+    (chosen,) = launches
+    assert chosen["DOT_PRECISION"] == precision
+    expected = flat_table if PATHS[name][0] else table
+    assert chosen["table"] is getattr(conv, expected), f"{name} {dtype}: expected conv.{expected}"
 
 
 # -- int64 offsets in the compiled kernel ----------------------------------------------------
