@@ -1,28 +1,87 @@
-"""scripts/check_triton_compile.py: every kernel compiles for sm_80 and sm_90 without a GPU.
+"""scripts/check_triton_compile.py: the kernels compile for sm_80 and sm_90 in every config of
+their tables, without spills, within shared memory, on tensor cores where they should.
 
 Runs in a subprocess with TRITON_INTERPRET removed (this process may be interpreting, and triton
-fixes that mode at import). CI compiles the first config of each table (``--quick``, about half a
-minute on 2 cores); ``python scripts/check_triton_compile.py`` compiles all of them.
+fixes that mode at import). The test runs the check CI can afford, ``--heaviest-epilogues``:
+every BatchNorm variant, and the convolution on every path and kind of operand in its two
+heaviest epilogues, each in every config (about 640 compiles: 2 minutes on a 2-core machine with
+triton's cache cold). ``python scripts/check_triton_compile.py`` compiles all nine epilogues
+(about 1300 compiles, 6 minutes cold); run it after changing a kernel or a config table.
 """
 
+import itertools
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "check_triton_compile.py")
 
+# (AFFINE, HAS_RESIDUAL, RELU, STATS): the training epilogue (statistics) and the eval one with
+# every feature on, the two the check keeps.
+EPILOGUES = [(False, False, False, True), (True, True, True, False)]
+PATHS = list(itertools.product((False, True), repeat=2))  # (FLAT_K, POINTWISE)
+OPERANDS = [("fp16", "tf32"), ("bf16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")]
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
-def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
+
+def _config_key(meta: dict, num_warps: int, num_stages: int, maxnreg) -> tuple:
+    return tuple(sorted(meta.items())), num_warps, num_stages, maxnreg
+
+
+def test_every_kernel_compiles_in_every_config_for_sm80_and_sm90_without_spills(tmp_path):
     pytest.importorskip("triton", reason="triton is not installed")
+    from fusedres.kernels import bn, conv
+    from fusedres.kernels._launch import arch_configs
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, SCRIPT, "--quick"], capture_output=True, text=True,
-                          env=env, timeout=900)
-    report = proc.stdout + proc.stderr
+    rows_path = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, SCRIPT, "--heaviest-epilogues", "--json",
+                           str(rows_path)], capture_output=True, text=True, env=env, timeout=3600)
+    report = proc.stdout[-20000:] + proc.stderr[-5000:]
     assert proc.returncode == 0, report
-    for arch, mma in (("sm_80", " mma "), ("sm_90", " wgmma ")):
-        conv_rows = [line for line in proc.stdout.splitlines()
-                     if line.startswith(arch) and " conv" in line]
-        assert len(conv_rows) >= 5, report
-        assert all(mma in row for row in conv_rows), report
+    rows = json.loads(rows_path.read_text())
+    conv_rows = [r for r in rows if r["kernel"].endswith(":_conv_fwd_kernel")]
+    for arch, tensor_cores in ((80, "mma"), (90, "wgmma")):
+        compiled: dict = {}
+        for r in conv_rows:
+            if r["arch"] != arch:
+                continue
+            flags = r["flags"]
+            variant = (r["dtype"], flags["DOT_PRECISION"], flags["FLAT_K"], flags["POINTWISE"],
+                       flags["AFFINE"], flags["HAS_RESIDUAL"], flags["RELU"], flags["STATS"])
+            compiled.setdefault(variant, set()).add(
+                _config_key(r["config"], r["num_warps"], r["num_stages"], r["maxnreg"]))
+            if flags["DOT_PRECISION"] == "tf32":
+                assert r["mma"] == tensor_cores, f"sm_{arch} {r['label']}: {r['mma']}"
+        # Every operand kind, path and kept epilogue, each in every config of the table the
+        # launcher picks for it, and nothing else.
+        expected_variants = set()
+        for (dtype, precision), (flat_k, pointwise), epilogue in itertools.product(
+                OPERANDS, PATHS, EPILOGUES):
+            variant = (dtype, precision, flat_k, pointwise, *epilogue)
+            expected_variants.add(variant)
+            table = conv._conv_table(TORCH_DTYPES[dtype], flat_k, precision)
+            expected = {_config_key(c.kwargs, c.num_warps, c.num_stages, c.maxnreg)
+                        for c in arch_configs(table, arch)}
+            assert compiled.get(variant) == expected, f"sm_{arch} conv {variant}"
+        assert set(compiled) == expected_variants
+    # Every BatchNorm kernel, each variant in every config of its table.
+    bn_tables = {"_bn_act_fwd_kernel": bn.ELEMENTWISE_CONFIGS,
+                 "_bn_act_bwd_dz_kernel": bn.ELEMENTWISE_CONFIGS,
+                 "_bn_stats_partial_kernel": bn.REDUCE_CONFIGS,
+                 "_bn_act_bwd_reduce_kernel": bn.REDUCE_CONFIGS,
+                 "_bn_stats_finalize_kernel": bn.FINALIZE_CONFIGS,
+                 "_bn_bwd_finalize_kernel": bn.FINALIZE_CONFIGS}
+    bn_compiled: dict = {}
+    for r in rows:
+        if ":_bn_" in r["kernel"]:
+            bn_compiled.setdefault((r["arch"], r["kernel"].split(":")[1], r["label"]), set()).add(
+                _config_key(r["config"], r["num_warps"], r["num_stages"], r["maxnreg"]))
+    assert {name for _, name, _ in bn_compiled} == set(bn_tables), report
+    for (arch, name, label), configs in bn_compiled.items():
+        assert configs == {_config_key(c.kwargs, c.num_warps, c.num_stages, c.maxnreg)
+                           for c in arch_configs(bn_tables[name], arch)}, f"sm_{arch} {label}"
