@@ -15,6 +15,9 @@ Environment switches, read at call time:
   runs every config, and one runs the autotuner. Under
   ``torch.use_deterministic_algorithms(True)`` config 0 is the default, so that results are
   bitwise reproducible from run to run.
+- ``FUSEDRES_INTERPRET_ARCH=80`` (or 90): under the interpreter, run the configs of that GPU's
+  tables (config ``FUSEDRES_TRITON_CONFIG``, 0 when unset) instead of the small interpreter
+  config, so that the real tile sizes run on the CPU too (tests/kernels/test_all_configs.py).
 - ``FUSEDRES_POISON_OUTPUTS=1`` fills kernel outputs with NaN before the launch, so an element a
   kernel fails to write shows up in the tests (which set it) instead of as stale memory. Off by
   default: it costs one extra write of every output.
@@ -75,6 +78,21 @@ def forced_config_index():
     return int(value)
 
 
+def interpreted_arch():
+    """The compute capability set by ``FUSEDRES_INTERPRET_ARCH``, or None.
+
+    Under the interpreter, :func:`launch` then runs that GPU's configs instead of the small
+    interpreter config.
+    """
+    value = os.environ.get("FUSEDRES_INTERPRET_ARCH", "")
+    if value == "":
+        return None
+    if not value.isdigit():
+        raise ValueError(f"FUSEDRES_INTERPRET_ARCH must be a compute capability (80, 90, ...), "
+                         f"got {value!r}")
+    return int(value)
+
+
 def new_output(*size, **kwargs) -> torch.Tensor:
     """``torch.empty(*size, **kwargs)``, NaN-filled under ``FUSEDRES_POISON_OUTPUTS=1``."""
     out = torch.empty(*size, **kwargs)
@@ -116,13 +134,17 @@ def launch(kernel, grid: Callable, args: Sequence, *, table: dict, key: Sequence
            interp_config: triton.Config, device: torch.device, **constexprs) -> triton.Config:
     """Runs ``kernel`` autotuned over ``table`` on a GPU, or with ``interp_config`` interpreted.
 
+    ``FUSEDRES_TRITON_CONFIG`` (or deterministic mode) forces one config of ``table`` instead of
+    autotuning; ``FUSEDRES_INTERPRET_ARCH`` runs ``table``'s configs under the interpreter.
+
     Args:
         kernel: a ``@triton.jit`` function.
         grid: ``grid(meta) -> tuple``, meta holding the chosen config's constexprs.
         args: the kernel's runtime arguments, in order.
         table: {arch: [triton.Config]}, see :func:`arch_configs`.
         key: argument names whose values re-trigger tuning (``triton.autotune``'s ``key``).
-        interp_config: the config used under the interpreter.
+        interp_config: the config used under the interpreter (unless FUSEDRES_INTERPRET_ARCH
+            asks for a GPU's).
         device: the tensors' device (picks the arch's table).
         **constexprs: the non-tuned constexpr arguments (feature flags).
 
@@ -130,10 +152,14 @@ def launch(kernel, grid: Callable, args: Sequence, *, table: dict, key: Sequence
         The config that ran (launchers whose buffers depend on tile sizes read it).
     """
     if interpreting():
-        _run(kernel, grid, args, interp_config, constexprs)
-        return interp_config
-    arch = device_arch(device)
-    forced = forced_config_index()
+        arch = interpreted_arch()
+        if arch is None:
+            _run(kernel, grid, args, interp_config, constexprs)
+            return interp_config
+        forced = forced_config_index() or 0  # the autotuner cannot run here
+    else:
+        arch = device_arch(device)
+        forced = forced_config_index()
     if forced is not None:
         configs = arch_configs(table, arch)
         config = configs[min(forced, len(configs) - 1)]

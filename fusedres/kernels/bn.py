@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres.kernels._launch import (arch_configs, cfg, device_arch, interpreting, launch,
-                                      new_output, on_tensor_device)
+from fusedres.kernels._launch import (arch_configs, cfg, device_arch, interpreted_arch,
+                                      interpreting, launch, new_output, on_tensor_device)
 
 
 # -- kernels ---------------------------------------------------------------------------------
@@ -340,16 +340,22 @@ _PROGRAMS_PER_SM = 4
 _FINALIZE_TILES_PER_PROGRAM = 4
 
 
-def _reduce_config(device: torch.device) -> triton.Config:
+def _fixed_config(table: dict, interp_config: triton.Config,
+                  device: torch.device) -> triton.Config:
+    """The one config of a table that is not autotuned, for ``device``'s arch; under the
+    interpreter its own small config, or FUSEDRES_INTERPRET_ARCH's."""
     if interpreting():
-        return _INTERP
-    return arch_configs(REDUCE_CONFIGS, device_arch(device))[0]
+        arch = interpreted_arch()
+        return interp_config if arch is None else arch_configs(table, arch)[0]
+    return arch_configs(table, device_arch(device))[0]
+
+
+def _reduce_config(device: torch.device) -> triton.Config:
+    return _fixed_config(REDUCE_CONFIGS, _INTERP, device)
 
 
 def _finalize_config(device: torch.device) -> triton.Config:
-    if interpreting():
-        return _INTERP_FINALIZE
-    return arch_configs(FINALIZE_CONFIGS, device_arch(device))[0]
+    return _fixed_config(FINALIZE_CONFIGS, _INTERP_FINALIZE, device)
 
 
 def _rows_per_program(M: int, c_blocks: int, block_m: int, device: torch.device) -> int:
