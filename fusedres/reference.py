@@ -19,7 +19,6 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 __all__ = [
     "stats_dtype", "bn_stats", "bn_act_fwd", "bn_act_bwd", "unit_forward", "BasicBlock",
