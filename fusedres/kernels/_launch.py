@@ -119,11 +119,17 @@ def on_tensor_device(fn: Callable) -> Callable:
     return wrapper
 
 
+def compile_options(config: triton.Config) -> dict:
+    """The launch keywords that carry ``config``'s compile options (warps, stages, maxnreg)."""
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    if config.maxnreg is not None:
+        options["maxnreg"] = config.maxnreg
+    return options
+
+
 def _run(kernel, grid: Callable, args: Sequence, config: triton.Config, constexprs: dict):
     meta = dict(config.kwargs, **constexprs)
-    options = {"maxnreg": config.maxnreg} if config.maxnreg is not None else {}
-    kernel[grid(meta)](*args, **meta, num_warps=config.num_warps, num_stages=config.num_stages,
-                       **options)
+    kernel[grid(meta)](*args, **meta, **compile_options(config))
 
 
 _TUNED: dict = {}

@@ -24,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres.kernels._launch import (arch_configs, cfg, device_arch, interpreted_arch,
-                                      interpreting, launch, new_output, on_tensor_device)
+from fusedres.kernels._launch import (arch_configs, cfg, compile_options, device_arch,
+                                      interpreted_arch, interpreting, launch, new_output,
+                                      on_tensor_device)
 
 
 # -- kernels ---------------------------------------------------------------------------------
@@ -320,9 +321,11 @@ ELEMENTWISE_CONFIGS = {
 # Row-reductions (stats, bwd pass 1) use one config per arch: their partial buffers are sized by
 # the rows per program, which must be known before launch, so they are not autotuned. On sm_80
 # too 128x64 tiles with 8 warps: 64x64 ones spill a few bytes (4 warps: the fp32 NCHW
-# statistics; 8 warps: the fp32 eval backward) in scripts/check_triton_compile.py.
+# statistics; 8 warps: the fp32 eval backward) in scripts/check_triton_compile.py. On sm_90,
+# triton 3.7 and 3.8 hold the fp16 channels_last backward reduction to 80 registers (three
+# blocks per SM) and spill 8 bytes; maxnreg (see the conv tables) stops that.
 REDUCE_CONFIGS = {80: [cfg(8, 1, BLOCK_M=128, BLOCK_C=64)],
-                  90: [cfg(8, 1, BLOCK_M=128, BLOCK_C=64)]}
+                  90: [cfg(8, 1, maxnreg=255, BLOCK_M=128, BLOCK_C=64)]}
 # The finalize runs one program per channel tile and chunk of partials; the conv epilogue writes
 # one partial per 64-128 rows (6272 for ResNet-50's stem at batch 64), so wide P tiles keep
 # the serial loop of each program short.
@@ -422,7 +425,7 @@ def stats_from_partials(pmean: torch.Tensor, pm2: torch.Tensor, M: int, rows: in
     else:
         gamma = beta = invstd = scale = shift = out[0]  # unused: HAS_AFFINE is off
     conf = _finalize_config(dev)
-    launch_conf = dict(**conf.kwargs, num_warps=conf.num_warps, num_stages=conf.num_stages)
+    launch_conf = dict(**conf.kwargs, **compile_options(conf))
     c_blocks = triton.cdiv(C, conf.kwargs["BLOCK_C"])
     p_chunk = _FINALIZE_TILES_PER_PROGRAM * conf.kwargs["BLOCK_P"]
     if P > p_chunk:
@@ -464,7 +467,7 @@ def bn_stats(z: torch.Tensor):
     partial = new_output((2, P, C), dtype=torch.float32, device=z.device)
     _bn_stats_partial_kernel[(P, c_blocks)](
         z, partial[0], partial[1], M, C, H * W, rows, CHANNELS_LAST=cl, BLOCK_M=bm, BLOCK_C=bc,
-        num_warps=conf.num_warps, num_stages=conf.num_stages)
+        **compile_options(conf))
     return stats_from_partials(partial[0], partial[1], M, rows)
 
 
@@ -552,14 +555,13 @@ def bn_act_bwd_packed(dy: torch.Tensor, y: torch.Tensor, z: Optional[torch.Tenso
     _bn_act_bwd_reduce_kernel[(P, c_blocks)](
         dy, y, z, dres, dz, mean, invstd, weight, partial[0], partial[1], M, C, H * W, rows,
         RELU=relu, HAS_RESIDUAL=has_residual, NEED_DWEIGHT=need_dweight, WRITE_DZ=not training,
-        CHANNELS_LAST=cl, BLOCK_M=bm, BLOCK_C=bc, num_warps=conf.num_warps,
-        num_stages=conf.num_stages)
+        CHANNELS_LAST=cl, BLOCK_M=bm, BLOCK_C=bc, **compile_options(conf))
 
     sums = new_output((2, C), dtype=torch.float32, device=dev)
     fconf = _finalize_config(dev)
     _bn_bwd_finalize_kernel[(triton.cdiv(C, fconf.kwargs["BLOCK_C"]),)](
         partial[0], partial[1], invstd, sums[0], sums[1], P, C, NEED_DWEIGHT=need_dweight,
-        **fconf.kwargs, num_warps=fconf.num_warps, num_stages=fconf.num_stages)
+        **fconf.kwargs, **compile_options(fconf))
 
     if training:
         launch(_bn_act_bwd_dz_kernel,
