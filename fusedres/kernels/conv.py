@@ -234,10 +234,10 @@ CONV_TF32_FLAT_CONFIGS = {
 }
 # fp32 without TF32 (the GPU tests' setting): BLOCK_K = 16 keeps the operand slices in
 # registers; the 128x64 tile with 8 warps and 2 stages is the one that spills in no variant on
-# either arch (at most 170 registers); every other tap-by-tap tile tried spills a few bytes on
-# sm_90. sm_80's smaller tile is 64x32: 64x64 spills 8-24 bytes (triton 3.6 and 3.9, 4 or 8
-# warps). The 128x64 tile takes maxnreg: triton 3.7 held its 1x1 statistics kernels to 128
-# registers and spilled 8 bytes.
+# either arch; every other tap-by-tap tile tried spills a few bytes on sm_90. sm_80's smaller
+# tile is 64x32: 64x64 spills 8-24 bytes (triton 3.6 and 3.9, 4 or 8 warps). The 128x64 tile
+# takes maxnreg: triton 3.7 held its 1x1 statistics kernels to 128 registers and spilled 8
+# bytes; with it, triton 3.6 allocates up to the full 255 (no spill).
 CONV_IEEE_CONFIGS = {
     80: [cfg(8, 2, maxnreg=255, BLOCK_M=128, BLOCK_N=64, BLOCK_K=16),
          cfg(4, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16)],
