@@ -437,13 +437,21 @@ def _failures(arch: int, variant: Variant, desc: str, row: dict) -> list:
     return found
 
 
+def _default_jobs() -> int:
+    """One compiler process per core this process may run on (2 in CI, 16 on the GPU hosts)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API outside Linux
+        return os.cpu_count() or 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SMEM_LIMIT),
                         help="compute capability (repeatable); default: all")
     parser.add_argument("--quick", action="store_true", help="first config of each table only")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                        help="compiler processes (default: 2, or 1 on one core)")
+    parser.add_argument("--jobs", type=int, default=_default_jobs(),
+                        help="compiler processes (default: one per core this process may use)")
     parser.add_argument("--list", action="store_true", help="print the variants, compile nothing")
     parser.add_argument("--all-specialisations", action="store_true",
                         help="every int specialisation met (both weight layouts), not the first "
