@@ -45,7 +45,8 @@ def _import_module_db():
     Importing torch.testing._internal.common_utils calls torch.backends.disable_global_flags(),
     after which plain assignments such as ``torch.backends.cudnn.allow_tf32 = False`` raise for
     the rest of the process. torch.backends' own context manager restores the previous state
-    on exit, so other tests in the same run are unaffected.
+    on exit, so other tests in the same run are unaffected. (It also wraps TorchScript
+    functions' ``__call__`` in a profiler record, which only adds a label.)
     """
     try:
         with warnings.catch_warnings(), torch.backends.__allow_nonbracketed_mutation():
