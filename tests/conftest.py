@@ -164,3 +164,34 @@ def _seed_and_backend():
     fusedres.set_backend(None)
     yield
     fusedres.set_backend(None)
+
+
+# -- hypothesis (property-based tests: tests/test_unit_properties.py) --------------------------
+#
+# HYPOTHESIS_PROFILE picks the profile; the default, "ci", is what CI and a plain `pytest` run:
+# a bounded number of examples, derandomized (the same examples on every run, so a red CI is
+# reproducible on any machine) and no example database (nothing written into the work tree).
+# "explore" draws fresh random examples, more of them; "quick" is a smoke run. A failure prints
+# the falsifying example and its @reproduce_failure blob in every profile.
+try:
+    from hypothesis import HealthCheck, settings as _hypothesis_settings
+except ImportError:  # the property tests skip themselves, with the reason, without hypothesis
+    HYPOTHESIS_EXAMPLES = 0
+else:
+    _HYPOTHESIS_COMMON = dict(
+        deadline=None,         # shared 2-core machines: a slow example is not a failure
+        print_blob=True,       # the @reproduce_failure line of every falsifying example
+        database=None,
+        # Tiny tensors are drawn from a seed, so data generation is cheap, but each example runs
+        # three forward + backward passes: hypothesis' too_slow check only measures that noise.
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    _hypothesis_settings.register_profile("ci", max_examples=30, derandomize=True,
+                                          **_HYPOTHESIS_COMMON)
+    _hypothesis_settings.register_profile("quick", max_examples=8, derandomize=True,
+                                          **_HYPOTHESIS_COMMON)
+    _hypothesis_settings.register_profile("explore", max_examples=300, derandomize=False,
+                                          **_HYPOTHESIS_COMMON)
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+    #: Examples per property test under the loaded profile (tests scale their own counts by it).
+    HYPOTHESIS_EXAMPLES = _hypothesis_settings.default.max_examples
