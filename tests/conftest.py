@@ -65,8 +65,8 @@ def _reference_backward(dy, x, weight, y, z, mean, invstd, gamma, stride, paddin
                                                    relu, output_mask[4], training, upcast=False)
     dx, dw = python_unit.conv_backward(dz, x, weight, stride, padding, dilation, groups,
                                        output_mask[0], output_mask[1])
-    absent = dy.new_empty((0,))
-    return tuple(t if need and t is not None else absent
+    # A [0] placeholder per output not asked for: op outputs may not alias one another.
+    return tuple(t if need and t is not None else dy.new_empty((0,))
                  for t, need in zip((dx, dw, dgamma, dbeta, dres), output_mask))
 
 

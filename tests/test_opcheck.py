@@ -1,5 +1,6 @@
-"""torch.library.opcheck of the fusedres ops on CPU: schema, fake kernels (fusedres/ops/library.py)
-against the real ones (shapes, dtypes, strides), and tracing through AOT dispatch."""
+"""torch.library.opcheck of the fusedres ops on CPU: schema, fake kernels (fusedres/ops/library.py,
+fusedres/ops/unit_schema.py) against the real ones (shapes, dtypes, strides), the autograd
+registered on the unit ops, and tracing through AOT dispatch."""
 
 import os
 
@@ -14,6 +15,7 @@ if not _ext.extension_loaded():
     pytest.skip(f"C++ extension not built: {_ext.EXTENSION_ERROR}", allow_module_level=True)
 
 import fusedres.ops.library  # noqa: E402  (registers the fake kernels)
+from fusedres.ops import unit_schema  # noqa: E402
 
 ops = torch.ops.fusedres
 SHAPE = (2, 6, 5, 7)
@@ -102,6 +104,105 @@ def test_ops_compile_without_graph_breaks():
 
 
 # ---------------------------------------------------------------------------------------------
+# The unit ops: one per phase, autograd registered on the op, running statistics mutated in place.
+
+UNIT_NAMESPACES = ["fusedres", "fusedres_test"]
+
+
+def _unit_inputs(dtype, fmt, residual, affine, requires_grad):
+    """A strided, grouped 3x3 unit: x [2, 4, 7, 6] -> y [2, 6, 4, 6]."""
+    x = torch.randn(2, 4, 7, 6, dtype=dtype).contiguous(memory_format=fmt)
+    w = torch.randn(6, 2, 3, 3, dtype=dtype)
+    gamma = torch.rand(6, dtype=dtype) + 0.5 if affine else None
+    beta = torch.randn(6, dtype=dtype) if affine else None
+    res = torch.randn(2, 6, 4, 6, dtype=dtype).contiguous(memory_format=fmt) if residual else None
+    for t in (x, w, gamma, beta, res):
+        if t is not None:
+            t.requires_grad_(requires_grad)
+    return x, w, gamma, beta, res
+
+
+GEOMETRY = ([2, 1], [1, 1], [1, 1], 2)
+
+
+@pytest.mark.parametrize("namespace", UNIT_NAMESPACES)
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
+@PARAMS
+@DTYPES
+def test_opcheck_unit_train(namespace, dtype, fmt, residual, momentum):
+    x, w, gamma, beta, res = _unit_inputs(dtype, fmt, residual, True, requires_grad=True)
+    running = (torch.randn(6, dtype=dtype), torch.rand(6, dtype=dtype) + 0.5,
+               torch.tensor(3, dtype=torch.long))
+    op = getattr(torch.ops, namespace).unit_train.default
+    torch.library.opcheck(op, (x, w, gamma, beta, res, *running, *GEOMETRY, True, momentum, 1e-5))
+
+
+@pytest.mark.parametrize("namespace", UNIT_NAMESPACES)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
+@PARAMS
+@DTYPES
+def test_opcheck_unit_eval(namespace, dtype, fmt, residual, affine):
+    x, w, gamma, beta, res = _unit_inputs(dtype, fmt, residual, affine, requires_grad=True)
+    running = (torch.randn(6, dtype=dtype), torch.rand(6, dtype=dtype) + 0.5)
+    op = getattr(torch.ops, namespace).unit_eval.default
+    torch.library.opcheck(op, (x, w, gamma, beta, res, *running, *GEOMETRY, True, 1e-5))
+
+
+@pytest.mark.parametrize("namespace", UNIT_NAMESPACES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("mask", [(True, True, True, True, True), (False, True, False, True, False)],
+                         ids=["all", "some"])
+@PARAMS
+def test_opcheck_unit_backward(namespace, fmt, training, mask):
+    dtype = torch.float32
+    x, w, gamma, beta, res = _unit_inputs(dtype, fmt, True, True, requires_grad=False)
+    ns = getattr(torch.ops, namespace)
+    y, z, mean, invstd = ns.unit_train(x, w, gamma, beta, res, None, None, None, *GEOMETRY, True,
+                                       0.1, 1e-5)
+    dy = torch.randn_like(y)
+    # Eval keeps no z unless dgamma needs it (the op recomputes it).
+    args = (dy, x, w, y, z if training else None, mean, invstd, gamma, *GEOMETRY, True, training,
+            list(mask))
+    torch.library.opcheck(ns.unit_backward.default, args)
+
+
+def test_unit_schemas_agree():
+    """The C++ ops and the Python backends' ops have one contract: the same schemas."""
+    for name, schema in unit_schema.SCHEMAS.items():
+        cpp = str(getattr(torch.ops.fusedres, name).default._schema)
+        python = str(getattr(torch.ops.fusedres_test, name).default._schema)
+        assert cpp.split("(", 1)[1] == python.split("(", 1)[1] == (name + schema).split("(", 1)[1]
+
+
+@pytest.mark.parametrize("namespace", UNIT_NAMESPACES)
+def test_unit_ops_compile_fullgraph_with_state_update(namespace):
+    """A training step of a unit op traces whole (aot_eager) and updates the running statistics
+    exactly as the uncompiled op does."""
+    ns = getattr(torch.ops, namespace)
+
+    def step(x, w, gamma, beta, rm, rv, nbt):
+        y = ns.unit_train(x, w, gamma, beta, None, rm, rv, nbt, *GEOMETRY, True, None, 1e-5)[0]
+        return y.square().sum()
+
+    inputs = _unit_inputs(torch.float32, torch.channels_last, False, True, requires_grad=True)[:4]
+    state = [torch.zeros(6), torch.ones(6), torch.tensor(0, dtype=torch.long)]
+    state_c = [t.clone() for t in state]
+    loss = step(*inputs, *state)
+    grads = torch.autograd.grad(loss, inputs)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss_c = compiled(*inputs, *state_c)
+    grads_c = torch.autograd.grad(loss_c, inputs)
+    torch.testing.assert_close(loss_c, loss)
+    for g_c, g in zip(grads_c, grads):
+        torch.testing.assert_close(g_c, g)
+    for s_c, s in zip(state_c, state):
+        torch.testing.assert_close(s_c, s)
+    assert int(state_c[2]) == 1
+
+
+# ---------------------------------------------------------------------------------------------
 # Registration of the CUDA implementations (csrc/fusedres.cpp). Runs without a GPU: the dispatcher
 # table is inspected directly, and the CUDA kernel is entered with CPU tensors through
 # redispatch, where the binding's device check must reject them before touching a pointer.
@@ -112,7 +213,13 @@ def _cuda_redispatch_args():
     z = _act(torch.float32, torch.channels_last)
     v = _vec(torch.float32)
     mask = torch.zeros((z.numel() + 7) // 8, dtype=torch.uint8)
+    x = torch.randn(2, 6, 5, 7)
+    w = torch.randn(6, 6, 1, 1)
+    geometry = ([1, 1], [0, 0], [1, 1], 1)
     return {
+        "unit_train": (x, w, v, v, None, None, None, None, *geometry, True, 0.1, 1e-5),
+        "unit_eval": (x, w, v, v, None, v, v, *geometry, True, 1e-5),
+        "unit_backward": (z, x, w, z, z, v, v, v, *geometry, True, True, [True] * 5),
         "bn_stats": (z,),
         "bn_act_fwd": (z, v, v, None, True),
         "bn_act_bwd": (z, z, z, v, v, v, True, True, True),
@@ -133,5 +240,6 @@ def test_every_op_has_a_cuda_kernel_that_rejects_cpu_tensors():
     cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     for name in names:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedres::{name}", "CUDA"), name
-        with pytest.raises(RuntimeError, match=f"fusedres::{name}: the CUDA implementation got z on cpu"):
+        arg = {"unit_train": "x", "unit_eval": "x", "unit_backward": "dy"}.get(name, "z")
+        with pytest.raises(RuntimeError, match=f"fusedres::{name}: the CUDA implementation got {arg} on cpu"):
             getattr(ops, name).default.redispatch(cuda_only, *args[name])

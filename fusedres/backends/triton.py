@@ -105,11 +105,12 @@ def _backward(dy, x, weight, y, z, mean, invstd, gamma, stride, padding, dilatio
     dx, dw = python_unit.conv_backward(dz, x.contiguous(memory_format=torch.channels_last),
                                        weight, stride, padding, dilation, groups, need_dx,
                                        need_dw)
-    absent = dy.new_empty((0,))
-    dbias, dgamma = sums.unbind(0) if need_affine else (absent, absent)
-    return (dx if need_dx else absent, dw if need_dw else absent,
-            dgamma.clone() if need_dgamma else absent, dbias.clone() if need_dbeta else absent,
-            dres if need_dres else absent)
+    dbias, dgamma = sums.unbind(0) if need_affine else (None, None)
+    # dgamma and dbias are rows of one tensor, copied apart; a [0] placeholder per output not
+    # asked for: op outputs may not alias one another.
+    outputs = (dx, dw, dgamma.clone() if need_dgamma else None,
+               dbias.clone() if need_dbeta else None, dres)
+    return tuple(t if need else dy.new_empty((0,)) for t, need in zip(outputs, output_mask))
 
 
 _UNIT_OPS = python_unit.define_unit_ops(

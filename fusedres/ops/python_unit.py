@@ -60,18 +60,21 @@ def update_running_stats(mean: torch.Tensor, var: torch.Tensor, count: int,
         momentum: the factor, or None for the cumulative average 1/num_batches_tracked.
     """
     with torch.no_grad():
-        factor = momentum if momentum is not None else 0.0
+        cumulative = momentum is None and num_batches_tracked is not None
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
             _bump(num_batches_tracked)
-            if momentum is None:
-                factor = num_batches_tracked.reciprocal()  # on the device: no .item()
         if running_mean is None:
             return
         unbiased = var * (count / (count - 1))
         for running, stat in ((running_mean, mean), (running_var, unbiased)):
-            weight = factor.to(running.dtype) if isinstance(factor, torch.Tensor) else factor
-            running.lerp_(stat.to(running.dtype), weight)
+            if cumulative:
+                # 1/num_batches_tracked on the device (no .item()), in the statistics' dtype.
+                factor = num_batches_tracked.to(running.dtype).reciprocal()
+            else:
+                # nn without a counter and momentum=None leaves the statistics as they are.
+                factor = momentum if momentum is not None else 0.0
+            running.lerp_(stat.to(running.dtype), factor)
             _bump(running)
 
 
@@ -111,7 +114,9 @@ def _differentiable_backward(ctx, dy, x, weight, y, gamma, beta, running_mean, r
                              training: bool):
     """First-order gradients built from differentiable ops, for double backward: the ReLU mask
     is fixed by the saved y, so v = bn(conv(x, w)) is recomputed and g = dy*mask pulled back."""
-    g = dy.masked_fill(y <= 0, 0) if ctx.relu else dy
+    # threshold_backward (as ReLU's own backward) keeps y in the graph: nn's second derivatives
+    # reach every input through it, if only with zeros.
+    g = torch.ops.aten.threshold_backward.default(dy, y, 0) if ctx.relu else dy
     needs = ctx.needs_input_grad
     with torch.enable_grad():
         z = F.conv2d(x, weight, None, ctx.stride, ctx.padding, ctx.dilation, ctx.groups)

@@ -132,11 +132,10 @@ def register_fakes(namespace: str, layout: Layout) -> None:
             groups, [output_mask[0], output_mask[1], False])
         sdt = stats_dtype(dy.dtype)
         c = weight.shape[0]
-        absent = dy.new_empty((0,))
-        dres = torch.empty_like(dz, dtype=dy.dtype) if output_mask[4] else absent
-        return (dx if output_mask[0] else absent, dw if output_mask[1] else absent,
-                dy.new_empty((c,), dtype=sdt) if output_mask[2] else absent,
-                dy.new_empty((c,), dtype=sdt) if output_mask[3] else absent, dres)
+        outputs = (dx, dw, dy.new_empty((c,), dtype=sdt), dy.new_empty((c,), dtype=sdt),
+                   torch.empty_like(dz, dtype=dy.dtype))
+        # One [0] placeholder per output not asked for: outputs may not alias one another.
+        return tuple(t if need else dy.new_empty((0,)) for t, need in zip(outputs, output_mask))
 
     torch.library.register_fake(f"{namespace}::unit_train")(unit_train_fake)
     torch.library.register_fake(f"{namespace}::unit_eval")(unit_eval_fake)
