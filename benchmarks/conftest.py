@@ -18,45 +18,27 @@ suites from each provider's own bytes by :mod:`fusedres.traffic`.
   name, statistics, extra_info), so a run cut short by a timeout keeps what it measured
   (pytest-benchmark writes ``--benchmark-json`` only at the end).
 
-After pytest-benchmark's tables, last, the terminal summary prints per group each provider's
-median, spread, GB/s, images/s and ratios to eager and to torch.compile with their ranges, and
-lists the ratios that are not results (:func:`fusedres.report.format_bench_cases`).
+Last, after pytest-benchmark's tables and pytest's short summary, the terminal summary prints
+per group each provider's median, spread, GB/s, images/s and ratios to eager and to
+torch.compile with their ranges, and lists the ratios that are not results
+(:func:`fusedres.report.format_bench_cases`). Before any timing glibc is told to keep freed
+memory (:func:`fusedres.report.keep_freed_memory`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import sys
 import time
 
 import pytest
 import torch
 
-from fusedres.report import format_bench_cases, machine_info, summarize, time_interleaved
-
-# glibc malloc serves big blocks (a [8, 256, 56, 56] activation is 25 MB) with mmap and unmaps them
-# on free, so every op that allocates its outputs pays first-touch page faults again each call
-# (measured here: ~6200 faults, ~30 ms, for two 12.8 MB outputs, ten times the kernel). That is
-# allocator policy, not kernel work, and it hits providers by accident of heap state. Keeping
-# freed memory in the heap (what jemalloc/tcmalloc, which PyTorch's CPU tuning guide recommends,
-# do anyway) makes every provider measure its kernels. FUSEDRES_BENCH_GLIBC_DEFAULTS=1 opts out.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def _keep_freed_memory() -> bool:
-    if not sys.platform.startswith("linux") or os.environ.get("FUSEDRES_BENCH_GLIBC_DEFAULTS") == "1":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl)
-        return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
-
+from fusedres.report import (format_bench_cases, keep_freed_memory, machine_info, summarize,
+                             time_interleaved)
 
 #: Whether glibc was told to keep freed memory (recorded in each benchmark's extra_info).
-MALLOC_TUNED = _keep_freed_memory()
+MALLOC_TUNED = keep_freed_memory()
 #: Every timed case of this session, as logged to FUSEDRES_BENCH_LOG (for the terminal summary).
 TIMED_CASES: list = []
 #: The CPU model, its load and the software versions (printed with the summary).
@@ -205,8 +187,11 @@ def publish(benchmark, info: dict) -> None:
             f.write(json.dumps(case) + "\n")
 
 
-@pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables: the last thing a reader sees
+# The outermost wrapper (tryfirst) prints after every other summary: pytest-benchmark's tables,
+# pytest's short test summary and warnings. Only pytest's closing line follows it.
+@pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_terminal_summary(terminalreporter):
+    yield
     if TIMED_CASES:
         devices = sorted({c["extra_info"].get("device", "cpu") for c in TIMED_CASES} - {"cpu"})
         load = "/".join(f"{v:.2f}" for v in os.getloadavg())

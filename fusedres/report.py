@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
 import datetime
 import importlib.util
 import json
@@ -61,11 +62,12 @@ from fusedres import reference, traffic
 
 __all__ = [
     "BOTTLENECK_TARGETS", "Config", "MEMORY_BOUND_TARGET", "MODEL_TARGETS", "ModelGroup",
-    "PROVIDER_NAMES", "Provider", "bench_targets", "build_model", "check_against_eager",
-    "compare", "cpu_peak_memory", "default_config", "format_bench_cases", "format_table",
-    "format_targets", "machine_info", "main", "make_eval_step", "make_provider",
-    "make_train_step", "native_bf16", "parse_args", "peak_memory", "provider_status", "run",
-    "saved_bytes", "summarize", "sync", "time_interleaved",
+    "NothingToRun", "PROVIDER_NAMES", "Provider", "bench_targets", "build_model",
+    "check_against_eager", "compare", "cpu_peak_memory", "default_config", "format_bench_cases",
+    "format_table", "format_targets", "keep_freed_memory", "machine_info", "main", "make_base",
+    "make_eval_step", "make_onnx_step", "make_provider", "make_train_step", "model_targets",
+    "native_bf16", "parse_args", "peak_memory", "provider_status", "run", "saved_bytes",
+    "summarize", "sync", "time_interleaved", "warnings_of",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -440,6 +442,36 @@ def cpu_peak_memory(fn: Callable[[], object]) -> int:
     return max(total for _, _, total in events) - (first_total - first_bytes)
 
 
+# glibc malloc serves big blocks (a [8, 256, 56, 56] activation is 25 MB) with mmap and unmaps them
+# on free, so every op that allocates its outputs pays first-touch page faults again each call
+# (measured here: ~6200 faults, ~30 ms, for two 12.8 MB outputs, ten times the kernel). That is
+# allocator policy, not kernel work, and it hits providers by accident of heap state.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_malloc_tuned = False
+
+
+def keep_freed_memory() -> bool:
+    """Tells glibc to keep freed memory in the heap (no mmap for blocks below 1 GiB, no trim),
+    what jemalloc and tcmalloc (PyTorch's CPU tuning guide recommends them) do anyway, so that
+    every provider measures its kernels rather than page faults. Process-wide: the main job and
+    the benchmarks call it before timing. ``FUSEDRES_BENCH_GLIBC_DEFAULTS=1`` opts out.
+
+    Returns:
+        Whether glibc took the settings (False elsewhere: not Linux, musl, opted out).
+    """
+    global _malloc_tuned
+    opted_out = os.environ.get("FUSEDRES_BENCH_GLIBC_DEFAULTS") == "1"
+    if not sys.platform.startswith("linux") or opted_out:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl)
+        return False
+    _malloc_tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+                         and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    return _malloc_tuned
+
+
 def make_train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
                     dtype: torch.dtype) -> Callable[[], None]:
     """One training step: forward, cross-entropy, backward, SGD (momentum 0.9) step.
@@ -766,6 +798,7 @@ def machine_info(device: torch.device) -> dict:
             "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "native_bf16": native_bf16()[1],
             "device": device.type,
+            "malloc_keeps_freed_memory": _malloc_tuned,
             # Other processes' load when the job started (timings on a shared machine need it).
             "load_average": list(os.getloadavg())}
     info["device_name"] = (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -951,7 +984,8 @@ def warnings_of(report: dict) -> list:
 
 
 def model_targets(report: dict) -> list:
-    """Every fused provider's ratios against :data:`MODEL_TARGETS`; nothing is asserted.
+    """Every fused provider's ratios against :data:`MODEL_TARGETS` (targets for the CPU: none
+    on a GPU); nothing is asserted.
 
     A target is ``met`` when the ratio's whole interquartile range clears it, ``missed`` when
     the whole range falls short, else ``unresolved``.
@@ -962,6 +996,8 @@ def model_targets(report: dict) -> list:
     def verdict(c, target):
         return "met" if c["lo"] >= target else "missed" if c["hi"] < target else "unresolved"
 
+    if report["machine"]["device"] != "cpu":
+        return []
     rows = []
     for g in report["groups"]:
         target = MODEL_TARGETS.get((g["dtype"], g["mode"]))
@@ -1005,7 +1041,8 @@ def format_group(g: dict, machine: dict) -> str:
                  "baseline" if r["provider"] == g["baseline"] else _fmt_ratio(r["vs_eager"]),
                  "baseline" if r["provider"] == g["compile"] else _fmt_ratio(r["vs_compile"])]
         if train:
-            cells += [_fmt_bytes(r["peak_allocated_bytes"]), _fmt_bytes(r["saved_activation_bytes"])]
+            cells += [_fmt_bytes(r["peak_allocated_bytes"]),
+                      _fmt_bytes(r["saved_activation_bytes"])]
         cells += [f"{r['first_call_s']:.1f}", _check_cell(r)]
         lines.append("| " + " | ".join(cells) + " |")
     for s in g["skipped"]:
@@ -1345,6 +1382,7 @@ def main(argv: Optional[list] = None) -> int:
     """Entry point of ``python -m fusedres``: 0, 1 when a fusedres provider fails its check, 2
     for a bad argument or when no provider is usable."""
     cfg = parse_args(argv)
+    keep_freed_memory()
     try:
         report = run(cfg)
     except NothingToRun as e:

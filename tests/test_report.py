@@ -246,7 +246,7 @@ def _ratio(ratio, lo, hi, result=True):
 
 
 def test_warnings_and_targets():
-    rep = {"groups": [
+    rep = {"machine": {"device": "cpu"}, "groups": [
         _group("train", "float32", [
             _row("eager", "eager", None, _ratio(1.0, 0.9, 1.1, False)),
             _row("compile", "eager", _ratio(1.0, 0.9, 1.1, False), None),
@@ -266,6 +266,8 @@ def test_warnings_and_targets():
         ("resnet50 float32 train", "cpu", "vs eager >= 1.1x"): "met",
         ("resnet50 float32 train", "cpu", "vs torch.compile > 1x"): "unresolved",
         ("resnet50 bfloat16 eval", "cpu_cl", "vs eager >= 1.5x"): "missed"}
+    # The targets are for the 2-core CPU machine, not for a GPU.
+    assert report.model_targets(dict(rep, machine={"device": "cuda"})) == []
 
 
 # -- timing and memory ---------------------------------------------------------------------------
@@ -393,7 +395,8 @@ from conftest import publish
 CALLS = []
 
 
-@pytest.mark.parametrize("provider", ["eager", "cpu", pytest.param("cuda", marks=pytest.mark.skip(reason="no"))])
+@pytest.mark.parametrize("provider", ["eager", "cpu",
+                                      pytest.param("cuda", marks=pytest.mark.skip(reason="no"))])
 @pytest.mark.parametrize("size", [1, 2])
 def test_group(benchmark, request, interleaved, size, provider):
     benchmark.group = f"group {size}"
@@ -404,7 +407,7 @@ def test_group(benchmark, request, interleaved, size, provider):
 
     assert interleaved(request, benchmark, build, device=torch.device("cpu"), rounds=3,
                        warmup=0) == "context"
-    publish(benchmark, {"provider": provider, "backend": "eager" if provider == "eager" else provider})
+    publish(benchmark, {"provider": provider, "backend": provider})
 
 
 def test_interleaved_once_per_group():
@@ -424,14 +427,15 @@ def test_benchmark_conftest_interleaves_and_prints_its_summary_last(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     env.pop("FUSEDRES_BENCH_LOG", None)
     proc = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-p", "no:cacheprovider",
-                           "-q", "-rN", "--benchmark-columns=median", "-W", "ignore"],
+                           "-q", "-rs", "--benchmark-columns=median", "-W", "ignore"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     assert "5 passed, 2 skipped" in out
-    # pytest-benchmark's tables, then ours, then only pytest's closing line.
+    # pytest-benchmark's tables and pytest's short summary, then ours, then pytest's closing line.
     summary = out.index("fusedres summary")
     assert out.rindex("benchmark 'group 2'") < out.rindex("Legend:") < summary
+    assert out.index("short test summary info") < summary
     tail = out[summary:]
     assert "group 1\n" in tail and "group 2\n" in tail
-    assert "Legend:" not in tail and "benchmark '" not in tail
+    assert "Legend:" not in tail and "benchmark '" not in tail and "SKIPPED" not in tail
