@@ -130,21 +130,32 @@ class Interleaved:
             ``build``'s context.
         """
         key = _group_key(request.node)
+        name = request.node.callspec.params["provider"]
         group = self._groups.get(key)
         if group is None:
             names = [it.callspec.params["provider"] for it in request.session.items
                      if hasattr(it, "callspec") and _group_key(it) == key and not _skipped(it)]
-            fns, context = build(names)
-            times = ({} if benchmark.disabled else
-                     time_interleaved(fns, rounds, warmup, device, calls=calls, host=host))
-            group = self._groups[key] = {"context": context, "times": times,
-                                         "pending": set(names)}
-        name = request.node.callspec.params["provider"]
+            group = self._groups[key] = {"pending": set(names)}
+            try:
+                fns, group["context"] = build(names)
+                group["times"] = ({} if benchmark.disabled else time_interleaved(
+                    fns, rounds, warmup, device, calls=calls, host=host))
+            except Exception as e:
+                # The group's other tests fail at once instead of building it all again.
+                group["error"] = f"{request.node.name} failed: {type(e).__name__}: {e}"
+                self._done(key, name)
+                raise
+        self._done(key, name)
+        if "error" in group:
+            raise RuntimeError(f"the group's first test, {group['error']}")
+        replay(benchmark, group["times"].get(name, []))
+        return group["context"]
+
+    def _done(self, key, name: str) -> None:
+        group = self._groups[key]
         group["pending"].discard(name)
         if not group["pending"]:
             del self._groups[key]  # the group's models are freed with the last test's context
-        replay(benchmark, group["times"].get(name, []))
-        return group["context"]
 
 
 @pytest.fixture(scope="session")

@@ -56,6 +56,8 @@ def test_model(benchmark, request, interleaved, dtype, arch, mode, provider):
 
     group = interleaved(request, benchmark, build, device=DEVICE,
                         rounds=rounds(SIZES.model_rounds), warmup=warmup(SIZES.model_warmup))
+    if provider in group.failed:
+        pytest.fail(f"{provider} raised: {group.failed[provider]}")
     chk = group.checks[provider]
     publish_case(benchmark, p, first_call_s=group.first_call_s[provider], images=n,
                  blocks=traffic.model_blocks(arch, n, size), training=training,

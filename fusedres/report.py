@@ -23,8 +23,9 @@ and mode (a training step; an eval forward), one *group*:
 
 The report (tables with the CPU model and the load average beside every figure, warnings,
 the issue-13 targets) is printed, and ``report.json`` and ``report.png`` (matplotlib) are
-written into ``--out``. Exit status: 0, 1 when a fusedres provider fails its check, 2 for a
-bad argument or when no provider is usable.
+written into ``--out``. A provider that raises is reported and the others are measured. Exit
+status: 0, 1 when a fusedres provider fails its check or raises, 2 for a bad argument or when
+no provider is usable.
 
 The measuring machinery (:class:`Provider`, :class:`ModelGroup`, :func:`time_interleaved`,
 :func:`summarize`, :func:`compare`, ...) is shared with the pytest-benchmark suites in
@@ -609,44 +610,59 @@ class ModelGroup:
         self.steps: dict = {}
         self.first_call_s: dict = {}
         self.checks: dict = {}
+        #: {name: the first line of the error} of providers that raised (dropped from the group)
+        self.failed: dict = {}
 
     def prepare(self, log: Callable[[str], None] = lambda msg: None) -> None:
         """Builds every provider and calls it once, untimed (compiles, exports).
 
         A training step's first call is undone: weights, statistics and the optimizer's momentum
-        return to the base's, so that ``check`` compares equal weights.
+        return to the base's, so that ``check`` compares equal weights. A provider that raises
+        is dropped from the group, its error kept in ``failed``: the others are still measured.
         """
         if any(p.compiled for p in self.providers.values()):
             # Every group compiles the same ResNet.forward again: without a reset dynamo's
             # recompile limit (8) would run later groups eagerly.
             torch._dynamo.reset()
-        for name, p in self.providers.items():
+        for name, p in list(self.providers.items()):
             t0 = time.perf_counter()
-            if p.onnx:
-                eager = build_model(self.arch, p, self.device, self.base)
-                self.models[name] = (None, None)
-                self.steps[name] = make_onnx_step(eager, as_input(self.x, p))
-                self.first_call_s[name] = time.perf_counter() - t0  # the export included
+            try:
+                self._prepare_one(name, p)
+            except Exception as e:  # noqa: BLE001 (reported; the other providers go on)
+                self._fail(name, e, log)
                 continue
-            module = build_model(self.arch, p, self.device, self.base)
-            called = torch.compile(module, dynamic=False) if p.compiled else module
-            xin = as_input(self.x, p)
-            self.models[name] = (module, called)
-            if self.mode == "train":
-                state = {k: v.clone() for k, v in module.state_dict().items()}
-                make_train_step(called, xin, self.target, self.dtype)()
-                module.load_state_dict(state)  # in place: compiled graphs keep their tensors
-                self.steps[name] = make_train_step(called, xin, self.target, self.dtype)
-            else:
-                self.steps[name] = make_eval_step(called, xin, self.dtype)
-                # Freezing is read when inductor compiles, at this first call.
-                with (torch._inductor.config.patch(freezing=True) if p.compiled
-                      else contextlib.nullcontext()):
-                    self.steps[name]()
             sync(self.device)
-            self.first_call_s[name] = time.perf_counter() - t0
+            self.first_call_s[name] = time.perf_counter() - t0  # a compile or export included
             if p.compiled:
                 log(f"  {name}: compiled in {self.first_call_s[name]:.1f} s")
+
+    def _fail(self, name: str, error: Exception, log: Callable[[str], None]) -> None:
+        self.failed[name] = f"{type(error).__name__}: {error}".splitlines()[0]
+        for table in (self.providers, self.models, self.steps, self.first_call_s):
+            table.pop(name, None)
+        log(f"  {name} FAILED: {self.failed[name]}")
+
+    def _prepare_one(self, name: str, p: Provider) -> None:
+        if p.onnx:
+            eager = build_model(self.arch, p, self.device, self.base)
+            self.models[name] = (None, None)
+            self.steps[name] = make_onnx_step(eager, as_input(self.x, p))
+            return
+        module = build_model(self.arch, p, self.device, self.base)
+        called = torch.compile(module, dynamic=False) if p.compiled else module
+        xin = as_input(self.x, p)
+        self.models[name] = (module, called)
+        if self.mode == "train":
+            state = {k: v.clone() for k, v in module.state_dict().items()}
+            make_train_step(called, xin, self.target, self.dtype)()
+            module.load_state_dict(state)  # in place: compiled graphs keep their tensors
+            self.steps[name] = make_train_step(called, xin, self.target, self.dtype)
+        else:
+            self.steps[name] = make_eval_step(called, xin, self.dtype)
+            # Freezing is read when inductor compiles, at this first call.
+            with (torch._inductor.config.patch(freezing=True) if p.compiled
+                  else contextlib.nullcontext()):
+                self.steps[name]()
 
     def _outputs(self, name: str, model: Optional[nn.Module] = None, x=None, gy=None,
                  dtype=None) -> dict:
@@ -671,7 +687,7 @@ class ModelGroup:
         module.zero_grad(set_to_none=True)
         return got
 
-    def check(self) -> dict:
+    def check(self, log: Callable[[str], None] = lambda msg: None) -> dict:
         """Every provider's outputs against eager in the same dtype and a float64 oracle.
 
         Eager (NCHW) and the oracle are built afresh from the base; the providers run their
@@ -685,7 +701,7 @@ class ModelGroup:
             "rel_l2_eager", "bound", "ok"}}}}``: max_abs/max_rel against eager in the same dtype
             (max_rel = max_abs / max |eager|), rel_l2 of each against the oracle; ok when
             rel_l2 <= bound = 2 * rel_l2_eager + ATOL[dtype]; ``worst`` the tensor nearest its
-            bound.
+            bound. A provider that raises is dropped, as in ``prepare``.
         """
         eager_p = make_provider("eager")
         with reference.oracle_convolutions(self.device):
@@ -694,7 +710,12 @@ class ModelGroup:
             exact = self._outputs("", reference.upcast(build_model(
                 self.arch, eager_p, self.device, self.base)), self.x.double(), self.gy.double(),
                 torch.float64)
-            got_all = {name: self._outputs(name) for name in self.providers}
+            got_all = {}
+            for name in list(self.providers):
+                try:
+                    got_all[name] = self._outputs(name)
+                except Exception as e:  # noqa: BLE001 (reported; the other providers go on)
+                    self._fail(name, e, log)
         for name, got in got_all.items():
             tensors = {}
             for t in got:
@@ -878,7 +899,7 @@ def _run_group(cfg: Config, arch: str, dtype_name: str, mode: str, base: nn.Modu
         + ("; onnxruntime's provider exports" if any(p.onnx for p in usable) else ""))
     group.prepare(log)
     log(f"{label}: checking against eager and a float64 oracle")
-    for name, chk in group.check().items():
+    for name, chk in group.check(log).items():
         e = chk["tensors"][chk["worst"]]
         log(f"  {name} {'ok' if chk['ok'] else 'FAIL'}: nearest its bound {chk['worst']}, "
             f"rel-L2 vs fp64 {e['rel_l2']:.2e} (eager {e['rel_l2_eager']:.2e}, bound "
@@ -909,7 +930,9 @@ def _run_group(cfg: Config, arch: str, dtype_name: str, mode: str, base: nn.Modu
             "load_average_1min": os.getloadavg()[0],
             "baseline": base_row["provider"] if base_row else None,
             "compile": compiled["provider"] if compiled else None,
-            "results": rows, "skipped": skipped}
+            "results": rows, "skipped": skipped + [
+                {"provider": name, "reason": err, "failed": True}
+                for name, err in group.failed.items()]}
 
 
 def run(cfg: Config, quiet: bool = False) -> dict:
@@ -1046,7 +1069,8 @@ def format_group(g: dict, machine: dict) -> str:
         cells += [f"{r['first_call_s']:.1f}", _check_cell(r)]
         lines.append("| " + " | ".join(cells) + " |")
     for s in g["skipped"]:
-        lines.append(f"\nnot run here: {s['provider']}: {s['reason']}")
+        lines.append(f"\n{'FAILED (raised)' if s.get('failed') else 'not run here'}: "
+                     f"{s['provider']}: {s['reason']}")
     return "\n".join(lines)
 
 
@@ -1072,6 +1096,8 @@ def format_table(report: dict) -> str:
                   f"{_fmt_ratio(t['ratio'])}" for t in report["targets"]]
     failed = [f"{g['arch']} {g['dtype']} {g['mode']} {r['provider']}"
               for g in report["groups"] for r in g["results"] if not r["check"]["ok"]]
+    failed += [f"{g['arch']} {g['dtype']} {g['mode']} {s['provider']} (raised)"
+               for g in report["groups"] for s in g["skipped"] if s.get("failed")]
     lines.append("\nerror check: " + ("every provider ok" if not failed
                                       else "FAILED: " + ", ".join(failed)))
     return "\n".join(lines)
@@ -1379,8 +1405,8 @@ def parse_args(argv: Optional[list] = None) -> Config:
 
 
 def main(argv: Optional[list] = None) -> int:
-    """Entry point of ``python -m fusedres``: 0, 1 when a fusedres provider fails its check, 2
-    for a bad argument or when no provider is usable."""
+    """Entry point of ``python -m fusedres``: 0, 1 when a fusedres provider fails its check or
+    raises, 2 for a bad argument or when no provider is usable."""
     cfg = parse_args(argv)
     keep_freed_memory()
     try:
@@ -1388,8 +1414,11 @@ def main(argv: Optional[list] = None) -> int:
     except NothingToRun as e:
         print(f"python -m fusedres: error: {e}", file=sys.stderr)
         return 2
-    return 0 if all(r["check"]["ok"] for g in report["groups"] for r in g["results"]
-                    if make_provider(r["provider"]).fused) else 1
+    fused_ok = all(r["check"]["ok"] for g in report["groups"] for r in g["results"]
+                   if make_provider(r["provider"]).fused)
+    fused_ran = not any(s.get("failed") and make_provider(s["provider"]).fused
+                        for g in report["groups"] for s in g["skipped"])
+    return 0 if fused_ok and fused_ran else 1
 
 
 if __name__ == "__main__":

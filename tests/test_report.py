@@ -128,6 +128,24 @@ def test_check_catches_a_wrong_model(monkeypatch):
         assert not chk["eager_cl"]["ok"] and chk["eager"]["ok"], mode
 
 
+def test_a_provider_that_raises_is_reported_and_the_others_measured(monkeypatch):
+    build = report.build_model
+
+    def broken(arch, provider, device, base=None):
+        if provider.name == "eager_cl":
+            raise RuntimeError("kernel exploded\nsecond line")
+        return build(arch, provider, device, base)
+
+    monkeypatch.setattr(report, "build_model", broken)
+    x = torch.randn(2, 3, 64, 64)
+    providers = [report.make_provider("eager"), report.make_provider("eager_cl")]
+    group = report.ModelGroup("resnet18", "eval", torch.float32, report.make_base("resnet18", x),
+                              x, providers)
+    group.prepare()
+    assert group.failed == {"eager_cl": "RuntimeError: kernel exploded"}
+    assert set(group.check()) == set(group.time(1, 0)) == {"eager"}
+
+
 # -- the command line ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [
@@ -410,6 +428,22 @@ def test_group(benchmark, request, interleaved, size, provider):
     publish(benchmark, {"provider": provider, "backend": provider})
 
 
+BUILDS = []
+
+
+@pytest.mark.parametrize("provider", ["eager", "cpu"])
+def test_broken_group(benchmark, request, interleaved, provider):
+    def build(names):
+        BUILDS.append(names)
+        raise RuntimeError("kernel exploded")
+
+    interleaved(request, benchmark, build, device=torch.device("cpu"), rounds=3, warmup=0)
+
+
+def test_a_broken_group_is_built_once():
+    assert BUILDS == [["eager", "cpu"]]
+
+
 def test_interleaved_once_per_group():
     assert CALLS == [(1, "eager"), (1, "cpu"), (1, "cpu"), (1, "eager"), (1, "eager"), (1, "cpu"),
                      (2, "eager"), (2, "cpu"), (2, "cpu"), (2, "eager"), (2, "eager"), (2, "cpu")]
@@ -418,8 +452,8 @@ def test_interleaved_once_per_group():
 
 def test_benchmark_conftest_interleaves_and_prints_its_summary_last(tmp_path):
     """Through pytest in a subprocess (pytester's plugin is not enabled in this suite): the
-    providers of a group run in the same rounds, once per group, and the fusedres summary
-    comes after pytest-benchmark's tables."""
+    providers of a group run in the same rounds, once per group (a broken group is built once),
+    and the fusedres summary comes after pytest-benchmark's tables and pytest's summary."""
     pytest.importorskip("pytest_benchmark", reason="pip install pytest-benchmark")
     with open(os.path.join(REPO, "benchmarks", "conftest.py")) as f:
         (tmp_path / "conftest.py").write_text(f.read())
@@ -427,11 +461,14 @@ def test_benchmark_conftest_interleaves_and_prints_its_summary_last(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     env.pop("FUSEDRES_BENCH_LOG", None)
     proc = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-p", "no:cacheprovider",
-                           "-q", "-rs", "--benchmark-columns=median", "-W", "ignore"],
+                           "-q", "-rsf", "--benchmark-columns=median", "-W", "ignore"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout
-    assert proc.returncode == 0, out + proc.stderr
-    assert "5 passed, 2 skipped" in out
+    assert "2 failed, 6 passed, 2 skipped" in out, out + proc.stderr
+    # The first test of a broken group fails with the error, the others at once, naming it.
+    assert " RuntimeError: kernel exploded\n" in out
+    assert ("RuntimeError: the group's first test, test_broken_group[eager] failed: "
+            "RuntimeError: kernel exploded\n") in out
     # pytest-benchmark's tables and pytest's short summary, then ours, then pytest's closing line.
     summary = out.index("fusedres summary")
     assert out.rindex("benchmark 'group 2'") < out.rindex("Legend:") < summary
