@@ -2,7 +2,17 @@
 // BatchNorm unit ops, their CPU implementations, the CUDA implementations (when built) and two
 // plain Python functions describing the build.
 //
-// Ops (fusedres.reference holds the exact math; fusedres/ops/library.py the fake kernels):
+// Unit-level ops, one per phase of a unit y = act(bn(conv(x)) + residual) (unit_ops.h; autograd
+// registered on the ops, so a unit is one dispatcher call forward and one backward):
+//   unit_train(x, weight, gamma?, beta?, residual?, running_mean!?, running_var!?,
+//              num_batches_tracked!?, stride, padding, dilation, groups, relu, momentum?, eps)
+//       -> (y, z, mean, invstd)           running statistics updated in place, as nn.BatchNorm2d
+//   unit_eval(x, weight, gamma?, beta?, residual?, running_mean, running_var, stride, padding,
+//             dilation, groups, relu, eps) -> y
+//   unit_backward(dy, x, weight, y?, z?, mean, invstd, gamma?, stride, padding, dilation, groups,
+//                 relu, training, output_mask[5]) -> (dx, dweight, dgamma, dbeta, dresidual)
+// BatchNorm primitives (fusedres.reference holds the exact math; fusedres/ops/library.py the fake
+// kernels of every op):
 //   bn_stats(z) -> (mean, var)                per-channel mean and biased variance over N, H, W
 //   bn_act_fwd(z, scale, shift, residual?, relu) -> y = act(z*scale + shift + residual)
 //   bn_act_bwd(dy, y, z, mean, invstd, weight, relu, has_residual, training)
@@ -29,6 +39,7 @@
 
 #include "common/checks.h"
 #include "cpu/kernels.h"
+#include "unit_ops.h"
 
 namespace fusedres {
 namespace {
@@ -64,6 +75,136 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_mask_cpu(
     const at::Tensor& invstd, const at::Tensor& weight, bool has_residual, bool training) {
   checks::check_bn_act_bwd_mask_args(dy, mask, z, mean, invstd, weight);
   return cpu::bn_act_bwd_mask(dy, mask, z, mean, invstd, weight, has_residual, training);
+}
+
+// ---- the unit ops on CPU tensors ----------------------------------------------------------
+
+// A [C] per-channel tensor of any floating dtype and stride, read into double; `fallback` where
+// it is absent (gamma = 1, beta = 0 without affine).
+std::vector<double> channel_values(const unit::OptTensor& t, int64_t channels, double fallback) {
+  std::vector<double> v(channels, fallback);
+  if (!unit::present(t)) return v;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "channel_values", [&] {
+    const auto a = t->accessor<scalar_t, 1>();
+    for (int64_t c = 0; c < channels; ++c) v[c] = static_cast<double>(a[c]);
+  });
+  return v;
+}
+
+// new = (1 - factor) * old + factor * stat, written into `running` in its own dtype.
+void blend_into(const at::Tensor& running, const std::vector<double>& stat, double factor) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), "blend_into", [&] {
+    auto a = running.accessor<scalar_t, 1>();
+    for (int64_t c = 0; c < static_cast<int64_t>(stat.size()); ++c) {
+      a[c] = static_cast<scalar_t>((1.0 - factor) * static_cast<double>(a[c]) + factor * stat[c]);
+    }
+  });
+  unit::bump_version(running);
+}
+
+// nn.BatchNorm2d's update of the tracked statistics from a batch's mean and biased variance.
+void update_running_stats_cpu(const at::Tensor& mean, const at::Tensor& var, int64_t count,
+                              const unit::BnState& bn) {
+  double factor = bn.momentum.value_or(0.0);
+  if (unit::present(bn.num_batches_tracked)) {
+    const at::Tensor& n = *bn.num_batches_tracked;
+    int64_t* tracked = n.data_ptr<int64_t>();
+    *tracked += 1;
+    unit::bump_version(n);
+    if (!bn.momentum.has_value()) factor = 1.0 / static_cast<double>(*tracked);
+  }
+  if (!unit::present(bn.running_mean)) return;
+  const int64_t channels = mean.size(0);
+  std::vector<double> m = channel_values(mean, channels, 0.0);
+  std::vector<double> v = channel_values(var, channels, 0.0);
+  const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
+  for (double& x : v) x *= unbias;
+  blend_into(*bn.running_mean, m, factor);
+  blend_into(*bn.running_var, v, factor);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> train_bn_cpu(const at::Tensor& z,
+                                                            const unit::BnState& bn,
+                                                            const unit::OptTensor& residual,
+                                                            bool relu) {
+  const auto sdt = checks::stats_dtype(z.scalar_type());
+  const unit::OptTensor gamma = unit::present(bn.gamma) ? unit::OptTensor(bn.gamma->to(sdt)) : c10::nullopt;
+  const unit::OptTensor beta = unit::present(bn.beta) ? unit::OptTensor(bn.beta->to(sdt)) : c10::nullopt;
+  auto [y, mean, var, invstd] = cpu::bn_train_fwd(z, gamma, beta, residual, relu, bn.eps);
+  update_running_stats_cpu(mean, var, z.numel() / z.size(1), bn);
+  return {y, mean, invstd};
+}
+
+// scale = gamma / sqrt(running_var + eps), shift = beta - running_mean*scale, [C] in sdt.
+std::tuple<at::Tensor, at::Tensor> eval_coefficients_cpu(const unit::BnState& bn, int64_t channels,
+                                                         const at::TensorOptions& options) {
+  const std::vector<double> gamma = channel_values(bn.gamma, channels, 1.0);
+  const std::vector<double> beta = channel_values(bn.beta, channels, 0.0);
+  const std::vector<double> mean = channel_values(bn.running_mean, channels, 0.0);
+  const std::vector<double> var = channel_values(bn.running_var, channels, 1.0);
+  at::Tensor scale = at::empty({channels}, options), shift = at::empty({channels}, options);
+  AT_DISPATCH_FLOATING_TYPES(options.dtype().toScalarType(), "eval_coefficients", [&] {
+    scalar_t* s = scale.data_ptr<scalar_t>();
+    scalar_t* t = shift.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < channels; ++c) {
+      const double k = gamma[c] / std::sqrt(var[c] + bn.eps);
+      s[c] = static_cast<scalar_t>(k);
+      t[c] = static_cast<scalar_t>(beta[c] - mean[c] * k);
+    }
+  });
+  return {scale, shift};
+}
+
+at::Tensor eval_bn_cpu(const at::Tensor& z, const unit::BnState& bn,
+                       const unit::OptTensor& residual, bool relu) {
+  auto [scale, shift] = eval_coefficients_cpu(
+      bn, z.size(1), z.options().dtype(checks::stats_dtype(z.scalar_type())));
+  return cpu::bn_act_fwd(z, scale, shift, residual, relu);
+}
+
+const unit::DeviceOps kCpuUnitOps{&train_bn_cpu, &eval_bn_cpu, &cpu::bn_act_bwd,
+                                  c10::DeviceType::CPU, "CPU", /*channels_last_conv=*/false};
+
+unit::ConvGeometry geometry(at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t groups) {
+  return {stride, padding, dilation, groups};
+}
+
+// The device-specific entry points of the three ops, one set per DeviceOps table.
+template <const unit::DeviceOps& Dev>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unit_train_impl(
+    const at::Tensor& x, const at::Tensor& weight, const unit::OptTensor& gamma,
+    const unit::OptTensor& beta, const unit::OptTensor& residual,
+    const unit::OptTensor& running_mean, const unit::OptTensor& running_var,
+    const unit::OptTensor& num_batches_tracked, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool relu, c10::optional<double> momentum,
+    double eps) {
+  const unit::BnState bn{gamma, beta, running_mean, running_var, num_batches_tracked, momentum, eps};
+  return unit::train_forward(Dev, x, weight, bn, residual, geometry(stride, padding, dilation, groups),
+                             relu);
+}
+
+template <const unit::DeviceOps& Dev>
+at::Tensor unit_eval_impl(const at::Tensor& x, const at::Tensor& weight,
+                          const unit::OptTensor& gamma, const unit::OptTensor& beta,
+                          const unit::OptTensor& residual, const at::Tensor& running_mean,
+                          const at::Tensor& running_var, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                          bool relu, double eps) {
+  const unit::BnState bn{gamma, beta, running_mean, running_var, c10::nullopt, c10::nullopt, eps};
+  return unit::eval_forward(Dev, x, weight, bn, residual, geometry(stride, padding, dilation, groups),
+                            relu);
+}
+
+template <const unit::DeviceOps& Dev>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unit_backward_impl(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+    const unit::OptTensor& y, const unit::OptTensor& z, const at::Tensor& mean,
+    const at::Tensor& invstd, const unit::OptTensor& gamma, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu, bool training,
+    std::array<bool, 5> output_mask) {
+  return unit::backward(Dev, dy, x, weight, y, z, mean, invstd, gamma,
+                        geometry(stride, padding, dilation, groups), relu, training, output_mask);
 }
 
 bool cuda_kernels_built() {
@@ -102,6 +243,20 @@ std::string build_info() {
 }  // namespace fusedres
 
 TORCH_LIBRARY(fusedres, m) {
+  m.def(
+      "unit_train(Tensor x, Tensor weight, Tensor? gamma, Tensor? beta, Tensor? residual, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, float? momentum, "
+      "float eps) -> (Tensor y, Tensor z, Tensor mean, Tensor invstd)");
+  m.def(
+      "unit_eval(Tensor x, Tensor weight, Tensor? gamma, Tensor? beta, Tensor? residual, "
+      "Tensor running_mean, Tensor running_var, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, bool relu, float eps) -> Tensor y");
+  m.def(
+      "unit_backward(Tensor dy, Tensor x, Tensor weight, Tensor? y, Tensor? z, Tensor mean, "
+      "Tensor invstd, Tensor? gamma, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "bool relu, bool training, bool[5] output_mask) "
+      "-> (Tensor dx, Tensor dweight, Tensor dgamma, Tensor dbeta, Tensor dresidual)");
   m.def("bn_stats(Tensor z) -> (Tensor mean, Tensor var)");
   m.def("bn_act_fwd(Tensor z, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> Tensor");
   m.def(
@@ -118,11 +273,19 @@ TORCH_LIBRARY(fusedres, m) {
 }
 
 TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
+  m.impl("unit_train", &fusedres::unit_train_impl<fusedres::kCpuUnitOps>);
+  m.impl("unit_eval", &fusedres::unit_eval_impl<fusedres::kCpuUnitOps>);
+  m.impl("unit_backward", &fusedres::unit_backward_impl<fusedres::kCpuUnitOps>);
   m.impl("bn_stats", &fusedres::bn_stats_cpu);
   m.impl("bn_act_fwd", &fusedres::bn_act_fwd_cpu);
   m.impl("bn_act_bwd", &fusedres::bn_act_bwd_cpu);
   m.impl("bn_act_fwd_mask", &fusedres::bn_act_fwd_mask_cpu);
   m.impl("bn_act_bwd_mask", &fusedres::bn_act_bwd_mask_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fusedres, Autograd, m) {
+  m.impl("unit_train", &fusedres::unit::unit_train_autograd);
+  m.impl("unit_eval", &fusedres::unit::unit_eval_autograd);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -380,10 +543,91 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_mask_cuda(
                                training, op);
 }
 
+// ---- the unit ops on CUDA tensors ---------------------------------------------------------
+
+// Launches the coefficient kernel: (invstd, scale, shift) [C] in the statistics dtype, and in
+// training the running statistics updated on the device.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_coefficients(const at::Tensor& z,
+                                                                 const unit::BnState& bn,
+                                                                 const at::Tensor& mean,
+                                                                 const at::Tensor& var,
+                                                                 bool training) {
+  const char* op = training ? "fusedres::unit_train" : "fusedres::unit_eval";
+  CudaCall call(z, op);
+  const auto sdt = checks::stats_dtype(z.scalar_type());
+  const int64_t C = z.size(1);
+  const auto opts = z.options().dtype(sdt);
+  at::Tensor invstd = at::empty({C}, opts), scale = at::empty({C}, opts), shift = at::empty({C}, opts);
+  const at::Tensor gamma = unit::present(bn.gamma) ? bn.gamma->to(sdt).contiguous() : at::Tensor();
+  const at::Tensor beta = unit::present(bn.beta) ? bn.beta->to(sdt).contiguous() : at::Tensor();
+  const at::Tensor m = mean.contiguous(), v = var.contiguous();
+  // The running statistics are written in place, so they must be dense; nn's buffers always are.
+  const bool update = training && unit::present(bn.running_mean);
+  if (update) {
+    TORCH_CHECK(bn.running_mean->is_contiguous() && bn.running_var->is_contiguous(), op,
+                ": running_mean and running_var must be contiguous to be updated in place");
+  }
+  cuda::CoefParams p;
+  p.mean = m.const_data_ptr();
+  p.var = v.const_data_ptr();
+  p.stat_kind = cuda_scalar_kind(m.scalar_type());
+  p.gamma = gamma.defined() ? gamma.const_data_ptr() : nullptr;
+  p.beta = beta.defined() ? beta.const_data_ptr() : nullptr;
+  p.invstd = invstd.mutable_data_ptr();
+  p.scale = scale.mutable_data_ptr();
+  p.shift = shift.mutable_data_ptr();
+  if (update) {
+    p.running_mean = bn.running_mean->mutable_data_ptr();
+    p.running_var = bn.running_var->mutable_data_ptr();
+    p.running_kind = cuda_scalar_kind(bn.running_mean->scalar_type());
+    TORCH_CHECK(bn.running_var->scalar_type() == bn.running_mean->scalar_type(), op,
+                ": running_mean and running_var must have one dtype");
+  }
+  if (training && unit::present(bn.num_batches_tracked)) {
+    p.num_batches_tracked = bn.num_batches_tracked->mutable_data_ptr<int64_t>();
+  }
+  p.momentum = bn.momentum.value_or(0.0);
+  p.cumulative = !bn.momentum.has_value();
+  p.eps = bn.eps;
+  p.count = static_cast<double>(z.numel() / C);
+  p.channels = C;
+  p.kind = cuda_scalar_kind(z.scalar_type());
+  p.training = training;
+  check_launch(cuda::bn_coefficients(p, call.stream), op);
+  if (update) {
+    unit::bump_version(*bn.running_mean);
+    unit::bump_version(*bn.running_var);
+  }
+  if (p.num_batches_tracked != nullptr) unit::bump_version(*bn.num_batches_tracked);
+  return {invstd, scale, shift};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> train_bn_cuda(const at::Tensor& z,
+                                                             const unit::BnState& bn,
+                                                             const unit::OptTensor& residual,
+                                                             bool relu) {
+  auto [mean, var] = bn_stats_cuda(z);
+  auto [invstd, scale, shift] = cuda_coefficients(z, bn, mean, var, /*training=*/true);
+  return {bn_act_fwd_cuda(z, scale, shift, residual, relu), mean, invstd};
+}
+
+at::Tensor eval_bn_cuda(const at::Tensor& z, const unit::BnState& bn,
+                        const unit::OptTensor& residual, bool relu) {
+  auto coefficients =
+      cuda_coefficients(z, bn, *bn.running_mean, *bn.running_var, /*training=*/false);
+  return bn_act_fwd_cuda(z, std::get<1>(coefficients), std::get<2>(coefficients), residual, relu);
+}
+
+const unit::DeviceOps kCudaUnitOps{&train_bn_cuda, &eval_bn_cuda, &bn_act_bwd_cuda,
+                                   c10::DeviceType::CUDA, "CUDA", /*channels_last_conv=*/true};
+
 }  // namespace
 }  // namespace fusedres
 
 TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
+  m.impl("unit_train", &fusedres::unit_train_impl<fusedres::kCudaUnitOps>);
+  m.impl("unit_eval", &fusedres::unit_eval_impl<fusedres::kCudaUnitOps>);
+  m.impl("unit_backward", &fusedres::unit_backward_impl<fusedres::kCudaUnitOps>);
   m.impl("bn_stats", &fusedres::bn_stats_cuda);
   m.impl("bn_act_fwd", &fusedres::bn_act_fwd_cuda);
   m.impl("bn_act_bwd", &fusedres::bn_act_bwd_cuda);

@@ -1,22 +1,20 @@
 """Backends: the contract every one implements, the registry, and how one is chosen.
 
-A backend supplies the low-level ops of one unit ``y = act(bn(conv(x)) + residual)``
-(DESIGN.md section 2). :class:`fusedres.ops.unit.ConvBNActFunction` composes them into forward
-and backward, so a backend only writes kernels:
+A backend runs the unit ``y = act(bn(conv(x)) + residual)`` (docs/design.md section 2) as one
+op call per phase, with autograd registered on the ops (docs/design.md section 4):
 
 =================  ==========================================================================
-op                 contract (z, y, dy, residual: [N, C, H, W], contiguous or channels_last)
+method             contract (x: [N, Cin, H, W]; y, residual: [N, Cout, Ho, Wo])
 =================  ==========================================================================
-``conv``           ``z = conv2d(x, w)``; default: ATen.
-``conv_backward``  ``(dx, dw)`` of ``conv``; default: ATen's ``convolution_backward``.
-``bn_stats``       ``(mean, var)`` per channel, biased variance, in the *statistics dtype*
-                   (float64 for float64 z, else float32).
-``bn_act_fwd``     ``y = act(z*scale + shift + residual)``, scale/shift [C] in the statistics
-                   dtype; y has z's dtype and memory format.
-``bn_act_bwd``     ``(dz, dweight, dbias, dresidual)`` from dy, the saved y and z, mean/invstd
-                   and weight (gamma, ones when not affine) [C]. ``training`` selects batch
-                   statistics (dz carries the mean/variance terms) or running ones.
-                   ``dresidual`` (= the ReLU-masked dy) is ``None`` unless ``has_residual``.
+``unit_train``     batch statistics; updates the running statistics given to it in place,
+                   exactly like nn.BatchNorm2d (``momentum=None``: cumulative average, read
+                   on the device); returns y, differentiable in x, weight, gamma, beta and
+                   residual.
+``unit_eval``      running statistics (scale and shift computed inside the op); y, with exact
+                   gradients for x, weight, gamma, beta and residual.
+``unit_infer``     the eval forward when no gradient is wanted: BatchNorm folded into the
+                   convolution's weights and bias, cached per parameter version
+                   (:mod:`fusedres.ops.fold`); defaults to ``unit_eval``.
 =================  ==========================================================================
 
 Choosing: a module's ``backend=`` argument, else :func:`set_backend`, else the environment
@@ -30,7 +28,7 @@ import os
 from typing import NamedTuple, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
+import torch.nn as nn
 
 BACKEND_NAMES = ("eager", "cpu", "triton", "cuda")
 _AUTO_ORDER = {"cpu": ("cpu", "eager"), "cuda": ("triton", "cuda", "eager")}
@@ -65,11 +63,11 @@ def in_memory_format_of(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class Backend:
-    """Base class of a backend: ATen convolutions, subclasses supply the BatchNorm ops.
+    """Base class of a backend: its unit ops, where it runs, and whether it is usable here.
 
-    The three composite methods (``forward_train``, ``forward_eval``, ``backward``) are what
-    :class:`fusedres.ops.unit.ConvBNActFunction` calls. Here they compose the primitive ops; a
-    backend with fused convolution kernels (F1, F2, F3, B2 in DESIGN.md) overrides them.
+    ``gamma``/``beta`` may be None (``affine=False``), ``running_mean``/``running_var``/
+    ``num_batches_tracked`` None when the statistics are not tracked (or, in training, not to be
+    updated). ``conv`` is the unit's :class:`ConvParams`.
     """
 
     name = "base"
@@ -82,79 +80,22 @@ class Backend:
         """Returns (usable here, why or why not)."""
         return True, "always available"
 
-    # -- convolution -------------------------------------------------------------------------
-
-    def conv(self, x, weight, stride, padding, dilation, groups):
-        """``z = conv2d(x, weight)`` without bias. x: [N, Cin, H, W] -> z: [N, Cout, Ho, Wo]."""
-        return F.conv2d(x, weight, None, stride, padding, dilation, groups)
-
-    def conv_backward(self, dz, x, weight, stride, padding, dilation, groups, need_dx, need_dw):
-        """Returns (dx or None, dw or None) for ``conv``."""
-        dx, dw, _ = torch.ops.aten.convolution_backward(
-            dz, x, weight, None, list(stride), list(padding), list(dilation), False, [0, 0],
-            groups, [need_dx, need_dw, False])
-        return dx, dw
-
-    # -- BatchNorm ---------------------------------------------------------------------------
-
-    def bn_stats(self, z):
+    def unit_train(self, x, weight, gamma, beta, residual, running_mean, running_var,
+                   num_batches_tracked, conv: ConvParams, relu: bool, momentum: Optional[float],
+                   eps: float) -> torch.Tensor:
+        """Training forward with batch statistics. Returns y [N, Cout, Ho, Wo]."""
         raise NotImplementedError
 
-    def bn_act_fwd(self, z, scale, shift, residual: Optional[torch.Tensor], relu: bool):
+    def unit_eval(self, x, weight, gamma, beta, residual, running_mean, running_var,
+                  conv: ConvParams, relu: bool, eps: float) -> torch.Tensor:
+        """Forward with the running statistics. Returns y [N, Cout, Ho, Wo]."""
         raise NotImplementedError
 
-    def bn_act_bwd(self, dy, y, z, mean, invstd, weight, relu: bool, has_residual: bool,
-                   training: bool):
-        raise NotImplementedError
-
-    # -- composites (what the autograd Function calls) ----------------------------------------
-
-    def forward_train(self, x, weight, gamma, beta, residual, relu: bool, eps: float,
-                      conv: ConvParams):
-        """Training forward with batch statistics.
-
-        Args:
-            x: [N, Cin, H, W]; weight: [Cout, Cin/groups, kh, kw]; gamma, beta: [Cout] in the
-                statistics dtype; residual: [N, Cout, Ho, Wo] or None.
-
-        Returns:
-            (y, z, mean, var, invstd): y, z [N, Cout, Ho, Wo]; mean, biased var, invstd [Cout].
-        """
-        z = self.conv(x, weight, *conv)
-        mean, var = self.bn_stats(z)
-        invstd = torch.rsqrt(var + eps)
-        scale = gamma * invstd
-        shift = beta - mean * scale
-        y = self.bn_act_fwd(z, scale, shift, residual, relu)
-        return y, z, mean, var, invstd
-
-    def forward_eval(self, x, weight, scale, shift, residual, relu: bool, conv: ConvParams):
-        """Forward with fixed per-channel scale/shift (eval-mode BN folded).
-
-        Returns:
-            (y, z): z may be None when the backend fused the conv with its epilogue and the
-            backward does not need it.
-        """
-        z = self.conv(x, weight, *conv)
-        return self.bn_act_fwd(z, scale, shift, residual, relu), z
-
-    def backward(self, dy, x, weight, y, z, mean, invstd, gamma, relu: bool, has_residual: bool,
-                 training: bool, conv: ConvParams, needs: tuple):
-        """Backward of one unit.
-
-        Args:
-            y: the unit's output, or None when ``relu`` is False (no mask to read).
-            needs: (dx, dweight, dgamma_dbeta) booleans: which gradients are wanted.
-
-        Returns:
-            (dx, dweight, dgamma, dbeta, dresidual), each None where not wanted.
-        """
-        dz, dgamma, dbeta, dres = self.bn_act_bwd(dy, y, z, mean, invstd, gamma, relu,
-                                                  has_residual, training)
-        dx, dw = self.conv_backward(dz, x, weight, *conv, need_dx=needs[0], need_dw=needs[1])
-        if not needs[2]:
-            dgamma = dbeta = None
-        return dx, dw, dgamma, dbeta, dres
+    def unit_infer(self, conv_module: nn.Conv2d, x, weight, gamma, beta, residual, running_mean,
+                   running_var, conv: ConvParams, relu: bool, eps: float) -> torch.Tensor:
+        """``unit_eval`` when nothing needs a gradient; ``conv_module`` keys the fold cache."""
+        return self.unit_eval(x, weight, gamma, beta, residual, running_mean, running_var, conv,
+                              relu, eps)
 
     def __repr__(self):
         return f"<fusedres backend {self.name!r}>"

@@ -24,23 +24,78 @@ os.environ.setdefault("FUSEDRES_POISON_OUTPUTS", "1")
 # runs every config, and the autotuner, at real shapes.
 os.environ.setdefault("FUSEDRES_TRITON_CONFIG", "0")
 
+import torch.nn.functional as F  # noqa: E402
+
 import fusedres  # noqa: E402
-from fusedres.backend import register_backend  # noqa: E402
-from fusedres.backends.eager import EagerBackend  # noqa: E402
+from fusedres import reference  # noqa: E402
+from fusedres.backend import Backend, register_backend  # noqa: E402
+from fusedres.ops import python_unit, unit_schema  # noqa: E402
 
 # atol per dtype, relative to max(1, |oracle|_max).
 ATOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-class TorchOpsBackend(EagerBackend):
-    """The fused autograd Function over the reference ops in the activations' precision.
+def _reference_train(x, weight, gamma, beta, residual, running_mean, running_var,
+                     num_batches_tracked, stride, padding, dilation, groups, relu, momentum, eps):
+    z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    mean, var = reference.bn_stats(z, upcast=False)
+    invstd = torch.rsqrt(var + eps)
+    scale, shift = python_unit.eval_coefficients(gamma, beta, mean, var, eps, x.dtype)
+    y = reference.bn_act_fwd(z, scale, shift, residual, relu, upcast=False)
+    python_unit.update_running_stats(mean, var, z.numel() // z.shape[1], running_mean,
+                                     running_var, num_batches_tracked, momentum)
+    return y, z, mean, invstd
 
-    Not a user-facing backend: it lets the Function, the running-statistics logic and the
-    module wiring be tested against the eager composition on any machine, extension or not.
+
+def _reference_eval(x, weight, gamma, beta, residual, running_mean, running_var, stride, padding,
+                    dilation, groups, relu, eps):
+    z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    scale, shift = python_unit.eval_coefficients(gamma, beta, running_mean, running_var, eps,
+                                                 x.dtype)
+    return reference.bn_act_fwd(z, scale, shift, residual, relu, upcast=False)
+
+
+def _reference_backward(dy, x, weight, y, z, mean, invstd, gamma, stride, padding, dilation,
+                        groups, relu, training, output_mask):
+    if z is None:
+        z = F.conv2d(x, weight, None, stride, padding, dilation, groups) if output_mask[2] else dy
+    sdt = reference.stats_dtype(dy.dtype)
+    gamma_s = gamma.to(sdt) if gamma is not None else dy.new_ones(weight.shape[0], dtype=sdt)
+    dz, dgamma, dbeta, dres = reference.bn_act_bwd(dy, y if relu else dy, z, mean, invstd, gamma_s,
+                                                   relu, output_mask[4], training, upcast=False)
+    dx, dw = python_unit.conv_backward(dz, x, weight, stride, padding, dilation, groups,
+                                       output_mask[0], output_mask[1])
+    absent = dy.new_empty((0,))
+    return tuple(t if need and t is not None else absent
+                 for t, need in zip((dx, dw, dgamma, dbeta, dres), output_mask))
+
+
+_REFERENCE_OPS = python_unit.define_unit_ops(
+    "fusedres_test", python_unit.PhaseImpls(_reference_train, _reference_eval, _reference_backward),
+    unit_schema.ATEN_LAYOUT)
+
+
+class TorchOpsBackend(Backend):
+    """The unit ops over the reference kernels in the activations' precision.
+
+    Not a user-facing backend: it runs the Python unit-op machinery (schemas, autograd on the op,
+    running-statistics update; fusedres.ops.python_unit, which the Triton backend also uses) and
+    the module wiring against the eager composition on any machine, extension or not.
     """
 
     name = "torch_ops"
-    uses_reference_composition = False
+    device_types = ("cpu", "cuda")
+
+    def unit_train(self, x, weight, gamma, beta, residual, running_mean, running_var,
+                   num_batches_tracked, conv, relu, momentum, eps):
+        return _REFERENCE_OPS.train(x, weight, gamma, beta, residual, running_mean, running_var,
+                                    num_batches_tracked, conv.stride, conv.padding, conv.dilation,
+                                    conv.groups, relu, momentum, eps)[0]
+
+    def unit_eval(self, x, weight, gamma, beta, residual, running_mean, running_var, conv, relu,
+                  eps):
+        return _REFERENCE_OPS.eval(x, weight, gamma, beta, residual, running_mean, running_var,
+                                   conv.stride, conv.padding, conv.dilation, conv.groups, relu, eps)
 
 
 register_backend(TorchOpsBackend())
@@ -109,3 +164,34 @@ def _seed_and_backend():
     fusedres.set_backend(None)
     yield
     fusedres.set_backend(None)
+
+
+# -- hypothesis (property-based tests: tests/test_unit_properties.py) --------------------------
+#
+# HYPOTHESIS_PROFILE picks the profile; the default, "ci", is what CI and a plain `pytest` run:
+# a bounded number of examples, derandomized (the same examples on every run, so a red CI is
+# reproducible on any machine) and no example database (nothing written into the work tree).
+# "explore" draws fresh random examples, more of them; "quick" is a smoke run. A failure prints
+# the falsifying example and its @reproduce_failure blob in every profile.
+try:
+    from hypothesis import HealthCheck, settings as _hypothesis_settings
+except ImportError:  # the property tests skip themselves, with the reason, without hypothesis
+    HYPOTHESIS_EXAMPLES = 0
+else:
+    _HYPOTHESIS_COMMON = dict(
+        deadline=None,         # shared 2-core machines: a slow example is not a failure
+        print_blob=True,       # the @reproduce_failure line of every falsifying example
+        database=None,
+        # Tiny tensors are drawn from a seed, so data generation is cheap, but each example runs
+        # three forward + backward passes: hypothesis' too_slow check only measures that noise.
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    _hypothesis_settings.register_profile("ci", max_examples=30, derandomize=True,
+                                          **_HYPOTHESIS_COMMON)
+    _hypothesis_settings.register_profile("quick", max_examples=8, derandomize=True,
+                                          **_HYPOTHESIS_COMMON)
+    _hypothesis_settings.register_profile("explore", max_examples=300, derandomize=False,
+                                          **_HYPOTHESIS_COMMON)
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+    #: Examples per property test under the loaded profile (tests scale their own counts by it).
+    HYPOTHESIS_EXAMPLES = _hypothesis_settings.default.max_examples

@@ -72,6 +72,39 @@ at::Tensor bn_act_fwd(const at::Tensor& z, const at::Tensor& scale, const at::Te
   return y;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_fwd(
+    const at::Tensor& z, const c10::optional<at::Tensor>& gamma,
+    const c10::optional<at::Tensor>& beta, const c10::optional<at::Tensor>& residual, bool relu,
+    double eps) {
+  const auto fmt = checks::unit_memory_format(z);
+  const auto sdt = checks::stats_dtype(z.scalar_type());
+  const int64_t C = z.size(1);
+  const at::Tensor zc = z.contiguous(fmt);
+  at::Tensor y = at::empty_like(zc, fmt);
+  at::Tensor mean = at::empty({C}, z.options().dtype(sdt));
+  at::Tensor var = at::empty({C}, z.options().dtype(sdt));
+  at::Tensor invstd = at::empty({C}, z.options().dtype(sdt));
+  const bool has_res = residual.has_value() && residual->defined();
+  const at::Tensor res = has_res ? residual->contiguous(fmt) : at::Tensor();
+  const bool has_gamma = gamma.has_value() && gamma->defined();
+  const bool has_beta = beta.has_value() && beta->defined();
+  const at::Tensor g = has_gamma ? gamma->contiguous() : at::Tensor();
+  const at::Tensor b = has_beta ? beta->contiguous() : at::Tensor();
+  TrainFwdParams p{geometry(zc, fmt),
+                   zc.const_data_ptr(),
+                   has_res ? res.const_data_ptr() : nullptr,
+                   has_gamma ? g.const_data_ptr() : nullptr,
+                   has_beta ? b.const_data_ptr() : nullptr,
+                   eps,
+                   relu,
+                   y.mutable_data_ptr(),
+                   mean.mutable_data_ptr(),
+                   var.mutable_data_ptr(),
+                   invstd.mutable_data_ptr()};
+  kernels().bn_train_fwd(p, z.scalar_type());
+  return {y, mean, var, invstd};
+}
+
 std::tuple<at::Tensor, at::Tensor> bn_act_fwd_mask(const at::Tensor& z, const at::Tensor& scale,
                                                    const at::Tensor& shift,
                                                    const c10::optional<at::Tensor>& residual) {

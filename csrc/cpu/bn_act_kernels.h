@@ -500,6 +500,89 @@ void bn_act_fwd_typed(const FwdParams& p) {
 }
 
 // ============================================================================================
+// bn_train_fwd: statistics, coefficients and apply of a training forward
+// ============================================================================================
+
+// Writes channel c's mean, var and invstd and returns its scale and shift, all from the batch
+// statistics in double (common/bn_math.h's forward: scale = gamma*invstd, shift = beta - mean*scale).
+template <typename acc_t>
+inline void train_channel_coefficients(const TrainFwdParams& p, int64_t c, double mean, double var,
+                                       acc_t& scale, acc_t& shift) {
+  const double invstd = 1.0 / std::sqrt(var + p.eps);
+  const double gamma = p.gamma != nullptr ? static_cast<double>(static_cast<const acc_t*>(p.gamma)[c]) : 1.0;
+  const double beta = p.beta != nullptr ? static_cast<double>(static_cast<const acc_t*>(p.beta)[c]) : 0.0;
+  static_cast<acc_t*>(p.mean)[c] = static_cast<acc_t>(mean);
+  static_cast<acc_t*>(p.var)[c] = static_cast<acc_t>(var);
+  static_cast<acc_t*>(p.invstd)[c] = static_cast<acc_t>(invstd);
+  const double s = gamma * invstd;
+  scale = static_cast<acc_t>(s);
+  shift = static_cast<acc_t>(beta - mean * s);
+}
+
+// NCHW: one task per channel does its statistics and then its apply, while the channel's planes
+// are still in L2.
+template <typename T, bool HAS_RESIDUAL, bool RELU>
+void bn_train_fwd_nchw(const TrainFwdParams& p) {
+  using IO = Io<T>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  const int64_t N = p.g.N, C = p.g.C, HW = p.g.HW;
+  const T* z = static_cast<const T*>(p.z);
+  const T* res = static_cast<const T*>(p.residual);
+  T* y = static_cast<T*>(p.y);
+  const int64_t tile = tile_elems<T>();
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double count = 0, mean = 0, m2 = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const T* plane = z + (n * C + c) * HW;
+        for (int64_t t0 = 0; t0 < HW; t0 += tile) {
+          const int64_t len = std::min(tile, HW - t0);
+          double tmean, tm2;
+          run_stats(plane + t0, len, tmean, tm2);
+          math::welford_merge<double>(count, mean, m2, static_cast<double>(len), tmean, tm2);
+        }
+      }
+      acc_t s, t;
+      train_channel_coefficients<acc_t>(p, c, mean, m2 / count, s, t);
+      const Vec vs(s), vt(t);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t off = (n * C + c) * HW;
+        fwd_run<T, HAS_RESIDUAL, RELU>(
+            z + off, HAS_RESIDUAL ? res + off : nullptr, y + off, HW,
+            [&](int64_t, Vec& sa, Vec& sb, Vec& ta, Vec& tb) { sa = sb = vs; ta = tb = vt; },
+            [&](int64_t, acc_t& so, acc_t& to) { so = s; to = t; });
+      }
+    }
+  });
+}
+
+// NHWC: the statistics sweep, the coefficients, then bn_act_fwd's sweep.
+template <typename T>
+void bn_train_fwd_nhwc(const TrainFwdParams& p) {
+  using acc_t = typename Io<T>::acc_t;
+  const int64_t C = p.g.C;
+  bn_stats_nhwc<T>(StatsParams{p.g, p.z, p.mean, p.var});
+  std::vector<acc_t> scale(C), shift(C);
+  for (int64_t c = 0; c < C; ++c) {
+    train_channel_coefficients<acc_t>(p, c, static_cast<const acc_t*>(p.mean)[c],
+                                      static_cast<const acc_t*>(p.var)[c], scale[c], shift[c]);
+  }
+  FwdParams f{p.g, p.z, scale.data(), shift.data(), p.residual, p.y, p.relu};
+  bn_act_fwd_typed<T>(f);
+}
+
+template <typename T>
+void bn_train_fwd_typed(const TrainFwdParams& p) {
+  if (p.g.channels_last) return bn_train_fwd_nhwc<T>(p);
+  const bool has_res = p.residual != nullptr;
+  if (has_res && p.relu) return bn_train_fwd_nchw<T, true, true>(p);
+  if (has_res) return bn_train_fwd_nchw<T, true, false>(p);
+  if (p.relu) return bn_train_fwd_nchw<T, false, true>(p);
+  return bn_train_fwd_nchw<T, false, false>(p);
+}
+
+// ============================================================================================
 // bn_act_bwd
 // ============================================================================================
 
@@ -870,6 +953,11 @@ inline void bn_act_fwd_kernel(const FwdParams& p, c10::ScalarType dtype) {
 inline void bn_act_bwd_kernel(const BwdParams& p, c10::ScalarType dtype) {
   dispatch_dtype(dtype, "fusedres::bn_act_bwd",
                  [&](auto tag) { bn_act_bwd_typed<decltype(tag)>(p); });
+}
+
+inline void bn_train_fwd_kernel(const TrainFwdParams& p, c10::ScalarType dtype) {
+  dispatch_dtype(dtype, "fusedres::unit_train",
+                 [&](auto tag) { bn_train_fwd_typed<decltype(tag)>(p); });
 }
 
 }  // namespace CPU_CAPABILITY

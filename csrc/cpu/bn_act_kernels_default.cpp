@@ -10,7 +10,8 @@ namespace cpu {
 
 const KernelTable* kernel_table_default() {
   static constexpr KernelTable table{"DEFAULT", &DEFAULT::bn_stats_kernel,
-                                     &DEFAULT::bn_act_fwd_kernel, &DEFAULT::bn_act_bwd_kernel};
+                                     &DEFAULT::bn_act_fwd_kernel, &DEFAULT::bn_act_bwd_kernel,
+                                     &DEFAULT::bn_train_fwd_kernel};
   return &table;
 }
 

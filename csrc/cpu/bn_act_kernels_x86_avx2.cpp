@@ -40,7 +40,8 @@ namespace cpu {
 const KernelTable* kernel_table_avx2() {
 #if defined(FUSEDRES_HAVE_AVX2_KERNELS)
   static constexpr KernelTable table{"AVX2", &AVX2::bn_stats_kernel, &AVX2::bn_act_fwd_kernel,
-                                     &AVX2::bn_act_bwd_kernel};
+                                     &AVX2::bn_act_bwd_kernel,
+                                     &AVX2::bn_train_fwd_kernel};
   return &table;
 #else
   return nullptr;

@@ -41,6 +41,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_mask(
     const at::Tensor& dy, const at::Tensor& mask, const at::Tensor& z, const at::Tensor& mean,
     const at::Tensor& invstd, const at::Tensor& weight, bool has_residual, bool training);
 
+// The BatchNorm part of a training forward (TrainFwdParams): z [N, C, H, W] (dense in
+// checks::unit_memory_format(z)), gamma/beta [C] in the statistics dtype or undefined.
+// Returns (y like z, batch mean [C], biased batch variance [C], invstd [C]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_fwd(
+    const at::Tensor& z, const c10::optional<at::Tensor>& gamma,
+    const c10::optional<at::Tensor>& beta, const c10::optional<at::Tensor>& residual, bool relu,
+    double eps);
+
 // The name of the kernel variant in use ("AVX2" or "DEFAULT"), and the variants compiled in.
 std::string kernel_variant();
 std::string compiled_variants();
@@ -95,11 +103,31 @@ struct BwdParams {
   const uint8_t* mask = nullptr;
 };
 
+// The BatchNorm part of a unit's training forward in one kernel: batch statistics of z, the
+// per-channel coefficients, and y = act(z*scale + shift + residual). NCHW walks channel by
+// channel, so a channel's z is read from memory once for its statistics and again from L2 for y
+// whenever N*H*W elements fit there (every ResNet unit at batch 8); NHWC needs every row's
+// statistics before the first y, so it runs the statistics and the apply as two sweeps.
+struct TrainFwdParams {
+  Geometry g;
+  const void* z;         // act, read
+  const void* residual;  // act, read; nullptr when the unit has no residual
+  const void* gamma;     // stat [C]; nullptr: 1 (affine=False)
+  const void* beta;      // stat [C]; nullptr: 0
+  double eps;            // > 0
+  bool relu;
+  void* y;               // act, written
+  void* mean;            // stat [C], written: batch mean
+  void* var;             // stat [C], written: biased batch variance
+  void* invstd;          // stat [C], written: 1 / sqrt(var + eps)
+};
+
 struct KernelTable {
   const char* name;
   void (*bn_stats)(const StatsParams&, c10::ScalarType act_dtype);
   void (*bn_act_fwd)(const FwdParams&, c10::ScalarType act_dtype);
   void (*bn_act_bwd)(const BwdParams&, c10::ScalarType act_dtype);
+  void (*bn_train_fwd)(const TrainFwdParams&, c10::ScalarType act_dtype);
 };
 
 // Defined by the per-capability translation units; the AVX2 one returns nullptr where it could not

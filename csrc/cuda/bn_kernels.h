@@ -114,6 +114,40 @@ struct BwdParams {
 };
 
 size_t bn_act_bwd_workspace_bytes(const BwdParams& p);
+
+// Per-channel coefficients of a unit's forward, on the device (no host synchronisation):
+//   training: invstd = 1/sqrt(var + eps) from the batch statistics `mean`/`var`, and the running
+//             statistics updated in place as nn.BatchNorm2d does it (num_batches_tracked += 1;
+//             factor = momentum, or 1/num_batches_tracked for the cumulative average; unbiased
+//             variance var*count/(count-1));
+//   eval:     invstd from the running statistics, which `mean`/`var` then point to.
+//   both:     scale = gamma*invstd, shift = beta - mean*scale.
+// One block walks every channel, so every thread reads num_batches_tracked before it is bumped.
+struct CoefParams {
+  const void* mean = nullptr;     // [channels] `stat_kind` (the running statistics in eval)
+  const void* var = nullptr;      // [channels] `stat_kind`: biased batch variance / running_var
+  ScalarKind stat_kind = ScalarKind::kFloat32;
+  const void* gamma = nullptr;    // [channels] accumulation dtype, or nullptr for 1
+  const void* beta = nullptr;     // [channels] accumulation dtype, or nullptr for 0
+  void* invstd = nullptr;         // [channels] output, accumulation dtype
+  void* scale = nullptr;          // [channels] output, accumulation dtype
+  void* shift = nullptr;          // [channels] output, accumulation dtype
+  void* running_mean = nullptr;   // [channels] `running_kind`, updated in training; or nullptr
+  void* running_var = nullptr;    // [channels] `running_kind`, updated in training; or nullptr
+  ScalarKind running_kind = ScalarKind::kFloat32;
+  int64_t* num_batches_tracked = nullptr;  // [1], incremented in training; or nullptr
+  double momentum = 0.1;
+  bool cumulative = false;        // momentum=None: factor 1/num_batches_tracked
+  double eps = 1e-5;
+  double count = 0;               // N*H*W (training)
+  int64_t channels = 0;
+  ScalarKind kind = ScalarKind::kFloat32;  // activations (selects the accumulation dtype)
+  bool training = true;
+};
+
+LaunchStatus bn_coefficients(const CoefParams& p, cudaStream_t stream);
+
+
 LaunchStatus bn_act_bwd(const BwdParams& p, cudaStream_t stream);
 
 }  // namespace cuda

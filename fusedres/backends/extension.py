@@ -1,14 +1,25 @@
-"""The ``cpu`` and ``cuda`` backends: C++ kernels of fusedres._C behind torch.ops.fusedres.*.
+"""The ``cpu`` and ``cuda`` backends: the C++ unit ops of fusedres._C, ``torch.ops.fusedres.*``.
 
-Both call the same torch.library ops (csrc/fusedres.cpp); the dispatcher picks the CPU kernels
-(csrc/cpu) or the CUDA kernels (csrc/cuda) from the tensors' device. Convolutions go through ATen
-(oneDNN on CPU; cuDNN in channels_last on CUDA, see :class:`CudaBackend`).
+Both call the same torch.library ops (csrc/fusedres.cpp); the dispatcher picks the CPU
+implementation (csrc/cpu kernels, oneDNN convolutions) or the CUDA one (csrc/cuda kernels, cuDNN
+convolutions in channels_last, y back in the caller's layout) from the tensors' device. A unit's
+phase is one op call: convolution, BatchNorm and the running-statistics update run in C++, and
+autograd is registered on the op in C++.
+
+Inference (no gradient wanted) folds BatchNorm into the convolution (fusedres.ops.fold) and
+runs one fused convolution: oneDNN's convolution with bias, binary-add and ReLU post-ops on the
+CPU (``torch.ops.mkldnn._convolution_pointwise``, the kernels inductor's CPU freezing path uses),
+cuDNN's convolution + bias (+ add) + ReLU on CUDA (``torch.cudnn_convolution_relu`` /
+``cudnn_convolution_add_relu``, what torch.fx's inference fusion uses).
 """
+
+from __future__ import annotations
 
 import torch
 
 from fusedres import _ext
 from fusedres.backend import Backend, ConvParams, in_memory_format_of, register_backend
+from fusedres.ops import fold
 
 
 class ExtensionBackend(Backend):
@@ -19,6 +30,8 @@ class ExtensionBackend(Backend):
     def availability(self):
         if not _ext.extension_loaded():
             return False, _ext.EXTENSION_ERROR
+        if not hasattr(torch.ops.fusedres, "unit_train"):
+            return False, "fusedres._C predates the unit ops; rebuild it"
         if self.device_types == ("cuda",):
             if not _ext.cuda_kernels_built():
                 return False, "fusedres._C was built without the CUDA kernels"
@@ -26,55 +39,80 @@ class ExtensionBackend(Backend):
                 return False, "CUDA kernels are built but torch sees no CUDA device"
         return True, "fusedres._C loaded"
 
-    def bn_stats(self, z):
-        return torch.ops.fusedres.bn_stats(z)
+    def unit_train(self, x, weight, gamma, beta, residual, running_mean, running_var,
+                   num_batches_tracked, conv: ConvParams, relu, momentum, eps):
+        return torch.ops.fusedres.unit_train.default(
+            x, weight, gamma, beta, residual, running_mean, running_var, num_batches_tracked,
+            conv.stride, conv.padding, conv.dilation, conv.groups, relu, momentum, eps)[0]
 
-    def bn_act_fwd(self, z, scale, shift, residual, relu):
-        return torch.ops.fusedres.bn_act_fwd(z, scale, shift, residual, relu)
+    def unit_eval(self, x, weight, gamma, beta, residual, running_mean, running_var,
+                  conv: ConvParams, relu, eps):
+        return torch.ops.fusedres.unit_eval.default(
+            x, weight, gamma, beta, residual, running_mean, running_var, conv.stride,
+            conv.padding, conv.dilation, conv.groups, relu, eps)
 
-    def bn_act_bwd(self, dy, y, z, mean, invstd, weight, relu, has_residual, training):
-        # Without ReLU the kernels never read y (the unit does not keep it); the op's schema
-        # still takes a Tensor there, and z, same shape and layout, costs no copy.
-        y = y if relu else z
-        dz, dweight, dbias, dres = torch.ops.fusedres.bn_act_bwd(
-            dy, y, z, mean, invstd, weight, relu, has_residual, training)
-        return dz, dweight, dbias, (dres if has_residual else None)
+
+class CpuBackend(ExtensionBackend):
+    """The ``cpu`` backend; inference through oneDNN's fused convolution where it takes the dtype."""
+
+    def __init__(self):
+        super().__init__("cpu", "cpu")
+
+    @staticmethod
+    def _onednn_takes(dtype: torch.dtype) -> bool:
+        if dtype == torch.float32:
+            return torch.backends.mkldnn.is_available()
+        if dtype == torch.bfloat16:
+            return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        if dtype == torch.float16:
+            return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+        return False
+
+    def unit_infer(self, conv_module, x, weight, gamma, beta, residual, running_mean,
+                   running_var, conv: ConvParams, relu, eps):
+        if not self._onednn_takes(x.dtype):
+            return super().unit_infer(conv_module, x, weight, gamma, beta, residual,
+                                      running_mean, running_var, conv, relu, eps)
+        folded = fold.fold_conv_bn(conv_module, weight, gamma, beta, running_mean, running_var,
+                                   eps, x.dtype, "onednn",
+                                   lambda w, b: fold.FoldedConv(w, b.to(x.dtype)))
+        stride, padding, dilation, groups = fold.geometry_lists(conv)
+        unary = "relu" if relu else "none"
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise.default(
+                x, folded.weight, folded.bias, padding, stride, dilation, groups, unary, [], "")
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual, folded.weight, folded.bias, padding, stride, dilation, groups, "add",
+            None, unary if relu else None, [], "")
 
 
 class CudaBackend(ExtensionBackend):
-    """The ``cuda`` backend: csrc/cuda for the BatchNorm parts, cuDNN convolutions in channels_last.
-
-    cuDNN's tensor-core convolutions and the BN kernels (which walk [N*H*W, C]) both want NHWC.
-    So the convolutions take a channels_last input (a copy only where the caller's activations are
-    NCHW), z stays channels_last and the BN kernels read it without a copy, and y comes back in
-    the caller's memory format, as the triton backend does. float64 convolutions stay NCHW (cuDNN
-    has no NHWC kernels for them) and the ops copy z instead.
-    """
+    """The ``cuda`` backend; inference through cuDNN's fused convolution + bias (+ add) + ReLU."""
 
     def __init__(self):
         super().__init__("cuda", "cuda")
 
-    def conv(self, x, weight, stride, padding, dilation, groups):
-        return super().conv(_channels_last(x), weight, stride, padding, dilation, groups)
+    def unit_infer(self, conv_module, x, weight, gamma, beta, residual, running_mean,
+                   running_var, conv: ConvParams, relu, eps):
+        if not relu or x.dtype == torch.float64:
+            # cuDNN's fused entry points always end in ReLU and take no float64.
+            return super().unit_infer(conv_module, x, weight, gamma, beta, residual,
+                                      running_mean, running_var, conv, relu, eps)
+        folded = fold.fold_conv_bn(
+            conv_module, weight, gamma, beta, running_mean, running_var, eps, x.dtype, "cudnn",
+            lambda w, b: fold.FoldedConv(w.contiguous(memory_format=torch.channels_last),
+                                         b.to(x.dtype)))
+        stride, padding, dilation, groups = fold.geometry_lists(conv)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        if residual is None:
+            y = torch.cudnn_convolution_relu(x_cl, folded.weight, folded.bias, stride, padding,
+                                             dilation, groups)
+        else:
+            y = torch.cudnn_convolution_add_relu(
+                x_cl, folded.weight, residual.contiguous(memory_format=torch.channels_last), 1.0,
+                folded.bias, stride, padding, dilation, groups)
+        return in_memory_format_of(y, x)
 
-    def conv_backward(self, dz, x, weight, stride, padding, dilation, groups, need_dx, need_dw):
-        # The same layout as the forward, so cuDNN runs NHWC kernels and does not copy dz back.
-        return super().conv_backward(dz, _channels_last(x), weight, stride, padding, dilation,
-                                     groups, need_dx, need_dw)
 
-    def forward_train(self, x, weight, gamma, beta, residual, relu, eps, conv: ConvParams):
-        y, z, mean, var, invstd = super().forward_train(x, weight, gamma, beta, residual, relu,
-                                                        eps, conv)
-        return in_memory_format_of(y, x), z, mean, var, invstd
-
-    def forward_eval(self, x, weight, scale, shift, residual, relu, conv: ConvParams):
-        y, z = super().forward_eval(x, weight, scale, shift, residual, relu, conv)
-        return in_memory_format_of(y, x), z
-
-
-def _channels_last(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last)
-
-
-register_backend(ExtensionBackend("cpu", "cpu"))
+register_backend(CpuBackend())
 register_backend(CudaBackend())

@@ -1,17 +1,18 @@
 """The ``triton`` backend: fused convolution + BatchNorm kernels written in Triton.
 
 Runs CUDA tensors, and CPU tensors when ``TRITON_INTERPRET=1`` is set (tests only: the
-interpreter is slow). The launchers run behind torch.library ops (``torch.ops.fusedres_triton``,
-fusedres/ops/triton_library.py), so ``torch.compile`` and ``torch.export`` trace a model on this
-backend without graph breaks. Triton and the kernels (fusedres.kernels) are imported on first
-use, so ``import fusedres`` works, and stays light, without triton.
+interpreter is slow). A unit's phase is one op call, ``torch.ops.fusedres_triton.unit_*``, with
+the C++ unit ops' schemas and autograd registered on the op (fusedres/ops/python_unit.py); inside,
+the launchers run behind their own torch.library ops (fusedres/ops/triton_library.py). Triton and
+the kernels (fusedres.kernels) are imported on first use, so ``import fusedres`` works, and stays
+light, without triton.
 
-Fusion points (DESIGN.md section 2):
+Fusion points (docs/design.md section 2):
 
 - training forward: the convolution's epilogue writes per-tile BN statistics (F1); a finalize
   merges them and computes invstd/scale/shift; one pass applies scale/shift + residual + ReLU (F2).
 - eval forward: one convolution whose epilogue applies scale/shift + residual + ReLU (F2); z is
-  never written.
+  never written. Inference uses the folded weights (fusedres.ops.fold) with the bias as shift.
 - backward: ReLU mask, dresidual, dbeta and dgamma in one pass, dz in a second (B1).
 
 Routing decision for the convolution backward: dgrad and wgrad go to ATen
@@ -32,6 +33,7 @@ import os
 import torch
 
 from fusedres.backend import Backend, ConvParams, in_memory_format_of, register_backend
+from fusedres.ops import fold, python_unit, unit_schema
 from fusedres.ops import triton_library as _ops
 
 
@@ -56,6 +58,65 @@ def _find_triton(interpreting: bool) -> tuple[bool, str]:
     return True, f"triton {version}"
 
 
+def _gamma_beta(gamma, beta, channels: int, like: torch.Tensor):
+    """gamma, beta [C] float32 for the kernels (ones and zeros without affine)."""
+    g = gamma.float() if gamma is not None else like.new_ones((channels,), dtype=torch.float32)
+    b = beta.float() if beta is not None else like.new_zeros((channels,), dtype=torch.float32)
+    return g, b
+
+
+def _train(x, weight, gamma, beta, residual, running_mean, running_var, num_batches_tracked,
+           stride, padding, dilation, groups, relu, momentum, eps):
+    g, b = _gamma_beta(gamma, beta, weight.shape[0], x)
+    z, stats = _ops.conv2d_bn_train(x, weight, list(stride), list(padding), list(dilation),
+                                    groups, g, b, eps)
+    mean, var, invstd, scale, shift = stats.unbind(0)
+    y = _ops.bn_act_fwd(z, scale, shift, residual, relu)
+    python_unit.update_running_stats(mean, var, z.numel() // z.shape[1], running_mean,
+                                     running_var, num_batches_tracked, momentum)
+    # z stays channels_last (the layout the backward's kernels and cuDNN like best); y takes x's
+    # memory format, as ATen's convolution would give it. mean and invstd are rows of one
+    # tensor: op outputs may not alias, so they leave as copies ([C] each).
+    return in_memory_format_of(y, x), z, mean.clone(), invstd.clone()
+
+
+def _eval(x, weight, gamma, beta, residual, running_mean, running_var, stride, padding, dilation,
+          groups, relu, eps):
+    scale, shift = python_unit.eval_coefficients(gamma, beta, running_mean, running_var, eps,
+                                                 x.dtype)
+    y = _ops.conv2d(x, weight, list(stride), list(padding), list(dilation), groups, scale, shift,
+                    residual, relu)
+    return in_memory_format_of(y, x)
+
+
+def _backward(dy, x, weight, y, z, mean, invstd, gamma, stride, padding, dilation, groups, relu,
+              training, output_mask):
+    need_dx, need_dw, need_dgamma, need_dbeta, need_dres = output_mask
+    need_affine = need_dgamma or need_dbeta
+    if z is None and (training or need_dgamma):
+        # The eval forward did not write z; dgamma needs it. Recomputing costs one convolution,
+        # only in the rare "frozen statistics, trainable gamma" case.
+        z = _ops.conv2d(x, weight, list(stride), list(padding), list(dilation), groups, None,
+                        None, None, False)
+    g, _ = _gamma_beta(gamma, None, weight.shape[0], dy)
+    # Without ReLU the kernels never read y (the unit does not keep it): dy stands in.
+    dz, sums, dres = _ops.bn_act_bwd(dy, y if relu else dy, z, mean, invstd, g, relu, need_dres,
+                                     training, need_affine)
+    dx, dw = python_unit.conv_backward(dz, x.contiguous(memory_format=torch.channels_last),
+                                       weight, stride, padding, dilation, groups, need_dx,
+                                       need_dw)
+    absent = dy.new_empty((0,))
+    dbias, dgamma = sums.unbind(0) if need_affine else (absent, absent)
+    return (dx if need_dx else absent, dw if need_dw else absent,
+            dgamma.clone() if need_dgamma else absent, dbias.clone() if need_dbeta else absent,
+            dres if need_dres else absent)
+
+
+_UNIT_OPS = python_unit.define_unit_ops(
+    "fusedres_triton", python_unit.PhaseImpls(_train, _eval, _backward),
+    unit_schema.CHANNELS_LAST_LAYOUT)
+
+
 class TritonBackend(Backend):
     name = "triton"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
@@ -74,59 +135,27 @@ class TritonBackend(Backend):
             _AVAILABILITY[interpreting] = _find_triton(interpreting)
         return _AVAILABILITY[interpreting]
 
-    # -- primitive ops: torch.ops.fusedres_triton (fusedres/ops/triton_library.py) ----------
+    def unit_train(self, x, weight, gamma, beta, residual, running_mean, running_var,
+                   num_batches_tracked, conv: ConvParams, relu, momentum, eps):
+        return _UNIT_OPS.train(x, weight, gamma, beta, residual, running_mean, running_var,
+                               num_batches_tracked, conv.stride, conv.padding, conv.dilation,
+                               conv.groups, relu, momentum, eps)[0]
 
-    def conv(self, x, weight, stride, padding, dilation, groups):
-        z = _ops.conv2d(x, weight, list(stride), list(padding), list(dilation), groups, None, None,
-                        None, False)
-        return in_memory_format_of(z, x)
+    def unit_eval(self, x, weight, gamma, beta, residual, running_mean, running_var,
+                  conv: ConvParams, relu, eps):
+        return _UNIT_OPS.eval(x, weight, gamma, beta, residual, running_mean, running_var,
+                              conv.stride, conv.padding, conv.dilation, conv.groups, relu, eps)
 
-    def bn_stats(self, z):
-        mean, var = _ops.bn_stats(z).unbind(0)
-        return mean, var
-
-    def bn_act_fwd(self, z, scale, shift, residual, relu):
-        return _ops.bn_act_fwd(z, scale, shift, residual, relu)
-
-    def bn_act_bwd(self, dy, y, z, mean, invstd, weight, relu, has_residual, training):
-        dz, sums, dres = _ops.bn_act_bwd(dy, y if relu else dy, z, mean, invstd, weight, relu,
-                                         has_residual, training, True)
-        dbias, dweight = sums.unbind(0)
-        return dz, dweight, dbias, (dres if has_residual else None)
-
-    # -- composites --------------------------------------------------------------------------
-
-    def forward_train(self, x, weight, gamma, beta, residual, relu, eps, conv: ConvParams):
-        z, stats = _ops.conv2d_bn_train(x, weight, *_geometry(conv), gamma, beta, eps)
-        mean, var, invstd, scale, shift = stats.unbind(0)
-        y = _ops.bn_act_fwd(z, scale, shift, residual, relu)
-        # z stays channels_last (the layout the backward's kernels and cuDNN like best); y takes
-        # x's memory format, as ATen's convolution would give it.
-        return in_memory_format_of(y, x), z, mean, var, invstd
-
-    def forward_eval(self, x, weight, scale, shift, residual, relu, conv: ConvParams):
-        y = _ops.conv2d(x, weight, *_geometry(conv), scale, shift, residual, relu)
-        # z = None: backward recomputes it only when dgamma/dbeta are wanted (see backward).
-        return in_memory_format_of(y, x), None
-
-    def backward(self, dy, x, weight, y, z, mean, invstd, gamma, relu, has_residual, training,
-                 conv: ConvParams, needs: tuple):
-        need_dx, need_dw, need_affine = needs
-        if z is None and (training or need_affine):
-            # Eval forward did not write z; dgamma needs it. Recomputing costs one convolution,
-            # only in the rare "frozen statistics, trainable gamma" case.
-            z = _ops.conv2d(x, weight, *_geometry(conv), None, None, None, False)
-        # Without ReLU the kernels never read y (the unit does not keep it): dy stands in.
-        dz, sums, dres = _ops.bn_act_bwd(dy, y if relu else dy, z, mean, invstd, gamma, relu,
-                                         has_residual, training, need_affine)
-        dx, dw = self.conv_backward(dz, x, weight, *conv, need_dx=need_dx, need_dw=need_dw)
-        dbias, dgamma = sums.unbind(0) if need_affine else (None, None)
-        return dx, dw, dgamma, dbias, (dres if has_residual else None)
-
-
-def _geometry(conv: ConvParams) -> tuple:
-    """(stride, padding, dilation, groups) as the ops' schema takes them (int lists)."""
-    return list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
+    def unit_infer(self, conv_module, x, weight, gamma, beta, residual, running_mean,
+                   running_var, conv: ConvParams, relu, eps):
+        folded = fold.fold_conv_bn(conv_module, weight, gamma, beta, running_mean, running_var,
+                                   eps, x.dtype, "triton", fold.FoldedConv)
+        stride, padding, dilation, groups = fold.geometry_lists(conv)
+        # The epilogue's affine step with scale 1 adds the bias (F2).
+        ones = torch.ones_like(folded.bias)
+        y = _ops.conv2d(x, folded.weight, stride, padding, dilation, groups, ones, folded.bias,
+                        residual, relu)
+        return in_memory_format_of(y, x)
 
 
 register_backend(TritonBackend())

@@ -1,5 +1,9 @@
 """Fake (meta) kernels of the C++ ops ``torch.ops.fusedres.*`` defined in csrc/fusedres.cpp.
 
+The unit-level ops (``unit_train``, ``unit_eval``, ``unit_backward``) take their fakes from
+:mod:`fusedres.ops.unit_schema`, which every backend's unit ops share; the BatchNorm primitives'
+fakes are here.
+
 They let ``torch.compile`` and ``torch.export`` trace through the ops without running them: each
 returns empty tensors with the shapes, dtypes and strides the real kernels produce. They are
 registered only when the extension ``fusedres._C`` is loaded, since the ops (their schemas) come
@@ -30,6 +34,7 @@ from typing import Optional
 import torch
 
 from fusedres import _ext
+from fusedres.ops import unit_schema
 from fusedres.reference import stats_dtype
 
 __all__ = ["REGISTERED", "output_memory_format", "pack_relu_mask", "relu_mask_bytes"]
@@ -127,6 +132,8 @@ def _bn_act_bwd_mask_fake(dy: torch.Tensor, mask: torch.Tensor, z: torch.Tensor,
 def _register() -> bool:
     if not _ext.extension_loaded():
         return False
+    if hasattr(torch.ops.fusedres, "unit_train"):
+        unit_schema.register_fakes("fusedres", unit_schema.ATEN_LAYOUT)
     torch.library.register_fake("fusedres::bn_stats")(_bn_stats_fake)
     torch.library.register_fake("fusedres::bn_act_fwd")(_bn_act_fwd_fake)
     torch.library.register_fake("fusedres::bn_act_bwd")(_bn_act_bwd_fake)
