@@ -2,12 +2,17 @@
 
 One pytest-benchmark group per (op, mode, shape); the providers share it:
 
-- ``eager``: the BatchNorm ops as the reference composes them in plain PyTorch ops (the eager
-  backend); a convolution unit as eager PyTorch runs it: F.conv2d, F.batch_norm, + residual,
+- ``eager``: the BatchNorm ops as fusedres.reference composes them in plain PyTorch ops (no
+  upcast); a convolution unit as eager PyTorch runs it: F.conv2d, F.batch_norm, + residual,
   ReLU, backward by autograd;
-- ``triton``: the triton backend (fusedres/kernels behind torch.ops.fusedres_triton);
-- ``cuda``: the cuda backend (torch.ops.fusedres on CUDA tensors, csrc/cuda; cuDNN convolutions);
-- ``cpu``: the cpu backend (csrc/cpu), so that the file also runs, small, without a GPU.
+- ``triton``: the Triton kernels (fusedres/kernels behind torch.ops.fusedres_triton);
+- ``cuda``: the CUDA kernels (torch.ops.fusedres on CUDA tensors, csrc/cuda; cuDNN convolutions);
+- ``cpu``: the C++ CPU kernels (torch.ops.fusedres on CPU tensors, csrc/cpu), so that the file
+  also runs, small, without a GPU.
+
+The convolution units of the fused providers are their backend's unit ops (one op per phase,
+autograd on the op): ``unit_train`` forward and its backward, ``unit_infer`` in eval (BatchNorm
+folded into the convolution).
 
 Unusable providers are skipped with the reason (triton is not timed on a CPU). Ops: bn_stats,
 bn_act_fwd, bn_act_bwd (``memory_bound`` in extra_info: scripts/gpu_validate.sh compares their
@@ -44,6 +49,7 @@ import torch.nn.functional as F
 import fusedres
 from _providers import DEVICE, GPU, interleave_functions, provider_params, rounds, warmup
 from conftest import record
+from fusedres import reference
 from fusedres.backend import ConvParams, conv_output_hw
 
 BATCH = int(os.environ.get("FUSEDRES_BENCH_BATCH", "64" if GPU else "2"))
@@ -68,18 +74,61 @@ ACTIVATIONS = [("l1-256x56", 256, 56, 56), ("l2-512x28", 512, 28, 28),
 PROVIDERS = ["eager", "triton", "cuda", "cpu"]
 
 
+class _Eager:
+    """fusedres.reference's BatchNorm ops in the storage dtype (statistics in fp32)."""
+
+    @staticmethod
+    def bn_stats(z):
+        return reference.bn_stats(z, upcast=False)
+
+    @staticmethod
+    def bn_act_fwd(z, scale, shift, residual, relu):
+        return reference.bn_act_fwd(z, scale, shift, residual, relu, upcast=False)
+
+    @staticmethod
+    def bn_act_bwd(dy, y, z, mean, invstd, weight, relu, has_residual, training):
+        return reference.bn_act_bwd(dy, y, z, mean, invstd, weight, relu, has_residual, training,
+                                    upcast=False)
+
+
+class _Triton:
+    """torch.ops.fusedres_triton's BatchNorm ops, with the C++ ops' arguments."""
+
+    @staticmethod
+    def bn_stats(z):
+        return torch.ops.fusedres_triton.bn_stats(z)
+
+    @staticmethod
+    def bn_act_fwd(z, scale, shift, residual, relu):
+        return torch.ops.fusedres_triton.bn_act_fwd(z, scale, shift, residual, relu)
+
+    @staticmethod
+    def bn_act_bwd(dy, y, z, mean, invstd, weight, relu, has_residual, training):
+        return torch.ops.fusedres_triton.bn_act_bwd(dy, y, z, mean, invstd, weight, relu,
+                                                    has_residual, training, True)
+
+
+def _bn_ops(provider: str):
+    """The provider's BatchNorm ops: bn_stats, bn_act_fwd, bn_act_bwd."""
+    if provider == "eager":
+        return _Eager
+    if provider == "triton":
+        import fusedres.ops.triton_library  # noqa: F401  (defines torch.ops.fusedres_triton)
+        return _Triton
+    return torch.ops.fusedres  # cpu and cuda: the C++ ops, dispatched on the tensors' device
+
+
 def _run(benchmark, request, interleaved, make_fn, bytes_moved: int, flops: int = 0, **info):
     """Times the group (see the module docstring) and records bytes, GB/s, TFLOP/s and ``info``.
 
     Args:
-        make_fn: ``make_fn(backend) -> function``: one launch of the op on that fusedres
-            backend.
+        make_fn: ``make_fn(provider) -> function``: one launch of the op.
     """
     provider = request.node.callspec.params["provider"]
     launches = min(MAX_LAUNCHES, math.ceil(ROUND_BYTES / bytes_moved)) if GPU else 1
-    first_call_s = interleave_functions(
-        request, benchmark, interleaved, lambda name: make_fn(fusedres.get_backend(name)),
-        n_rounds=rounds(ROUNDS), n_warmup=warmup(WARMUP), calls=launches)
+    first_call_s = interleave_functions(request, benchmark, interleaved, make_fn,
+                                        n_rounds=rounds(ROUNDS), n_warmup=warmup(WARMUP),
+                                        calls=launches)
     record(benchmark, provider, bytes_moved, flops,
            device=torch.cuda.get_device_name(DEVICE) if GPU else "cpu",
            dtype=str(DTYPE).removeprefix("torch."), batch=BATCH, launches_per_round=launches,
@@ -105,7 +154,7 @@ def test_bn_stats(benchmark, request, interleaved, shape, provider):
     name, c, h, w = shape
     benchmark.group = f"bn_stats-{name}"
     z = _act(c, h, w)
-    _run(benchmark, request, interleaved, lambda backend: lambda: backend.bn_stats(z),
+    _run(benchmark, request, interleaved, lambda p: lambda: _bn_ops(p).bn_stats(z),
          _nbytes(z), memory_bound=True)
 
 
@@ -118,7 +167,7 @@ def test_bn_act_fwd(benchmark, request, interleaved, shape, provider):
     scale, shift = _channel(c), _channel(c, -0.5, 0.5)
     # read z and the residual, write y
     _run(benchmark, request, interleaved,
-         lambda backend: lambda: backend.bn_act_fwd(z, scale, shift, res, True),
+         lambda p: lambda: _bn_ops(p).bn_act_fwd(z, scale, shift, res, True),
          3 * _nbytes(z), memory_bound=True)
 
 
@@ -133,8 +182,8 @@ def test_bn_act_bwd(benchmark, request, interleaved, shape, provider):
     # dz needs sums over the whole batch first: two passes at least. Read dy, y and z, write
     # dresidual; read dresidual and z, write dz.
     _run(benchmark, request, interleaved,
-         lambda backend: lambda: backend.bn_act_bwd(dy, y, z, mean, invstd, gamma, True, True,
-                                                    True),
+         lambda p: lambda: _bn_ops(p).bn_act_bwd(dy, y, z, mean, invstd, gamma, True, True,
+                                                 True),
          7 * _nbytes(z), memory_bound=True)
 
 
@@ -196,25 +245,39 @@ class ConvUnit:
         return lambda: torch.autograd.grad(fwd(), leaves, self.dy)
 
     def fused(self, backend, mode: str):
-        """The backend's composites, as fusedres.ops.unit.ConvBNActFunction calls them."""
-        def fwd():
-            return backend.forward_train(self.x, self.weight, self.gamma, self.beta, self.res,
-                                         True, EPS, self.conv)
-
-        def bwd(saved):
-            y, z, mean, _, invstd = saved
-            return backend.backward(self.dy, self.x, self.weight, y, z, mean, invstd, self.gamma,
-                                    True, True, True, self.conv, (True, True, True))
-
+        """The backend's unit ops, as fusedres.ops.unit calls them: ``unit_train`` (its
+        backward by autograd, registered on the op) and, in eval, ``unit_infer`` with the
+        running statistics that make BatchNorm ``z * scale + shift``."""
+        cout = self.scale.numel()
         if mode == "eval_fwd":
-            return lambda: backend.forward_eval(self.x, self.weight, self.scale, self.shift,
-                                                self.res, True, self.conv)
+            # The module that owns the weight keys the backend's fold cache.
+            conv = torch.nn.Conv2d(self.weight.shape[1], cout, self.weight.shape[2],
+                                   self.conv.stride, self.conv.padding, bias=False, device=DEVICE)
+            conv.weight = torch.nn.Parameter(self.weight, requires_grad=False)
+            mean = torch.zeros_like(self.scale)
+            var = torch.full_like(self.scale, 1 - EPS)
+
+            def infer():
+                with torch.inference_mode():
+                    return backend.unit_infer(conv, self.x, conv.weight, self.scale, self.shift,
+                                              self.res, mean, var, self.conv, True, EPS)
+            return infer
+        leaves = [t.detach().requires_grad_() for t in (self.x, self.weight, self.gamma,
+                                                         self.beta, self.res)]
+        x, weight, gamma, beta, res = leaves
+        running_mean, running_var = torch.zeros_like(self.gamma), torch.ones_like(self.gamma)
+        tracked = torch.zeros((), dtype=torch.long, device=DEVICE)
+
+        def fwd():
+            return backend.unit_train(x, weight, gamma, beta, res, running_mean, running_var,
+                                      tracked, self.conv, True, 0.1, EPS)
+
         if mode == "train_fwd":
             return fwd
         if mode == "train_bwd":
-            saved = fwd()
-            return lambda: bwd(saved)
-        return lambda: bwd(fwd())
+            y = fwd()
+            return lambda: torch.autograd.grad(y, leaves, self.dy, retain_graph=True)
+        return lambda: torch.autograd.grad(fwd(), leaves, self.dy)
 
 
 @pytest.mark.parametrize("provider", provider_params("kernels", PROVIDERS))
@@ -227,5 +290,5 @@ def test_conv_unit(benchmark, request, interleaved, mode, case, provider):
     unit = ConvUnit(case)
     passes = {"train_fwd": 1, "eval_fwd": 1, "train_bwd": 2, "train_full": 3}[mode]
     _run(benchmark, request, interleaved,
-         lambda backend: unit.eager(mode) if backend.name == "eager" else unit.fused(backend, mode),
+         lambda p: unit.eager(mode) if p == "eager" else unit.fused(fusedres.get_backend(p), mode),
          unit.bytes[mode], passes * unit.flops, mode=mode)

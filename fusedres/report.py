@@ -216,11 +216,13 @@ def native_bf16() -> tuple[bool, str]:
 
 def build_model(arch: str, provider: Provider, device: torch.device,
                 base: Optional[nn.Module] = None) -> nn.Module:
-    """A ResNet for ``provider`` on ``device``, not compiled (see :class:`ModelGroup`).
+    """A ResNet for ``provider`` on ``device``.
 
     Args:
         arch: a builder name in fusedres.models (``resnet18``, ``resnet50``, ...).
-        provider: plain PyTorch modules for eager providers, else fused by its backend.
+        provider: plain PyTorch modules for eager providers, else fused by its backend;
+            torch.compile'd (static shapes) for ``compile``: the plain module is then
+            ``model._orig_mod``, and inductor compiles at the first call.
         base: a model whose weights to copy (so every provider runs the same network); a fresh
             fusedres.models one when None.
     """
@@ -232,6 +234,9 @@ def build_model(arch: str, provider: Provider, device: torch.device,
     model = model.to(device)
     if provider.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if provider.compiled:
+        # Static shapes: a second shape would otherwise recompile with dynamic sizes, slower code.
+        model = torch.compile(model, dynamic=False)
     return model
 
 
@@ -648,8 +653,8 @@ class ModelGroup:
             self.models[name] = (None, None)
             self.steps[name] = make_onnx_step(eager, as_input(self.x, p))
             return
-        module = build_model(self.arch, p, self.device, self.base)
-        called = torch.compile(module, dynamic=False) if p.compiled else module
+        called = build_model(self.arch, p, self.device, self.base)
+        module = getattr(called, "_orig_mod", called)
         xin = as_input(self.x, p)
         self.models[name] = (module, called)
         if self.mode == "train":
