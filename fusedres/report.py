@@ -1058,7 +1058,7 @@ def format_group(g: dict, machine: dict) -> str:
     lines = [f"{g['arch']} {dtype} {what}, batch {g['batch']}, {g['image_size']}x"
              f"{g['image_size']}, on {machine['device_name']} (load {g['load_average_1min']:.1f}"
              f" after it): median of {g['rounds']} rounds after {g['warmup']} warm-up; "
-             f"eager = {g['baseline'] or '-'}", ""]
+             f"vs eager: vs {g['baseline'] or '-'}, the faster eager layout", ""]
     head = ["provider", "median ms", "spread", "images/s", "vs eager", "vs torch.compile"]
     head += ["peak step memory", "saved activations"] if train else []
     lines += ["| " + " | ".join(head + ["first call s", "check"]) + " |",
@@ -1166,7 +1166,7 @@ def _plot(report: dict, plt):
         ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([f"{g['mode']} {g['dtype']}\n(eager = {g['baseline']})"
+        ax.set_xticklabels([f"{g['mode']} {g['dtype']}\n(baseline: {g['baseline']})"
                             for g in groups])
         ax.set_ylabel("speedup over eager")
         ax.set_title(f"{arch}, batch {groups[0]['batch']}, {groups[0]['image_size']}px", fontsize=9)
