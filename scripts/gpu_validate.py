@@ -172,9 +172,10 @@ def cmd_warmup_worker(args, plan: Plan) -> int:
     budget = Budget(args.deadline, results)
     tasks = warm_tasks(plan)[args.index::args.workers]
     log(f"worker {args.index}: {len(tasks)} tasks")
-    for config, label, fn in tasks:
+    for i, (config, label, fn) in enumerate(tasks):
         what = f"{label} config {config}"
-        if not budget.fits(what, plan.estimates["warm_task"]):
+        if not budget.fits(f"warm-up of {what} and the {len(tasks) - i - 1} after it",
+                           plan.estimates["warm_task"]):
             break
         os.environ["FUSEDRES_TRITON_CONFIG"] = str(config)
         t0 = time.perf_counter()
@@ -208,8 +209,10 @@ def cmd_warmup_compile(args, plan: Plan) -> int:
 
     results = Results(args.out, "warmup_compile")
     budget = Budget(args.deadline, results)
-    for label, fn in bench.compile_warm_functions(plan)[args.index::args.workers]:
-        if not budget.fits(f"compile {label}", plan.estimates["compile_block"]):
+    tasks = bench.compile_warm_functions(plan)[args.index::args.workers]
+    for i, (label, fn) in enumerate(tasks):
+        if not budget.fits(f"compile warm-up of {label} and the {len(tasks) - i - 1} after it",
+                           plan.estimates["compile_block"]):
             break
         t0 = time.perf_counter()
         if results.guarded(f"compile {label}", fn):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import fusedres
 from fusedres.report import (Provider, as_input, autocast, build_model, make_eval_step,
                              make_provider, make_train_step, peak_memory, sync)
-from gpu_validate_common import Budget, Plan, Results, block_spec, log, units
+from gpu_validate_common import Budget, Plan, Results, backend_status, block_spec, log, units
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 #: Bytes a kernel round moves on a GPU (~1 ms at 2-4 TB/s): a round is many launches then.
@@ -133,11 +133,7 @@ class Bench:
         found = []
         for name in names:
             p = make_provider(name)
-            ok, why = True, ""
-            if p.backend != "eager":
-                ok, why = fusedres.available_backends()[p.backend]
-                if ok and self.device.type not in fusedres.get_backend(p.backend).device_types:
-                    ok, why = False, f"does not run {self.device.type} tensors"
+            ok, why = backend_status(p.backend, self.device.type)
             if ok:
                 found.append(p)
             else:
@@ -179,7 +175,8 @@ class Bench:
                       "matmul_TFLOPs": 2 * size**3 / (t["matmul"]["median_ms"] / 1e3) / 1e12}
         self.results.write("peaks", **{k: round(v, 2) for k, v in self.peaks.items()},
                            how=f"copy_ of {n / 2**20:.0f} MiB; {str(mm_dtype)[6:]} "
-                               f"{size}^3 matmul; medians of {self.plan.rounds} rounds of 5")
+                               f"{size}^3 matmul; medians of {self.plan.rounds} rounds of 5",
+                           cudnn_benchmark=torch.backends.cudnn.benchmark)
 
     # -- 2. blocks ----------------------------------------------------------------------------
 
@@ -410,6 +407,10 @@ def main(args, plan: Plan) -> int:
     """The stage; exit status 1 when a measurement raised."""
     # Autotuned, as users run the kernels (the warm-up compiled every config).
     os.environ.pop("FUSEDRES_TRITON_CONFIG", None)
+    # cuDNN picks its fastest algorithm per shape, as training scripts ask it to (torchvision's
+    # references do): every provider's cuDNN convolutions (eager's, cuda's, triton's backward)
+    # run at their best; the choosing happens in the untimed first calls.
+    torch.backends.cudnn.benchmark = True
     results = Results(args.out, "bench")
     budget = Budget(args.deadline, results)
     b = Bench(plan, results, budget)

@@ -39,7 +39,8 @@ import fusedres
 from fusedres import FusedConvBNReLU, reference
 from fusedres.report import (as_input, autocast, build_model, check_against_eager,
                              make_provider)
-from gpu_validate_common import ROOT, Budget, Plan, Results, block_spec, log, units
+from gpu_validate_common import (ROOT, Budget, Plan, Results, backend_status, block_spec, log,
+                                 units)
 
 # The tolerance rule and the unit harness of the test suite, so that this stage judges exactly
 # as tests/kernels/test_gpu_resnet50.py does.
@@ -326,12 +327,9 @@ def no_tf32() -> None:
 def _usable(plan: Plan, results: Results) -> tuple:
     """The plan's fused backends usable here; the others are recorded as failed checks (a GPU
     run exists to show every backend correct)."""
-    device = torch.device(plan.device)
     usable = []
     for name in plan.fused_check_backends:
-        ok, why = fusedres.available_backends()[name]
-        if ok and device.type not in fusedres.get_backend(name).device_types:
-            ok, why = False, f"does not run {device.type} tensors"
+        ok, why = backend_status(name, plan.device)
         if ok:
             usable.append(name)
         else:

@@ -207,6 +207,16 @@ DRY_PLAN = dataclasses.replace(
 )
 
 
+def backend_status(name: str, device_type: str) -> tuple[bool, str]:
+    """(whether fusedres's backend ``name`` runs ``device_type`` tensors here, why or why not)."""
+    import fusedres
+
+    ok, why = fusedres.available_backends()[name]
+    if ok and device_type not in fusedres.get_backend(name).device_types:
+        return False, f"does not run {device_type} tensors"
+    return ok, why
+
+
 def get_plan(dry_run: bool) -> Plan:
     return DRY_PLAN if dry_run else GPU_PLAN
 

@@ -121,7 +121,7 @@ def _checks(records: list, full: bool) -> list:
         why = r.get("why") or next((f"{k}: {v.get('why', 'failed')}"
                                     for k, v in r["tensors"].items() if not v["ok"]), "")
         lines.append(f"- FAIL {r['group']} {r['name']} {r['backend']} {r.get('dtype', '')} "
-                     f"{r.get('mode', '')}: {why[:300]}")
+                     f"{r.get('mode', '')}: {why if full else why[:200]}")
     if len(failed) > SHORT_LIST and not full:
         lines.append(f"- ... {len(failed) - SHORT_LIST} more in README.md")
     return lines
@@ -137,7 +137,8 @@ def _timed(records: list, part: str, full: bool) -> list:
             (main if r["phase"] == "main" else comp)[r["group"]][r["provider"]] = r
             if r["group"] not in order:
                 order.append(r["group"])
-    fused = sorted({p for g in main.values() for p in g} - {"eager_cl"})
+    fused = _in_order(r["provider"] for g in main.values() for r in g.values()
+                      if r["provider"] != "eager_cl")
     header = ["case", "shape", "eager_cl ms"] + [f"{p} ms (vs eager_cl)" for p in fused] + [
         "compile ms (vs eager_cl)", "triton vs compile"]
     rows = []
@@ -165,6 +166,32 @@ def _timed(records: list, part: str, full: bool) -> list:
     return lines
 
 
+def _host_and_memory(records: list, part: str) -> list:
+    """Per case, each provider's host time per step and peak memory (main phase)."""
+    lines: dict = {}
+    for r in records:
+        if r["kind"] == "bench" and r["part"] == part and r["phase"] == "main":
+            lines.setdefault(r["group"], []).append(
+                f"{r['provider']} {r['host_ms']:.2f} ms / {_mib(r.get('peak_mem_bytes'))}")
+    return [f"- {group}, host time per step / peak memory: {', '.join(cells)}"
+            for group, cells in lines.items()]
+
+
+def _in_order(names) -> list:
+    """The distinct ``names`` in the order they first come (the plan's provider order)."""
+    return list(dict.fromkeys(names))
+
+
+def _setting(records: list, part: str) -> str:
+    """"Batch 128, bfloat16 autocast, channels_last, 10 rounds: " from the records."""
+    r = next((r for r in records if r["kind"] == "bench" and r["part"] == part), None)
+    if r is None:
+        return ""
+    size = f" at {r['image']} px" if "image" in r else ""
+    mixed = " autocast" if r["dtype"] != "float32" else ""
+    return f"Batch {r['batch']}{size}, {r['dtype']}{mixed}, channels_last, {r['rounds']} rounds: "
+
+
 def _kernels(records: list) -> list:
     peaks = next((r for r in records if r["kind"] == "peaks"), None)
     lines = []
@@ -176,7 +203,7 @@ def _kernels(records: list) -> list:
     for r in records:
         if r["kind"] == "kernel" and r["part"] == "bn":
             bn[(r["op"], r["shape"])][r["provider"]] = r
-    providers = sorted({p for v in bn.values() for p in v})
+    providers = _in_order(p for v in bn.values() for p in v)
     rows = [[op, shape] + [f"{v[p]['GBps']:.0f}" + (f" ({v[p]['of_copy']:.0%})"
                                                      if v[p].get("of_copy") else "")
                            if p in v else "-" for p in providers]
@@ -185,7 +212,8 @@ def _kernels(records: list) -> list:
               ""] + _table(["op", "shape"] + providers, rows) + [""]
     conv = [r for r in records if r["kind"] == "kernel" and r["part"] == "conv"]
     rows = [[r["op"], r["shape"], r["provider"], f"{r['median_ms']:.3f}", r["TFLOPs"],
-             f"{r['of_matmul']:.0%}" if r.get("of_matmul") else "-", f"{r['vs_cudnn']:.2f}x"]
+             "-" if r.get("of_matmul") is None else f"{r['of_matmul']:.0%}",
+             f"{r['vs_cudnn']:.2f}x"]
             for r in conv]
     lines += ["Convolution alone, TFLOP/s (% of the matmul peak; speed relative to cuDNN):",
               ""] + _table(["unit", "shape", "provider", "ms", "TFLOP/s", "of peak",
@@ -197,9 +225,9 @@ def _profile(records: list, full: bool) -> list:
     prof = next((r for r in records if r["kind"] == "profile"), None)
     if prof is None:
         return ["(not measured)"]
-    lines = [f"One triton training step of {prof['name']} at batch {prof['batch']}: "
-             f"{prof['kernel_launches']} kernel launches, {prof['device_ms']} ms of kernels "
-             f"(sorted by {prof['sort_by']})."]
+    lines = [f"One triton training step of {prof['name']} at batch {prof['batch']}"
+             + (f": {prof['kernel_launches']} kernel launches, {prof['device_ms']} ms of kernels"
+                if prof["kernel_launches"] else "") + f" (sorted by {prof['sort_by']})."]
     if full:
         return lines + ["", "```", prof["table"], "```"]
     return lines + [""] + _table(["op / kernel", "calls", "self ms"],
@@ -236,13 +264,18 @@ def render(records: list, full: bool) -> str:
         "## Stages", ""] + _stages(records) + [
         "", "## Correctness against eager and a float64 oracle", "",
         "Rule of tests/conftest.py: error against the oracle <= 2x eager's in the same dtype + "
-        "atol; units by max error, block gradients and whole networks by relative L2.", ""
+        "atol; units by max error, block gradients and whole networks by relative L2. Triton "
+        "ran each kernel's first config (FUSEDRES_TRITON_CONFIG=0: autotuning every case would "
+        "not fit the budget); fp32 without TF32 on both sides.", ""
     ] + _checks(records, full) + [
-        "", "## ResNet-50 Bottleneck blocks (batch from the records, bf16, channels_last)", "",
-        "ms per step, median of the rounds; (x) = eager_cl's time / the provider's; compile "
-        "was timed last, beside eager_cl and triton again.", ""
+        "", "## ResNet-50 Bottleneck blocks", "",
+        _setting(records, "block") + "ms per step, median of the rounds; (x) = eager_cl's "
+        "time / the provider's; compile was timed last, beside eager_cl and triton again, and "
+        "`triton vs compile` is compile's time / triton's there.", ""
     ] + _timed(records, "block", full) + [
-        "", "## Whole network", ""] + _timed(records, "model", full) + [
+        "", "## Whole network", "", _setting(records, "model") + "a training step is "
+        "forward, cross-entropy, backward and an SGD step.", ""] + _timed(records, "model", full) + [
+        ""] + _host_and_memory(records, "model") + [
         "", "## Kernels", ""] + _kernels(records) + [
         "", "## Profile", ""] + _profile(records, full) + [
         "", "## Warm-up", ""] + _warm(records) + [
