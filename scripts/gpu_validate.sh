@@ -18,13 +18,14 @@
 # their end); 1 otherwise; 2 when torch sees no CUDA device (nothing else runs then). Benchmark
 # errors and skips are listed in the summary but do not change it.
 #
-# Stages, their budgets and what each is expected to take on an H200 with 16 host cores (the
-# stage records in results.jsonl say what they took). Each stage's Python ends by its deadline
-# on its own: an item (a unit, a block, a measurement) starts only when its estimate (Plan's
-# `estimates`, on the safe side) fits in what is left, else it is skipped and recorded;
-# `timeout` is only the last resort.
+# Stages: each one's budget (its deadline is its start plus that, cut to what the run has left)
+# and the time it is expected to take on an H200 with 16 host cores (guessed from FLOPs, bytes,
+# compile counts and launch costs; the stage records in results.jsonl say what they took).
+# Inside a stage an item (a unit, a block, a measurement) starts only when its own estimate
+# (Plan.estimates in gpu_validate_common.py, kept on the safe side) fits in what is left, else
+# it is skipped and recorded; `timeout` at the deadline is only the last resort.
 #
-#   stage           budget  estimate  what
+#   stage           budget  expected  what
 #   info               30      5      machine record first (GPU, driver, versions, CPU, commit)
 #   build             200     80      setup.py build_ext --inplace: csrc for this GPU's arch only,
 #                                     MAX_JOBS = the host's cores; no pip, nothing downloaded
@@ -32,24 +33,26 @@
 #                                     variant the check (config 0) and bench (every config, for
 #                                     the autotuner) run, into Triton's on-disk cache (~150
 #                                     compiles of 0.3-1.4 s)
-#   warmup_compile    240    200      beside build and check, niced: 4 processes compile the
-#                                     graphs bench times with torch.compile, into inductor's
-#                                     on-disk caches (cold: 20-40 s a block, ~90 s the model)
+#   warmup_compile    240    150      beside build and check, niced: 4 processes compile the
+#                                     graphs bench times with torch.compile into inductor's
+#                                     on-disk caches (cold 20-40 s a block, ~90 s the model;
+#                                     with them warm, bench's compiles take seconds)
 #   check             150     70      correctness, FUSEDRES_TRITON_CONFIG=0 (autotuning every
 #                                     case would time every config of every shape): 17 units,
 #                                     7 blocks, ResNet-50 train + eval; bf16 and fp32; eager,
 #                                     triton, cuda; float64 oracle (~1 TFLOP in all)
-#   bench            rest    160      peaks 3, blocks 8x(train 10 + eval 5), model 45 + 20,
-#                                     BN kernels 12, conv 8, profile 8 (autotuning included)
-#                           + compile 16 blocks x 5-25 s, the model 30-80 s: as many as fit
+#   bench            rest    155      peaks 3, 8 blocks x (train 7 + eval 4), model train 30 +
+#                                     eval 12, BN kernels 10, conv 6, profile 5, autotuning
+#                                     included; then torch.compile beside eager_cl and triton:
+#                                     16 block cases x 5-10 s and the model ~30 s, as many as fit
 #   summary            15      1      README.md, the printed tables, the exit status
 #
 # Whole run: GPU_VALIDATE_BUDGET seconds (default 520: a 9-minute call, with a minute of the
-# device tool's 10 to spare). Expected: info 5 | build 80 (warm-ups beside it) | check 70 | wait
-# for the compile warm-up (until ~200) | bench core 160 | compile with warm caches (5-10 s a
-# block, ~30 s the model) until the budget ends. GPU_VALIDATE_SKIP="warmup_compile ..." skips stages by
-# name. Environment: OUT (results folder), PYTHON (default python3), MAX_JOBS,
-# TORCH_CUDA_ARCH_LIST (default: the GPU's own).
+# device tool's 10 to spare). Expected: info 5 | build 80 (warm-ups beside it) | check 70 |
+# waiting for the compile warm-up until ~200 | bench without compile 155 | compile cases until
+# the budget ends (~500). GPU_VALIDATE_SKIP="warmup_compile ..." skips stages by name.
+# Environment: OUT (results folder), PYTHON (default python3), MAX_JOBS, TORCH_CUDA_ARCH_LIST
+# (default: the GPU's own).
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -87,8 +90,10 @@ export GPU_VALIDATE_START=$START PY DRY
 
 # record_stage NAME STATUS RC SECONDS BUDGET ESTIMATE NOTE: one `stage` line in results.jsonl.
 record_stage() {
-  printf '{"kind":"stage","stage":"%s","status":"%s","rc":"%s","seconds":%s,"budget_s":%s,"estimate_s":%s,"t":%s,"note":"%s"}\n' \
-    "$1" "$2" "$3" "$4" "$5" "$6" "$(($(date +%s) - START))" "$7" >>"$RESULTS"
+  local fmt='{"kind":"stage","stage":"%s","status":"%s","rc":"%s","seconds":%s,'
+  fmt+='"budget_s":%s,"estimate_s":%s,"t":%s,"note":"%s"}\n'
+  # shellcheck disable=SC2059
+  printf "$fmt" "$1" "$2" "$3" "$4" "$5" "$6" "$(($(date +%s) - START))" "$7" >>"$RESULTS"
 }
 
 # run_stage NAME BUDGET ESTIMATE CMD...: runs CMD with its output in $OUTDIR/${LOG:-NAME}.log,
@@ -127,8 +132,8 @@ run_stage() {
 # in place, no pip (the GPU machines cannot download, and install.sh would try to). Then the
 # backend the checks need must be usable.
 build() {
-  local cmd=(env MAX_JOBS="${MAX_JOBS:-$(nproc)}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$GPU_ARCH}"
-    "$PY" setup.py build_ext --inplace)
+  local cmd=(env MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+    TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$GPU_ARCH}" "$PY" setup.py build_ext --inplace)
   if ((DRY)); then
     echo "dry run: CI built the extension already; a GPU run would run: ${cmd[*]}"
   else
@@ -167,7 +172,7 @@ if ((DRY)); then
   record_stage warmup_compile skipped - 0 0 0 "dry run: no torch.compile"
 else
   # Niced: it must not slow the build or the check, and 4 inductor threads each, not 16.
-  LOG=warmup TORCHINDUCTOR_COMPILE_THREADS=4 run_stage warmup_compile 240 200 \
+  LOG=warmup TORCHINDUCTOR_COMPILE_THREADS=4 run_stage warmup_compile 240 150 \
     nice -n 10 "$PY" "$GV" warmup-compile --out "$OUTDIR" &
   COMPILE_PID=$!
 fi
@@ -178,7 +183,7 @@ FUSEDRES_TRITON_CONFIG=0 run_stage check 150 70 "$PY" "$GV" check --out "$OUTDIR
 # Nothing is timed while a warm-up still compiles beside it.
 wait "$WARM_PID"
 [[ -n "$COMPILE_PID" ]] && wait "$COMPILE_PID"
-run_stage bench "$BUDGET" 160 "$PY" "$GV" bench --out "$OUTDIR" "${DRYFLAG[@]}"
+run_stage bench "$BUDGET" 155 "$PY" "$GV" bench --out "$OUTDIR" "${DRYFLAG[@]}"
 
 echo "== total $(($(date +%s) - START))s; results in $OUTDIR"
 "$PY" "$GV" summary --out "$OUTDIR"

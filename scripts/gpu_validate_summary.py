@@ -64,8 +64,8 @@ def verdict(records: list) -> tuple[int, list, list]:
 
     The status is about correctness: 1 when a check failed or raised, when the build or the
     check stage failed or was cut off (so not every check ran), or when no check ran at all.
-    Errors and cut-offs elsewhere (a benchmark that raised, the bench stage's time limit) are
-    the other problems: listed, not fatal.
+    Errors and cut-offs elsewhere (a benchmark that raised, the bench stage's time limit) and
+    checks or measurements skipped for the budget are the other problems: listed, not fatal.
     """
     reasons, problems = [], []
     failed = [r for r in records if r["kind"] == "check" and r["status"] != "pass"]
@@ -82,6 +82,11 @@ def verdict(records: list) -> tuple[int, list, list]:
                 f"stage {r['stage']}: {r['status']}")
     if not any(r["kind"] == "check" for r in records):
         reasons.append("no check ran")
+    for stage in ("check", "bench"):
+        skipped = sum(r["kind"] == "skip" and r["stage"] == stage
+                      and r["reason"].startswith("budget") for r in records)
+        if skipped:
+            problems.append(f"{skipped} {stage} items skipped for the budget")
     return (1 if reasons else 0), reasons, problems
 
 
@@ -274,8 +279,8 @@ def render(records: list, full: bool) -> str:
         "`triton vs compile` is compile's time / triton's there.", ""
     ] + _timed(records, "block", full) + [
         "", "## Whole network", "", _setting(records, "model") + "a training step is "
-        "forward, cross-entropy, backward and an SGD step.", ""] + _timed(records, "model", full) + [
-        ""] + _host_and_memory(records, "model") + [
+        "forward, cross-entropy, backward and an SGD step.", ""
+    ] + _timed(records, "model", full) + [""] + _host_and_memory(records, "model") + [
         "", "## Kernels", ""] + _kernels(records) + [
         "", "## Profile", ""] + _profile(records, full) + [
         "", "## Warm-up", ""] + _warm(records) + [
