@@ -244,13 +244,13 @@ def parse_args(argv: Optional[list] = None):
 
 def main(argv: Optional[list] = None) -> int:
     args = parse_args(argv)
-    if args.command == "summary":  # no torch: it only reads the JSON lines
+    sys.path.insert(0, ROOT)
+    if args.command == "summary":  # reads the JSON lines of any run, this machine's or not
         import gpu_validate_summary
         return gpu_validate_summary.main(args.out)
     if args.dry_run:
         # Read once, when triton is first imported: before anything imports it.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    sys.path.insert(0, ROOT)
     plan = get_plan(args.dry_run)
     commands = {"info": cmd_info, "warmup": cmd_warmup, "warmup-worker": cmd_warmup_worker,
                 "warmup-compile": cmd_warmup_compile}

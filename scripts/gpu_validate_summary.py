@@ -1,4 +1,5 @@
-"""The summary of a scripts/gpu_validate.sh run, from its JSON lines alone (no torch).
+"""The summary of a scripts/gpu_validate.sh run, from its JSON lines (and the targets of
+fusedres.report); ``python scripts/gpu_validate.py summary --out DIR`` renders it again.
 
 ``main(out)`` writes ``out/README.md`` (every table in full, ready to be committed with
 results.jsonl under benchmarks/results/<gpu>/) and prints a shorter version, which the
@@ -123,7 +124,8 @@ def _checks(records: list, full: bool) -> list:
     lines = _table(["group", "backend", "dtype", "pass", "fail"], rows)
     failed = [r for r in checks if r["status"] != "pass"]
     for r in failed[:None if full else SHORT_LIST]:
-        why = r.get("why") or next((f"{k}: {v.get('why', 'failed')}"
+        # the rule's message names the tensor
+        why = r.get("why") or next((v.get("why", f"{k}: failed")
                                     for k, v in r["tensors"].items() if not v["ok"]), "")
         lines.append(f"- FAIL {r['group']} {r['name']} {r['backend']} {r.get('dtype', '')} "
                      f"{r.get('mode', '')}: {why if full else why[:200]}")
@@ -180,6 +182,38 @@ def _host_and_memory(records: list, part: str) -> list:
                 f"{r['provider']} {r['host_ms']:.2f} ms / {_mib(r.get('peak_mem_bytes'))}")
     return [f"- {group}, host time per step / peak memory: {', '.join(cells)}"
             for group, cells in lines.items()]
+
+
+def _targets(records: list) -> list:
+    """Each fused provider against fusedres.report's targets (measured, not asserted)."""
+    from fusedres.report import BOTTLENECK_TARGETS, MEMORY_BOUND_TARGET
+
+    train = [r for r in records if r["kind"] == "bench" and r["part"] == "block"
+             and r["mode"] == "train"]
+    compiled = {(r["group"], r["provider"]): r["median_ms"] for r in train
+                if r["phase"] == "compile"}
+    lines = []
+    for provider in _in_order(r["provider"] for r in train if r["phase"] == "main"
+                              and r["provider"] != "eager_cl"):
+        mine = [r for r in train if r["phase"] == "main" and r["provider"] == provider]
+        met = sum(r["vs_eager_cl"] >= BOTTLENECK_TARGETS["eager"] for r in mine)
+        line = (f"- {provider}: Bottleneck training step >= {BOTTLENECK_TARGETS['eager']}x "
+                f"eager_cl in {met} of {len(mine)} blocks")
+        vs = [compiled[(r["group"], "compile")] / compiled[(r["group"], provider)]
+              for r in mine if (r["group"], "compile") in compiled
+              and (r["group"], provider) in compiled]
+        if vs:
+            met = sum(v >= BOTTLENECK_TARGETS["compile"] for v in vs)
+            line += (f"; >= {BOTTLENECK_TARGETS['compile']}x torch.compile in {met} of "
+                     f"{len(vs)}")
+        bn = [r for r in records if r["kind"] == "kernel" and r["part"] == "bn"
+              and r["provider"] == provider and r.get("of_copy") is not None]
+        if bn:
+            met = sum(r["of_copy"] >= MEMORY_BOUND_TARGET for r in bn)
+            line += (f"; BN kernels >= {MEMORY_BOUND_TARGET:.0%} of the copy bandwidth in "
+                     f"{met} of {len(bn)}")
+        lines.append(line)
+    return lines or ["(nothing timed)"]
 
 
 def _in_order(names) -> list:
@@ -278,6 +312,7 @@ def render(records: list, full: bool) -> str:
         "time / the provider's; compile was timed last, beside eager_cl and triton again, and "
         "`triton vs compile` is compile's time / triton's there.", ""
     ] + _timed(records, "block", full) + [
+        "", "Targets (fusedres.report; measured, not asserted):", ""] + _targets(records) + [
         "", "## Whole network", "", _setting(records, "model") + "a training step is "
         "forward, cross-entropy, backward and an SGD step.", ""
     ] + _timed(records, "model", full) + [""] + _host_and_memory(records, "model") + [
