@@ -51,6 +51,7 @@ from _providers import DEVICE, GPU, interleave_functions, provider_params, round
 from conftest import record
 from fusedres import reference
 from fusedres.backend import ConvParams, conv_output_hw
+from fusedres.report import bn_ops
 
 BATCH = int(os.environ.get("FUSEDRES_BENCH_BATCH", "64" if GPU else "2"))
 DTYPE = torch.bfloat16 if GPU else torch.float32
@@ -72,50 +73,6 @@ CONVS = [
 ACTIVATIONS = [("l1-256x56", 256, 56, 56), ("l2-512x28", 512, 28, 28),
                ("l3-1024x14", 1024, 14, 14), ("l4-2048x7", 2048, 7, 7)]
 PROVIDERS = ["eager", "triton", "cuda", "cpu"]
-
-
-class _Eager:
-    """fusedres.reference's BatchNorm ops in the storage dtype (statistics in fp32)."""
-
-    @staticmethod
-    def bn_stats(z):
-        return reference.bn_stats(z, upcast=False)
-
-    @staticmethod
-    def bn_act_fwd(z, scale, shift, residual, relu):
-        return reference.bn_act_fwd(z, scale, shift, residual, relu, upcast=False)
-
-    @staticmethod
-    def bn_act_bwd(dy, y, z, mean, invstd, weight, relu, has_residual, training):
-        return reference.bn_act_bwd(dy, y, z, mean, invstd, weight, relu, has_residual, training,
-                                    upcast=False)
-
-
-class _Triton:
-    """torch.ops.fusedres_triton's BatchNorm ops, with the C++ ops' arguments."""
-
-    @staticmethod
-    def bn_stats(z):
-        return torch.ops.fusedres_triton.bn_stats(z)
-
-    @staticmethod
-    def bn_act_fwd(z, scale, shift, residual, relu):
-        return torch.ops.fusedres_triton.bn_act_fwd(z, scale, shift, residual, relu)
-
-    @staticmethod
-    def bn_act_bwd(dy, y, z, mean, invstd, weight, relu, has_residual, training):
-        return torch.ops.fusedres_triton.bn_act_bwd(dy, y, z, mean, invstd, weight, relu,
-                                                    has_residual, training, True)
-
-
-def _bn_ops(provider: str):
-    """The provider's BatchNorm ops: bn_stats, bn_act_fwd, bn_act_bwd."""
-    if provider == "eager":
-        return _Eager
-    if provider == "triton":
-        import fusedres.ops.triton_library  # noqa: F401  (defines torch.ops.fusedres_triton)
-        return _Triton
-    return torch.ops.fusedres  # cpu and cuda: the C++ ops, dispatched on the tensors' device
 
 
 def _run(benchmark, request, interleaved, make_fn, bytes_moved: int, flops: int = 0, **info):
@@ -154,7 +111,7 @@ def test_bn_stats(benchmark, request, interleaved, shape, provider):
     name, c, h, w = shape
     benchmark.group = f"bn_stats-{name}"
     z = _act(c, h, w)
-    _run(benchmark, request, interleaved, lambda p: lambda: _bn_ops(p).bn_stats(z),
+    _run(benchmark, request, interleaved, lambda p: lambda: bn_ops(p).bn_stats(z),
          _nbytes(z), memory_bound=True)
 
 
@@ -167,7 +124,7 @@ def test_bn_act_fwd(benchmark, request, interleaved, shape, provider):
     scale, shift = _channel(c), _channel(c, -0.5, 0.5)
     # read z and the residual, write y
     _run(benchmark, request, interleaved,
-         lambda p: lambda: _bn_ops(p).bn_act_fwd(z, scale, shift, res, True),
+         lambda p: lambda: bn_ops(p).bn_act_fwd(z, scale, shift, res, True),
          3 * _nbytes(z), memory_bound=True)
 
 
@@ -182,7 +139,7 @@ def test_bn_act_bwd(benchmark, request, interleaved, shape, provider):
     # dz needs sums over the whole batch first: two passes at least. Read dy, y and z, write
     # dresidual; read dresidual and z, write dz.
     _run(benchmark, request, interleaved,
-         lambda p: lambda: _bn_ops(p).bn_act_bwd(dy, y, z, mean, invstd, gamma, True, True,
+         lambda p: lambda: bn_ops(p).bn_act_bwd(dy, y, z, mean, invstd, gamma, True, True,
                                                  True),
          7 * _nbytes(z), memory_bound=True)
 

@@ -50,6 +50,15 @@ def conv_output_hw(hw: Sequence[int], kernel_size: Sequence[int], stride: Sequen
                  for i in range(2))
 
 
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """``torch.channels_last`` when the [N, C, H, W] tensor t is channels_last-dense and not also
+    NCHW-contiguous (C == 1 or H == W == 1 make both true), else ``torch.contiguous_format``: the
+    rule every op of fusedres applies to choose its outputs' layout (csrc/common/checks.h)."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def in_memory_format_of(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``t`` in x's memory format, as ATen's convolution of ``x`` would return it.
 
@@ -57,9 +66,7 @@ def in_memory_format_of(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     convolutions want) and hand results back in the caller's layout; a channels_last model pays no
     copy. t, x: [N, C, H, W].
     """
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return t.contiguous(memory_format=fmt)
+    return t.contiguous(memory_format=memory_format_of(x))
 
 
 class Backend:

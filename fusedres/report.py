@@ -63,7 +63,7 @@ from fusedres import reference, traffic
 
 __all__ = [
     "BOTTLENECK_TARGETS", "Config", "MEMORY_BOUND_TARGET", "MODEL_TARGETS", "ModelGroup",
-    "NothingToRun", "PROVIDER_NAMES", "Provider", "bench_targets", "build_model",
+    "NothingToRun", "PROVIDER_NAMES", "Provider", "bench_targets", "bn_ops", "build_model",
     "check_against_eager", "compare", "cpu_peak_memory", "default_config", "format_bench_cases",
     "format_table", "format_targets", "keep_freed_memory", "machine_info", "main", "make_base",
     "make_eval_step", "make_onnx_step", "make_provider", "make_train_step", "model_targets",
@@ -84,6 +84,55 @@ GRAD_NAMES = ("conv1.weight", "layer1.0.conv1.weight", "layer1.0.bn1.weight",
               "layer4.0.downsample.0.weight", "fc.weight")
 # Fewer rounds give no interquartile range worth the name: no ratio is then a result.
 MIN_ROUNDS_FOR_A_RESULT = 3
+
+
+# -- the BatchNorm ops of each provider, for kernel benchmarks --------------------------------------
+
+
+class _Eager:
+    """fusedres.reference's BatchNorm ops in the storage dtype (statistics in fp32)."""
+
+    @staticmethod
+    def bn_stats(z):
+        return reference.bn_stats(z, upcast=False)
+
+    @staticmethod
+    def bn_act_fwd(z, scale, shift, residual, relu):
+        return reference.bn_act_fwd(z, scale, shift, residual, relu, upcast=False)
+
+    @staticmethod
+    def bn_act_bwd(dy, y, z, mean, invstd, weight, relu, has_residual, training):
+        return reference.bn_act_bwd(dy, y, z, mean, invstd, weight, relu, has_residual, training,
+                                    upcast=False)
+
+
+class _Triton:
+    """torch.ops.fusedres_triton's BatchNorm ops, with the C++ ops' arguments."""
+
+    @staticmethod
+    def bn_stats(z):
+        return torch.ops.fusedres_triton.bn_stats(z)
+
+    @staticmethod
+    def bn_act_fwd(z, scale, shift, residual, relu):
+        return torch.ops.fusedres_triton.bn_act_fwd(z, scale, shift, residual, relu)
+
+    @staticmethod
+    def bn_act_bwd(dy, y, z, mean, invstd, weight, relu, has_residual, training):
+        return torch.ops.fusedres_triton.bn_act_bwd(dy, y, z, mean, invstd, weight, relu,
+                                                    has_residual, training, True)
+
+
+def bn_ops(provider: str):
+    """The BatchNorm ops of a provider (``eager``, ``triton``, ``cpu``, ``cuda``) with the C++ ops'
+    arguments: ``bn_stats``, ``bn_act_fwd``, ``bn_act_bwd`` (the kernel benchmarks time these)."""
+    if provider == "eager":
+        return _Eager
+    if provider == "triton":
+        import fusedres.ops.triton_library  # noqa: F401  (defines torch.ops.fusedres_triton)
+        return _Triton
+    return torch.ops.fusedres  # cpu and cuda: the C++ ops, dispatched on the tensors' device
+
 
 
 # -- providers -----------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ run_stage() {
   GPU_VALIDATE_DEADLINE=$deadline timeout -k 5 $((limit + GRACE)) "$@" >>"$log" 2>&1
   local rc=$? status=ok
   ((rc == 124 || rc == 137)) && status=timeout
-  ((rc != 0 && status == "ok")) && status=fail
+  [[ $rc -ne 0 && $status == ok ]] && status=fail
   local took=$(($(date +%s) - now))
   record_stage "$name" "$status" "$rc" "$took" "$budget" "$estimate" ""
   echo "   $name: $status (exit $rc) in ${took}s"

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedres
-from fusedres.report import (Provider, as_input, autocast, build_model, make_eval_step,
+from fusedres.report import (Provider, as_input, autocast, bn_ops, build_model, make_eval_step,
                              make_provider, make_train_step, peak_memory, sync)
 from gpu_validate_common import Budget, Plan, Results, backend_status, block_spec, log, units
 
@@ -267,7 +267,7 @@ class Bench:
     def _launches(self, nbytes: int) -> int:
         return 1 if self.plan.dry_run else min(MAX_LAUNCHES, math.ceil(ROUND_BYTES / nbytes))
 
-    def bn_ops(self, backend, c: int, hw: int) -> dict:
+    def bn_ops(self, provider: str, c: int, hw: int) -> dict:
         """{op: (function, bytes it must move at least)} of one activation shape; the byte
         counts of benchmarks/test_bench_triton.py (1, 3 and 7 tensor passes)."""
         n, dev = self.plan.bench_batch, self.device
@@ -283,13 +283,14 @@ class Bench:
         scale, shift = channel(), channel(-0.5, 0.5)
         mean, invstd, gamma = channel(-0.1, 0.1), channel(), channel()
         one = z.numel() * z.element_size()
-        return {"bn_stats": (lambda: backend.bn_stats(z), one),
-                "bn_act_fwd": (lambda: backend.bn_act_fwd(z, scale, shift, res, True), 3 * one),
-                "bn_act_bwd": (lambda: backend.bn_act_bwd(dy, y, z, mean, invstd, gamma, True,
-                                                          True, True), 7 * one)}
+        ops = bn_ops(provider)
+        return {"bn_stats": (lambda: ops.bn_stats(z), one),
+                "bn_act_fwd": (lambda: ops.bn_act_fwd(z, scale, shift, res, True), 3 * one),
+                "bn_act_bwd": (lambda: ops.bn_act_bwd(dy, y, z, mean, invstd, gamma, True, True,
+                                                      True), 7 * one)}
 
     def bn(self, c: int, hw: int, providers: list) -> None:
-        ops = {pr: self.bn_ops(fusedres.get_backend(pr), c, hw) for pr in providers}
+        ops = {pr: self.bn_ops(pr, c, hw) for pr in providers}
         for op in ("bn_stats", "bn_act_fwd", "bn_act_bwd"):
             nbytes = ops[providers[0]][op][1]
             timings = time_rounds({pr: ops[pr][op][0] for pr in providers}, self.plan.rounds,

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from fusedres import _ext
-from fusedres.backend import Backend, ConvParams, in_memory_format_of, register_backend
+from fusedres.backend import (Backend, ConvParams, in_memory_format_of, memory_format_of,
+                              register_backend)
 from fusedres.ops import fold
 
 
@@ -70,7 +71,12 @@ class CpuBackend(ExtensionBackend):
 
     def unit_infer(self, conv_module, x, weight, gamma, beta, residual, running_mean,
                    running_var, conv: ConvParams, relu, eps):
-        if not self._onednn_takes(x.dtype):
+        fuses_add = memory_format_of(x) == torch.channels_last and conv.groups == 1
+        if not self._onednn_takes(x.dtype) or (residual is not None and not fuses_add):
+            # ATen hands oneDNN the residual add only for ungrouped channels_last convolutions;
+            # otherwise it falls back to a convolution and a separate add_relu pass (which
+            # rejects bfloat16), where the unfolded convolution with one fused BN + add + ReLU
+            # pass is as good.
             return super().unit_infer(conv_module, x, weight, gamma, beta, residual,
                                       running_mean, running_var, conv, relu, eps)
         folded = fold.fold_conv_bn(conv_module, weight, gamma, beta, running_mean, running_var,
@@ -82,8 +88,9 @@ class CpuBackend(ExtensionBackend):
             return torch.ops.mkldnn._convolution_pointwise.default(
                 x, folded.weight, folded.bias, padding, stride, dilation, groups, unary, [], "")
         return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual, folded.weight, folded.bias, padding, stride, dilation, groups, "add",
-            None, unary if relu else None, [], "")
+            x, residual.contiguous(memory_format=torch.channels_last), folded.weight,
+            folded.bias, padding, stride, dilation, groups, "add", None,
+            unary if relu else None, [], "")
 
 
 class CudaBackend(ExtensionBackend):
