@@ -151,11 +151,11 @@ def _block_reason(module: nn.Module, layout: str) -> Optional[str]:
             return f"activation {act} is {type(getattr(module, act)).__name__}"
     if layout == "timm":
         if getattr(module, "se", None) is not None:
-            return f"attention module se ({type(module.se).__name__})"
-        for part, what in (("aa", "anti-aliasing layer"), ("drop_block", "DropBlock"),
-                           ("drop_path", "DropPath")):
+            return f"attention: se is {type(module.se).__name__}"
+        for part, what in (("aa", "anti-aliasing"), ("drop_block", "DropBlock"),
+                           ("drop_path", "stochastic depth")):
             if not _is_noop(getattr(module, part, None)):
-                return f"{what} {part} ({type(getattr(module, part)).__name__})"
+                return f"{what}: {part} is {type(getattr(module, part)).__name__}"
     return None
 
 
