@@ -393,12 +393,12 @@ def convert(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
             return _rebuild(module, _fused_class(mixin, type(module)), backend=backend)
         return module
 
+    name = type(model).__name__
     model = _swap(model, transform)
     summary = fusion_summary(model)
-    _log.info("fusedres.convert(%s): %s", type(model).__name__, summary)
+    _log.info("fusedres.convert(%s): %s", name, summary)
     if summary.fused == 0:
-        warnings.warn(f"fusedres.convert fused nothing in {type(model).__name__}: {summary}",
-                      stacklevel=2)
+        warnings.warn(f"fusedres.convert fused nothing in {name}: {summary}", stacklevel=2)
     return model
 
 

@@ -143,24 +143,51 @@ def check_chain(x: torch.Tensor, modules: Iterable[tuple[str, nn.Module]]) -> No
             if units is None:
                 return
             units = [(path + (unit,), conv, norm) for unit, conv, norm in units]
-        for upath, conv, norm in units:
-            if conv is not None:
-                if c != conv.in_channels:
-                    return  # the conv names the mismatch itself
-                ho, wo = _conv_hw(conv, h, w)
-                if ho <= 0 or wo <= 0:
-                    if not updated:
-                        return
-                    raise ValueError(f"{'.'.join(upath)}: its input {(n, c, h, w)} is too small "
-                                     f"for the {tuple(conv.kernel_size)} convolution (output "
-                                     f"would be {(n, conv.out_channels, ho, wo)})")
-                c, h, w = conv.out_channels, ho, wo
-            if isinstance(norm, nn.modules.batchnorm._BatchNorm):
-                if n * h * w == 1 and uses_batch_stats(norm):
-                    if not updated:
-                        return
-                    raise single_value_error((n, c, h, w))
-                updated = updated or (norm.training and norm.track_running_stats)
+            ds = m._modules.get("downsample")
+            if (type(ds) is nn.Sequential and len(ds) == 2 and type(ds[0]) is nn.Conv2d
+                    and not isinstance(ds[0].padding, str)):
+                # The blocks run their downsample first: a failure there is the one raised.
+                try:
+                    _walk_units([(path + ("downsample", "0"), ds[0], ds[1])], n, c, h, w, updated)
+                except _Unknown:
+                    pass
+        try:
+            c, h, w, updated = _walk_units(units, n, c, h, w, updated)
+        except _Unknown:
+            return
+
+
+class _Unknown(Exception):
+    """The walk cannot tell what happens next (a channel mismatch the layer itself will name,
+    or a failure the layer itself raises before any statistics change)."""
+
+
+def _walk_units(units: list, n: int, c: int, h: int, w: int, updated: bool) -> tuple:
+    """Steps (c, h, w) through ``[(path, conv or None, norm or None), ...]``; raises the error a
+    unit would raise once ``updated`` (some earlier BatchNorm updated its statistics).
+
+    Returns:
+        (c, h, w, updated) after the units.
+    """
+    for path, conv, norm in units:
+        if conv is not None:
+            if c != conv.in_channels:
+                raise _Unknown
+            ho, wo = _conv_hw(conv, h, w)
+            if ho <= 0 or wo <= 0:
+                if not updated:
+                    raise _Unknown
+                raise ValueError(f"{'.'.join(path)}: its input {(n, c, h, w)} is too small for "
+                                 f"the {tuple(conv.kernel_size)} convolution (output would be "
+                                 f"{(n, conv.out_channels, ho, wo)})")
+            c, h, w = conv.out_channels, ho, wo
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            if n * h * w == 1 and uses_batch_stats(norm):
+                if not updated:
+                    raise _Unknown
+                raise single_value_error((n, c, h, w))
+            updated = updated or (norm.training and norm.track_running_stats)
+    return c, h, w, updated
 
 
 def load_checkpoint(model: torch.nn.Module, weights: Weights, strict: bool = True) -> None:
