@@ -337,3 +337,25 @@ def test_converted_detector_pickles_and_copies():
             got = other.backbone(x[0][None])
             for k in expected:
                 torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,size", [("fcn_resnet50", 8), ("resnet50", 32)])
+def test_failing_training_call_changes_no_statistics(name, size):
+    """Batch 1 leaves a later layer one value per channel (layer2 of fcn's dilated body at 8x8,
+    layer4 of resnet50 at 32x32): the converted IntermediateLayerGetter or ResNet raises
+    torchvision's error before its stem BatchNorm runs; eager torchvision updates the
+    statistics of every BatchNorm before the failing one."""
+    torch.manual_seed(0)
+    model = (_segmenter(name) if name.startswith("fcn")
+             else getattr(torchvision.models, name)(weights=None))
+    model = fusedres.convert(model, backend=BACKEND).train()
+    eager = fusedres.to_eager(copy.deepcopy(model))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(1, 3, size, size)
+    with pytest.raises(ValueError) as eager_error:
+        eager(x)
+    with pytest.raises(ValueError) as fused_error:
+        model(x)
+    assert str(fused_error.value) == str(eager_error.value)
+    assert [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])] == []
+    assert any(not torch.equal(v, before[k]) for k, v in eager.state_dict().items())

@@ -164,3 +164,18 @@ def test_frozen_batchnorm_from_timm():
     summary = fusion_summary(fused)
     assert summary.fused == len(summary.units) == FAMILY["resnet50d"], str(summary)
     _eval_outputs_close(fused, eager)
+
+
+def test_failing_training_call_changes_no_statistics():
+    """Batch 1 at 32x32: layer4 sees one value per channel. timm's model raises there after 15
+    BatchNorms updated their statistics; the converted one raises the same error first."""
+    eager = _create("resnet18").train()
+    fused = fusedres.convert(copy.deepcopy(eager), backend=BACKEND)
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError) as eager_error:
+        eager(x)
+    with pytest.raises(ValueError) as fused_error:
+        fused(x)
+    assert str(fused_error.value) == str(eager_error.value)
+    assert [k for k, v in fused.state_dict().items() if not torch.equal(v, before[k])] == []
