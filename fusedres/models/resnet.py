@@ -145,32 +145,28 @@ def check_chain(x: torch.Tensor, modules: Iterable[tuple[str, nn.Module]]) -> No
             # The main path only, as the blocks' own check: a failure there is what torchvision's
             # blocks raise too (they run the downsample last).
             units = [(path + (unit,), conv, norm) for unit, conv, norm in units]
-        try:
-            c, h, w, updated = _walk_units(units, n, c, h, w, updated)
-        except _Unknown:
+        state = _walk_units(units, n, c, h, w, updated)
+        if state is None:
             return
+        c, h, w, updated = state
 
 
-class _Unknown(Exception):
-    """The walk cannot tell what happens next (a channel mismatch the layer itself will name,
-    or a failure the layer itself raises before any statistics change)."""
-
-
-def _walk_units(units: list, n: int, c: int, h: int, w: int, updated: bool) -> tuple:
+def _walk_units(units: list, n: int, c: int, h: int, w: int, updated: bool) -> Optional[tuple]:
     """Steps (c, h, w) through ``[(path, conv or None, norm or None), ...]``; raises the error a
     unit would raise once ``updated`` (some earlier BatchNorm updated its statistics).
 
     Returns:
-        (c, h, w, updated) after the units.
+        (c, h, w, updated) after the units; None where the walk must stop: a channel mismatch
+        or a failure before any statistics changed, which the layer itself reports.
     """
     for path, conv, norm in units:
         if conv is not None:
             if c != conv.in_channels:
-                raise _Unknown
+                return None
             ho, wo = _conv_hw(conv, h, w)
             if ho <= 0 or wo <= 0:
                 if not updated:
-                    raise _Unknown
+                    return None
                 raise ValueError(f"{'.'.join(path)}: its input {(n, c, h, w)} is too small for "
                                  f"the {tuple(conv.kernel_size)} convolution (output would be "
                                  f"{(n, conv.out_channels, ho, wo)})")
@@ -178,7 +174,7 @@ def _walk_units(units: list, n: int, c: int, h: int, w: int, updated: bool) -> t
         if isinstance(norm, nn.modules.batchnorm._BatchNorm):
             if n * h * w == 1 and uses_batch_stats(norm):
                 if not updated:
-                    raise _Unknown
+                    return None
                 raise single_value_error((n, c, h, w))
             updated = updated or (norm.training and norm.track_running_stats)
     return c, h, w, updated
