@@ -18,6 +18,7 @@ import fusedres
 from conftest import assert_oracle_close
 from fusedres import reference
 from fusedres.convert import FusedSequential, fusion_summary
+from test_models import _randomize_bn
 
 timm = pytest.importorskip("timm", reason="timm is optional (pip install timm; CI's torchvision "
                                           "leg has it)")
@@ -28,17 +29,6 @@ BACKEND = "cpu" if fusedres.available_backends()["cpu"][0] else "torch_ops"
 FAMILY = {"resnet18": 1 + 8 * 2 + 3, "resnet34": 1 + 16 * 2 + 3, "resnet50": 1 + 16 * 3 + 4,
           "resnet101": 1 + 33 * 3 + 4, "resnet152": 1 + 50 * 3 + 4, "resnet50d": 3 + 16 * 3 + 4,
           "resnext50_32x4d": 1 + 16 * 3 + 4, "wide_resnet50_2": 1 + 16 * 3 + 4}
-
-
-def _randomize_bn(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    return model
 
 
 def _create(name, **kwargs):
