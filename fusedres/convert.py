@@ -225,8 +225,9 @@ def _timm_stem(model: nn.Module) -> list:
 
 
 def _stem_chain(module: nn.Module) -> Optional[list]:
-    """The chain of a recognised stem container (torchvision's IntermediateLayerGetter or timm's
-    ResNet, eager or fused) with the names it keeps, or None."""
+    """The ``(name, module)`` chain of a recognised stem container (torchvision's
+    IntermediateLayerGetter: all its children; timm's ResNet: its stem), eager or fused, or
+    None."""
     cls = _eager_class(module)
     if (cls.__name__ == "IntermediateLayerGetter" and cls.__module__.startswith("torchvision.")
             and isinstance(module, nn.ModuleDict)):
@@ -426,7 +427,8 @@ def _units_of(name: str, module: nn.Module) -> list:
                  for conv_name, conv, norm in _block_pairs(module)]
         ds = module.downsample
         if type(ds) is nn.Sequential and len(ds) == 2 and isinstance(ds[0], nn.Conv2d):
-            units.append(report("downsample.0", whole, unfusable_reason(ds[0], ds[1]), fused))
+            # convert fuses the downsample of a block it leaves eager too (a FusedSequential).
+            units.append(report("downsample.0", None, unfusable_reason(ds[0], ds[1]), fused))
         return units
     if isinstance(module, FusedResNet) or (type(module).__name__ == "ResNet"
                                            and all(hasattr(module, a) for a in _RESNET_ATTRS)):
