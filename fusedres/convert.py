@@ -36,7 +36,7 @@ import torch.nn as nn
 from fusedres import reference
 from fusedres.backend import current_backend_name
 from fusedres.fusability import is_frozen_norm, unfusable_reason
-from fusedres.models.resnet import FusedResNet, block_units, check_chain
+from fusedres.models.resnet import FusedResNet, check_chain
 from fusedres.modules import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU
 from fusedres.ops.unit import conv_bn_act
 
