@@ -79,10 +79,21 @@ class CpuBackend(ExtensionBackend):
             # pass is as good.
             return super().unit_infer(conv_module, x, weight, gamma, beta, residual,
                                       running_mean, running_var, conv, relu, eps)
-        folded = fold.fold_conv_bn(conv_module, weight, gamma, beta, running_mean, running_var,
-                                   eps, x.dtype, "onednn",
-                                   lambda w, b: fold.FoldedConv(w, b.to(x.dtype)))
         stride, padding, dilation, groups = fold.geometry_lists(conv)
+        # channels_last convolutions take the weights prepacked in oneDNN's blocked layout, so
+        # no call reorders them again (eager reorders every weight on every call). The layout is
+        # chosen for the first input's size and stays valid for any other.
+        prepack = memory_format_of(x) == torch.channels_last
+
+        def prepare(w, b):
+            if prepack:
+                w = torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation,
+                                                                 groups, list(x.shape))
+            return fold.FoldedConv(w, b.to(x.dtype))
+
+        folded = fold.fold_conv_bn(conv_module, weight, gamma, beta, running_mean, running_var,
+                                   eps, x.dtype, "onednn-prepacked" if prepack else "onednn",
+                                   prepare)
         unary = "relu" if relu else "none"
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise.default(
