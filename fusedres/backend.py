@@ -100,9 +100,13 @@ class Backend:
 
     def unit_infer(self, conv_module: nn.Conv2d, x, weight, gamma, beta, residual, running_mean,
                    running_var, conv: ConvParams, relu: bool, eps: float) -> torch.Tensor:
-        """``unit_eval`` when nothing needs a gradient; ``conv_module`` keys the fold cache."""
-        return self.unit_eval(x, weight, gamma, beta, residual, running_mean, running_var, conv,
-                              relu, eps)
+        """``unit_eval`` when nothing needs a gradient; ``conv_module`` keys the fold cache.
+
+        ``weight`` comes in its own dtype (under autocast, not yet cast to x's): a fold casts it
+        once per parameter version, instead of once per call.
+        """
+        return self.unit_eval(x, weight.to(x.dtype), gamma, beta, residual, running_mean,
+                              running_var, conv, relu, eps)
 
     def __repr__(self):
         return f"<fusedres backend {self.name!r}>"

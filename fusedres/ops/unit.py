@@ -174,12 +174,18 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
     if autocast is not None:
         # What autocast does to the eager unit: conv input and weight in the autocast dtype,
         # BatchNorm parameters and statistics in float32, the output in the autocast dtype.
+        # (Inference takes the weight as it is: its fold casts it once per parameter version.)
         dtype = _autocast_dtype(x.dtype, autocast)
-        x, weight = x.to(dtype), weight.to(dtype)
+        x = x.to(dtype)
         if residual is not None:
             residual = residual.to(dtype)
     params = ConvParams(conv.stride, conv.padding, conv.dilation, conv.groups)
     gamma, beta = bn.weight, bn.bias
+    infer = not (_wants_grad(x, weight, gamma, beta, residual) or torch.compiler.is_compiling())
+    if infer and not uses_batch_stats(bn):
+        return be.unit_infer(conv, x, weight, gamma, beta, residual, bn.running_mean,
+                             bn.running_var, params, relu, bn.eps)
+    weight = weight.to(x.dtype)
     if uses_batch_stats(bn):
         track = bn.training and bn.track_running_stats
         return be.unit_train(x, weight, gamma, beta, residual,
@@ -187,10 +193,7 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
                              bn.running_var if track else None,
                              bn.num_batches_tracked if track else None,
                              params, relu, bn.momentum, bn.eps)
-    if _wants_grad(x, weight, gamma, beta, residual) or torch.compiler.is_compiling():
-        # Frozen statistics with something to differentiate (frozen-BN fine-tuning), or a graph
-        # being traced (the fold cache's version checks are host logic): one traceable op.
-        return be.unit_eval(x, weight, gamma, beta, residual, bn.running_mean, bn.running_var,
-                            params, relu, bn.eps)
-    return be.unit_infer(conv, x, weight, gamma, beta, residual, bn.running_mean, bn.running_var,
-                         params, relu, bn.eps)
+    # Frozen statistics with something to differentiate (frozen-BN fine-tuning), or a graph
+    # being traced (the fold cache's version checks are host logic): one traceable op.
+    return be.unit_eval(x, weight, gamma, beta, residual, bn.running_mean, bn.running_var,
+                        params, relu, bn.eps)
