@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 
 from fusedres.backend import conv_output_hw
-from fusedres.kernels._launch import cfg, interpreting, launch, new_output, on_tensor_device
+from fusedres.kernels._launch import (cfg, interpreting, launch, new_output, on_tensor_device,
+                                      row_bucket)
 
 
 @triton.jit
@@ -347,8 +348,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
         (x, weight, out, res, scale, shift, partial[0], partial[1], M, H, W, Cin, Ho, Wo, Cout,
          cin_g, cout_g, sh, sw, ph, pw, dh, dw, *weight.stride()),
         table=table,
-        key=("M", "Cin", "Cout", "CIN_G", "KH", "KW", "stride_h", "AFFINE", "HAS_RESIDUAL",
-             "STATS"),
+        key=dict(M=row_bucket(M), Cin=Cin, Cout=Cout, groups=groups, KH=KH, KW=KW,
+                 stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw)),
         interp_config=_INTERP, device=x.device,
         KH=KH, KW=KW, FLAT_K=flat_k, POINTWISE=pointwise, AFFINE=affine,
         HAS_RESIDUAL=residual is not None, RELU=relu, STATS=stats, DOT_PRECISION=precision)

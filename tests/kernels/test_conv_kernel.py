@@ -8,6 +8,7 @@ checked to be int64 where N*H*W*C may pass 2^31.
 """
 
 import functools
+import inspect
 import json
 import os
 import re
@@ -433,3 +434,26 @@ def test_compiled_conv_row_and_image_offsets_are_int64_throughout(variant):
                                 ("offs_m", "img_base", "a_row", "out_offs"))
     assert_int64(types, {"offs_m", "out_offs", "a_row" if "pointwise" in variant else "img_base"},
                  variant)
+
+
+# -- the autotune key -------------------------------------------------------------------------
+
+
+def test_conv_autotune_key_buckets_the_row_count(monkeypatch):
+    """Batch sizes whose N*Ho*Wo fall in one power-of-two bucket share the tuned config; the
+    kernel still gets the exact row count."""
+    conv = _conv()
+    launches = []
+
+    def record(kernel, grid, args, *, key, interp_config, **kwargs):
+        launches.append((key, args[list(inspect.signature(kernel.fn).parameters).index("M")]))
+        return interp_config
+
+    monkeypatch.setattr(conv, "launch", record)
+    geom = GEOMETRIES["1x1-c64-pointwise"]  # 3x5 pixels per image
+    for n in (5, 6, 9):
+        x, w = _inputs((n, *geom[1:]), torch.float32)
+        conv.conv2d(x, w, *_args(geom))
+    (k5, m5), (k6, m6), (k9, m9) = launches
+    assert (m5, m6, m9) == (75, 90, 135)
+    assert k5 == k6 and k5["M"] == 128 and k9["M"] == 256
