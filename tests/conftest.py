@@ -27,6 +27,12 @@ os.environ.setdefault("FUSEDRES_POISON_OUTPUTS", "1")
 # runs every config, and the autotuner, at real shapes.
 os.environ.setdefault("FUSEDRES_TRITON_CONFIG", "0")
 
+# MKL's sgemm (nn.Linear, im2col convolutions) may sum in an order that depends on how its
+# buffers happen to be aligned, so two identical runs in one process can differ in the last bit;
+# bitwise tests (resume, determinism) need its strict reproducible mode. MKL reads this at its
+# first call, after import.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 for _module in os.environ.get("FUSEDRES_REQUIRE_MODULES", "").replace(",", " ").split():
     try:
         importlib.import_module(_module)

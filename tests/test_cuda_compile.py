@@ -37,6 +37,7 @@ ARCHS = ("sm_80", "sm_90")
 _TYPE_VECS = [("float", 1), ("float", 4), ("__half", 1), ("__half", 8), ("__nv_bfloat16", 1),
               ("__nv_bfloat16", 8), ("double", 1)]
 _BOOLS = ("false", "true")
+_STORAGE_TYPES = ("float", "__half", "__nv_bfloat16", "double")
 EXPECTED_KERNELS = (
     {f"bn_stats_partial_kernel<{t}, {v}>" for t, v in _TYPE_VECS}
     | {f"bn_stats_finalize_kernel<{a}>" for a in ("float", "double")}
@@ -49,6 +50,9 @@ EXPECTED_KERNELS = (
        for t, v in _TYPE_VECS for g in range(3) for h in _BOOLS for e in _BOOLS}
     | {f"bn_bwd_finalize_kernel<{a}>" for a in ("float", "double")}
     | {f"bn_bwd_dz_kernel<{t}, {v}, (GradSource){g}>" for t, v in _TYPE_VECS for g in range(4)}
+    # accumulation dtype x batch-statistics dtype x running-statistics dtype
+    | {f"bn_coefficients_kernel<{a}, {s}, {r}>" for a in ("float", "double")
+       for s in _STORAGE_TYPES for r in _STORAGE_TYPES}
 )
 
 needs_nvcc = pytest.mark.skipif(check_cuda_compile.find_nvcc() is None,
