@@ -63,8 +63,11 @@ def _cuda_decision():
 def _extension():
     build_cuda, reason = _cuda_decision()
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
-    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    # No -std flag: torch.utils.cpp_extension appends, for both g++ and nvcc, the standard that
+    # this torch's headers need (C++20 in 2.13 and 2.14; ATen 2.14 rejects anything older), so the build
+    # follows torch across 2.11-2.15 instead of pinning one standard that some release rejects.
+    cxx_flags = ["-O3", "-fopenmp"]
+    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     library_dirs, libraries, link_args = [], [], ["-fopenmp"]
     arch_list = "none"

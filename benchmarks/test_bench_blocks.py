@@ -21,8 +21,9 @@ import torch.nn as nn
 import fusedres
 from fusedres import reference, traffic
 
-from _providers import (DEVICE, SIZES, autocast, compiled, make_provider, provider_params,
-                        run_benchmark, timed)
+from _providers import (DEVICE, SIZES, autocast, compiled, make_provider, measure_memory,
+                        provider_params, publish_case, rounds, timed, warmup)
+from conftest import call_once
 
 # (name, kind, inplanes, planes, stride, input spatial size at 224x224 images)
 CASES = [
@@ -54,16 +55,12 @@ def make_block(kind: str, inplanes: int, planes: int, stride: int) -> nn.Module:
     return cls(inplanes, planes, stride, downsample)
 
 
-@pytest.mark.parametrize("provider", provider_params("blocks"))
-@pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_block(benchmark, case, mode, provider):
-    provider = make_provider(provider)
-    name, kind, inplanes, planes, stride, full = case
+def _prepare(case, mode: str, name: str) -> dict:
+    """The provider's block, input and timed step (not yet called)."""
+    provider = make_provider(name)
+    _, kind, inplanes, planes, stride, full = case
     size = max(1, full * SIZES.block_image // 224)
     n, training = SIZES.block_batch, mode == "train"
-    benchmark.group = f"block {name} {kind} {inplanes}->{planes} s{stride} {size}px {mode}"
-
     torch.manual_seed(0)
     block = make_block(kind, inplanes, planes, stride)
     if provider.backend != "eager":
@@ -91,10 +88,33 @@ def test_block(benchmark, case, mode, provider):
             with torch.inference_mode():
                 forward()
 
+    return {"step": timed(step), "params": params,
+            "forward": None if (provider.compiled or not training) else forward}
+
+
+@pytest.mark.parametrize("provider", provider_params("blocks"))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_block(benchmark, request, interleaved, case, mode, provider):
+    name, kind, inplanes, planes, stride, full = case
+    size = max(1, full * SIZES.block_image // 224)
+    n, training = SIZES.block_batch, mode == "train"
+    benchmark.group = f"block {name} {kind} {inplanes}->{planes} s{stride} {size}px {mode}"
+
+    def build(names):
+        blocks = {p: _prepare(case, mode, p) for p in names}
+        first = call_once({p: b["step"] for p, b in blocks.items()}, DEVICE)
+        for p, b in blocks.items():
+            b["first_call_s"] = first[p]
+        return {p: b["step"] for p, b in blocks.items()}, blocks
+
+    mine = interleaved(request, benchmark, build, device=DEVICE, rounds=rounds(SIZES.rounds),
+                       warmup=warmup(SIZES.warmup))[provider]
     units = traffic.block_units(kind, n, inplanes, planes, size, size, stride)
-    run_benchmark(benchmark, provider, timed(step), images=n, blocks=[units], training=training,
-                  forward=None if (provider.compiled or not training) else forward,
-                  params=params, block=name, kind=kind, mode=mode)
+    publish_case(benchmark, make_provider(provider), first_call_s=mine["first_call_s"],
+                 images=n, blocks=[units], training=training,
+                 memory=measure_memory(mine["step"], mine["forward"], mine["params"]),
+                 block=name, kind=kind, mode=mode)
 
 
 def test_cases_cover_every_distinct_block_shape():

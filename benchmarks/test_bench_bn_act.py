@@ -24,15 +24,14 @@ triton and eager in the same groups).
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from _providers import DEVICE, compile_skip_reason, make_provider
+from _providers import (DEVICE, interleave_functions, make_provider, provider_params, rounds,
+                        warmup)
 from conftest import record
-from fusedres import _ext, traffic
+from fusedres import traffic
 
 pytestmark = pytest.mark.skipif(
     DEVICE.type != "cpu", reason="CPU benchmark of the C++ ops; on CUDA "
@@ -115,25 +114,24 @@ def fused_fns(case, compile_it: bool):
     return {"fwd": fwd, "bwd": bwd, "full": full}
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", provider_params("kernels", PROVIDERS))
 @pytest.mark.parametrize("mode", list(MIN_PASSES))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_bn_act(benchmark, shape, mode, provider):
-    p = make_provider(provider)
-    if p.backend == "cpu" and not _ext.extension_loaded():
-        pytest.skip(f"{provider} provider needs the C++ extension: {_ext.EXTENSION_ERROR}")
-    if p.compiled and compile_skip_reason("kernels") is not None:
-        pytest.skip(compile_skip_reason("kernels"))
-    torch.manual_seed(0)
-    case = Case(shape, torch.channels_last if p.channels_last else torch.contiguous_format)
+def test_bn_act(benchmark, request, interleaved, shape, mode, provider):
     benchmark.group = f"bn_act {'x'.join(map(str, shape))} {mode}"
-    t0 = time.perf_counter()
-    fn = (fused_fns if p.backend == "cpu" else eager_fns)(case, p.compiled)[mode]
-    fn()
-    first_call_s = time.perf_counter() - t0
-    benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=2, iterations=1)
+
+    def make_fn(name):
+        p = make_provider(name)
+        torch.manual_seed(0)
+        case = Case(shape, torch.channels_last if p.channels_last else torch.contiguous_format)
+        return (fused_fns if p.backend == "cpu" else eager_fns)(case, p.compiled)[mode]
+
+    first_call_s = interleave_functions(request, benchmark, interleaved, make_fn,
+                                        n_rounds=rounds(ROUNDS), n_warmup=warmup(2))
+    p = make_provider(provider)
     passes = None if p.compiled else (EAGER_PASSES if p.backend == "eager" else MIN_PASSES)[mode]
-    record(benchmark, provider, MIN_PASSES[mode] * case.z.numel() * case.z.element_size(),
+    n, c, h, w = shape
+    record(benchmark, provider, MIN_PASSES[mode] * n * c * h * w * 4,  # float32 passes
            backend=p.backend, channels_last=p.channels_last, compiled=p.compiled, mode=mode,
            first_call_s=first_call_s,
            traffic_ratio_vs_eager=EAGER_PASSES[mode] / passes if passes else None)

@@ -1,7 +1,16 @@
 """Whole models, resnet18 and resnet50: a training step and an eval forward per provider.
 
+Issue 13's targets are measured here and in the main job (``python -m fusedres --arch
+resnet50,resnet18``) the same way, by fusedres.report.ModelGroup: every provider of a group
+(architecture, dtype, mode) on the same weights and input, checked against eager and a float64
+oracle (extra_info ``check``), then timed in the same rounds. On CPU: batch 8 at 112x112, float32
+and, where the CPU has native bf16 matrix instructions, bfloat16 autocast; providers eager
+(NCHW), eager_cl, torch.compile (train: default inductor; eval: inductor with freezing), the
+fused cpu backend in NCHW and channels_last, onnxruntime (eval, float32). On a GPU: batch 256 at
+224x224, bfloat16.
+
 Training step = forward + cross-entropy + backward + SGD (momentum) step, the unit of images/s
-in training; eval = forward under inference_mode. extra_info carries images/s, GB/s (the
+in training; eval = forward under no_grad. extra_info carries images/s, GB/s (the
 fusedres.traffic bytes of the units and blocks) and the bytes ratio to eager, conv TFLOP/s and
 memory: the step's peak allocation beyond weights and optimizer state
 (fusedres.report.peak_memory, on CPU from torch.profiler's allocator record) and the bytes saved
@@ -16,39 +25,41 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fusedres
 from fusedres import traffic
-from fusedres.report import build_model, make_eval_step, make_train_step
+from fusedres.report import DTYPES, ModelGroup, make_base, provider_status
 
-from _providers import (DEVICE, SIZES, autocast, make_provider, provider_params, run_benchmark,
-                        timed)
+from _providers import (DEVICE, SIZES, dtype_params, make_provider, provider_params,
+                        publish_case, rounds, warmup)
+
+PROVIDERS = ("eager", "eager_cl", "compile", "cpu", "cpu_cl", "triton", "cuda", "onnxruntime")
 
 
-@pytest.mark.parametrize("provider", provider_params("models"))
+@pytest.mark.parametrize("provider", provider_params("models", PROVIDERS))
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-def test_model(benchmark, arch, mode, provider):
-    provider = make_provider(provider)
-    n, size, training = SIZES.model_batch[arch], SIZES.model_image, mode == "train"
-    benchmark.group = f"model {arch} batch {n} {size}px {mode}"
-    torch.manual_seed(0)
-    if provider.compiled:
-        # A fresh dynamo cache per case: see _providers.compiled.
-        torch._dynamo.reset()
-    model = build_model(arch, provider, DEVICE, getattr(fusedres.models, arch)())
-    fmt = torch.channels_last if provider.channels_last else torch.contiguous_format
-    x = torch.randn(n, 3, size, size, device=DEVICE).contiguous(memory_format=fmt)
-    if training:
-        step = make_train_step(model, x, torch.randint(0, 1000, (n,), device=DEVICE),
-                               SIZES.dtype)
-    else:
-        step = make_eval_step(model, x, SIZES.dtype)
+@pytest.mark.parametrize("dtype", dtype_params())
+def test_model(benchmark, request, interleaved, dtype, arch, mode, provider):
+    p, dt = make_provider(provider), DTYPES[dtype]
+    ok, why = provider_status(p, DEVICE, mode, dt)
+    if not ok:
+        pytest.skip(f"{provider} in {dtype} {mode}: {why}")
+    n, size, training = SIZES.model_batch, SIZES.model_image, mode == "train"
+    benchmark.group = f"model {arch} {dtype} batch {n} {size}px {mode}"
 
-    def forward():
-        with autocast(DEVICE, SIZES.dtype):
-            model(x)
+    def build(names):
+        x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+        usable = [q for q in map(make_provider, names) if provider_status(q, DEVICE, mode, dt)[0]]
+        group = ModelGroup(arch, mode, dt, make_base(arch, x), x, usable)
+        group.prepare()
+        group.check()
+        return group.steps, group
 
-    run_benchmark(benchmark, provider, timed(step), images=n,
-                  blocks=traffic.model_blocks(arch, n, size), training=training,
-                  forward=forward if (training and not provider.compiled) else None,
-                  params=list(model.parameters()), arch=arch, mode=mode)
+    group = interleaved(request, benchmark, build, device=DEVICE,
+                        rounds=rounds(SIZES.model_rounds), warmup=warmup(SIZES.model_warmup))
+    if provider in group.failed:
+        pytest.fail(f"{provider} raised: {group.failed[provider]}")
+    chk = group.checks[provider]
+    publish_case(benchmark, p, first_call_s=group.first_call_s[provider], images=n,
+                 blocks=traffic.model_blocks(arch, n, size), training=training,
+                 memory=group.memory(provider), dtype=dt, arch=arch, mode=mode,
+                 check="ok" if chk["ok"] else f"FAIL ({chk['worst']})")

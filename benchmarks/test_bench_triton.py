@@ -2,12 +2,17 @@
 
 One pytest-benchmark group per (op, mode, shape); the providers share it:
 
-- ``eager``: the BatchNorm ops as the reference composes them in plain PyTorch ops (the eager
-  backend); a convolution unit as eager PyTorch runs it: F.conv2d, F.batch_norm, + residual,
+- ``eager``: the BatchNorm ops as fusedres.reference composes them in plain PyTorch ops (no
+  upcast); a convolution unit as eager PyTorch runs it: F.conv2d, F.batch_norm, + residual,
   ReLU, backward by autograd;
-- ``triton``: the triton backend (fusedres/kernels behind torch.ops.fusedres_triton);
-- ``cuda``: the cuda backend (torch.ops.fusedres on CUDA tensors, csrc/cuda; cuDNN convolutions);
-- ``cpu``: the cpu backend (csrc/cpu), so that the file also runs, small, without a GPU.
+- ``triton``: the Triton kernels (fusedres/kernels behind torch.ops.fusedres_triton);
+- ``cuda``: the CUDA kernels (torch.ops.fusedres on CUDA tensors, csrc/cuda; cuDNN convolutions);
+- ``cpu``: the C++ CPU kernels (torch.ops.fusedres on CPU tensors, csrc/cpu), so that the file
+  also runs, small, without a GPU.
+
+The convolution units of the fused providers are their backend's unit ops (one op per phase,
+autograd on the op): ``unit_train`` forward and its backward, ``unit_infer`` in eval (BatchNorm
+folded into the convolution).
 
 Unusable providers are skipped with the reason (triton is not timed on a CPU). Ops: bn_stats,
 bn_act_fwd, bn_act_bwd (``memory_bound`` in extra_info: scripts/gpu_validate.sh compares their
@@ -20,10 +25,11 @@ once, each output written once; a BatchNorm training backward makes two passes, 
 ``test_bn_act_bwd``), the GB/s that makes (compare with the copy bandwidth: a memory-bound
 kernel is done when it is near it), and for the convolutions TFLOP/s.
 
-Timing: a round launches the op ``launches`` times back to back and synchronises once (see
-:class:`SyncEvery`), so the median is the time per launch with the synchronisation amortised,
-as inside a network: the device time, or the host's launch cost where a kernel is shorter than
-that. Rounds of at least ~2 GB of traffic on a GPU, one launch per round on CPU.
+Timing: the providers of a group in the same rounds (conftest.Interleaved); a round launches
+the op ``launches`` times back to back and synchronises once, so the median is the time per
+launch with the synchronisation amortised, as inside a network: the device time, or the host's
+launch cost where a kernel is shorter than that. Rounds of at least ~2 GB of traffic on a GPU,
+one launch per round on CPU.
 
     pytest benchmarks/test_bench_triton.py --benchmark-only
 
@@ -35,17 +41,17 @@ from __future__ import annotations
 
 import math
 import os
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fusedres
-from _providers import DEVICE, GPU, make_provider
+from _providers import DEVICE, GPU, interleave_functions, provider_params, rounds, warmup
 from conftest import record
+from fusedres import reference
 from fusedres.backend import ConvParams, conv_output_hw
-from fusedres.report import provider_status, sync
+from fusedres.report import bn_ops
 
 BATCH = int(os.environ.get("FUSEDRES_BENCH_BATCH", "64" if GPU else "2"))
 DTYPE = torch.bfloat16 if GPU else torch.float32
@@ -69,42 +75,17 @@ ACTIVATIONS = [("l1-256x56", 256, 56, 56), ("l2-512x28", 512, 28, 28),
 PROVIDERS = ["eager", "triton", "cuda", "cpu"]
 
 
-class SyncEvery:
-    """Calls ``fn`` and synchronises the device after every ``n``-th call.
+def _run(benchmark, request, interleaved, make_fn, bytes_moved: int, flops: int = 0, **info):
+    """Times the group (see the module docstring) and records bytes, GB/s, TFLOP/s and ``info``.
 
-    Timed with ``benchmark.pedantic(..., iterations=n)``, each round is ``n`` back-to-back
-    launches and one synchronisation, and pytest-benchmark's time per iteration is the device
-    time per launch: a synchronisation per call would add a host round trip (10-20 us) to
-    kernels that take a few microseconds.
+    Args:
+        make_fn: ``make_fn(provider) -> function``: one launch of the op.
     """
-
-    def __init__(self, fn, n: int):
-        self.fn, self.n, self.calls = fn, n, 0
-
-    def __call__(self):
-        self.fn()
-        self.calls += 1
-        if self.calls % self.n == 0:
-            sync(DEVICE)
-
-
-def _backend(provider: str):
-    """The provider's fusedres backend; skips the case, with the reason, where it is unusable."""
-    ok, why = provider_status(make_provider(provider), DEVICE)
-    if not ok:
-        pytest.skip(f"{provider} unusable on {DEVICE}: {why}")
-    return fusedres.get_backend(provider)
-
-
-def _run(benchmark, provider: str, fn, bytes_moved: int, flops: int = 0, **info):
-    """Times ``fn`` (see the module docstring) and records bytes, GB/s, TFLOP/s and ``info``."""
-    t0 = time.perf_counter()
-    fn()
-    sync(DEVICE)
-    first_call_s = time.perf_counter() - t0  # autotuning included
+    provider = request.node.callspec.params["provider"]
     launches = min(MAX_LAUNCHES, math.ceil(ROUND_BYTES / bytes_moved)) if GPU else 1
-    benchmark.pedantic(SyncEvery(fn, launches), rounds=ROUNDS, warmup_rounds=WARMUP,
-                       iterations=launches)
+    first_call_s = interleave_functions(request, benchmark, interleaved, make_fn,
+                                        n_rounds=rounds(ROUNDS), n_warmup=warmup(WARMUP),
+                                        calls=launches)
     record(benchmark, provider, bytes_moved, flops,
            device=torch.cuda.get_device_name(DEVICE) if GPU else "cpu",
            dtype=str(DTYPE).removeprefix("torch."), batch=BATCH, launches_per_round=launches,
@@ -124,33 +105,32 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", provider_params("kernels", PROVIDERS))
 @pytest.mark.parametrize("shape", ACTIVATIONS, ids=[a[0] for a in ACTIVATIONS])
-def test_bn_stats(benchmark, shape, provider):
-    backend = _backend(provider)
+def test_bn_stats(benchmark, request, interleaved, shape, provider):
     name, c, h, w = shape
     benchmark.group = f"bn_stats-{name}"
     z = _act(c, h, w)
-    _run(benchmark, provider, lambda: backend.bn_stats(z), _nbytes(z), memory_bound=True)
+    _run(benchmark, request, interleaved, lambda p: lambda: bn_ops(p).bn_stats(z),
+         _nbytes(z), memory_bound=True)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", provider_params("kernels", PROVIDERS))
 @pytest.mark.parametrize("shape", ACTIVATIONS, ids=[a[0] for a in ACTIVATIONS])
-def test_bn_act_fwd(benchmark, shape, provider):
-    backend = _backend(provider)
+def test_bn_act_fwd(benchmark, request, interleaved, shape, provider):
     name, c, h, w = shape
     benchmark.group = f"bn_act_fwd-{name}"
     z, res = _act(c, h, w), _act(c, h, w)
     scale, shift = _channel(c), _channel(c, -0.5, 0.5)
     # read z and the residual, write y
-    _run(benchmark, provider, lambda: backend.bn_act_fwd(z, scale, shift, res, True),
+    _run(benchmark, request, interleaved,
+         lambda p: lambda: bn_ops(p).bn_act_fwd(z, scale, shift, res, True),
          3 * _nbytes(z), memory_bound=True)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", provider_params("kernels", PROVIDERS))
 @pytest.mark.parametrize("shape", ACTIVATIONS, ids=[a[0] for a in ACTIVATIONS])
-def test_bn_act_bwd(benchmark, shape, provider):
-    backend = _backend(provider)
+def test_bn_act_bwd(benchmark, request, interleaved, shape, provider):
     name, c, h, w = shape
     benchmark.group = f"bn_act_bwd-{name}"
     z, dy = _act(c, h, w), _act(c, h, w)
@@ -158,8 +138,9 @@ def test_bn_act_bwd(benchmark, shape, provider):
     mean, invstd, gamma = _channel(c, -0.1, 0.1), _channel(c), _channel(c)
     # dz needs sums over the whole batch first: two passes at least. Read dy, y and z, write
     # dresidual; read dresidual and z, write dz.
-    _run(benchmark, provider,
-         lambda: backend.bn_act_bwd(dy, y, z, mean, invstd, gamma, True, True, True),
+    _run(benchmark, request, interleaved,
+         lambda p: lambda: bn_ops(p).bn_act_bwd(dy, y, z, mean, invstd, gamma, True, True,
+                                                 True),
          7 * _nbytes(z), memory_bound=True)
 
 
@@ -221,36 +202,50 @@ class ConvUnit:
         return lambda: torch.autograd.grad(fwd(), leaves, self.dy)
 
     def fused(self, backend, mode: str):
-        """The backend's composites, as fusedres.ops.unit.ConvBNActFunction calls them."""
-        def fwd():
-            return backend.forward_train(self.x, self.weight, self.gamma, self.beta, self.res,
-                                         True, EPS, self.conv)
-
-        def bwd(saved):
-            y, z, mean, _, invstd = saved
-            return backend.backward(self.dy, self.x, self.weight, y, z, mean, invstd, self.gamma,
-                                    True, True, True, self.conv, (True, True, True))
-
+        """The backend's unit ops, as fusedres.ops.unit calls them: ``unit_train`` (its
+        backward by autograd, registered on the op) and, in eval, ``unit_infer`` with the
+        running statistics that make BatchNorm ``z * scale + shift``."""
+        cout = self.scale.numel()
         if mode == "eval_fwd":
-            return lambda: backend.forward_eval(self.x, self.weight, self.scale, self.shift,
-                                                self.res, True, self.conv)
+            # The module that owns the weight keys the backend's fold cache.
+            conv = torch.nn.Conv2d(self.weight.shape[1], cout, self.weight.shape[2],
+                                   self.conv.stride, self.conv.padding, bias=False, device=DEVICE)
+            conv.weight = torch.nn.Parameter(self.weight, requires_grad=False)
+            mean = torch.zeros_like(self.scale)
+            var = torch.full_like(self.scale, 1 - EPS)
+
+            def infer():
+                with torch.inference_mode():
+                    return backend.unit_infer(conv, self.x, conv.weight, self.scale, self.shift,
+                                              self.res, mean, var, self.conv, True, EPS)
+            return infer
+        leaves = [t.detach().requires_grad_() for t in (self.x, self.weight, self.gamma,
+                                                         self.beta, self.res)]
+        x, weight, gamma, beta, res = leaves
+        running_mean, running_var = torch.zeros_like(self.gamma), torch.ones_like(self.gamma)
+        tracked = torch.zeros((), dtype=torch.long, device=DEVICE)
+
+        def fwd():
+            return backend.unit_train(x, weight, gamma, beta, res, running_mean, running_var,
+                                      tracked, self.conv, True, 0.1, EPS)
+
         if mode == "train_fwd":
             return fwd
         if mode == "train_bwd":
-            saved = fwd()
-            return lambda: bwd(saved)
-        return lambda: bwd(fwd())
+            y = fwd()
+            return lambda: torch.autograd.grad(y, leaves, self.dy, retain_graph=True)
+        return lambda: torch.autograd.grad(fwd(), leaves, self.dy)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", provider_params("kernels", PROVIDERS))
 @pytest.mark.parametrize("case", CONVS, ids=[c[0] for c in CONVS])
 # The training step's unit first: a stage cut by its time limit (scripts/gpu_validate.sh) keeps it.
 @pytest.mark.parametrize("mode", ["train_full", "train_fwd", "train_bwd", "eval_fwd"])
-def test_conv_unit(benchmark, mode, case, provider):
+def test_conv_unit(benchmark, request, interleaved, mode, case, provider):
     """One convolution unit; training modes use batch statistics."""
-    backend = _backend(provider)
     benchmark.group = f"conv_{mode}-{case[0]}"
     unit = ConvUnit(case)
-    fn = unit.eager(mode) if provider == "eager" else unit.fused(backend, mode)
     passes = {"train_fwd": 1, "eval_fwd": 1, "train_bwd": 2, "train_full": 3}[mode]
-    _run(benchmark, provider, fn, unit.bytes[mode], passes * unit.flops, mode=mode)
+    _run(benchmark, request, interleaved,
+         lambda p: unit.eager(mode) if p == "eager" else unit.fused(fusedres.get_backend(p), mode),
+         unit.bytes[mode], passes * unit.flops, mode=mode)

@@ -366,6 +366,9 @@ class UnitTrainFunction : public torch::autograd::Function<UnitTrainFunction> {
     save_geometry(ctx, stride, padding, dilation, groups, relu, eps);
     save_edges(ctx, GradEdges(gamma, beta), present(residual));
     ctx->mark_non_differentiable({z, mean, invstd});
+    // Their gradients are never used: without this, autograd would allocate a zero tensor the
+    // size of z for every unit's backward.
+    ctx->set_materialize_grads(false);
     return {y, z, mean, invstd};
   }
 

@@ -16,7 +16,7 @@ from fusedres._ext import extension_loaded
 from fusedres.backend import (
     BACKEND_NAMES, available_backends, current_backend_name, get_backend, resolve, set_backend,
 )
-from fusedres.convert import convert, to_eager
+from fusedres.convert import convert, fusion_summary, to_eager
 from fusedres.modules import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU
 from fusedres.ops import conv_bn_act
 
@@ -24,6 +24,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKEND_NAMES", "FusedBasicBlock", "FusedBottleneck", "FusedConvBNReLU", "available_backends",
-    "conv_bn_act", "convert", "current_backend_name", "extension_loaded", "get_backend", "models",
-    "reference", "resolve", "set_backend", "to_eager",
+    "conv_bn_act", "convert", "current_backend_name", "extension_loaded", "fusion_summary",
+    "get_backend", "models", "reference", "resolve", "set_backend", "to_eager",
 ]

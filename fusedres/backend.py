@@ -52,6 +52,15 @@ def conv_output_hw(hw: Sequence[int], kernel_size: Sequence[int], stride: Sequen
                  for i in range(2))
 
 
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """``torch.channels_last`` when the [N, C, H, W] tensor t is channels_last-dense and not also
+    NCHW-contiguous (C == 1 or H == W == 1 make both true), else ``torch.contiguous_format``: the
+    rule every op of fusedres applies to choose its outputs' layout (csrc/common/checks.h)."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def in_memory_format_of(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``t`` in x's memory format, as ATen's convolution of ``x`` would return it.
 
@@ -59,9 +68,7 @@ def in_memory_format_of(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     convolutions want) and hand results back in the caller's layout; a channels_last model pays no
     copy. t, x: [N, C, H, W].
     """
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return t.contiguous(memory_format=fmt)
+    return t.contiguous(memory_format=memory_format_of(x))
 
 
 class BlockOps(NamedTuple):
@@ -123,9 +130,13 @@ class Backend:
 
     def unit_infer(self, conv_module: nn.Conv2d, x, weight, gamma, beta, residual, running_mean,
                    running_var, conv: ConvParams, relu: bool, eps: float) -> torch.Tensor:
-        """``unit_eval`` when nothing needs a gradient; ``conv_module`` keys the fold cache."""
-        return self.unit_eval(x, weight, gamma, beta, residual, running_mean, running_var, conv,
-                              relu, eps)
+        """``unit_eval`` when nothing needs a gradient; ``conv_module`` keys the fold cache.
+
+        ``weight`` comes in its own dtype (under autocast, not yet cast to x's): a fold casts it
+        once per parameter version, instead of once per call.
+        """
+        return self.unit_eval(x, weight.to(x.dtype), gamma, beta, residual, running_mean,
+                              running_var, conv, relu, eps)
 
     def block_ops(self) -> Optional[BlockOps]:
         """The ops of the block-level op on this backend; None (the default) keeps blocks on

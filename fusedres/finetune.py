@@ -7,7 +7,9 @@ local file (``--weights``), replace the classifier for the task's K classes, and
   BatchNorm statistics do not move and its units run the folded eval path);
 - ``--mode full``: everything, BatchNorm in training mode (batch statistics);
 - ``--mode frozen-bn``: everything, but every BatchNorm in eval mode (running statistics fixed,
-  gamma/beta still trained): the usual choice for small batches,
+  gamma/beta still trained): the usual choice for small batches. Every unit still runs fused:
+  the frozen statistics fold into a per-channel scale and shift, and the backward gives the
+  input, conv weight, gamma and beta their gradients,
 
 with SGD (momentum, Nesterov) or AdamW, a linear warmup then cosine decay per step, optional
 autocast (``--amp bf16|fp16``; fp16 uses a GradScaler), validation accuracy after every epoch,

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from fusedres import reference
 from fusedres.backend import current_backend_name
+from fusedres.fusability import is_frozen_norm
 from fusedres.ops.block import Unit, block_train, recompute_mode
 from fusedres.ops.unit import conv_bn_act, conv_output_shape, single_value_error, uses_batch_stats
 
@@ -26,8 +27,9 @@ __all__ = ["FusedConvBNReLU", "FusedBasicBlock", "FusedBottleneck"]
 
 
 def _is_conv_bn_pair(ds: Optional[nn.Module]) -> bool:
+    """torchvision's downsample: Sequential(conv, norm); conv_bn_act decides whether it fuses."""
     return (isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d)
-            and isinstance(ds[1], nn.BatchNorm2d))
+            and (isinstance(ds[1], nn.BatchNorm2d) or is_frozen_norm(ds[1])))
 
 
 def _check_block(block: nn.Module, x: torch.Tensor, units: list, name: str) -> None:

@@ -20,6 +20,8 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn as nn
 
+from fusedres.backend import memory_format_of
+
 __all__ = [
     "stats_dtype", "bn_stats", "bn_act_fwd", "bn_act_bwd", "unit_forward", "BasicBlock",
     "Bottleneck", "ConvBNAct", "ResNet", "conv1x1", "conv3x3", "upcast",
@@ -70,7 +72,7 @@ def bn_act_fwd(z, scale, shift, residual: Optional[torch.Tensor], relu: bool, up
         v = v + residual.to(dt)
     if relu:
         v = torch.relu(v)
-    return v.to(z.dtype).contiguous(memory_format=_memory_format(z))
+    return v.to(z.dtype).contiguous(memory_format=memory_format_of(z))
 
 
 def bn_act_bwd(dy, y, z, mean, invstd, weight, relu: bool, has_residual: bool, training: bool,
@@ -99,16 +101,10 @@ def bn_act_bwd(dy, y, z, mean, invstd, weight, relu: bool, has_residual: bool, t
         dz = weight_ * invstd_ * (g - _per_channel(dbias) / count - xhat * _per_channel(dweight) / count)
     else:
         dz = weight_ * invstd_ * g
-    fmt = _memory_format(z)
+    fmt = memory_format_of(z)
     sdt = stats_dtype(z.dtype)
     dres = g.to(dy.dtype).contiguous(memory_format=fmt) if has_residual else None
     return dz.to(z.dtype).contiguous(memory_format=fmt), dweight.to(sdt), dbias.to(sdt), dres
-
-
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def unit_forward(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,

@@ -34,8 +34,23 @@ input [N, Cin, H, W], ``K`` = elements of the conv weight; every element costs `
    - B1 (fused backward): pass 1 reads dy, y (for the ReLU mask) and z, writes dresidual when the
      unit has a residual; pass 2 (training only) reads g back (dresidual if written, else dy and
      y) and z, writes dz. In eval with running statistics pass 1 writes dz and is the only pass.
-   - F3 (the next conv's prologue applies this unit's BN) and B2 (dz computed while loading the
-     dgrad/wgrad operands) are implemented by no backend yet and not modelled.
+   - F3 (``prologue``: the next convolution applies this unit's scale/shift + ReLU while loading
+     z) applies to the *inner* units of a block, whose y feeds only the next convolution
+     (Bottleneck conv1 and conv2, BasicBlock conv1; :attr:`Unit.inner`): their forward has no
+     apply pass, and the next convolution reads z where it read y (the same bytes). In eval a
+     backend with ``eval_epilogue`` already writes y once, from the conv epilogue, so F3 moves
+     nothing there: it is a training fusion.
+   - Rebuilding inner y in backward (``rebuild``; a training variant, needed with F3 since y was
+     never written, and a memory saving without it since y is not kept): B1 of an inner unit
+     takes its ReLU mask from z (``z*scale + shift > 0``, z being read anyway), so neither pass
+     reads y; the next convolution's wgrad still needs y as its input operand, rebuilt by
+     ``"pass"``: an elementwise pass before that convolution's backward (reads z, writes y);
+     ``"bn_backward"``: this unit's B1 pass 1, which reads z anyway, also writes y (the next
+     convolution's dgrad, which B1 needs, runs first and its wgrad after); ``"wgrad"``: the next
+     convolution's wgrad applies the prologue to z while loading it (no extra bytes; needs a
+     wgrad kernel of ours, cuDNN's takes y).
+   - B2 (dz computed while loading the dgrad/wgrad operands) is implemented by no backend yet and
+     not modelled.
 
 6. Triton counts assume channels_last activations (its kernels' native layout, and what the GPU
    benchmarks use); contiguous NCHW tensors add layout copies that are not counted.
@@ -48,11 +63,11 @@ input [N, Cin, H, W], ``K`` = elements of the conv weight; every element costs `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple
+from typing import Iterable, NamedTuple, Optional
 
 __all__ = [
     "FUSIONS", "Fusion", "Traffic", "Unit", "block_traffic", "block_units", "model_blocks",
-    "model_traffic", "unit_flops", "unit_traffic",
+    "model_traffic", "ratios_to_eager", "unit_flops", "unit_traffic",
 ]
 
 
@@ -63,6 +78,8 @@ class Fusion(NamedTuple):
     fused_apply: bool       # F2 as one elementwise pass
     eval_epilogue: bool     # F2 in the conv epilogue (eval)
     fused_backward: bool    # B1
+    prologue: bool = False  # F3: inner y never written in forward
+    rebuild: Optional[str] = None  # inner y not kept; rebuilt by "pass", "bn_backward", "wgrad"
 
 
 FUSIONS = {
@@ -72,7 +89,18 @@ FUSIONS = {
     "cuda": Fusion(False, True, False, True),
     # triton: implicit-GEMM conv writing per-tile statistics (F1) and the eval epilogue (F2).
     "triton": Fusion(True, True, True, True),
+    # Block-level variants (fusedres/kernels/conv.py has the F3 prologue; the block ops that use
+    # it, and any rebuild but "pass" with cuDNN's wgrad, are not built yet). triton-f3: F3 in
+    # forward, inner y rebuilt by a separate pass before cuDNN's conv backward; -bn: rebuilt by
+    # the BN backward pass that reads z; -wgrad: rebuilt inside a Triton wgrad's operand load.
+    "triton-f3": Fusion(True, True, True, True, prologue=True, rebuild="pass"),
+    "triton-f3-bn": Fusion(True, True, True, True, prologue=True, rebuild="bn_backward"),
+    "triton-f3-wgrad": Fusion(True, True, True, True, prologue=True, rebuild="wgrad"),
+    # cpu with inner y not kept (ATen's conv needs y in forward, so it is still written there)
+    # and rebuilt by a pass before the conv backward: the memory saving of block-level recompute.
+    "cpu-recompute": Fusion(False, True, False, True, rebuild="pass"),
 }
+_REBUILDS = (None, "pass", "bn_backward", "wgrad")
 
 
 class Traffic(NamedTuple):
@@ -101,6 +129,8 @@ class Unit:
         residual: a residual is added before the activation.
         relu: the unit ends in ReLU.
         needs_dx: backward computes the input gradient (False for the stem: the image).
+        inner: the unit's output feeds only the next convolution of its block (Bottleneck conv1
+            and conv2, BasicBlock conv1), so F3 and rebuilding in backward apply to it.
     """
 
     name: str
@@ -116,6 +146,7 @@ class Unit:
     residual: bool = False
     relu: bool = True
     needs_dx: bool = True
+    inner: bool = False
 
     @property
     def ho(self) -> int:
@@ -159,8 +190,14 @@ def unit_traffic(unit: Unit, backend: str, training: bool, itemsize: int = 4) ->
         Traffic in bytes.
     """
     f = FUSIONS[backend]
+    if f.rebuild not in _REBUILDS or (f.rebuild and not f.fused_backward) or (
+            f.prologue and not f.rebuild) or (f.rebuild == "wgrad" and not f.prologue):
+        raise ValueError(f"{backend}: inconsistent fusions {f}: a rebuild needs B1, F3 needs a "
+                         "rebuild, and only an F3 conv rebuilds y in its wgrad")
     S, X, K = unit.out_elems, unit.x_elems, unit.w_elems
     res = S if unit.residual else 0
+    # y = relu(z*scale + shift) feeding only the next convolution: what F3 and rebuilds act on.
+    inner = unit.inner and unit.relu and not unit.residual
     r = w = 0
 
     # -- forward ------------------------------------------------------------------------------
@@ -172,7 +209,9 @@ def unit_traffic(unit: Unit, backend: str, training: bool, itemsize: int = 4) ->
         w += S
         if training and not f.stats_in_conv:
             r += S                       # statistics pass over z
-        if f.fused_apply:
+        if f.prologue and inner:
+            pass                         # F3: the next convolution applies it to z
+        elif f.fused_apply:
             r += S + res                 # one pass: scale/shift + residual + ReLU
             w += S
         else:
@@ -188,7 +227,13 @@ def unit_traffic(unit: Unit, backend: str, training: bool, itemsize: int = 4) ->
         return Traffic(r * itemsize, w * itemsize)
 
     # -- backward (batch statistics) ----------------------------------------------------------
-    mask = S if unit.relu else 0         # y, read for the ReLU mask
+    rebuilt = inner and f.rebuild is not None
+    mask = S if unit.relu and not rebuilt else 0  # y, read for the ReLU mask (else it is z's)
+    if rebuilt and f.rebuild == "pass":
+        r += S                           # rebuild y for the next conv's wgrad: read z
+        w += S                           # write y
+    elif rebuilt and f.rebuild == "bn_backward":
+        w += S                           # B1 pass 1 writes y from the z it reads
     if f.fused_backward:
         r += S + mask + S                # pass 1: dy, y, z
         w += res                         # dresidual
@@ -229,14 +274,15 @@ def block_units(kind: str, n: int, inplanes: int, planes: int, h: int, w: int, s
     if kind == "basic":
         ho = (h + 2 - 3) // stride + 1
         wo = (w + 2 - 3) // stride + 1
-        units += [Unit(f"{prefix}conv1", n, inplanes, h, w, planes, 3, stride, 1),
+        units += [Unit(f"{prefix}conv1", n, inplanes, h, w, planes, 3, stride, 1, inner=True),
                   Unit(f"{prefix}conv2", n, planes, ho, wo, planes, 3, 1, 1, residual=True)]
     elif kind == "bottleneck":
         width = int(planes * (base_width / 64.0)) * groups
         ho = (h + 2 - 3) // stride + 1
         wo = (w + 2 - 3) // stride + 1
-        units += [Unit(f"{prefix}conv1", n, inplanes, h, w, width, 1),
-                  Unit(f"{prefix}conv2", n, width, h, w, width, 3, stride, 1, groups),
+        units += [Unit(f"{prefix}conv1", n, inplanes, h, w, width, 1, inner=True),
+                  Unit(f"{prefix}conv2", n, width, h, w, width, 3, stride, 1, groups,
+                       inner=True),
                   Unit(f"{prefix}conv3", n, width, ho, wo, out, 1, residual=True)]
     else:
         raise ValueError(f"kind must be 'basic' or 'bottleneck', got {kind!r}")
@@ -297,3 +343,41 @@ def model_traffic(arch: str, n: int, image_size: int, backend: str, training: bo
     for units in blocks[1:]:
         total = total + block_traffic(units, backend, training, itemsize)
     return total
+
+
+def ratios_to_eager(arch: str = "resnet50", n: int = 256, image_size: int = 224,
+                    itemsize: int = 2) -> dict:
+    """{backend: (training bytes / eager's, eval bytes / eager's)} for a whole model."""
+    eager = {t: model_traffic(arch, n, image_size, "eager", t, itemsize).total
+             for t in (True, False)}
+    return {backend: tuple(model_traffic(arch, n, image_size, backend, t, itemsize).total
+                           / eager[t] for t in (True, False))
+            for backend in FUSIONS}
+
+
+def main(argv=None) -> int:
+    """Prints each backend's bytes against eager for a model's training step and eval."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--arch", default="resnet50", choices=sorted(_ARCHS))
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--itemsize", type=int, default=2, help="bytes per element (2: bf16)")
+    args = parser.parse_args(argv)
+    table = ratios_to_eager(args.arch, args.batch, args.image_size, args.itemsize)
+    gb = {t: model_traffic(args.arch, args.batch, args.image_size, "eager", t,
+                           args.itemsize).total / 1e9 for t in (True, False)}
+    print(f"{args.arch}, batch {args.batch}, {args.image_size}x{args.image_size}, "
+          f"{args.itemsize}-byte elements; eager moves {gb[True]:.1f} GB per training step, "
+          f"{gb[False]:.1f} GB per eval forward")
+    print(f"{'backend':<16} {'train/eager':>11} {'eager/train':>11} {'eval/eager':>10} "
+          f"{'eager/eval':>10}")
+    for backend, (train, evaluation) in table.items():
+        print(f"{backend:<16} {train:>11.3f} {1 / train:>10.2f}x {evaluation:>10.3f} "
+              f"{1 / evaluation:>9.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -33,7 +33,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_ARCHS = ("80", "90")
-SETUP_NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DFUSEDRES_WITH_CUDA"]
+# setup.py's nvcc flags, with the -std=c++20 that torch.utils.cpp_extension (2.13, 2.14) appends to them.
+SETUP_NVCC_FLAGS = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "-DFUSEDRES_WITH_CUDA"]
 # torch.utils.cpp_extension.COMMON_NVCC_FLAGS of torch 2.13, fixed here so that the check needs no torch.
 TORCH_NVCC_FLAGS = [
     "-D__CUDA_NO_HALF_OPERATORS__",

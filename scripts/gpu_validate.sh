@@ -1,321 +1,189 @@
 #!/usr/bin/env bash
-# One-command validation of fusedres on a CUDA machine (no internet needed):
+# One call on a CUDA machine (no internet needed) that answers two questions: is every backend
+# (eager, triton, cuda) correct there, and how fast is it against eager PyTorch and torch.compile.
 #
-#   bash scripts/gpu_validate.sh       # logs, JSON, plots in ./gpu_validation/ (or $OUT, packed)
+#   bash scripts/gpu_validate.sh             # results in $OUT when set, else ./gpu_validation/
+#   bash scripts/gpu_validate.sh --dry-run   # the same stages on a CPU: Triton interpreted, tiny
+#                                            # shapes, no torch.compile (CI runs it, ~1.5 min)
 #
-# Exit status: 0 when every stage that ran passed; 1 when one failed or hit its time limit;
-# 2 when torch sees no CUDA device (checked before the build: nothing else can run then).
+# Results (7 files; a device call brings back at most 8, no folders needed):
+#   results.jsonl  every check and measurement, one JSON line each, appended the moment it exists
+#                  (a call cut off at any point returns everything measured until then)
+#   README.md      the summary tables, rewritten at the end; with results.jsonl it is ready to be
+#                  committed as benchmarks/results/<gpu>/ (the folder name is in it)
+#   info.log build.log warmup.log check.log bench.log    each stage's own output
+# The summary is printed LAST on stdout (what a 12,000-character tail shows).
 #
-# Stages, each under its own `timeout` so one hang cannot eat the budget; a failing stage is
-# recorded and the next one runs. The core stages, in order, with their limits in seconds:
-#   env              10  nvidia-smi, versions
-#   cuda_check       15  torch.cuda.is_available(), else a message and exit 2
-#   build           120  pip install -e . --no-build-isolation --no-deps (MAX_JOBS=16, this GPU's arch)
-#   peaks            20  device peaks: copy of a 1 GiB tensor (GB/s, read + write) and a bf16
-#                        8192^3 matmul (TFLOP/s) -> peaks.json, the reference of the benchmarks' ratios
-#   tests_cuda       90  pytest -m cuda: everything that runs on the GPU (the Triton kernel matrix,
-#                        the cuda backend, ResNet-50 shapes), 4 xdist workers when installed, junit xml
-#   main             80  python -m fusedres --steps 10 (fused vs eager error check, timing table, JSON, PNG)
-#   bench_kernels    60  benchmarks/test_bench_triton.py: eager, triton and cuda per kernel and shape
-#   bench_bottleneck 100 the ResNet-50 Bottleneck training step (fwd+bwd, batch 128, bf16
-#                        channels_last) at its four stride-1 stage shapes: eager NCHW and
-#                        channels_last, torch.compile (inductor, default mode; a compile per shape),
-#                        triton, cuda
-# Their limits sum to 495 s, inside the default budget of 515 s: each gets its whole limit even
-# when every one before it runs to its own. Then, in what the core stages left (each only when
-# at least its minimum is left, its limit cut to the rest):
-#   bench_bottleneck_ds  min 45, limit 100: the same for the four downsampling stage shapes
-#   bench_blocks         min 45, limit 90: every other block case (ResNet-18, eval), no compile
-#   main_compile         min 90, limit 120: python -m fusedres with torch.compile beside eager
-#                        channels_last on the whole ResNet-50 (its compile takes a minute or more)
-#   bench_models         min 45, limit 80: resnet18/50 train and eval per provider, no compile
-#   tests_cpu            min 90, limit 300: pytest -m "not cuda" (CI runs it too), 8 workers
-# Worst case: every stage ends by GPU_VALIDATE_BUDGET (default 515) seconds after the start,
-# `timeout`'s 10 s kill grace included (a stage's limit is cut to the budget left minus that
-# grace); the summary (one Python start) and the packing add about 10 s: about 525 s in all,
-# under a 9-minute (540 s) slot. GPU_VALIDATE_SKIP="build tests_cpu" (say) skips stages by name,
-# e.g. to split the run over two calls of one lease: the extension built by the first stays in
-# the tree for the second.
+# Exit status: 0 when every correctness check passed (and the build and check stages ran to
+# their end); 1 otherwise; 2 when torch sees no CUDA device (nothing else runs then). Benchmark
+# errors and skips are listed in the summary but do not change it.
 #
-# Printed last (also in summary.txt): every benchmark group (provider, median ms, GB/s, images/s,
-# speedup over eager, bytes eager moves / bytes the provider moves), the targets measured (not
-# asserted: fused Bottleneck train step >= 1.3x the faster eager layout and >= 1.1x
-# torch.compile; memory-bound kernels >= 80% of the copy bandwidth), test counts, the main job's
-# tables, and the stage table.
+# Stages: each one's budget (its deadline is its start plus that, cut to what the run has left)
+# and the time it is expected to take on an H200 with 16 host cores (guessed from FLOPs, bytes,
+# compile counts and launch costs; the stage records in results.jsonl say what they took).
+# Inside a stage an item (a unit, a block, a measurement) starts only when its own estimate
+# (Plan.estimates in gpu_validate_common.py, kept on the safe side) fits in what is left, else
+# it is skipped and recorded; `timeout` at the deadline is only the last resort.
 #
-# Where the results go: ./gpu_validation/ (GPU_VALIDATE_DIR overrides). When $OUT is set (a
-# device lease, which returns at most 8 files), the folder is packed into
-# $OUT/gpu_validation.tgz after every stage, beside $OUT/stages.txt and, at the end,
-# $OUT/summary.txt, so a run cut short still returns what it finished.
+#   stage           budget  expected  what
+#   info               30      5      machine record first (GPU, driver, versions, CPU, commit)
+#   build             200     80      setup.py build_ext --inplace: csrc for this GPU's arch only,
+#                                     MAX_JOBS = the host's cores; no pip, nothing downloaded
+#   warmup_triton     150     60      beside the build: 8 processes compile every Triton kernel
+#                                     variant the check (config 0) and bench (every config, for
+#                                     the autotuner) run, into Triton's on-disk cache (~150
+#                                     compiles of 0.3-1.4 s)
+#   warmup_compile    240    150      beside build and check, niced: 4 processes compile the
+#                                     graphs bench times with torch.compile into inductor's
+#                                     on-disk caches (cold 20-40 s a block, ~90 s the model;
+#                                     with them warm, bench's compiles take seconds)
+#   check             150     70      correctness, FUSEDRES_TRITON_CONFIG=0 (autotuning every
+#                                     case would time every config of every shape): 17 units,
+#                                     7 blocks, ResNet-50 train + eval; bf16 and fp32; eager,
+#                                     triton, cuda; float64 oracle (~1 TFLOP in all)
+#   bench            rest    155      peaks 3, 8 blocks x (train 7 + eval 4), model train 30 +
+#                                     eval 12, BN kernels 10, conv 6, profile 5, autotuning
+#                                     included; then torch.compile beside eager_cl and triton:
+#                                     16 block cases x 5-10 s and the model ~30 s, as many as fit
+#   summary            15      1      README.md, the printed tables, the exit status
+#
+# Whole run: GPU_VALIDATE_BUDGET seconds (default 520: a 9-minute call, with a minute of the
+# device tool's 10 to spare). Expected: info 5 | build 80 (warm-ups beside it) | check 70 |
+# waiting for the compile warm-up until ~200 | bench without compile 155 | compile cases until
+# the budget ends (~500). GPU_VALIDATE_SKIP="warmup_compile ..." skips stages by name.
+# Environment: OUT (results folder), PYTHON (default python3), MAX_JOBS, TORCH_CUDA_ARCH_LIST
+# (default: the GPU's own).
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-if [[ -n "${OUT:-}" ]]; then
-  OUTDIR="${GPU_VALIDATE_DIR:-/tmp/fusedres_gpu_validation}"
-else
-  OUTDIR="${GPU_VALIDATE_DIR:-$ROOT/gpu_validation}"
+DRY=0
+if [[ "${1:-}" == "--dry-run" ]]; then
+  DRY=1
+elif [[ $# -gt 0 ]]; then
+  echo "usage: bash scripts/gpu_validate.sh [--dry-run]" >&2
+  exit 64
 fi
+OUTDIR="${OUT:-$ROOT/gpu_validation}"
 mkdir -p "$OUTDIR"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
+rm -f "$OUTDIR"/results.jsonl "$OUTDIR"/README.md "$OUTDIR"/*.log
+RESULTS="$OUTDIR/results.jsonl"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
 # The GPU machines' interpreter with torch is python3 (there may be no `python`).
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
-BUDGET="${GPU_VALIDATE_BUDGET:-515}"
-KILL_GRACE=10
+GV="$ROOT/scripts/gpu_validate.py"
 START=$(date +%s)
-STAGES=()
-FAILED=()
-LAST_RC=  # the last stage's exit status, "skipped" when it did not run
+# The dry run's budget only guards against a hang: on a CI machine nothing may be skipped.
+BUDGET="${GPU_VALIDATE_BUDGET:-$( ((DRY)) && echo 900 || echo 520)}"
+END=$((START + BUDGET))
+RESERVE=15  # kept for the summary
+GRACE=10    # past a stage's deadline before `timeout` kills it
+DRYFLAG=()
+if ((DRY)); then
+  DRYFLAG=(--dry-run)
+  # Read once, when triton is first imported; before every Python process here.
+  export TRITON_INTERPRET=1
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export GPU_VALIDATE_START=$START PY DRY
 
-# Packs the results folder into $OUT (when set): called after every stage.
-pack() {
-  printf '%s\n' "${STAGES[@]}" >"$OUTDIR/stages.txt"
-  [[ -n "${OUT:-}" ]] || return 0
-  cp "$OUTDIR/stages.txt" "$OUT/stages.txt"
-  tar czf "$OUT/gpu_validation.tgz.part" -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")" &&
-    mv "$OUT/gpu_validation.tgz.part" "$OUT/gpu_validation.tgz"
+# record_stage NAME STATUS RC SECONDS BUDGET ESTIMATE NOTE: one `stage` line in results.jsonl.
+record_stage() {
+  local fmt='{"kind":"stage","stage":"%s","status":"%s","rc":"%s","seconds":%s,'
+  fmt+='"budget_s":%s,"estimate_s":%s,"t":%s,"note":"%s"}\n'
+  # shellcheck disable=SC2059
+  printf "$fmt" "$1" "$2" "$3" "$4" "$5" "$6" "$(($(date +%s) - START))" "$7" >>"$RESULTS"
 }
 
-# stage NAME MIN LIMIT CMD...: runs CMD with stdout+stderr in $OUTDIR/NAME.log under `timeout
-# LIMIT`, the limit cut to what is left of the budget; skipped when less than MIN seconds are left.
-stage() {
-  local name=$1 min=$2 limit=$3
+# run_stage NAME BUDGET ESTIMATE CMD...: runs CMD with its output in $OUTDIR/${LOG:-NAME}.log,
+# GPU_VALIDATE_DEADLINE = now + BUDGET (cut to what the whole run has left), and `timeout` at
+# that deadline plus GRACE; records the stage. Returns CMD's exit status.
+run_stage() {
+  local name=$1 budget=$2 estimate=$3
   shift 3
+  local log="$OUTDIR/${LOG:-$name}.log" now deadline limit
   if [[ " ${GPU_VALIDATE_SKIP:-} " == *" $name "* ]]; then
-    STAGES+=("$name|-|0|skipped (GPU_VALIDATE_SKIP)")
+    record_stage "$name" skipped - 0 "$budget" "$estimate" "GPU_VALIDATE_SKIP"
     echo "== $name: skipped (GPU_VALIDATE_SKIP)"
-    LAST_RC=skipped
-    return
+    return 0
   fi
-  local left=$((BUDGET - ($(date +%s) - START) - KILL_GRACE))
-  if ((left < min)); then
-    STAGES+=("$name|-|0|skipped: ${left}s of the ${BUDGET}s budget left, it needs ${min}s")
-    echo "== $name: skipped (${left}s left, needs ${min}s)"
-    LAST_RC=skipped
-    return
+  now=$(date +%s)
+  deadline=$((now + budget))
+  ((deadline > END - RESERVE)) && deadline=$((END - RESERVE))
+  limit=$((deadline - now))
+  if ((limit < 5)); then
+    record_stage "$name" skipped - 0 "$budget" "$estimate" "budget: ${limit}s left of the run"
+    echo "== $name: skipped (${limit}s left)"
+    return 0
   fi
-  ((limit > left)) && limit=$left
-  echo "== $name (limit ${limit}s) -> $OUTDIR/$name.log"
-  local t0 rc
-  t0=$(date +%s)
-  timeout -k "$KILL_GRACE" "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
-  rc=$?
-  local dt=$(($(date +%s) - t0)) note="ok"
-  if ((rc == 124 || rc == 137)); then
-    note="TIMEOUT after ${limit}s (partial results kept)"
-  elif ((rc != 0)); then
-    note="FAILED (exit $rc)"
-  fi
-  ((rc != 0)) && FAILED+=("$name")
-  LAST_RC=$rc
-  STAGES+=("$name|$rc|$dt|$note")
-  echo "   $note in ${dt}s"
-  tail -n 3 "$OUTDIR/$name.log" | cut -c1-200 | sed 's/^/   | /'
-  pack
+  echo "== $name: up to ${limit}s (estimate ${estimate}s) -> $log"
+  GPU_VALIDATE_DEADLINE=$deadline timeout -k 5 $((limit + GRACE)) "$@" >>"$log" 2>&1
+  local rc=$? status=ok
+  ((rc == 124 || rc == 137)) && status=timeout
+  [[ $rc -ne 0 && $status == ok ]] && status=fail
+  local took=$(($(date +%s) - now))
+  record_stage "$name" "$status" "$rc" "$took" "$budget" "$estimate" ""
+  echo "   $name: $status (exit $rc) in ${took}s"
+  return $rc
 }
 
-env_info() {
-  nvidia-smi
-  echo
-  "$PY" - <<'EOF'
-import platform, subprocess, torch
-print("python", platform.python_version(), "|", platform.platform())
-print("torch", torch.__version__, "| cuda", torch.version.cuda, "| cudnn",
-      torch.backends.cudnn.version())
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    print("device", p.name, "| sm", f"{p.major}.{p.minor}", "|", p.total_memory // 2**20, "MiB |",
-          p.multi_processor_count, "SMs")
-try:
-    import triton
-    print("triton", triton.__version__)
-except ImportError as e:
-    print("triton not importable:", e)
-EOF
-  nvcc --version 2>/dev/null | tail -n 2 || echo "nvcc not on PATH"
-  gcc --version | head -n 1
-  "$PY" -m pip list 2>/dev/null | grep -i -E "^(torch|triton|numpy|pytest|matplotlib|fusedres)" || true
-}
-
-cuda_check() {
-  "$PY" - <<'EOF'
-import sys, torch
-print("torch", torch.__version__, "| built with CUDA", torch.version.cuda)
-if not torch.cuda.is_available():
-    sys.exit(f"torch.cuda.is_available() is False (torch {torch.__version__}, built with CUDA "
-             f"{torch.version.cuda}): no usable CUDA device, driver or CUDA build of torch here")
-print("CUDA devices:", torch.cuda.device_count(), "|", torch.cuda.get_device_name(0))
-EOF
-}
-
+# The extension: csrc for this GPU's arch only (a quarter of the default two-arch nvcc time),
+# in place, no pip (the GPU machines cannot download, and install.sh would try to). Then the
+# backend the checks need must be usable.
 build() {
-  local arch
-  arch="$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)"
-  # Only this GPU's architecture: a quarter of the default build's nvcc time.
-  MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-${arch:-9.0}}" \
-    "$PY" -m pip install -e . --no-build-isolation --no-deps -v
-  "$PY" -c "import fusedres; [print(k, v) for k, v in fusedres.available_backends().items()]"
-}
+  local cmd=(env MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+    TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$GPU_ARCH}" "$PY" setup.py build_ext --inplace)
+  if ((DRY)); then
+    echo "dry run: CI built the extension already; a GPU run would run: ${cmd[*]}"
+  else
+    "${cmd[@]}" || return
+  fi
+  "$PY" - "$( ((DRY)) && echo cpu || echo cuda)" <<'EOF'
+import sys
 
-peaks() {
-  "$PY" - "$OUTDIR/peaks.json" <<'EOF'
-import json, sys, torch
-dev = torch.device("cuda")
+import fusedres
+from fusedres import info
 
-def timed(fn, n):
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / n
-
-src = torch.empty(2**30, dtype=torch.uint8, device=dev).random_()
-dst = torch.empty_like(src)
-t_copy = timed(lambda: dst.copy_(src), 20)
-a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-t_mm = timed(lambda: a @ b, 20)
-peaks = {"device": torch.cuda.get_device_name(dev),
-         # a copy reads and writes every byte once
-         "copy_GBps": 2 * 2**30 / t_copy / 1e9,
-         "matmul_TFLOPs": 2 * 8192**3 / t_mm / 1e12,
-         "how": "torch copy_ of a 1 GiB tensor; bf16 8192x8192x8192 matmul; 20 runs, CUDA events"}
-json.dump(peaks, open(sys.argv[1], "w"), indent=1)
-print(json.dumps(peaks, indent=1))
+info.main()  # versions, the build, every backend and why it is usable or not
+ok, why = fusedres.available_backends()[sys.argv[1]]
+sys.exit(0 if ok else f"the {sys.argv[1]} backend is unusable after the build: {why}")
 EOF
 }
+export -f build
 
-# Prints every benchmark group, the targets, the test counts and the main job's tables (the
-# stage table follows, from bash, so that it is printed even where this fails).
-summary() {
-  "$PY" - "$OUTDIR" <<'EOF'
-import json, os, sys
-import xml.etree.ElementTree as ET
-from fusedres.report import format_bench_cases, format_table, format_targets
-out = sys.argv[1]
-cases = []
-p = os.path.join(out, "bench_cases.jsonl")
-if os.path.exists(p):
-    cases = [json.loads(line) for line in open(p) if line.strip()]
-    print("\n[benchmarks] per group: median ms per call, GB/s (bytes by the suite's count), "
-          "images/s, speedup over eager, bytes eager moves / bytes the provider moves")
-    print(format_bench_cases(cases))
-peaks = {}
-p = os.path.join(out, "peaks.json")
-if os.path.exists(p):
-    peaks = json.load(open(p))
-    print(f"\npeaks on {peaks['device']}: copy {peaks['copy_GBps']:.0f} GB/s, "
-          f"bf16 matmul {peaks['matmul_TFLOPs']:.0f} TFLOP/s")
-print()
-print(format_targets(cases, peaks.get("copy_GBps")))
-for name in ("cuda", "cpu"):
-    p = os.path.join(out, f"junit_{name}.xml")
-    if os.path.exists(p):
-        s = ET.parse(p).getroot()
-        s = s if s.tag == "testsuite" else s.find("testsuite")
-        print(f"tests_{name}: {s.get('tests')} run, {s.get('failures')} failures, "
-              f"{s.get('errors')} errors, {s.get('skipped')} skipped, "
-              f"{float(s.get('time', 0)):.0f}s")
-for name in ("main_compile", "main"):
-    p = os.path.join(out, name, "report.json")
-    if os.path.exists(p):
-        print(f"\n[{name}]", format_table(json.load(open(p))))
-EOF
-}
-
-stage_table() {
-  echo
-  echo "==================== fusedres GPU validation: stages ===================="
-  printf '%-20s %4s %8s  %s\n' stage rc seconds result
-  local line name rc dt note
-  for line in "${STAGES[@]}"; do
-    IFS='|' read -r name rc dt note <<<"$line"
-    printf '%-20s %4s %8s  %s\n' "$name" "$rc" "$dt" "$note"
-  done
-}
-
-# Summary, stage table, packing; then exits with $1.
-finish() {
-  local code=$1
-  pack
-  {
-    ((code == 2)) || summary 2>&1
-    stage_table
-    if ((code == 2)); then
-      echo "NO CUDA: torch sees no CUDA device, nothing was built or run (see cuda_check above)."
-    elif ((${#FAILED[@]})); then
-      echo "FAILED or cut short: ${FAILED[*]} (logs in $OUTDIR)"
-    else
-      echo "every stage that ran passed"
-    fi
-  } | tee "$OUTDIR/summary.txt"
-  pack
-  [[ -n "${OUT:-}" ]] && cp "$OUTDIR/summary.txt" "$OUT/summary.txt"
-  echo "all logs, JSON and plots: $OUTDIR${OUT:+ (packed: $OUT/gpu_validation.tgz)}" \
-    "(total $(($(date +%s) - START))s)"
-  exit "$code"
-}
-
-# `timeout` runs programs, not shell functions: export them to a child bash.
-export -f env_info cuda_check build peaks
-export OUTDIR PY FUSEDRES_DEVICE_PEAKS="$OUTDIR/peaks.json"
-# Every finished benchmark case appends a line here, so a stage cut by its timeout keeps results.
-# A run that skips stages (the second call of a split run) adds to the cases of the first.
-export FUSEDRES_BENCH_LOG="$OUTDIR/bench_cases.jsonl"
-[[ -z "${GPU_VALIDATE_SKIP:-}" ]] && rm -f "$FUSEDRES_BENCH_LOG"
-# -v: a stage cut by its timeout writes no junit xml, but its log says how far it got.
-PYTEST=("$PY" -m pytest -p no:cacheprovider -v -rfE --maxfail=25)
-BENCH=(env FUSEDRES_BENCH_DEVICE=cuda "$PY" -m pytest -p no:cacheprovider -q -rfE --benchmark-only)
-XDIST_CUDA=()
-XDIST_CPU=()
-if "$PY" -c "import xdist" 2>/dev/null; then
-  XDIST_CUDA=(-n 4)
-  XDIST_CPU=(-n 8)
+run_stage info 30 5 "$PY" "$GV" info --out "$OUTDIR" --env-file "$WORK/env" "${DRYFLAG[@]}"
+if (($? == 2)); then
+  "$PY" "$GV" summary --out "$OUTDIR"
+  echo "NO CUDA: torch sees no CUDA device; nothing was built or run (see $OUTDIR/info.log)."
+  exit 2
 fi
-# The Bottleneck cases of benchmarks/test_bench_blocks.py, in the order they run: node ids.
-bottleneck_cases() {
-  local block provider
-  for block in "$@"; do
-    for provider in eager eager_cl compile triton cuda; do
-      echo "benchmarks/test_bench_blocks.py::test_block[r50.$block-train-$provider]"
-    done
-  done
-}
-mapfile -t PLAIN_BOTTLENECKS < <(bottleneck_cases layer1.1 layer2.1 layer3.1 layer4.1)
-mapfile -t DOWNSAMPLING_BOTTLENECKS < <(bottleneck_cases layer1.0 layer2.0 layer3.0 layer4.0)
+GPU_ARCH=
+# shellcheck disable=SC1091
+[[ -f "$WORK/env" ]] && source "$WORK/env"
+export GPU_ARCH
 
-stage env 10 10 bash -c env_info
-stage cuda_check 10 15 bash -c cuda_check
-if [[ $LAST_RC != 0 && $LAST_RC != skipped ]]; then
-  echo "ERROR: $(tail -n 1 "$OUTDIR/cuda_check.log")" >&2
-  finish 2
+run_stage build 200 80 bash -c build &
+BUILD_PID=$!
+LOG=warmup run_stage warmup_triton 150 60 "$PY" "$GV" warmup --out "$OUTDIR" "${DRYFLAG[@]}" &
+WARM_PID=$!
+COMPILE_PID=
+if ((DRY)); then
+  record_stage warmup_compile skipped - 0 0 0 "dry run: no torch.compile"
+else
+  # Niced: it must not slow the build or the check, and 4 inductor threads each, not 16.
+  LOG=warmup TORCHINDUCTOR_COMPILE_THREADS=4 run_stage warmup_compile 240 150 \
+    nice -n 10 "$PY" "$GV" warmup-compile --out "$OUTDIR" &
+  COMPILE_PID=$!
 fi
-stage build 10 120 bash -c build
-stage peaks 10 20 bash -c peaks
-stage tests_cuda 10 90 "${PYTEST[@]}" ${XDIST_CUDA[@]+"${XDIST_CUDA[@]}"} tests -m cuda \
-  --junitxml="$OUTDIR/junit_cuda.xml"
-stage main 10 80 "$PY" -m fusedres --device cuda --steps 10 --out "$OUTDIR/main"
-stage bench_kernels 10 60 "${BENCH[@]}" benchmarks/test_bench_triton.py \
-  --benchmark-json="$OUTDIR/bench_kernels.json"
-stage bench_bottleneck 10 100 env FUSEDRES_BENCH_COMPILE=1 "${BENCH[@]}" \
-  "${PLAIN_BOTTLENECKS[@]}" --benchmark-json="$OUTDIR/bench_bottleneck.json"
-# What the core stages left:
-stage bench_bottleneck_ds 45 100 env FUSEDRES_BENCH_COMPILE=1 "${BENCH[@]}" \
-  "${DOWNSAMPLING_BOTTLENECKS[@]}" --benchmark-json="$OUTDIR/bench_bottleneck_ds.json"
-stage bench_blocks 45 90 env FUSEDRES_BENCH_COMPILE=0 "${BENCH[@]}" benchmarks/test_bench_blocks.py \
-  -k "not (r50 and train)" --benchmark-json="$OUTDIR/bench_blocks.json"
-stage main_compile 90 120 "$PY" -m fusedres --device cuda --steps 10 \
-  --backends eager,eager_cl,compile --out "$OUTDIR/main_compile"
-stage bench_models 45 80 env FUSEDRES_BENCH_COMPILE=0 "${BENCH[@]}" benchmarks/test_bench_models.py \
-  --benchmark-json="$OUTDIR/bench_models.json"
-stage tests_cpu 90 300 "${PYTEST[@]}" ${XDIST_CPU[@]+"${XDIST_CPU[@]}"} tests -m "not cuda" \
-  --junitxml="$OUTDIR/junit_cpu.xml"
+wait "$BUILD_PID"
+# The check's kernels are the warm-up's first tasks: compiled by now, while the benchmarks'
+# other configs may still be compiling beside it.
+FUSEDRES_TRITON_CONFIG=0 run_stage check 150 70 "$PY" "$GV" check --out "$OUTDIR" "${DRYFLAG[@]}"
+# Nothing is timed while a warm-up still compiles beside it.
+wait "$WARM_PID"
+[[ -n "$COMPILE_PID" ]] && wait "$COMPILE_PID"
+run_stage bench "$BUDGET" 155 "$PY" "$GV" bench --out "$OUTDIR" "${DRYFLAG[@]}"
 
-if ((${#FAILED[@]})); then
-  finish 1
-fi
-finish 0
+echo "== total $(($(date +%s) - START))s; results in $OUTDIR"
+"$PY" "$GV" summary --out "$OUTDIR"

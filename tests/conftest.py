@@ -4,9 +4,12 @@ The rule: a fused result passes when its max error against the float64 oracle is
 the error of eager PyTorch in the same dtype, plus a small atol scaled by the oracle's magnitude.
 
 ``FUSEDRES_REQUIRE_EXTENSION=1`` (set by .ci/run) turns "extension not built" from a skip into a
-failure, so CI cannot pass with the C++ backend silently untested.
+failure, so CI cannot pass with the C++ backend silently untested. ``FUSEDRES_REQUIRE_MODULES``
+(e.g. "torchvision timm", set by .ci/run where it installs them) does the same for optional test
+dependencies: the session stops at once, naming the module, instead of their tests skipping.
 """
 
+import importlib
 import os
 
 import pytest
@@ -23,6 +26,18 @@ os.environ.setdefault("FUSEDRES_POISON_OUTPUTS", "1")
 # autotuning every new shape (minutes of compiling and timing); tests/kernels/test_gpu_resnet50.py
 # runs every config, and the autotuner, at real shapes.
 os.environ.setdefault("FUSEDRES_TRITON_CONFIG", "0")
+
+# MKL's sgemm (nn.Linear, im2col convolutions) may sum in an order that depends on how its
+# buffers happen to be aligned, so two identical runs in one process can differ in the last bit;
+# bitwise tests (resume, determinism) need its strict reproducible mode. MKL reads this at its
+# first call, after import.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+for _module in os.environ.get("FUSEDRES_REQUIRE_MODULES", "").replace(",", " ").split():
+    try:
+        importlib.import_module(_module)
+    except Exception as exc:  # a torchvision built for another torch raises more than ImportError
+        raise RuntimeError(f"FUSEDRES_REQUIRE_MODULES names {_module}, which does not import: {exc!r}") from exc
 
 import torch.nn.functional as F  # noqa: E402
 

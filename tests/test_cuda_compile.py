@@ -37,6 +37,7 @@ ARCHS = ("sm_80", "sm_90")
 _TYPE_VECS = [("float", 1), ("float", 4), ("__half", 1), ("__half", 8), ("__nv_bfloat16", 1),
               ("__nv_bfloat16", 8), ("double", 1)]
 _BOOLS = ("false", "true")
+_STORAGE_TYPES = ("float", "__half", "__nv_bfloat16", "double")
 EXPECTED_KERNELS = (
     {f"bn_stats_partial_kernel<{t}, {v}>" for t, v in _TYPE_VECS}
     | {f"bn_stats_finalize_kernel<{a}>" for a in ("float", "double")}
@@ -49,6 +50,9 @@ EXPECTED_KERNELS = (
        for t, v in _TYPE_VECS for g in range(3) for h in _BOOLS for e in _BOOLS}
     | {f"bn_bwd_finalize_kernel<{a}>" for a in ("float", "double")}
     | {f"bn_bwd_dz_kernel<{t}, {v}, (GradSource){g}>" for t, v in _TYPE_VECS for g in range(4)}
+    # accumulation dtype x batch-statistics dtype x running-statistics dtype
+    | {f"bn_coefficients_kernel<{a}, {s}, {r}>" for a in ("float", "double")
+       for s in _STORAGE_TYPES for r in _STORAGE_TYPES}
 )
 
 needs_nvcc = pytest.mark.skipif(check_cuda_compile.find_nvcc() is None,
@@ -357,11 +361,18 @@ void launch(const std::string& name, void (*kernel)(P...), dim3 grid, dim3 block
 #define __syncthreads() emu::syncthreads()
 #define __shfl_xor_sync(mask, v, off) emu::shfl_xor(v, off)
 
-cudaError_t CUDARTAPI cudaGetLastError(void) {
-  const cudaError_t err = emu::pending_error;
-  emu::pending_error = cudaSuccess;
+namespace emu {
+inline cudaError_t get_last_error() {
+  const cudaError_t err = pending_error;
+  pending_error = cudaSuccess;
   return err;
 }
+}  // namespace emu
+// A macro, not a definition of cudaGetLastError: a CUDA build of torch loads libcudart into the
+// global symbol scope, and a global definition here would lose to that one (which reports
+// "insufficient driver" without a GPU). The library is linked with -z defs, so a CUDA runtime call
+// the emulator does not provide fails its build instead of reaching a real libcudart.
+#define cudaGetLastError ::emu::get_last_error
 """
 
 _EMU_ENTRY_POINTS = r"""
@@ -453,7 +464,7 @@ def emulated(tmp_path_factory):
     src, lib = tmp / "emu.cpp", tmp / "emu.so"
     src.write_text("\n".join(parts))
     cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-w", "-I", os.path.join(ROOT, "csrc"), "-I", include,
-           *check_cuda_compile.TORCH_NVCC_FLAGS[:4], str(src), "-o", str(lib), "-lpthread"]
+           *check_cuda_compile.TORCH_NVCC_FLAGS[:4], str(src), "-o", str(lib), "-lpthread", "-Wl,-z,defs"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, f"host emulation build failed:\n{proc.stderr[-6000:]}"
     so = ctypes.CDLL(str(lib))
@@ -702,6 +713,33 @@ def test_emulated_launch_failures_name_their_kernel_and_stop(emulated):
             assert [launch.base for launch in launches] == sequence[:n + 1], (case_id, n, launches)
 
 
+def test_emulator_errors_hold_beside_a_global_libcudart(emulated):
+    """A CUDA build of torch loads libcudart into the global symbol scope; the emulator's launch
+    errors must still be its own (a real cudaGetLastError without a GPU reports
+    cudaErrorInsufficientDriver after every launch). In a subprocess that loads the toolkit's
+    libcudart globally first, so this leg's torch, CPU or CUDA, makes no difference."""
+    include = check_cuda_compile.cuda_include_dir(check_cuda_compile.find_nvcc())
+    cudart = sorted(glob.glob(os.path.join(os.path.dirname(include), "lib*", "libcudart.so*")))
+    if not cudart:
+        pytest.skip(f"no libcudart.so next to {include}")
+    out_of_resources = emulated.emu_error_launch_out_of_resources()
+    program = f"""
+import ctypes
+ctypes.CDLL({cudart[0]!r}, mode=ctypes.RTLD_GLOBAL)
+so = ctypes.CDLL({emulated._name!r})
+P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+so.emu_bn_stats.argtypes = [P, P, P, I64, I64, I, I]
+so.emu_reset.argtypes = [I, I]
+z, mean, var = (ctypes.c_float * 16)(*range(16)), (ctypes.c_float * 4)(), (ctypes.c_float * 4)()
+for fail_launch in (-1, 0):
+    so.emu_reset(fail_launch, {out_of_resources})
+    print(so.emu_bn_stats(z, mean, var, 4, 4, 0, 1))
+"""
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["0", str(out_of_resources)]
+
+
 _LAUNCH_CHECK_MODULE = r"""
 #include <pybind11/pybind11.h>
 #include "common/cuda_launch.h"
@@ -736,7 +774,8 @@ def launch_check(tmp_path_factory):
     src.write_text(_LAUNCH_CHECK_MODULE)
     lib = tmp / f"fusedres_launch_check{sysconfig.get_config_var('EXT_SUFFIX')}"
     torch_lib = cpp_extension.library_paths()[0]
-    cmd = ["g++", "-std=c++17", "-O0", "-shared", "-fPIC", "-w", "-I", os.path.join(ROOT, "csrc"), "-I", include,
+    # C++20: what torch.utils.cpp_extension builds extensions with (ATen 2.14's headers require it).
+    cmd = ["g++", "-std=c++20", "-O0", "-shared", "-fPIC", "-w", "-I", os.path.join(ROOT, "csrc"), "-I", include,
            "-I", sysconfig.get_paths()["include"], *[f"-I{p}" for p in cpp_extension.include_paths()],
            str(src), "-o", str(lib), f"-L{torch_lib}", "-lc10", f"-L{cuda_lib}", "-lcudart",
            f"-Wl,-rpath,{torch_lib}", f"-Wl,-rpath,{cuda_lib}"]

@@ -174,3 +174,29 @@ def test_python_dash_m():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--mode {head,full,frozen-bn}" in out.stdout
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+def test_frozen_bn_mode_runs_fused_and_tracks_eager(backend):
+    """--mode frozen-bn (every BatchNorm in eval mode, gamma/beta trained): every unit runs as
+    one fused op with the frozen statistics folded in (no BatchNorm forward is ever called,
+    where the --eager run calls one per unit), and the loss curve is eager's. With frozen
+    statistics there is no batch coupling: measured bitwise equal losses for 5 steps on the cpu
+    backend (the same fold as ATen's eval BatchNorm), 1e-4 leaves room for other kernels."""
+    calls = {"fused": 0, "eager": 0}
+    losses = {}
+    for run in calls:
+        def count(module, args, out, run=run):
+            calls[run] += isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+        handle = torch.nn.modules.module.register_module_forward_hook(count)
+        try:
+            losses[run] = finetune(_cfg(stop_after=5, image_size=16, batch_size=64,
+                                        mode="frozen-bn", lr=0.01, warmup_steps=0,
+                                        backend=backend, eager=run == "eager")).losses
+        finally:
+            handle.remove()
+    assert calls["fused"] == 0, f"{calls['fused']} BatchNorm forwards ran eagerly"
+    assert calls["eager"] > 0
+    assert len(losses["fused"]) == len(losses["eager"]) == 5
+    for step, (f, e) in enumerate(zip(losses["fused"], losses["eager"])):
+        assert f == pytest.approx(e, rel=1e-4), f"step {step}: fused {f} eager {e}"

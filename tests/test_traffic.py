@@ -124,3 +124,103 @@ def test_fused_moves_fewer_bytes(arch, training):
     cpu = traffic.model_traffic(arch, 8, 224, "cpu", training, 2).total
     tri = traffic.model_traffic(arch, 8, 224, "triton", training, 2).total
     assert tri < cpu < eager
+
+
+# -- F3 and rebuilding inner activations in backward -------------------------------------------
+
+# A Bottleneck conv1-like unit: its y = relu(bn(z)) feeds only the next convolution.
+INNER = Unit("inner", n=2, cin=4, h=8, w=8, cout=4, kernel=3, stride=1, padding=1, inner=True)
+_S = 512
+# triton, training, hand counts in elements: fwd conv; apply (z -> y). bwd: pass 1 (dy, y, z),
+# pass 2 (dy, y, z -> dz), conv backward.
+_TRITON_INNER = (_CONV_FWD[0] + _S + 3 * _S + 3 * _S + _CONV_BWD[0],
+                 _CONV_FWD[1] + _S + _S + _CONV_BWD[1])
+INNER_HAND = {
+    "triton": _TRITON_INNER,
+    # F3: no apply pass; B1 takes the mask from z (pass 1: dy, z; pass 2: dy, z -> dz); a pass
+    # rebuilds y (z -> y) for the next convolution's wgrad.
+    "triton-f3": (_CONV_FWD[0] + _S + 2 * _S + 2 * _S + _CONV_BWD[0],
+                  _CONV_FWD[1] + _S + _S + _CONV_BWD[1]),
+    # ... or B1 pass 1 writes y from the z it reads anyway
+    "triton-f3-bn": (_CONV_FWD[0] + 2 * _S + 2 * _S + _CONV_BWD[0],
+                     _CONV_FWD[1] + _S + _S + _CONV_BWD[1]),
+    # ... or the next convolution's wgrad rebuilds it while loading z
+    "triton-f3-wgrad": (_CONV_FWD[0] + 2 * _S + 2 * _S + _CONV_BWD[0],
+                        _CONV_FWD[1] + _S + _CONV_BWD[1]),
+    # cpu: the forward writes y (ATen's conv reads it) but does not keep it: statistics pass,
+    # apply; backward as triton-f3's.
+    "cpu-recompute": (_CONV_FWD[0] + _S + _S + _S + 2 * _S + 2 * _S + _CONV_BWD[0],
+                      _CONV_FWD[1] + _S + _S + _S + _CONV_BWD[1]),
+}
+
+
+@pytest.mark.parametrize("backend", list(INNER_HAND))
+def test_inner_unit_hand_counts(backend):
+    r, w = INNER_HAND[backend]
+    assert traffic.unit_traffic(INNER, backend, True, 2) == Traffic(2 * r, 2 * w)
+
+
+@pytest.mark.parametrize("backend", ["triton-f3", "triton-f3-bn", "triton-f3-wgrad"])
+def test_f3_moves_nothing_in_eval(backend):
+    """In eval the conv epilogue already writes y once (F2): F3 would move the same bytes."""
+    for unit in (INNER, UNIT):
+        assert traffic.unit_traffic(unit, backend, False) == traffic.unit_traffic(
+            unit, "triton", False)
+
+
+@pytest.mark.parametrize("backend", ["triton-f3", "triton-f3-bn", "triton-f3-wgrad",
+                                     "cpu-recompute"])
+def test_only_inner_units_change(backend):
+    """A unit with a residual, or whose y leaves the block, keeps y: its bytes are its base
+    backend's."""
+    base = "cpu" if backend.startswith("cpu") else "triton"
+    not_inner = Unit(**{**INNER.__dict__, "inner": False})
+    for unit in (UNIT, not_inner, Unit(**{**UNIT.__dict__, "inner": True})):
+        for training in (True, False):
+            assert traffic.unit_traffic(unit, backend, training) == traffic.unit_traffic(
+                unit, base, training)
+
+
+def test_block_units_mark_the_inner_units():
+    bottleneck = traffic.block_units("bottleneck", 1, 256, 128, 8, 8, stride=2)
+    assert [(u.name, u.inner) for u in bottleneck] == [
+        ("downsample", False), ("conv1", True), ("conv2", True), ("conv3", False)]
+    basic = traffic.block_units("basic", 1, 64, 64, 8, 8)
+    assert [(u.name, u.inner) for u in basic] == [("conv1", True), ("conv2", False)]
+
+
+def test_resnet50_training_saving_depends_on_where_y_is_rebuilt():
+    """F3 saves each inner unit's apply pass in forward (read z, write y: 2 S). In backward the
+    ReLU mask from z saves the two reads of y, which a separate rebuild pass (2 S) spends again:
+    net zero, so triton-f3 saves the forward's 2 S per inner unit and no more; a rebuild in the
+    BN backward (writes y only) saves one more S, one in the wgrad prologue two more."""
+    args = ("resnet50", 8, 224)
+    inner = sum(u.out_elems for b in traffic.model_blocks(*args) for u in b if u.inner)
+    base = traffic.model_traffic(*args, "triton", True, 2).total
+    for backend, saved in (("triton-f3", 2), ("triton-f3-bn", 3), ("triton-f3-wgrad", 4)):
+        assert base - traffic.model_traffic(*args, backend, True, 2).total == saved * inner * 2
+    # cpu keeps writing y in forward; the rebuild pass trades the two reads of y for one of z
+    # and one write of y: not keeping y costs no bytes.
+    assert traffic.model_traffic(*args, "cpu-recompute", True, 2).total == traffic.model_traffic(
+        *args, "cpu", True, 2).total
+    ratios = traffic.ratios_to_eager(*args)
+    assert ratios["triton-f3-wgrad"][0] < ratios["triton-f3-bn"][0] < ratios["triton-f3"][0] \
+        < ratios["triton"][0] < ratios["cpu"][0] < 1.0
+    assert ratios["triton-f3"][1] == ratios["triton"][1]
+
+
+def test_inconsistent_fusions_are_rejected(monkeypatch):
+    F = traffic.Fusion
+    for bad in (F(True, True, True, True, prologue=True),             # F3 without a rebuild
+                F(True, True, True, False, rebuild="pass"),           # rebuild without B1
+                F(False, True, False, True, rebuild="wgrad"),         # wgrad rebuild, no F3
+                F(True, True, True, True, prologue=True, rebuild="later")):
+        monkeypatch.setitem(traffic.FUSIONS, "bad", bad)
+        with pytest.raises(ValueError, match="inconsistent"):
+            traffic.unit_traffic(INNER, "bad", True)
+
+
+def test_main_prints_every_backend(capsys):
+    assert traffic.main(["--batch", "2", "--image-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n{backend} " in out for backend in traffic.FUSIONS)

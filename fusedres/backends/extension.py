@@ -19,7 +19,7 @@ import torch
 
 from fusedres import _ext
 from fusedres.backend import (Backend, BlockOps, ConvParams, in_memory_format_of,
-                              register_backend)
+                              memory_format_of, register_backend)
 from fusedres.ops import fold, unit_schema
 
 
@@ -83,20 +83,37 @@ class CpuBackend(ExtensionBackend):
 
     def unit_infer(self, conv_module, x, weight, gamma, beta, residual, running_mean,
                    running_var, conv: ConvParams, relu, eps):
-        if not self._onednn_takes(x.dtype):
+        fuses_add = memory_format_of(x) == torch.channels_last and conv.groups == 1
+        if not self._onednn_takes(x.dtype) or (residual is not None and not fuses_add):
+            # ATen hands oneDNN the residual add only for ungrouped channels_last convolutions;
+            # otherwise it falls back to a convolution and a separate add_relu pass (which
+            # rejects bfloat16), where the unfolded convolution with one fused BN + add + ReLU
+            # pass is as good.
             return super().unit_infer(conv_module, x, weight, gamma, beta, residual,
                                       running_mean, running_var, conv, relu, eps)
-        folded = fold.fold_conv_bn(conv_module, weight, gamma, beta, running_mean, running_var,
-                                   eps, x.dtype, "onednn",
-                                   lambda w, b: fold.FoldedConv(w, b.to(x.dtype)))
         stride, padding, dilation, groups = fold.geometry_lists(conv)
+        # channels_last convolutions take the weights prepacked in oneDNN's blocked layout, so
+        # no call reorders them again (eager reorders every weight on every call). The layout is
+        # chosen for the first input's size and stays valid for any other.
+        prepack = memory_format_of(x) == torch.channels_last
+
+        def prepare(w, b):
+            if prepack:
+                w = torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation,
+                                                                 groups, list(x.shape))
+            return fold.FoldedConv(w, b.to(x.dtype))
+
+        folded = fold.fold_conv_bn(conv_module, weight, gamma, beta, running_mean, running_var,
+                                   eps, x.dtype, "onednn-prepacked" if prepack else "onednn",
+                                   prepare)
         unary = "relu" if relu else "none"
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise.default(
                 x, folded.weight, folded.bias, padding, stride, dilation, groups, unary, [], "")
         return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual, folded.weight, folded.bias, padding, stride, dilation, groups, "add",
-            None, unary if relu else None, [], "")
+            x, residual.contiguous(memory_format=torch.channels_last), folded.weight,
+            folded.bias, padding, stride, dilation, groups, "add", None,
+            unary if relu else None, [], "")
 
 
 class CudaBackend(ExtensionBackend):

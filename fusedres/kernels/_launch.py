@@ -5,7 +5,7 @@ when it is used, so ``import fusedres`` never imports triton.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) ``@triton.autotune`` cannot run: its benchmarking needs a
 GPU driver. :func:`launch` therefore calls the plain ``@triton.jit`` kernel with one fixed config
-there, and wraps it in ``triton.autotune`` (once per kernel, lazily) on a GPU.
+there, and autotunes on a GPU (once per key, see below).
 
 Environment switches, read at call time:
 
@@ -21,14 +21,33 @@ Environment switches, read at call time:
 - ``FUSEDRES_POISON_OUTPUTS=1`` fills kernel outputs with NaN before the launch, so an element a
   kernel fails to write shows up in the tests (which set it) instead of as stale memory. Off by
   default: it costs one extra write of every output.
+- ``FUSEDRES_AUTOTUNE_CACHE_DIR``: where tuned configs persist across processes (see below);
+  default ``<triton's cache dir>/fusedres_autotune``, set to the empty string to keep them in
+  memory only.
+
+Autotuning (:func:`launch`): the launcher names what the best config depends on as a dict of
+key values, the row count bucketed to a power of two (:func:`row_bucket`) so that a new batch
+size re-tunes only when it crosses a bucket; the kernel still gets the exact row count. The first
+launch of a (kernel, constexpr flags, tensor dtypes, key values, device, config table) runs
+``triton.autotune`` over the table once; the winner is kept in memory and written to a small
+JSON file, and every later launch with that key, in this process or a later one, runs the kernel
+with that config directly. Triton's own on-disk autotune cache (``cache_results=True`` or
+``TRITON_CACHE_AUTOTUNING=1``, in triton 3.6 through 3.9) is not used: its key is the autotuner's
+``key`` argument names, which must be kernel arguments (bucketing would need a dummy kernel
+argument), it does not tell GPU models of one arch apart, triton 3.6 benchmarks even a one-config
+table, and a cache hit still goes through the Autotuner's per-call argument handling.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
+import tempfile
 import threading
-from typing import Callable, Sequence
+import warnings
+from typing import Callable, Optional, Sequence
 
 import torch
 import triton
@@ -132,11 +151,113 @@ def _run(kernel, grid: Callable, args: Sequence, config: triton.Config, constexp
     kernel[grid(meta)](*args, **meta, **compile_options(config))
 
 
+def row_bucket(rows: int) -> int:
+    """The autotune key of a row count: ``rows`` rounded up to a power of two.
+
+    Tile choice depends on how many row tiles there are (wave quantisation over the SMs), which
+    changes little within a factor of two; keying on the exact count would re-tune every kernel
+    for every new batch size (and every new image size).
+    """
+    return triton.next_power_of_2(max(int(rows), 1))
+
+
+def autotune_cache_dir() -> Optional[str]:
+    """The directory tuned configs persist in, or None (``FUSEDRES_AUTOTUNE_CACHE_DIR=""``)."""
+    value = os.environ.get("FUSEDRES_AUTOTUNE_CACHE_DIR")
+    if value is not None:
+        return value or None
+    try:
+        from triton import knobs
+        base = knobs.cache.dir
+    except (ImportError, AttributeError):
+        base = os.environ.get("TRITON_CACHE_DIR") or os.path.join(
+            os.path.expanduser("~"), ".triton", "cache")
+    return os.path.join(base, "fusedres_autotune")
+
+
+def _config_dict(config: triton.Config) -> dict:
+    return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps,
+            "num_stages": config.num_stages, "maxnreg": config.maxnreg}
+
+
+_DEVICE_NAMES: dict = {}
+
+
+def _device_name(device: torch.device) -> str:
+    """The GPU's model name (tuned configs differ between models of one arch, e.g. H100 and
+    H200); "" off CUDA."""
+    if device.type != "cuda":
+        return ""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_NAMES:
+        _DEVICE_NAMES[index] = torch.cuda.get_device_name(index)
+    return _DEVICE_NAMES[index]
+
+
+def _disk_key(kernel, arch: int, device: torch.device, configs: list, constexprs: dict,
+              key: dict, dtypes: tuple) -> dict:
+    """Everything a persisted config is valid for: the kernel's source (triton's hash of it and
+    of the functions it calls), the variant's constexprs, the argument dtypes, the key values, the
+    GPU, the triton version and the config table."""
+    fn = getattr(kernel, "fn", kernel)
+    return {"kernel": f"{fn.__module__}.{fn.__name__}",
+            "source": getattr(kernel, "cache_key", ""),
+            "constexprs": sorted((k, v) for k, v in constexprs.items()),
+            "dtypes": list(dtypes), "key": sorted((k, v) for k, v in key.items()),
+            "arch": arch, "device": _device_name(device), "triton": triton.__version__,
+            "configs": [_config_dict(c) for c in configs]}
+
+
+def _disk_path(directory: str, disk_key: dict) -> str:
+    digest = hashlib.sha256(json.dumps(disk_key, sort_keys=True).encode()).hexdigest()[:32]
+    return os.path.join(directory, f"{disk_key['kernel'].rsplit('.', 1)[-1]}-{digest}.json")
+
+
+def _load_tuned(path: str, configs: list) -> Optional[triton.Config]:
+    """The config persisted at ``path``, if it is there, readable and still one of ``configs``."""
+    try:
+        with open(path) as f:
+            stored = json.load(f)["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for config in configs:
+        if _config_dict(config) == stored:
+            return config
+    return None
+
+
+_WARNED_UNWRITABLE: set = set()
+
+
+def _store_tuned(path: str, disk_key: dict, config: triton.Config, timings: dict) -> None:
+    """Writes the tuned config atomically (a temporary file renamed into place), so that a
+    process reading it meanwhile sees the whole file or none; warns once per directory when it
+    cannot be written (the config stays tuned in memory)."""
+    directory = os.path.dirname(path)
+    record = {"key": disk_key, "config": _config_dict(config),
+              "timings_ms": [[_config_dict(c), t] for c, t in timings.items()]}
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1, default=str)
+        os.replace(tmp, path)
+    except OSError as e:
+        if directory not in _WARNED_UNWRITABLE:
+            _WARNED_UNWRITABLE.add(directory)
+            warnings.warn(f"fusedres: tuned Triton configs cannot be saved in {directory} ({e}); "
+                          "they are kept for this process only (FUSEDRES_AUTOTUNE_CACHE_DIR "
+                          "moves them)", stacklevel=3)
+
+
+#: {(kernel, arch, device, table, constexprs, key values, dtypes): the config tuned for them}.
 _TUNED: dict = {}
-_AUTOTUNER_LOCK = threading.Lock()
+# Held while tuning (the autotuner times every config on the GPU, and two threads tuning at once
+# would time each other's kernels), never on the path of an already tuned launch.
+_TUNE_LOCK = threading.Lock()
 
 
-def launch(kernel, grid: Callable, args: Sequence, *, table: dict, key: Sequence[str],
+def launch(kernel, grid: Callable, args: Sequence, *, table: dict, key: dict,
            interp_config: triton.Config, device: torch.device, **constexprs) -> triton.Config:
     """Runs ``kernel`` autotuned over ``table`` on a GPU, or with ``interp_config`` interpreted.
 
@@ -148,7 +269,9 @@ def launch(kernel, grid: Callable, args: Sequence, *, table: dict, key: Sequence
         grid: ``grid(meta) -> tuple``, meta holding the chosen config's constexprs.
         args: the kernel's runtime arguments, in order.
         table: {arch: [triton.Config]}, see :func:`arch_configs`.
-        key: argument names whose values re-trigger tuning (``triton.autotune``'s ``key``).
+        key: {name: value} of what the best config depends on besides the constexprs and the
+            tensors' dtypes (which are always part of the key): sizes, with row counts passed
+            through :func:`row_bucket`. Values must be hashable and JSON-serialisable.
         interp_config: the config used under the interpreter (unless FUSEDRES_INTERPRET_ARCH
             asks for a GPU's).
         device: the tensors' device (picks the arch's table).
@@ -166,22 +289,48 @@ def launch(kernel, grid: Callable, args: Sequence, *, table: dict, key: Sequence
     else:
         arch = device_arch(device)
         forced = forced_config_index()
-    if forced is not None:
-        configs = arch_configs(table, arch)
-        config = configs[min(forced, len(configs) - 1)]
+    configs = arch_configs(table, arch)
+    if forced is not None or len(configs) == 1:
+        config = configs[min(forced or 0, len(configs) - 1)]
         _run(kernel, grid, args, config, constexprs)
         return config
-    # One autotuner per (kernel, arch, table): a kernel may be tuned over different tables for
-    # different constexpr variants (e.g. the conv's FLAT_K path).
-    cache_key = (kernel, arch, id(table))
-    tuned = _TUNED.get(cache_key)
-    if tuned is None:
-        tuned = triton.autotune(configs=arch_configs(table, arch), key=list(key))(kernel)
-        _TUNED[cache_key] = tuned
-    # Triton's Autotuner keeps per-call state on itself (the arguments, then best_config, read
-    # here after the launch): threads launching through one autotuner (nn.DataParallel's
-    # replicas) would read each other's config, and the statistics partials be merged with the
-    # wrong row count. The lock costs an uncontended acquire per launch.
-    with _AUTOTUNER_LOCK:
-        tuned[grid](*args, **constexprs)
-        return tuned.best_config
+    dtypes = tuple(str(a.dtype).removeprefix("torch.") for a in args
+                   if isinstance(a, torch.Tensor))
+    memory_key = (kernel, arch, _device_name(device), id(table),
+                  tuple(sorted(constexprs.items())), tuple(sorted(key.items())), dtypes)
+    config = _TUNED.get(memory_key)
+    if config is None:
+        with _TUNE_LOCK:
+            config = _TUNED.get(memory_key)
+            if config is None:
+                config, launched = _tune(kernel, grid, args, configs, constexprs, arch, device,
+                                         key, dtypes)
+                _TUNED[memory_key] = config
+                if launched:
+                    return config
+    _run(kernel, grid, args, config, constexprs)
+    return config
+
+
+def _tune(kernel, grid: Callable, args: Sequence, configs: list, constexprs: dict, arch: int,
+          device: torch.device, key: dict, dtypes: tuple) -> tuple[triton.Config, bool]:
+    """(config, whether this call launched the kernel already) for a key not tuned in memory.
+
+    Reads the persisted config if there is one; else runs ``triton.autotune`` over ``configs``
+    (it times each, then launches the kernel with the fastest) and persists the winner. A fresh
+    autotuner per key: ours decides when to tune, so its own key is empty.
+    """
+    directory = autotune_cache_dir()
+    path = disk_key = None
+    if directory is not None:
+        disk_key = _disk_key(kernel, arch, device, configs, constexprs, key, dtypes)
+        path = _disk_path(directory, disk_key)
+        config = _load_tuned(path, configs)
+        if config is not None:
+            return config, False
+    tuner = triton.autotune(configs=configs, key=[])(kernel)
+    tuner[grid](*args, **constexprs)
+    config = tuner.best_config
+    if path is not None:
+        _store_tuned(path, disk_key, config, getattr(tuner, "configs_timings", None) or {})
+    return config, True

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from fusedres.kernels._launch import (arch_configs, cfg, compile_options, device_arch,
                                       interpreted_arch, interpreting, launch, new_output,
-                                      on_tensor_device)
+                                      on_tensor_device, row_bucket)
 
 
 # -- kernels ---------------------------------------------------------------------------------
@@ -492,8 +492,8 @@ def bn_act_fwd(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     launch(_bn_act_fwd_kernel,
            lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(C, m["BLOCK_C"])),
            (z, res, y, scale.float().contiguous(), shift.float().contiguous(), M, C, H * W),
-           table=ELEMENTWISE_CONFIGS, key=("M", "C"), interp_config=_INTERP, device=z.device,
-           HAS_RESIDUAL=residual is not None, RELU=relu, CHANNELS_LAST=cl)
+           table=ELEMENTWISE_CONFIGS, key=dict(M=row_bucket(M), C=C), interp_config=_INTERP,
+           device=z.device, HAS_RESIDUAL=residual is not None, RELU=relu, CHANNELS_LAST=cl)
     return y
 
 
@@ -567,6 +567,6 @@ def bn_act_bwd_packed(dy: torch.Tensor, y: torch.Tensor, z: Optional[torch.Tenso
         launch(_bn_act_bwd_dz_kernel,
                lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(C, m["BLOCK_C"])),
                (dy, y, dres, z, dz, mean, invstd, weight, sums[0], sums[1], M, C, H * W),
-               table=ELEMENTWISE_CONFIGS, key=("M", "C"), interp_config=_INTERP, device=dev,
-               RELU=relu, G_FROM_DRES=has_residual, CHANNELS_LAST=cl)
+               table=ELEMENTWISE_CONFIGS, key=dict(M=row_bucket(M), C=C), interp_config=_INTERP,
+               device=dev, RELU=relu, G_FROM_DRES=has_residual, CHANNELS_LAST=cl)
     return dz, sums, (dres if has_residual else None)

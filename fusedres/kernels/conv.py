@@ -20,19 +20,25 @@ Epilogue (constexpr flags): AFFINE (eval BatchNorm: ``*scale + shift`` per chann
 HAS_RESIDUAL (+ residual), RELU, STATS (F1: each [BLOCK_M] row tile writes the per-channel mean
 and M2 of the values it stored; :func:`fusedres.kernels.bn.stats_from_partials` merges them).
 
+Weights reach the kernel channels_last (k contiguous: vector loads through cp.async), converted
+at most once per weight version by :func:`prepared_weight`.
+
 Backward is not here: see fusedres/backends/triton.py for why it goes to ATen.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
+import torch.utils.weak
 import triton
 import triton.language as tl
 
 from fusedres.backend import conv_output_hw
-from fusedres.kernels._launch import cfg, interpreting, launch, new_output, on_tensor_device
+from fusedres.kernels._launch import (cfg, interpreting, launch, new_output, on_tensor_device,
+                                      row_bucket)
 
 
 @triton.jit
@@ -168,10 +174,10 @@ def _conv_fwd_kernel(
 # _conv_table: fp16/bf16 and fp32 with TF32 run tl.dot on tensor cores (mma on sm_80, wgmma on
 # sm_90); fp32 without TF32 ("ieee") multiplies on the FMA units with the product's operand
 # slices in registers, so it takes BLOCK_K = 16. scripts/check_triton_compile.py compiles every
-# config of each table for every variant the launcher produces (each epilogue and path; both
-# weight layouts with --all-specialisations) and fails on a spill; the register counts quoted
-# are its worst variant's, both layouts, triton 3.6 and 3.9. ptxas allocates differently under
-# each triton version (3.6 and 3.9 checked with every variant, 3.7 and 3.8 with
+# config of each table for every variant the launcher produces (each epilogue and path) and
+# fails on a spill; the register counts quoted are its worst variant's, triton 3.6 and 3.9
+# (weights in either layout, before prepared_weight). ptxas allocates differently
+# under each triton version (3.6 and 3.9 checked with every variant, 3.7 and 3.8 with
 # --heaviest-epilogues): a tile clean under one can spill under another.
 # Spills come in two kinds: tiles too big for 255 registers (fp32 64x64 FLAT_K tiles, ieee tiles
 # with BLOCK_K = 32), and a few bytes where ptxas holds a kernel to 128 registers (8 warps: two
@@ -291,6 +297,62 @@ def _min_block_m(table: dict) -> int:
     return min(c.kwargs["BLOCK_M"] for configs in table.values() for c in configs)
 
 
+# {weight tensor: {dtype: (identity, converted copy)}}: weak on the weight, so an entry goes
+# with its parameter.
+_PREPARED = torch.utils.weak.WeakIdKeyDictionary()
+_PREPARED_LOCK = threading.Lock()
+
+
+def prepared_weight(weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``weight`` in ``dtype`` and the layout the conv kernel loads best, converted once per
+    version of the weight.
+
+    The kernel reads B[k, co] with k = (r, s, ci): channels_last weights ([Cout, KH, KW, CIN_G]
+    in memory) are contiguous along k, so a tile loads with 16-byte vectors (cp.async on sm_80+);
+    default-layout 3x3 weights are strided by KH*KW along ci, load element by element and take
+    more registers. A weight already in dtype and channels_last (``model.to(memory_format=
+    torch.channels_last)``, and every 1x1 weight) is returned as is; any other is copied, and
+    the copy is kept, keyed weakly on the weight tensor, until the weight changes: an in-place
+    update (optimizer step, ``load_state_dict``, ``copy_``) bumps the tensor's version counter,
+    and ``.data`` assignments change its storage or strides, each of which makes the next call
+    convert again. Memory cost: one copy of each such weight per dtype, freed with the weight.
+
+    Autocast: the weight handed to a convolution is then a fresh cast each call, which no cache
+    keyed on the tensor can reuse. Pass the parameter itself with ``dtype`` the compute dtype
+    (:func:`conv2d` does this for a float32 weight with 16-bit x): the cast and the layout
+    change happen in one copy, once per optimizer step, where autocast casts on every forward.
+    A backward that needs the same weight (ATen's dgrad) gets the cached copy by calling this
+    again.
+
+    Args:
+        weight: [Cout, CIN_G, KH, KW] floating point, any strides.
+        dtype: the dtype wanted (default: the weight's).
+
+    Returns:
+        [Cout, CIN_G, KH, KW] in ``dtype``, channels_last; not tracked by autograd.
+    """
+    dtype = dtype or weight.dtype
+    if weight.dtype == dtype and weight.is_contiguous(memory_format=torch.channels_last):
+        return weight
+
+    def convert():
+        with torch.no_grad():
+            return weight.detach().to(dtype=dtype, memory_format=torch.channels_last)
+
+    if weight.is_inference():
+        return convert()  # inference tensors have no version counter to key on
+    identity = (weight._version, weight.data_ptr(), weight.dtype, weight.shape, weight.stride())
+    with _PREPARED_LOCK:
+        by_dtype = _PREPARED.get(weight)
+        cached = by_dtype.get(dtype) if by_dtype is not None else None
+    if cached is not None and cached[0] == identity:
+        return cached[1]
+    converted = convert()
+    with _PREPARED_LOCK:
+        _PREPARED.setdefault(weight, {})[dtype] = (identity, converted)
+    return converted
+
+
 @on_tensor_device
 def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int, *,
            scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
@@ -299,9 +361,9 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
 
     Args:
         x: [N, Cin, H, W] fp16/bf16/fp32 (channels_last is used as is; other layouts are copied).
-        weight: [Cout, Cin/groups, KH, KW], x's dtype, read in place through its strides:
-            channels_last weights (``model.to(memory_format=torch.channels_last)``) load
-            contiguously along k; others work with strided loads.
+        weight: [Cout, Cin/groups, KH, KW] in x's dtype, or float32 with 16-bit x (autocast's
+            master weight); any layout. Passed through :func:`prepared_weight`: weights not
+            already channels_last in x's dtype are converted once per weight version.
         stride, padding, dilation: pairs; groups: int.
         scale, shift: [Cout] float32, both or neither (AFFINE epilogue).
         residual: [N, Cout, Ho, Wo] or None.
@@ -314,7 +376,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
     """
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the triton conv supports float16, bfloat16 and float32, got {x.dtype}")
-    if weight.dtype != x.dtype:
+    if weight.dtype != x.dtype and not (weight.dtype == torch.float32
+                                        and x.dtype in (torch.float16, torch.bfloat16)):
         raise TypeError(f"weight dtype {weight.dtype} does not match input dtype {x.dtype}")
     N, Cin, H, W = x.shape
     Cout, cin_g, KH, KW = weight.shape
@@ -328,6 +391,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
     M = N * Ho * Wo
     cout_g = Cout // groups
     x = x.contiguous(memory_format=torch.channels_last)
+    weight = prepared_weight(weight, x.dtype)
     out = new_output((N, Cout, Ho, Wo), dtype=x.dtype, device=x.device,
                      memory_format=torch.channels_last)
     affine = scale is not None
@@ -347,8 +411,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
         (x, weight, out, res, scale, shift, partial[0], partial[1], M, H, W, Cin, Ho, Wo, Cout,
          cin_g, cout_g, sh, sw, ph, pw, dh, dw, *weight.stride()),
         table=table,
-        key=("M", "Cin", "Cout", "CIN_G", "KH", "KW", "stride_h", "AFFINE", "HAS_RESIDUAL",
-             "STATS"),
+        key=dict(M=row_bucket(M), Cin=Cin, Cout=Cout, groups=groups, KH=KH, KW=KW,
+                 stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw)),
         interp_config=_INTERP, device=x.device,
         KH=KH, KW=KW, FLAT_K=flat_k, POINTWISE=pointwise, AFFINE=affine,
         HAS_RESIDUAL=residual is not None, RELU=relu, STATS=stats, DOT_PRECISION=precision)

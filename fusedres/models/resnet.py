@@ -8,19 +8,21 @@ state_dict; nothing is ever downloaded), ``backend`` and torchvision's keyword a
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
 import torch
+import torch.nn as nn
 
 from fusedres import reference
 from fusedres.backend import current_backend_name
+from fusedres.fusability import is_frozen_norm
 from fusedres.modules import FusedBasicBlock, FusedBottleneck
-from fusedres.ops.unit import conv_bn_act
+from fusedres.ops.unit import conv_bn_act, single_value_error, uses_batch_stats
 
 __all__ = [
     "FusedResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2",
-    "wide_resnet101_2", "load_checkpoint",
+    "wide_resnet101_2", "load_checkpoint", "block_units", "check_chain",
 ]
 
 Weights = Union[None, str, os.PathLike, dict]
@@ -50,6 +52,132 @@ class FusedResNet(reference.ResNet):
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend,
                            name="ResNet.conv1")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_chain(x, [("conv1", self.conv1), ("bn1", self.bn1), ("relu", self.relu),
+                        ("maxpool", self.maxpool), ("layer1", self.layer1),
+                        ("layer2", self.layer2), ("layer3", self.layer3), ("layer4", self.layer4)])
+        return super().forward(x)
+
+
+_BLOCK_UNITS = {reference.BasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),
+                reference.Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))}
+
+
+def block_units(block: nn.Module) -> Optional[list]:
+    """The main-path units of a BasicBlock or Bottleneck (eager or fused), in order.
+
+    Returns:
+        ``[(conv name, conv, norm), ...]``, or None when ``block`` is no such block.
+    """
+    for cls, names in _BLOCK_UNITS.items():
+        if isinstance(block, cls):
+            # _modules directly: nn.Module.__getattr__ costs a microsecond a call, and the
+            # pre-check below runs on every forward.
+            mods = block._modules
+            return [(conv, mods[conv], mods[norm]) for conv, norm in names]
+    return None
+
+
+def _conv_hw(conv: nn.Conv2d, h: int, w: int) -> tuple[int, int]:
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (conv.kernel_size, conv.stride, conv.padding,
+                                              conv.dilation)
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def _maxpool_hw(pool: nn.MaxPool2d, h: int, w: int) -> tuple[int, int]:
+    """nn.MaxPool2d's output size (ATen's formula, ceil_mode included)."""
+    pair = nn.modules.utils._pair
+    k, s, p, d = (pair(v) for v in (pool.kernel_size, pool.stride or pool.kernel_size,
+                                    pool.padding, pool.dilation))
+    out = []
+    for i, size in enumerate((h, w)):
+        span = size + 2 * p[i] - d[i] * (k[i] - 1) - 1 + (s[i] - 1 if pool.ceil_mode else 0)
+        o = span // s[i] + 1
+        if pool.ceil_mode and (o - 1) * s[i] >= size + p[i]:
+            o -= 1  # the last window must start inside the input or its left padding
+        out.append(o)
+    return out[0], out[1]
+
+
+def check_chain(x: torch.Tensor, modules: Iterable[tuple[str, nn.Module]]) -> None:
+    """Raises, before anything runs, for input that a later layer of a chain would refuse.
+
+    A training call that fails in layer4 (one value per channel, a feature map smaller than a
+    kernel) would otherwise leave every BatchNorm before it with updated running statistics and
+    ``num_batches_tracked``. This walks the shapes through the chain with integer arithmetic and
+    raises what the failing layer would raise, once some earlier BatchNorm would have updated its
+    statistics; a failure before that is left to the layer itself. It follows what it knows
+    exactly (nn.Conv2d, BatchNorm, FrozenBatchNorm2d, ReLU, Identity, nn.MaxPool2d,
+    BasicBlock/Bottleneck blocks, nn.Sequential stages of these) and stops, silently, at the
+    first module it does not: what that returns is known only once it has run.
+
+    Args:
+        x: the chain's input [N, C, H, W]; anything else is left to the first layer.
+        modules: ``(name, module)`` in the order the chain runs them.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        return
+    n, c, h, w = x.shape
+    updated = False  # whether a BatchNorm before this point updates its running statistics
+    stack = [((name,), m) for name, m in reversed(list(modules))]
+    while stack:
+        path, m = stack.pop()
+        kind = type(m)
+        if kind is nn.Sequential:
+            stack += [(path + (k,), v) for k, v in reversed(m._modules.items())]
+            continue
+        if kind is nn.MaxPool2d:
+            h, w = _maxpool_hw(m, h, w)
+            if h <= 0 or w <= 0:
+                return  # nn.MaxPool2d raises, and it changes no state
+            continue
+        if kind in (nn.ReLU, nn.Identity) or is_frozen_norm(m):
+            continue
+        if kind is nn.Conv2d and not isinstance(m.padding, str):
+            units = [(path, m, None)]
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            units = [(path, None, m)]
+        else:
+            units = block_units(m)
+            if units is None:
+                return
+            # The main path only, as the blocks' own check: a failure there is what torchvision's
+            # blocks raise too (they run the downsample last).
+            units = [(path + (unit,), conv, norm) for unit, conv, norm in units]
+        state = _walk_units(units, n, c, h, w, updated)
+        if state is None:
+            return
+        c, h, w, updated = state
+
+
+def _walk_units(units: list, n: int, c: int, h: int, w: int, updated: bool) -> Optional[tuple]:
+    """Steps (c, h, w) through ``[(path, conv or None, norm or None), ...]``; raises the error a
+    unit would raise once ``updated`` (some earlier BatchNorm updated its statistics).
+
+    Returns:
+        (c, h, w, updated) after the units; None where the walk must stop: a channel mismatch
+        or a failure before any statistics changed, which the layer itself reports.
+    """
+    for path, conv, norm in units:
+        if conv is not None:
+            if c != conv.in_channels:
+                return None
+            ho, wo = _conv_hw(conv, h, w)
+            if ho <= 0 or wo <= 0:
+                if not updated:
+                    return None
+                raise ValueError(f"{'.'.join(path)}: its input {(n, c, h, w)} is too small for "
+                                 f"the {tuple(conv.kernel_size)} convolution (output would be "
+                                 f"{(n, conv.out_channels, ho, wo)})")
+            c, h, w = conv.out_channels, ho, wo
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            if n * h * w == 1 and uses_batch_stats(norm):
+                if not updated:
+                    return None
+                raise single_value_error((n, c, h, w))
+            updated = updated or (norm.training and norm.track_running_stats)
+    return c, h, w, updated
 
 
 def load_checkpoint(model: torch.nn.Module, weights: Weights, strict: bool = True) -> None:

@@ -41,8 +41,8 @@ import torch
 import torch.nn as nn
 
 from fusedres.backend import BlockOps, get_backend, resolve
-from fusedres.ops.unit import (_autocast_dtype, _check_norm, _is_fusable, check_unit_inputs,
-                               uses_batch_stats)
+from fusedres.fusability import unfusable_reason
+from fusedres.ops.unit import _autocast_dtype, _check_norm, check_unit_inputs, uses_batch_stats
 
 __all__ = ["DOUBLE_BACKWARD_ERROR", "RECOMPUTE_ENV", "RECOMPUTE_MODES", "Unit", "block_train",
            "bn_act_coefficients", "recompute_mode"]
@@ -275,7 +275,7 @@ def _cast(grads: Sequence[torch.Tensor], mask: Sequence[bool], like: Sequence) -
 
 def _fits(unit: Unit) -> bool:
     # A FrozenBatchNorm2d is fusable but never uses batch statistics.
-    return _is_fusable(unit.conv, unit.bn) and uses_batch_stats(unit.bn)
+    return unfusable_reason(unit.conv, unit.bn) is None and uses_batch_stats(unit.bn)
 
 
 def block_train(x: torch.Tensor, units: Sequence[Unit], downsample: Optional[Unit],

@@ -34,25 +34,16 @@ from typing import Optional
 import torch
 
 from fusedres import _ext
+from fusedres.backend import memory_format_of
 from fusedres.ops import unit_schema
 from fusedres.reference import stats_dtype
 
 __all__ = ["REGISTERED", "output_memory_format", "pack_relu_mask", "relu_mask_bytes"]
 
 
-def output_memory_format(z: torch.Tensor) -> torch.memory_format:
-    """The memory format the ops give their activation outputs for input ``z``.
-
-    Args:
-        z: [N, C, H, W] activation (any strides).
-
-    Returns:
-        ``torch.channels_last`` when z is channels_last dense and not also NCHW contiguous,
-        else ``torch.contiguous_format``.
-    """
-    if z.dim() == 4 and not z.is_contiguous() and z.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+#: The memory format the ops give their activation outputs for input z (see
+#: :func:`fusedres.backend.memory_format_of`).
+output_memory_format = memory_format_of
 
 
 def relu_mask_bytes(numel) -> int:

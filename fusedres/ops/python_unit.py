@@ -177,10 +177,15 @@ def define_unit_ops(namespace: str, impls: PhaseImpls, layout: unit_schema.Layou
             ctx.stride, ctx.padding, ctx.dilation, ctx.groups = stride, padding, dilation, groups
             ctx.relu, ctx.eps = relu, eps
             ctx.mark_non_differentiable(z, mean, invstd)
+            # Their gradients are never used: without this, autograd would allocate a zero
+            # tensor the size of z for every unit's backward.
+            ctx.set_materialize_grads(False)
             return y, z, mean, invstd
 
         @staticmethod
         def backward(ctx, dy, _dz, _dmean, _dinvstd):
+            if dy is None:  # y took no part in the loss (gradients are not materialised)
+                return (None,) * 15
             x, weight, y, z, mean, invstd, gamma, beta = ctx.saved_tensors
             if torch.is_grad_enabled():
                 grads = _differentiable_backward(ctx, dy, x, weight, y, gamma, beta, None, None,

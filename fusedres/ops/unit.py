@@ -23,24 +23,16 @@ import torch.nn as nn
 
 from fusedres import reference
 from fusedres.backend import ConvParams, conv_output_hw, resolve
+from fusedres.fusability import is_frozen_norm, unfusable_reason
 
-__all__ = ["check_unit_inputs", "conv_bn_act", "conv_output_shape", "is_frozen_norm",
-           "single_value_error", "uses_batch_stats"]
+__all__ = ["check_unit_inputs", "conv_bn_act", "conv_output_shape", "single_value_error",
+           "uses_batch_stats"]
 
 
 def conv_output_shape(shape: Sequence[int], conv: nn.Conv2d) -> torch.Size:
     """The output shape of ``conv`` for an input of ``shape`` [N, Cin, H, W]."""
     hw = conv_output_hw(shape[2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation)
     return torch.Size([shape[0], conv.out_channels, *hw])
-
-
-def is_frozen_norm(norm: nn.Module) -> bool:
-    """Whether ``norm`` is a FrozenBatchNorm2d (torchvision's or timm's): fixed statistics and
-    affine parameters held as buffers, normalising with running statistics in train and eval."""
-    return (type(norm).__name__ == "FrozenBatchNorm2d"
-            and all(isinstance(getattr(norm, n, None), torch.Tensor)
-                    for n in ("weight", "bias", "running_mean", "running_var"))
-            and isinstance(getattr(norm, "eps", None), float))
 
 
 def uses_batch_stats(bn: nn.Module) -> bool:
@@ -137,15 +129,6 @@ def _is_batchnorm(bn: nn.Module) -> bool:
     return isinstance(bn, nn.BatchNorm2d) or is_frozen_norm(bn)
 
 
-def _is_fusable(conv: nn.Module, bn: nn.Module) -> bool:
-    # Exactly what the ops implement: a bias-free, zero-padded Conv2d and a BatchNorm2d (or a
-    # FrozenBatchNorm2d). Anything else (SyncBatchNorm, GroupNorm, reflect padding, conv bias)
-    # keeps eager semantics.
-    return (isinstance(conv, nn.Conv2d) and conv.bias is None and conv.padding_mode == "zeros"
-            and not isinstance(conv.padding, str)
-            and (isinstance(bn, nn.BatchNorm2d) or is_frozen_norm(bn)))
-
-
 def _autocast_dtype(dtype: torch.dtype, autocast_dtype: Optional[torch.dtype]) -> torch.dtype:
     """The dtype autocast hands a convolution's ``dtype`` operand: float64 is left alone."""
     return dtype if autocast_dtype is None or dtype == torch.float64 else autocast_dtype
@@ -181,7 +164,7 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
     autocast = (torch.get_autocast_dtype(x.device.type)
                 if torch.is_autocast_enabled(x.device.type) else None)
     be = resolve(backend, x.device, _autocast_dtype(x.dtype, autocast))
-    if getattr(be, "uses_reference_composition", False) or not _is_fusable(conv, bn):
+    if getattr(be, "uses_reference_composition", False) or unfusable_reason(conv, bn) is not None:
         return reference.unit_forward(x, conv, bn, residual, relu)
     if x.shape[0] == 0:
         # nn.BatchNorm2d on an empty batch returns it, leaves the running statistics alone and
@@ -191,12 +174,18 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
     if autocast is not None:
         # What autocast does to the eager unit: conv input and weight in the autocast dtype,
         # BatchNorm parameters and statistics in float32, the output in the autocast dtype.
+        # (Inference takes the weight as it is: its fold casts it once per parameter version.)
         dtype = _autocast_dtype(x.dtype, autocast)
-        x, weight = x.to(dtype), weight.to(dtype)
+        x = x.to(dtype)
         if residual is not None:
             residual = residual.to(dtype)
     params = ConvParams(conv.stride, conv.padding, conv.dilation, conv.groups)
     gamma, beta = bn.weight, bn.bias
+    infer = not (_wants_grad(x, weight, gamma, beta, residual) or torch.compiler.is_compiling())
+    if infer and not uses_batch_stats(bn):
+        return be.unit_infer(conv, x, weight, gamma, beta, residual, bn.running_mean,
+                             bn.running_var, params, relu, bn.eps)
+    weight = weight.to(x.dtype)
     if uses_batch_stats(bn):
         track = bn.training and bn.track_running_stats
         return be.unit_train(x, weight, gamma, beta, residual,
@@ -204,10 +193,7 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
                              bn.running_var if track else None,
                              bn.num_batches_tracked if track else None,
                              params, relu, bn.momentum, bn.eps)
-    if _wants_grad(x, weight, gamma, beta, residual) or torch.compiler.is_compiling():
-        # Frozen statistics with something to differentiate (frozen-BN fine-tuning), or a graph
-        # being traced (the fold cache's version checks are host logic): one traceable op.
-        return be.unit_eval(x, weight, gamma, beta, residual, bn.running_mean, bn.running_var,
-                            params, relu, bn.eps)
-    return be.unit_infer(conv, x, weight, gamma, beta, residual, bn.running_mean, bn.running_var,
-                         params, relu, bn.eps)
+    # Frozen statistics with something to differentiate (frozen-BN fine-tuning), or a graph
+    # being traced (the fold cache's version checks are host logic): one traceable op.
+    return be.unit_eval(x, weight, gamma, beta, residual, bn.running_mean, bn.running_var,
+                        params, relu, bn.eps)

@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from fusedres.backend import conv_output_hw
+from fusedres.backend import conv_output_hw, memory_format_of
 from fusedres.reference import stats_dtype
 
 __all__ = ["ATEN_LAYOUT", "CHANNELS_LAST_LAYOUT", "Layout", "SCHEMAS", "register_fakes"]
@@ -43,13 +43,6 @@ SCHEMAS = {
         "bool training, bool[5] output_mask) "
         "-> (Tensor dx, Tensor dweight, Tensor dgamma, Tensor dbeta, Tensor dresidual)"),
 }
-
-
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    """channels_last when t is channels_last-dense and not also NCHW-contiguous (checks.h's rule)."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 class Layout(NamedTuple):
@@ -96,7 +89,7 @@ CHANNELS_LAST_LAYOUT = Layout(z=_channels_last_z,
 
 
 def _y_like(layout: Layout, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    fmt = _memory_format(x) if layout.y_like_x(x) else _memory_format(z)
+    fmt = memory_format_of(x) if layout.y_like_x(x) else memory_format_of(z)
     return torch.empty_like(z, memory_format=fmt)
 
 
@@ -126,7 +119,7 @@ def register_fakes(namespace: str, layout: Layout) -> None:
             ref = layout.z(x, weight, stride, padding, dilation, groups)
         else:
             ref = dy
-        dz = torch.empty_like(ref, memory_format=_memory_format(ref))
+        dz = torch.empty_like(ref, memory_format=memory_format_of(ref))
         dx, dw, _ = torch.ops.aten.convolution_backward.default(
             dz, layout.conv_input(x), weight, None, stride, padding, dilation, False, [0, 0],
             groups, [output_mask[0], output_mask[1], False])

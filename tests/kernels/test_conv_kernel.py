@@ -8,6 +8,7 @@ checked to be int64 where N*H*W*C may pass 2^31.
 """
 
 import functools
+import inspect
 import json
 import os
 import re
@@ -433,3 +434,119 @@ def test_compiled_conv_row_and_image_offsets_are_int64_throughout(variant):
                                 ("offs_m", "img_base", "a_row", "out_offs"))
     assert_int64(types, {"offs_m", "out_offs", "a_row" if "pointwise" in variant else "img_base"},
                  variant)
+
+
+# -- weights in the kernel's layout, once per weight version ---------------------------------
+
+
+def _launched_weights(monkeypatch, conv):
+    """Intercepts the conv launches (not run): the weight tensor each one passes the kernel."""
+    weights = []
+
+    def record(kernel, grid, args, *, interp_config, **kwargs):
+        weights.append(args[1])
+        return interp_config
+
+    monkeypatch.setattr(conv, "launch", record)
+    return weights
+
+
+def test_weights_reach_the_kernel_channels_last_once_per_version(monkeypatch):
+    """A default-layout 3x3 weight is converted to channels_last (k contiguous) on the first
+    call only; an in-place update (an optimizer step) makes the next call convert again, and
+    the kernel sees the new values."""
+    conv = _conv()
+    geom = GEOMETRIES["3x3s2-c64-taps"]
+    x, w = _inputs(geom, torch.float32)
+    w = torch.nn.Parameter(w)
+    assert not w.is_contiguous(memory_format=torch.channels_last)
+    weights = _launched_weights(monkeypatch, conv)
+    for _ in range(3):
+        conv.conv2d(x, w, *_args(geom))
+    first = weights[0]
+    assert all(t is first for t in weights), "converted again although the weight did not change"
+    assert first.is_contiguous(memory_format=torch.channels_last) and first.stride()[1] == 1
+    assert torch.equal(first, w.detach()) and not first.requires_grad
+    with torch.no_grad():
+        w.mul_(2.0)
+    conv.conv2d(x, w, *_args(geom))
+    assert weights[-1] is not first and torch.equal(weights[-1], w.detach())
+    # `.data` assignment swaps the storage without a version bump of its own.
+    w.data = torch.randn_like(w)
+    conv.conv2d(x, w, *_args(geom))
+    assert torch.equal(weights[-1], w.detach())
+
+
+def test_channels_last_and_1x1_weights_pass_through_uncopied(monkeypatch):
+    conv = _conv()
+    weights = _launched_weights(monkeypatch, conv)
+    geom = GEOMETRIES["3x3s2-c64-taps"]
+    x, w = _inputs(geom, torch.float16)
+    w_cl = w.contiguous(memory_format=torch.channels_last)
+    conv.conv2d(x, w_cl, *_args(geom))
+    geom = GEOMETRIES["1x1-c64-pointwise"]
+    x1, w1 = _inputs(geom, torch.float16)
+    assert w1.is_contiguous()
+    conv.conv2d(x1, w1, *_args(geom))
+    assert weights[0] is w_cl and weights[1] is w1
+
+
+def test_converted_weights_go_with_their_parameter():
+    import gc
+    conv = _conv()
+    w = torch.randn(8, 4, 3, 3)
+    conv.prepared_weight(w)
+    count = len(conv._PREPARED)
+    del w
+    gc.collect()
+    assert len(conv._PREPARED) == count - 1
+
+
+def test_inference_mode_weights_are_converted_uncached():
+    conv = _conv()
+    with torch.inference_mode():
+        w = torch.randn(8, 4, 3, 3)
+        prepared = conv.prepared_weight(w)
+    assert prepared.is_contiguous(memory_format=torch.channels_last) and torch.equal(prepared, w)
+    assert w not in conv._PREPARED
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + [torch.bfloat16] * (DEVICE == "cuda"),
+                         ids=str)
+def test_float32_master_weight_under_autocast(monkeypatch, dtype):
+    """Autocast hands the conv a fresh 16-bit cast of the weight on every call, which no cache
+    can reuse; the launcher takes the float32 parameter itself and casts it (with the layout
+    change, one copy) once per version: the result is the convolution with the cast weight."""
+    conv = _conv()
+    geom = GEOMETRIES["3x3s2-c64-taps"]
+    x, w = _inputs(geom, dtype)
+    w32 = w.float()
+    out = conv.conv2d(x, w32, *_args(geom))
+    torch.testing.assert_close(out, conv.conv2d(x, w, *_args(geom)), rtol=0, atol=0)
+    assert conv.prepared_weight(w32, dtype) is conv.prepared_weight(w32, dtype)
+    assert conv.prepared_weight(w32, dtype).dtype == dtype
+    with pytest.raises(TypeError, match="does not match"):
+        conv.conv2d(x.float(), w, *_args(geom))  # a 16-bit weight is never upcast
+
+
+# -- the autotune key -------------------------------------------------------------------------
+
+
+def test_conv_autotune_key_buckets_the_row_count(monkeypatch):
+    """Batch sizes whose N*Ho*Wo fall in one power-of-two bucket share the tuned config; the
+    kernel still gets the exact row count."""
+    conv = _conv()
+    launches = []
+
+    def record(kernel, grid, args, *, key, interp_config, **kwargs):
+        launches.append((key, args[list(inspect.signature(kernel.fn).parameters).index("M")]))
+        return interp_config
+
+    monkeypatch.setattr(conv, "launch", record)
+    geom = GEOMETRIES["1x1-c64-pointwise"]  # 3x5 pixels per image
+    for n in (5, 6, 9):
+        x, w = _inputs((n, *geom[1:]), torch.float32)
+        conv.conv2d(x, w, *_args(geom))
+    (k5, m5), (k6, m6), (k9, m9) = launches
+    assert (m5, m6, m9) == (75, 90, 135)
+    assert k5 == k6 and k5["M"] == 128 and k9["M"] == 256

@@ -291,9 +291,11 @@ def test_every_config(monkeypatch, unit):
 
 
 @pytest.mark.parametrize("unit", ["l1-1x1-expand", "l3-3x3"])
-def test_autotuned(monkeypatch, unit):
-    """What users run: the autotuner picks the config (timing every one on first use)."""
+def test_autotuned(monkeypatch, tmp_path, unit):
+    """What users run: the autotuner picks the config (timing every one on first use; an empty
+    cache directory, so that configs persisted by an earlier run do not stand in for tuning)."""
     monkeypatch.delenv("FUSEDRES_TRITON_CONFIG", raising=False)
+    monkeypatch.setenv("FUSEDRES_AUTOTUNE_CACHE_DIR", str(tmp_path))
     for training in (True, False):
         _unit_case(unit, torch.bfloat16, training=training)
 

@@ -234,13 +234,13 @@ def test_float64_is_refused_with_a_clear_error():
 def test_global_backend_choice_reaches_triton(monkeypatch):
     from fusedres.backends import triton as triton_backend
     calls = []
-    original = triton_backend.TritonBackend.forward_train
+    original = triton_backend.TritonBackend.unit_train
 
     def spy(self, *args, **kwargs):
         calls.append(1)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(triton_backend.TritonBackend, "forward_train", spy)
+    monkeypatch.setattr(triton_backend.TritonBackend, "unit_train", spy)
     fusedres.set_backend("triton")
     FusedConvBNReLU(3, 4, 3).to(DEVICE)(torch.randn(2, 3, 5, 5, device=DEVICE))
     assert calls, "the fused triton path was not taken"
@@ -278,6 +278,7 @@ def test_export_eval_model():
     eager.eval()
     program = torch.export.export(fused, (torch.randn(4, 3, 16, 16, device=DEVICE),))
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
-    assert "fusedres_triton.conv2d.default" in targets, sorted(targets)
+    assert "fusedres_triton.unit_eval.default" in targets, sorted(targets)
+    assert not {"aten.batch_norm.default", "aten.convolution.default"} & targets, sorted(targets)
     x = torch.randn(4, 3, 16, 16, device=DEVICE)
     torch.testing.assert_close(program.module()(x), eager(x), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,127 @@
+"""What one unit ``act(norm(conv(x)) + residual)`` can run fused: the single source of truth.
+
+:func:`fusedres.ops.conv_bn_act` decides with it whether a unit runs on a fused backend or keeps
+its eager composition, and :func:`fusedres.convert` reports with it how many units of a model
+run fused and why the others do not. The rule is exactly what the kernels implement:
+
+- the conv is a bias-free, zero-padded ``nn.Conv2d`` with numeric padding, whose forward is
+  nn.Conv2d's own (a subclass that changes it, e.g. timm's ``Conv2dSame``, is not the same op);
+- the norm is an ``nn.BatchNorm2d`` (batch statistics in training, running statistics in eval) or
+  a FrozenBatchNorm2d (torchvision's, which timm re-exports, or any module of that name with its
+  buffers: a fixed per-channel scale and shift, the eval fold);
+- neither module has forward hooks (the fused unit never calls their forward, so the hooks would
+  silently stop running).
+
+Not fusable, and why: ``nn.SyncBatchNorm`` (statistics across processes), ``GroupNorm`` and the
+other norms, timm's ``BatchNormAct2d`` / ``FrozenBatchNormAct2d`` (their activation and drop
+layers act before the residual add, inside the norm), an uninitialised lazy module.
+
+Import-light on purpose (torch only): fusedres.ops imports it, and it must never import
+torchvision or timm.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn as nn
+
+__all__ = ["is_frozen_norm", "unfusable_reason"]
+
+_FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+
+
+def is_frozen_norm(norm: nn.Module) -> bool:
+    """Whether ``norm`` is a FrozenBatchNorm2d: ``x * scale + shift`` from fixed buffers.
+
+    Recognised without importing torchvision: the class name ``FrozenBatchNorm2d`` (torchvision's
+    ``torchvision.ops.misc.FrozenBatchNorm2d``, which timm uses too, or detectron2's, computing the
+    same), the four 1-D buffers ``weight``, ``bias``, ``running_mean``, ``running_var`` of one
+    length (buffers, not parameters: nothing of it trains), a float ``eps``, and no submodules
+    (timm's ``FrozenBatchNormAct2d`` has ``act``/``drop`` children and another name).
+
+    Args:
+        norm: any module.
+
+    Returns:
+        True when a fused unit may apply it as the eval fold
+        ``scale = weight * rsqrt(running_var + eps)``, ``shift = bias - running_mean * scale``.
+    """
+    if type(norm).__name__ != "FrozenBatchNorm2d" or next(norm.children(), None) is not None:
+        return False
+    if dict(norm.named_parameters(recurse=False)):
+        return False
+    buffers = dict(norm.named_buffers(recurse=False))
+    tensors = [buffers.get(name) for name in _FROZEN_BUFFERS]
+    if any(t is None or t.dim() != 1 for t in tensors):
+        return False
+    return (len({t.shape[0] for t in tensors}) == 1
+            and isinstance(getattr(norm, "eps", None), float))
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _conv_reason(conv: nn.Module) -> Optional[str]:
+    if not isinstance(conv, nn.Conv2d):
+        return f"conv is {type(conv).__name__}, not nn.Conv2d"
+    cls = type(conv)
+    if cls.forward is not nn.Conv2d.forward or cls._conv_forward is not nn.Conv2d._conv_forward:
+        return f"conv is {cls.__name__}, whose forward is not nn.Conv2d's"
+    if isinstance(conv, nn.modules.lazy.LazyModuleMixin) and conv.has_uninitialized_params():
+        return "conv is an uninitialised lazy module"
+    if conv.bias is not None:
+        return "conv has a bias"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r}"
+    if isinstance(conv.padding, str):
+        return f"padding={conv.padding!r}"
+    if _hooked(conv):
+        return "conv has forward hooks"
+    return None
+
+
+def _norm_reason(norm: nn.Module) -> Optional[str]:
+    if is_frozen_norm(norm):
+        return "norm has forward hooks" if _hooked(norm) else None
+    name = type(norm).__name__
+    if isinstance(norm, nn.SyncBatchNorm):
+        return "SyncBatchNorm (statistics across processes)"
+    if not isinstance(norm, nn.BatchNorm2d):
+        return f"norm is {name}"
+    if type(norm).forward is not nn.BatchNorm2d.forward:
+        # timm's BatchNormAct2d is a BatchNorm2d subclass whose forward adds drop + activation.
+        return f"norm is {name}, whose forward is not nn.BatchNorm2d's"
+    if _hooked(norm):
+        return "norm has forward hooks"
+    return None
+
+
+def unfusable_reason(conv: nn.Module, norm: nn.Module) -> Optional[str]:
+    """Why the unit ``act(norm(conv(x)) + residual)`` cannot run fused, or None when it can.
+
+    Structural only (the modules' types and settings): what the input looks like (dtype, device,
+    shape) is checked per call by :func:`fusedres.ops.unit.check_unit_inputs`.
+
+    Args:
+        conv: the unit's convolution module.
+        norm: the normalisation module that follows it.
+
+    Returns:
+        None when the pair runs fused; otherwise a short human-readable reason, e.g.
+        ``"conv has a bias"``, ``"padding_mode='reflect'"``, ``"norm is GroupNorm"``,
+        ``"SyncBatchNorm (statistics across processes)"``.
+    """
+    conv_reason = _conv_reason(conv)
+    if conv_reason is not None:
+        return conv_reason
+    norm_reason = _norm_reason(norm)
+    if norm_reason is not None:
+        return norm_reason
+    channels = getattr(norm, "num_features", None)
+    if channels is None and is_frozen_norm(norm):
+        channels = norm.weight.shape[0]
+    if channels != conv.out_channels:
+        return f"norm has {channels} channels, conv has out_channels={conv.out_channels}"
+    return None

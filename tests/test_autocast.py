@@ -1,0 +1,129 @@
+"""bf16 autocast on the CPU: no casts beyond eager autocast's, statistics in float32,
+channels_last from end to end.
+
+Casts are counted over one training step (forward, backward) and one inference forward, as the
+ATen ops that copy between dtypes (``aten::_to_copy``, ``aten::copy_``, whatever their caller,
+seen by a TorchDispatchMode), of a fused ResNet and of the eager model with the same weights.
+"""
+
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import CPU_FUSED_BACKENDS
+import fusedres
+from fusedres import reference
+from fusedres.ops import fold
+
+class _CastCounter(TorchDispatchMode):
+    """Counts the ATen ops that convert a tensor to another dtype (``_to_copy`` with a new
+    dtype, ``copy_`` between dtypes), from Python or from inside any C++ op."""
+
+    def __init__(self):
+        super().__init__()
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            dtype = kwargs.get("dtype")
+            self.casts += int(dtype is not None and dtype != args[0].dtype)
+        elif func is torch.ops.aten.copy_.default:
+            self.casts += int(args[0].dtype != args[1].dtype)
+        return func(*args, **kwargs)
+
+
+def _cast_count(fn) -> int:
+    with _CastCounter() as counter:
+        fn()
+    return counter.casts
+
+
+def _models(backend):
+    torch.manual_seed(0)
+    fused = fusedres.models.resnet18(num_classes=10, backend=backend)
+    eager = reference.ResNet(reference.BasicBlock, [2, 2, 2, 2], num_classes=10)
+    eager.load_state_dict(fused.state_dict())
+    return [m.to(memory_format=torch.channels_last) for m in (fused, eager)]
+
+
+def _train_step(model, x, target):
+    def step():
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = F.cross_entropy(model(x), target)
+        loss.backward()
+    return step
+
+
+def _infer(model, x):
+    def forward():
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            model(x)
+    return forward
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_FUSED_BACKENDS if b != "torch_ops"])
+def test_no_casts_beyond_eager_autocast(backend):
+    fused, eager = _models(backend)
+    x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 10, (4,))
+    for model in (fused, eager):
+        model.train()
+        _train_step(model, x, target)()  # warm-up: first-call allocations and lazy init
+    train = {name: _cast_count(_train_step(m, x, target))
+             for name, m in (("fused", fused), ("eager", eager))}
+    assert train["eager"] > 0, "the profiler saw no casts: the count could not fail"
+    assert train["fused"] <= train["eager"], train
+    for model in (fused, eager):
+        model.eval()
+        _infer(model, x)()  # folds and caches the weights once
+    infer = {name: _cast_count(_infer(m, x)) for name, m in (("fused", fused), ("eager", eager))}
+    assert infer["fused"] <= infer["eager"], infer
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+def test_statistics_stay_float32_and_layout_channels_last(backend):
+    fused, _ = _models(backend)
+    fused.train()
+    x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    layouts = []
+    hooks = [m.register_forward_hook(lambda mod, i, out: layouts.append(
+        (type(mod).__name__, out.dtype, out.is_contiguous(memory_format=torch.channels_last))))
+        for m in fused.modules() if isinstance(m, fusedres.FusedBasicBlock)]
+    with torch.autocast("cpu", torch.bfloat16):
+        fused(x)
+    for h in hooks:
+        h.remove()
+    assert layouts and all(dtype == torch.bfloat16 and cl for _, dtype, cl in layouts), layouts
+    for m in fused.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert m.running_mean.dtype == m.running_var.dtype == torch.float32
+    # The unit op's batch statistics (what backward reads) are float32 for bf16 activations.
+    be = fusedres.get_backend(backend)
+    conv = fusedres.backend.ConvParams((1, 1), (1, 1), (1, 1), 1)
+    xb = torch.randn(2, 4, 5, 5, dtype=torch.bfloat16)
+    wb = torch.randn(6, 4, 3, 3, dtype=torch.bfloat16)
+    ns = torch.ops.fusedres if backend == "cpu" else torch.ops.fusedres_test
+    _, _, mean, invstd = ns.unit_train(xb, wb, None, None, None, None, None, None, *conv[:3],
+                                       conv.groups, True, 0.1, 1e-5)
+    assert mean.dtype == invstd.dtype == torch.float32
+    assert be.name == backend
+
+
+def test_folded_weights_cast_once(monkeypatch):
+    """Inference under autocast folds and casts each weight once, then reuses it."""
+    if not fusedres.available_backends()["cpu"][0]:
+        pytest.skip("the cpu backend is not built")
+    fused, eager = _models("cpu")
+    fused.eval()
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    folds = []
+    real = fold.FoldedConv
+    monkeypatch.setattr(fold, "FoldedConv", lambda *a: folds.append(1) or real(*a))
+    _infer(fused, x)()
+    first = len(folds)
+    _infer(fused, x)()
+    assert first == sum(isinstance(m, torch.nn.Conv2d) for m in fused.modules())
+    assert len(folds) == first

@@ -1,0 +1,167 @@
+"""convert's report (fusion_summary, logging, the warning when nothing fused), blocks it must
+leave eager, and the whole-model shape pre-check of FusedResNet (a training call bound to fail
+fails before any BatchNorm statistics change). No torchvision needed: see test_detection.py and
+test_timm.py for torchvision's and timm's models."""
+
+import copy
+import logging
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fusedres
+from conftest import CPU_FUSED_BACKENDS
+from fusedres import models, reference
+from fusedres.convert import FusedSequential, fusion_summary
+from fusedres.models.resnet import _maxpool_hw
+
+
+def test_convert_warns_when_it_fuses_nothing():
+    linear = nn.Linear(3, 4)
+    with pytest.warns(UserWarning, match=r"fused nothing in Linear: no ResNet block, stem or "
+                                         r"conv \+ norm unit found"):
+        assert fusedres.convert(linear) is linear
+    assert fusion_summary(linear).units == ()
+
+
+def test_convert_warns_when_every_unit_stays_eager():
+    """GroupNorm everywhere: the blocks are swapped, but no unit can fuse; the summary says why."""
+    eager = fusedres.to_eager(models.resnet18(norm_layer=lambda c: nn.GroupNorm(4, c)))
+    with pytest.warns(UserWarning, match=r"0 of 20 conv \+ norm units fused; left eager: "
+                                         r"20 x norm is GroupNorm"):
+        fused = fusedres.convert(eager, backend="torch_ops")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(fused(x), fusedres.to_eager(copy.deepcopy(fused))(x))
+
+
+def test_summary_counts_and_logs(caplog):
+    eager = fusedres.to_eager(models.resnet50(num_classes=3))
+    before = fusion_summary(eager)
+    assert before.fused == 0 and len(before.units) == 53
+    assert before.reasons() == {"not converted (call fusedres.convert)": 53}
+    with caplog.at_level(logging.INFO, logger="fusedres"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # it fused everything: no warning
+        fused = fusedres.convert(eager, backend="torch_ops")
+    assert "fusedres.convert(ResNet): 53 of 53 conv + norm units fused" in caplog.text
+    summary = fusion_summary(fused)
+    assert summary.fused == 53 and summary.eager == ()
+    assert [u.name for u in summary.units[:5]] == ["conv1", "layer1.0.conv1", "layer1.0.conv2",
+                                                   "layer1.0.conv3", "layer1.0.downsample.0"]
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(fused)
+    assert fusion_summary(synced).reasons() == {"SyncBatchNorm (statistics across processes)": 53}
+
+
+def test_block_with_another_activation_stays_eager():
+    """The fused blocks apply ReLU: a block whose activation is something else keeps its forward."""
+    torch.manual_seed(0)
+    block = reference.BasicBlock(8, 8)
+    block.relu = nn.SiLU()
+    eager = copy.deepcopy(block)
+    net = nn.Sequential(block)
+    with pytest.warns(UserWarning, match="2 x activation relu is SiLU"):
+        fusedres.convert(net, backend="torch_ops")
+    assert net[0] is block and type(block) is reference.BasicBlock
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(net(x), eager(x))
+
+
+def test_fused_sequential_round_trip():
+    """A downsample that is not a plain (conv, norm) pair (here AvgPool2d first, as timm's
+    average-pool downsample) becomes a FusedSequential; to_eager makes it nn.Sequential again."""
+    torch.manual_seed(0)
+    ds = nn.Sequential(nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False),
+                       reference.conv1x1(8, 16), nn.BatchNorm2d(16))
+    block = reference.BasicBlock(8, 16, stride=2, downsample=ds)
+    eager = copy.deepcopy(block)
+    fused = fusedres.convert(block, backend="torch_ops")
+    assert type(fused.downsample) is FusedSequential and fused.downsample[2] is ds[2]
+    assert "downsample.1" in {u.name for u in fusion_summary(fused).units if u.reason is None}
+    x = torch.randn(2, 8, 7, 7)
+    torch.testing.assert_close(fused.train()(x), eager.train()(x))
+    back = fusedres.to_eager(fused)
+    assert type(back.downsample) is nn.Sequential
+    assert list(back.state_dict()) == list(eager.state_dict())
+
+
+@pytest.mark.parametrize("ceil_mode", [False, True])
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [(3, 2, 1, 1), (2, 2, 0, 1),
+                                                           (3, 1, 1, 1), (3, 2, 1, 2)])
+def test_maxpool_arithmetic_matches_aten(kernel, stride, padding, dilation, ceil_mode):
+    pool = nn.MaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil_mode)
+    for h, w in [(1, 1), (2, 3), (5, 8), (7, 7), (16, 17)]:
+        try:
+            expected = tuple(pool(torch.zeros(1, 1, h, w)).shape[2:])
+        except RuntimeError:
+            expected = None  # ATen refuses: the pre-check must see an empty output
+        got = _maxpool_hw(pool, h, w)
+        assert (got if min(got) > 0 else None) == expected, (h, w)
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_untouched(model, before):
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert not changed, f"{len(changed)} buffers changed by a failing call: {changed[:4]}"
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("build", ["resnet18", "resnet50", "converted-resnet50"])
+def test_training_call_bound_to_fail_changes_no_statistics(backend, build):
+    """Batch 1 at 32x32 leaves layer4 one value per channel: eager PyTorch raises there after 15
+    (resnet18) BatchNorms updated their statistics; the fused model raises BatchNorm's error,
+    for layer4.0's first unit that would see one value (torchvision's blocks run the main path
+    before the downsample; fusedres.reference's run the downsample first), before any runs."""
+    torch.manual_seed(0)
+    if build.startswith("converted"):
+        model = fusedres.convert(fusedres.to_eager(models.resnet50(num_classes=4)), backend)
+    else:
+        model = getattr(models, build)(num_classes=4, backend=backend)
+    model.train()
+    before = _snapshot(model)
+    eager = fusedres.to_eager(copy.deepcopy(model))
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        eager(x)
+    assert any(not torch.equal(v, before[k]) for k, v in eager.state_dict().items())
+    with pytest.raises(ValueError, match=r"^Expected more than 1 value per channel when training, "
+                                         r"got input size torch.Size\(\[1, 512, 1, 1\]\)$"):
+        model(x)
+    _assert_untouched(model, before)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)  # batch 2 is fine
+
+
+@pytest.mark.parametrize("mode", ["eval", "frozen-bn"])
+def test_pre_check_does_not_refuse_what_runs(mode):
+    """BatchNorm with running statistics (eval, or eval BN inside a training model) normalises
+    one value per channel without complaint; the pre-check must let it through."""
+    model = models.resnet18(num_classes=4, backend="torch_ops").train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d) or mode == "eval":
+            m.eval()
+    before = _snapshot(model)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+    _assert_untouched(model, before)
+
+
+def test_pre_check_stops_at_modules_it_does_not_know():
+    """A stage wrapped in an unknown module ends the look-ahead: the call then fails where eager
+    PyTorch does (documented in the README), instead of the pre-check guessing."""
+    class Wrapped(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    model = models.resnet18(num_classes=4, backend="torch_ops").train()
+    model.layer3 = Wrapped(model.layer3)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        model(torch.randn(1, 3, 32, 32))
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all(k.startswith(("bn1", "layer1", "layer2", "layer3")) for k in changed)

@@ -1,0 +1,191 @@
+"""Inference with BatchNorm folded into the convolution (fusedres.ops.fold, ``unit_infer``).
+
+The folded weights are cached per (conv, BN) pair; these tests change every input of the fold in
+place (conv weight, gamma, beta, running mean and variance, eps, a training step, a state_dict
+load) and check that the output follows, and check the folded path itself against the float64
+oracle over the geometries and layouts of a unit.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import CPU_FUSED_BACKENDS, assert_oracle_close
+import fusedres
+from fusedres import FusedConvBNReLU, reference
+from fusedres.ops import fold
+
+
+def _unit(backend, cin=6, cout=10, k=3, stride=1, groups=1, dilation=1, relu=True,
+          dtype=torch.float32):
+    torch.manual_seed(0)
+    unit = FusedConvBNReLU(cin, cout, k, stride, dilation=dilation, groups=groups, relu=relu,
+                           backend=backend).to(dtype)
+    with torch.no_grad():
+        unit.bn.weight.uniform_(0.5, 1.5)
+        unit.bn.bias.uniform_(-0.5, 0.5)
+        unit.bn.running_mean.uniform_(-0.5, 0.5)
+        unit.bn.running_var.uniform_(0.5, 2.0)
+    return unit.eval()
+
+
+def _eager_of(unit):
+    eager = reference.ConvBNAct(unit.conv.in_channels, unit.conv.out_channels,
+                                unit.conv.kernel_size[0], unit.conv.stride[0],
+                                padding=unit.conv.padding[0], dilation=unit.conv.dilation[0],
+                                groups=unit.conv.groups, relu=unit.relu).to(unit.conv.weight.dtype)
+    eager.load_state_dict(unit.state_dict())
+    eager.bn.eps = unit.bn.eps
+    return eager.eval()
+
+
+def _change(unit, what):
+    """Changes one input of the fold in place, as users and optimizers do."""
+    with torch.no_grad():
+        if what == "conv_weight":
+            unit.conv.weight.mul_(1.5)
+        elif what in ("gamma", "beta"):
+            getattr(unit.bn, {"gamma": "weight", "beta": "bias"}[what]).add_(0.25)
+        elif what in ("running_mean", "running_var"):
+            getattr(unit.bn, what).mul_(1.7)
+        elif what == "eps":
+            unit.bn.eps = 0.3
+        elif what == "load_state_dict":
+            state = {k: v * 1.3 if v.is_floating_point() else v for k, v in unit.state_dict().items()}
+            unit.load_state_dict(state)
+    if what == "training_forward":
+        unit.train()
+        unit(torch.randn(4, unit.conv.in_channels, 7, 7) * 2 + 1)
+        unit.eval()
+    if what == "optimizer_step":
+        unit.train()
+        opt = torch.optim.SGD(unit.parameters(), lr=0.05)
+        unit(torch.randn(4, unit.conv.in_channels, 7, 7)).square().sum().backward()
+        opt.step()
+        unit.eval()
+
+
+CHANGES = ["conv_weight", "gamma", "beta", "running_mean", "running_var", "eps",
+           "load_state_dict", "training_forward", "optimizer_step"]
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("what", CHANGES)
+def test_folded_inference_follows_every_change(backend, what):
+    unit = _unit(backend)
+    x = torch.randn(2, 6, 9, 9)
+    with torch.no_grad():
+        before = unit(x)
+        torch.testing.assert_close(before, _eager_of(unit)(x), rtol=1e-5, atol=1e-5)
+    _change(unit, what)
+    with torch.no_grad():
+        after = unit(x)
+        expected = _eager_of(unit)(x)
+    assert not torch.allclose(before, expected, rtol=1e-3, atol=1e-3), "the change changed nothing"
+    # The folded weights round differently from conv-then-scale: float32 closeness, not bits.
+    torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_is_cached_until_a_change(monkeypatch):
+    """The cpu backend folds once per parameter version, not once per call."""
+    if not fusedres.available_backends()["cpu"][0]:
+        pytest.skip("the cpu backend is not built")
+    folds = []
+    real = fold.FoldedConv
+    monkeypatch.setattr(fold, "FoldedConv", lambda *a: folds.append(1) or real(*a))
+    unit = _unit("cpu")
+    x = torch.randn(2, 6, 9, 9)
+    with torch.no_grad():
+        for _ in range(3):
+            unit(x)
+        assert len(folds) == 1
+        unit.bn.running_var.add_(0.1)
+        unit(x)
+        unit(x)
+    assert len(folds) == 2
+
+
+def test_in_place_edit_through_data_needs_clear_fold_cache():
+    """``.data`` bypasses version counters (as it does autograd's checks): the documented remedy
+    is fold.clear_fold_cache()."""
+    if not fusedres.available_backends()["cpu"][0]:
+        pytest.skip("the cpu backend is not built")
+    unit = _unit("cpu")
+    x = torch.randn(2, 6, 9, 9)
+    with torch.no_grad():
+        stale = unit(x)
+        unit.conv.weight.data.mul_(2.0)
+        assert torch.equal(unit(x), stale)
+        fold.clear_fold_cache()
+        torch.testing.assert_close(unit(x), _eager_of(unit)(x), rtol=1e-5, atol=1e-5)
+
+
+def _layout(t, layout):
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided_view":
+        wide = torch.zeros(t.shape[0], 2 * t.shape[1], *t.shape[2:], dtype=t.dtype)
+        wide[:, ::2] = t
+        return wide[:, ::2]
+    return t
+
+
+# (cin, cout, k, stride, groups, dilation): ResNet's and the awkward.
+GEOMETRIES = [(6, 10, 3, 1, 1, 1), (8, 12, 3, 2, 2, 1), (5, 7, 1, 1, 1, 1), (3, 8, 7, 2, 1, 1),
+              (8, 8, 3, 1, 1, 2)]
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided_view"])
+@pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_folded_inference_against_the_oracle(backend, geometry, layout, residual, relu, dtype):
+    cin, cout, k, stride, groups, dilation = geometry
+    unit = _unit(backend, cin, cout, k, stride, groups, dilation, relu, dtype)
+    eager = _eager_of(unit)
+    oracle = reference.upcast(eager)
+    x64 = torch.randn(3, cin, 11, 10, dtype=torch.float64).to(dtype).double()
+    with torch.no_grad():
+        res64 = (torch.randn_like(oracle.conv(x64)).to(dtype).double() if residual else None)
+        exact = oracle(x64, res64)
+        cast = (lambda t: None if t is None else _layout(t.to(dtype), layout))
+        got = unit(cast(x64), cast(res64))
+        ref = eager(cast(x64), cast(res64))
+    assert got.dtype == dtype and got.shape == exact.shape
+    assert_oracle_close(got, ref, exact, name="y")
+    if layout == "channels_last":
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+def test_folded_inference_under_bf16_autocast(backend):
+    """Autocast hands the conv bf16 operands; the folded weights are cast once and cached."""
+    unit = _unit(backend, 8, 16, 3)
+    eager = _eager_of(unit)
+    oracle = reference.upcast(eager)
+    x = torch.randn(2, 8, 10, 10).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        with torch.autocast("cpu", torch.bfloat16):
+            got, ref = unit(x), eager(x)
+        exact = oracle(x.double())
+    assert got.dtype == torch.bfloat16
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert_oracle_close(got, ref, exact, name="y")
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+def test_eval_with_gradients_is_exact(backend):
+    """Frozen statistics with trainable conv, gamma and beta (frozen-BN fine-tuning): the eval
+    path with gradients, in float64 against eager."""
+    unit = _unit(backend, dtype=torch.float64)
+    eager = copy.deepcopy(_eager_of(unit))
+    x = torch.randn(2, 6, 9, 9, dtype=torch.float64)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    for m, xi in zip((unit, eager), xs):
+        m(xi).square().sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad)
+    for (name, p), q in zip(unit.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
