@@ -15,6 +15,8 @@ method             contract (x: [N, Cin, H, W]; y, residual: [N, Cout, Ho, Wo])
 ``unit_infer``     the eval forward when no gradient is wanted: BatchNorm folded into the
                    convolution's weights and bias, cached per parameter version
                    (:mod:`fusedres.ops.fold`); defaults to ``unit_eval``.
+``block_ops``      the ops a whole block's training step runs on (:class:`BlockOps`, for
+                   :mod:`fusedres.ops.block`), or None (the default): per-unit blocks.
 =================  ==========================================================================
 
 Choosing: a module's ``backend=`` argument, else :func:`set_backend`, else the environment
@@ -25,7 +27,7 @@ the input's device.
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -69,6 +71,34 @@ def in_memory_format_of(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=memory_format_of(x))
 
 
+class BlockOps(NamedTuple):
+    """The ops the block-level op (:mod:`fusedres.ops.block`) runs on one backend.
+
+    Attributes:
+        train: the backend's ``unit_train`` op, returning ``(y, z, mean, invstd)``
+            (the schema of :mod:`fusedres.ops.unit_schema`).
+        backward: the backend's ``unit_backward`` op.
+        bn_act_fwd: ``(z, scale, shift, residual or None, relu) -> act(z*scale + shift +
+            residual)``; z, residual [N, C, H, W], scale and shift [C] in the statistics dtype.
+            Backward rebuilds the activations that only feed the next convolution with it.
+        conv: ``(x, weight, stride, padding, dilation, groups) -> z``, the convolution exactly
+            as ``train`` runs it (for the opt-in recomputation of a Bottleneck's 1x1 conv1).
+        train_from_z: None, or the F3 forward of a unit whose input is the previous unit's
+            ``act(z*scale + shift)``, applied while the convolution loads its operand, so that
+            this input is never written: ``(z_prev, scale_prev, shift_prev, weight, gamma, beta,
+            residual, running_mean, running_var, num_batches_tracked, stride, padding, dilation,
+            groups, relu, momentum, eps, write_y) -> (y, z, mean, invstd)``, the arguments and
+            results of ``train`` otherwise, with y a [0] placeholder unless ``write_y``. Without
+            it the block runs ``train`` on each unit's output in turn.
+    """
+
+    train: Callable
+    backward: Callable
+    bn_act_fwd: Callable
+    conv: Callable
+    train_from_z: Optional[Callable] = None
+
+
 class Backend:
     """Base class of a backend: its unit ops, where it runs, and whether it is usable here.
 
@@ -107,6 +137,11 @@ class Backend:
         """
         return self.unit_eval(x, weight.to(x.dtype), gamma, beta, residual, running_mean,
                               running_var, conv, relu, eps)
+
+    def block_ops(self) -> Optional[BlockOps]:
+        """The ops of the block-level op on this backend; None (the default) keeps blocks on
+        the per-unit path."""
+        return None
 
     def __repr__(self):
         return f"<fusedres backend {self.name!r}>"

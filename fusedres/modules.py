@@ -2,9 +2,12 @@
 
 The blocks take torchvision's constructor arguments and keep its submodules (``conv1``, ``bn1``,
 ..., ``downsample``) as parameter holders, so parameter and buffer names, state_dict keys and
-checkpoints are torchvision's. Only ``forward`` differs: each conv + BN (+ add) + ReLU chain runs
-as one fused unit (:func:`fusedres.ops.conv_bn_act`). A norm layer other than nn.BatchNorm2d
-(SyncBatchNorm, GroupNorm, ...) keeps its eager semantics inside the same block.
+checkpoints are torchvision's. Only ``forward`` differs. In training, a block runs as one
+block-level op (:mod:`fusedres.ops.block`) that keeps no activation feeding only the next
+convolution (y1, y2) and rebuilds it in backward; elsewhere (eval, frozen BatchNorm, a custom
+downsample, ``recompute="off"``) each conv + BN (+ add) + ReLU chain runs as one fused unit
+(:func:`fusedres.ops.conv_bn_act`). A norm layer other than nn.BatchNorm2d (SyncBatchNorm,
+GroupNorm, ...) keeps its eager semantics inside the same block.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch.nn as nn
 from fusedres import reference
 from fusedres.backend import current_backend_name
 from fusedres.fusability import is_frozen_norm
+from fusedres.ops.block import Unit, block_train, recompute_mode
 from fusedres.ops.unit import conv_bn_act, conv_output_shape, single_value_error, uses_batch_stats
 
 __all__ = ["FusedConvBNReLU", "FusedBasicBlock", "FusedBottleneck"]
@@ -71,6 +75,18 @@ def _check_block(block: nn.Module, x: torch.Tensor, units: list, name: str) -> N
                          f"or the resolution needs a matching downsample")
 
 
+def _block_op(block: nn.Module, x: torch.Tensor, units: list, name: str) -> Optional[torch.Tensor]:
+    """The block through the block-level op, or None where it does not apply (see
+    :func:`fusedres.ops.block.block_train`). units: ``[(unit name, conv, bn), ...]``."""
+    ds = block.downsample
+    if ds is not None and not _is_conv_bn_pair(ds):
+        return None  # a custom downsample runs as the module it is
+    chain = [Unit(f"{name}.{unit_name}", conv, bn, True) for unit_name, conv, bn in units]
+    downsample = None if ds is None else Unit(f"{name}.downsample", ds[0], ds[1], False)
+    # Blocks made by fusedres.convert bypass __init__ and carry no recompute attribute.
+    return block_train(x, chain, downsample, block.backend, getattr(block, "recompute", None))
+
+
 def _fused_downsample(block: nn.Module, x: torch.Tensor, prefix: str) -> torch.Tensor:
     """The identity branch: a fused 1x1 conv + BN unit when downsample is torchvision's pair."""
     ds = block.downsample
@@ -117,7 +133,16 @@ class FusedConvBNReLU(reference.ConvBNAct):
 
 
 class FusedBasicBlock(reference.BasicBlock):
-    """torchvision's BasicBlock with fused units; same arguments plus ``backend``.
+    """torchvision's BasicBlock with fused units; same arguments plus ``backend`` and
+    ``recompute``.
+
+    Args:
+        backend: a backend name, or None for the global choice.
+        recompute: what a training forward does not keep for backward (see
+            :mod:`fusedres.ops.block`): ``"bn_act"`` (y1, y2: rebuilt from z), ``"conv1"``
+            (a Bottleneck's z1 too: its 1x1 conv1 runs again in backward), ``"off"`` (the
+            per-unit path, which keeps them and supports double backward), or None for
+            ``FUSEDRES_BLOCK_RECOMPUTE`` (default ``"bn_act"``).
 
     Shapes: [N, inplanes, H, W] -> [N, planes, H/stride, W/stride].
     """
@@ -125,15 +150,19 @@ class FusedBasicBlock(reference.BasicBlock):
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
                  dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None,
-                 backend: Optional[str] = None) -> None:
+                 backend: Optional[str] = None, recompute: Optional[str] = None) -> None:
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation,
                          norm_layer)
         self.backend = None if backend is None else current_backend_name(backend)
+        self.recompute = None if recompute is None else recompute_mode(recompute)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
-        _check_block(self, x, [("conv1", self.conv1, self.bn1), ("conv2", self.conv2, self.bn2)],
-                     name)
+        units = [("conv1", self.conv1, self.bn1), ("conv2", self.conv2, self.bn2)]
+        _check_block(self, x, units, name)
+        out = _block_op(self, x, units, name)
+        if out is not None:
+            return out
         identity = _fused_downsample(self, x, name)
         out = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend,
                           name=f"{name}.conv1")
@@ -142,7 +171,16 @@ class FusedBasicBlock(reference.BasicBlock):
 
 
 class FusedBottleneck(reference.Bottleneck):
-    """torchvision's Bottleneck (v1.5) with fused units; same arguments plus ``backend``.
+    """torchvision's Bottleneck (v1.5) with fused units; same arguments plus ``backend`` and
+    ``recompute``.
+
+    Args:
+        backend: a backend name, or None for the global choice.
+        recompute: what a training forward does not keep for backward (see
+            :mod:`fusedres.ops.block`): ``"bn_act"`` (y1, y2: rebuilt from z), ``"conv1"``
+            (a Bottleneck's z1 too: its 1x1 conv1 runs again in backward), ``"off"`` (the
+            per-unit path, which keeps them and supports double backward), or None for
+            ``FUSEDRES_BLOCK_RECOMPUTE`` (default ``"bn_act"``).
 
     Shapes: [N, inplanes, H, W] -> [N, planes*4, H/stride, W/stride].
     """
@@ -150,15 +188,20 @@ class FusedBottleneck(reference.Bottleneck):
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
                  dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None,
-                 backend: Optional[str] = None) -> None:
+                 backend: Optional[str] = None, recompute: Optional[str] = None) -> None:
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation,
                          norm_layer)
         self.backend = None if backend is None else current_backend_name(backend)
+        self.recompute = None if recompute is None else recompute_mode(recompute)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
-        _check_block(self, x, [("conv1", self.conv1, self.bn1), ("conv2", self.conv2, self.bn2),
-                               ("conv3", self.conv3, self.bn3)], name)
+        units = [("conv1", self.conv1, self.bn1), ("conv2", self.conv2, self.bn2),
+                 ("conv3", self.conv3, self.bn3)]
+        _check_block(self, x, units, name)
+        out = _block_op(self, x, units, name)
+        if out is not None:
+            return out
         identity = _fused_downsample(self, x, name)
         out = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend,
                           name=f"{name}.conv1")

@@ -43,7 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import fusedres  # noqa: E402
 from fusedres import reference  # noqa: E402
-from fusedres.backend import Backend, register_backend  # noqa: E402
+from fusedres.backend import Backend, BlockOps, register_backend  # noqa: E402
 from fusedres.ops import python_unit, unit_schema  # noqa: E402
 
 # atol per dtype, relative to max(1, |oracle|_max).
@@ -111,6 +111,18 @@ class TorchOpsBackend(Backend):
                   eps):
         return _REFERENCE_OPS.eval(x, weight, gamma, beta, residual, running_mean, running_var,
                                    conv.stride, conv.padding, conv.dilation, conv.groups, relu, eps)
+
+    def block_ops(self):
+        return BlockOps(_REFERENCE_OPS.train, _REFERENCE_OPS.backward, _reference_bn_act_fwd,
+                        _reference_conv)
+
+
+def _reference_bn_act_fwd(z, scale, shift, residual, relu):
+    return reference.bn_act_fwd(z, scale, shift, residual, relu, upcast=False)
+
+
+def _reference_conv(x, weight, stride, padding, dilation, groups):
+    return F.conv2d(x, weight, None, stride, padding, dilation, groups)
 
 
 register_backend(TorchOpsBackend())

@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from fusedres import _ext
-from fusedres.backend import (Backend, ConvParams, in_memory_format_of, memory_format_of,
-                              register_backend)
-from fusedres.ops import fold
+from fusedres.backend import (Backend, BlockOps, ConvParams, in_memory_format_of,
+                              memory_format_of, register_backend)
+from fusedres.ops import fold, unit_schema
 
 
 class ExtensionBackend(Backend):
@@ -51,6 +51,18 @@ class ExtensionBackend(Backend):
         return torch.ops.fusedres.unit_eval.default(
             x, weight, gamma, beta, residual, running_mean, running_var, conv.stride,
             conv.padding, conv.dilation, conv.groups, relu, eps)
+
+    def block_ops(self) -> BlockOps:
+        ops = torch.ops.fusedres
+        return BlockOps(ops.unit_train.default, ops.unit_backward.default, ops.bn_act_fwd.default,
+                        _convolution)
+
+
+def _convolution(x, weight, stride, padding, dilation, groups):
+    """The unit ops' convolution (csrc/unit_ops.cpp): ATen's, in channels_last on CUDA."""
+    return torch.ops.aten.convolution.default(
+        unit_schema.ATEN_LAYOUT.conv_input(x), weight, None, list(stride), list(padding),
+        list(dilation), False, [0, 0], groups)
 
 
 class CpuBackend(ExtensionBackend):

@@ -32,7 +32,8 @@ import os
 
 import torch
 
-from fusedres.backend import Backend, ConvParams, in_memory_format_of, register_backend
+from fusedres.backend import (Backend, BlockOps, ConvParams, in_memory_format_of,
+                              register_backend)
 from fusedres.ops import fold, python_unit, unit_schema
 from fusedres.ops import triton_library as _ops
 
@@ -113,6 +114,12 @@ def _backward(dy, x, weight, y, z, mean, invstd, gamma, stride, padding, dilatio
     return tuple(t if need else dy.new_empty((0,)) for t, need in zip(outputs, output_mask))
 
 
+def _convolution(x, weight, stride, padding, dilation, groups):
+    """The training forward's convolution (its kernel, no epilogue): z channels_last."""
+    return _ops.conv2d(x, weight, list(stride), list(padding), list(dilation), groups, None, None,
+                       None, False)
+
+
 _UNIT_OPS = python_unit.define_unit_ops(
     "fusedres_triton", python_unit.PhaseImpls(_train, _eval, _backward),
     unit_schema.CHANNELS_LAST_LAYOUT)
@@ -146,6 +153,11 @@ class TritonBackend(Backend):
                   conv: ConvParams, relu, eps):
         return _UNIT_OPS.eval(x, weight, gamma, beta, residual, running_mean, running_var,
                               conv.stride, conv.padding, conv.dilation, conv.groups, relu, eps)
+
+    def block_ops(self) -> BlockOps:
+        # train_from_z stays None until the convolution kernel takes the previous unit's
+        # scale/shift + ReLU as a prologue (F3): blocks then run unit_train on each y in turn.
+        return BlockOps(_UNIT_OPS.train, _UNIT_OPS.backward, _ops.bn_act_fwd, _convolution)
 
     def unit_infer(self, conv_module, x, weight, gamma, beta, residual, running_mean,
                    running_var, conv: ConvParams, relu, eps):

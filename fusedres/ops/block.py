@@ -1,0 +1,348 @@
+"""The block-level op: a ResNet block's training forward and backward as one autograd node.
+
+Inside a Bottleneck (conv1 -> BN -> ReLU -> conv2 -> BN -> ReLU -> conv3 -> BN -> + identity ->
+ReLU) and a BasicBlock, the normalised activations y1 (and y2) feed only the next convolution.
+The per-unit path keeps them for backward all the same (they are that convolution's input);
+this op does not. Its forward runs each unit's ``unit_train`` op with no per-unit autograd and
+keeps the block input, each unit's z and batch statistics (mean, invstd), and the block's
+output (its ReLU mask). Backward rebuilds y_k = act(z_k*scale_k + shift_k) (scale = gamma*invstd,
+shift = beta - mean*scale) with the backend's ``bn_act_fwd`` right before conv_{k+1}'s backward,
+the first consumer of y_k as that convolution's input (its weight gradient), reuses it for unit
+k's ReLU mask, and calls ``unit_backward`` unit by unit. The downsample branch (1x1 conv + BN, no
+ReLU) is a unit of the same op. Per Bottleneck eager keeps z1, y1, z2, y2, z3 and y3 (12 x planes
+channels at the output resolution); this op keeps 10 of them.
+
+Recomputation modes (a block's ``recompute`` attribute, else ``FUSEDRES_BLOCK_RECOMPUTE``):
+
+- ``"bn_act"`` (the default; ``1``): the above. Rebuilding y_k costs one memory-bound pass
+  over z_k per inner unit in backward.
+- ``"conv1"``: also recomputes a Bottleneck's cheap 1x1 conv1 in backward, so z1 is not kept
+  either (9 of 12). A BasicBlock's conv1 is a 3x3, not cheap: there this mode is ``"bn_act"``.
+- ``"off"`` (``0``): the per-unit path, which keeps y1 and y2 and supports double backward.
+
+The rebuilt y_k matches the forward's to the rounding of the coefficients (backends compute
+scale and shift inside the training op, some in float64); a pre-activation within that rounding
+of zero may land on the other side of the ReLU kink in backward, where either side is a valid
+subgradient.
+
+The op runs only where it reproduces the per-unit semantics exactly: training with batch
+statistics in every unit, nn.BatchNorm2d, bias-free zero-padded convolutions, no downsample or
+torchvision's conv1x1 + BatchNorm2d pair, a backend with :meth:`fusedres.backend.Backend.block_ops`,
+and a gradient to compute. Otherwise (eval, frozen BatchNorm, other norm layers, a custom
+downsample, no gradient wanted) blocks keep the per-unit path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from fusedres.backend import BlockOps, get_backend, resolve
+from fusedres.fusability import unfusable_reason
+from fusedres.ops.unit import _autocast_dtype, _check_norm, check_unit_inputs, uses_batch_stats
+
+__all__ = ["DOUBLE_BACKWARD_ERROR", "RECOMPUTE_ENV", "RECOMPUTE_MODES", "Unit", "block_train",
+           "bn_act_coefficients", "recompute_mode"]
+
+RECOMPUTE_ENV = "FUSEDRES_BLOCK_RECOMPUTE"
+RECOMPUTE_MODES = ("off", "bn_act", "conv1")
+_ENV_ALIASES = {"0": "off", "1": "bn_act"}
+#: The mode of blocks whose ``recompute`` is None and with FUSEDRES_BLOCK_RECOMPUTE unset.
+DEFAULT_RECOMPUTE = "bn_act"
+
+DOUBLE_BACKWARD_ERROR = (
+    "fusedres: the block-level op does not support double backward (create_graph=True): its "
+    "backward rebuilds activations it did not keep, outside autograd. Run such blocks on the "
+    "per-unit path, which does: set FUSEDRES_BLOCK_RECOMPUTE=0, or block.recompute = 'off' on "
+    "each FusedBottleneck / FusedBasicBlock.")
+
+
+def recompute_mode(requested: Optional[str] = None) -> str:
+    """The recomputation mode in force: ``requested``, else ``FUSEDRES_BLOCK_RECOMPUTE``, else
+    ``"bn_act"``.
+
+    Args:
+        requested: one of RECOMPUTE_MODES, or None.
+
+    Raises:
+        ValueError: an unknown mode, naming where it came from.
+    """
+    if requested is not None:
+        if requested not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_MODES} or None, "
+                             f"got {requested!r}")
+        return requested
+    env = os.environ.get(RECOMPUTE_ENV)
+    if not env:
+        return DEFAULT_RECOMPUTE
+    mode = _ENV_ALIASES.get(env, env)
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"the environment variable {RECOMPUTE_ENV} must be one of "
+                         f"{tuple(_ENV_ALIASES) + RECOMPUTE_MODES}, got {env!r}")
+    return mode
+
+
+class Unit(NamedTuple):
+    """One unit of a block, as the module holds it.
+
+    Attributes:
+        name: the unit's name in error messages (e.g. ``"FusedBottleneck.conv2"``).
+        conv: its nn.Conv2d; bn: its BatchNorm; relu: whether it ends in ReLU.
+    """
+
+    name: str
+    conv: nn.Module
+    bn: nn.Module
+    relu: bool
+
+
+class _UnitSpec(NamedTuple):
+    """The non-tensor arguments of one unit's ops (hashable: a constant for torch.compile)."""
+
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+    relu: bool
+    momentum: Optional[float]
+    eps: float
+
+
+class _BlockSpec(NamedTuple):
+    """What the autograd Function needs besides tensors.
+
+    ``units`` holds the main chain in order, then the downsample unit when ``downsample``.
+    """
+
+    backend: str
+    units: tuple
+    downsample: bool
+    recompute_conv1: bool
+
+
+#: Tensors per unit passed to the Function: weight, gamma, beta, running_mean, running_var,
+#: num_batches_tracked (the last five may be None).
+_PER_UNIT = 6
+
+
+def bn_act_coefficients(gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor],
+                        mean: torch.Tensor, invstd: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) [C] of a training forward: ``gamma*invstd``, ``beta - mean*scale``.
+
+    Args:
+        gamma, beta: [C] or None (``affine=False``: 1 and 0).
+        mean, invstd: [C] batch statistics in the statistics dtype, which the results take.
+    """
+    scale = invstd if gamma is None else gamma.to(invstd.dtype) * invstd
+    shift = -mean * scale if beta is None else beta.to(mean.dtype) - mean * scale
+    return scale, shift
+
+
+def _unit_train(ops: BlockOps, x, tensors, u: _UnitSpec, residual):
+    weight, gamma, beta, running_mean, running_var, num_batches_tracked = tensors
+    return ops.train(x, weight, gamma, beta, residual, running_mean, running_var,
+                     num_batches_tracked, u.stride, u.padding, u.dilation, u.groups, u.relu,
+                     u.momentum, u.eps)
+
+
+def _rebuild(ops: BlockOps, z, gamma, beta, mean, invstd, relu: bool) -> torch.Tensor:
+    """A unit's output y from its z and statistics (the forward's apply, no residual)."""
+    scale, shift = bn_act_coefficients(gamma, beta, mean, invstd)
+    return ops.bn_act_fwd(z, scale, shift, None, relu)
+
+
+class _BlockFunction(torch.autograd.Function):
+    """The block's units forward and backward; see the module docstring.
+
+    ``apply(spec, x, *tensors)`` with ``_PER_UNIT`` tensors per unit of ``spec.units``.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: _BlockSpec, x: torch.Tensor, *tensors):
+        ops = get_backend(spec.backend).block_ops()
+        units = [tensors[i:i + _PER_UNIT] for i in range(0, len(tensors), _PER_UNIT)]
+        n = len(units) - spec.downsample
+        identity, ds_saved = x, (None, None, None)
+        if spec.downsample:
+            identity, *ds_saved = _unit_train(ops, x, units[n], spec.units[n], None)
+        h, zs, means, invstds = x, [], [], []
+        scale = shift = None
+        for k in range(n):
+            last = k == n - 1
+            residual = identity if last else None
+            u, (weight, gamma, beta, rm, rv, nbt) = spec.units[k], units[k]
+            if k > 0 and ops.train_from_z is not None:
+                # F3: this convolution applies the previous unit's scale/shift + ReLU while
+                # loading, so the previous y is never written.
+                h, z, mean, invstd = ops.train_from_z(
+                    zs[-1], scale, shift, weight, gamma, beta, residual, rm, rv, nbt, u.stride,
+                    u.padding, u.dilation, u.groups, u.relu, u.momentum, u.eps, last)
+            else:
+                h, z, mean, invstd = _unit_train(ops, h, units[k], u, residual)
+            if ops.train_from_z is not None and not last:
+                scale, shift = bn_act_coefficients(gamma, beta, mean, invstd)
+            zs.append(z)
+            means.append(mean)
+            invstds.append(invstd)
+        if spec.recompute_conv1:
+            zs[0] = None  # backward convolves x again
+        weights = [t[0] for t in units]
+        gammas = [t[1] for t in units]
+        betas = [t[2] for t in units]
+        ctx.save_for_backward(x, h, *weights, *gammas, *betas, *zs, *means, *invstds, *ds_saved)
+        ctx.spec = spec
+        return h
+
+    @staticmethod
+    def backward(ctx, dy):
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+        spec: _BlockSpec = ctx.spec
+        ops = get_backend(spec.backend).block_ops()
+        m = len(spec.units)
+        n = m - spec.downsample
+        saved = ctx.saved_tensors
+        x, y_last = saved[:2]
+        weights, gammas, betas = saved[2:2 + m], saved[2 + m:2 + 2 * m], saved[2 + 2 * m:2 + 3 * m]
+        rest = saved[2 + 3 * m:]
+        zs, means, invstds = list(rest[:n]), rest[n:2 * n], rest[2 * n:3 * n]
+        z_ds, mean_ds, invstd_ds = rest[3 * n:]
+
+        needs = ctx.needs_input_grad  # (spec, x, then _PER_UNIT per unit)
+
+        def need(k: int, i: int) -> bool:
+            return needs[2 + _PER_UNIT * k + i]
+
+        # Whether anything at or before unit k (or x, or the downsample, through the residual)
+        # takes a gradient: unit k's dx is needed when something before it does.
+        before = [needs[1]]
+        for k in range(n):
+            before.append(before[-1] or need(k, 0) or need(k, 1) or need(k, 2))
+        need_ds = spec.downsample and any(need(n, i) for i in range(3))
+        need_res = needs[1] or need_ds
+
+        grads: list = [None] * (_PER_UNIT * m)
+        y_k = y_last
+        for k in reversed(range(n)):
+            u = spec.units[k]
+            if k > 0:
+                if k == 1 and zs[0] is None:
+                    zs[0] = ops.conv(x, weights[0], spec.units[0].stride, spec.units[0].padding,
+                                     spec.units[0].dilation, spec.units[0].groups)
+                x_k = _rebuild(ops, zs[k - 1], gammas[k - 1], betas[k - 1], means[k - 1],
+                               invstds[k - 1], spec.units[k - 1].relu)
+            else:
+                x_k = x
+            mask = [before[k], need(k, 0), need(k, 1) and gammas[k] is not None,
+                    need(k, 2) and betas[k] is not None, k == n - 1 and need_res]
+            dx, dw, dgamma, dbeta, dres_k = ops.backward(
+                dy, x_k, weights[k], y_k if u.relu else None, zs[k], means[k], invstds[k],
+                gammas[k], u.stride, u.padding, u.dilation, u.groups, u.relu, True, mask)
+            grads[_PER_UNIT * k:_PER_UNIT * k + 3] = _cast(
+                (dw, dgamma, dbeta), mask[1:4], (weights[k], gammas[k], betas[k]))
+            if k == n - 1:
+                dres = dres_k
+            if not before[k]:
+                break  # nothing before this unit takes a gradient
+            # y_k is dropped here: its only other use, conv_{k+1}'s backward, has run.
+            dy, y_k, zs[k] = dx, x_k, None
+        dx = dy if needs[1] else None
+        if spec.downsample and (needs[1] or need_ds):
+            u = spec.units[n]
+            mask = [needs[1], need(n, 0), need(n, 1) and gammas[n] is not None,
+                    need(n, 2) and betas[n] is not None, False]
+            dx_ds, dw, dgamma, dbeta, _ = ops.backward(
+                dres, x, weights[n], None, z_ds, mean_ds, invstd_ds, gammas[n], u.stride,
+                u.padding, u.dilation, u.groups, False, True, mask)
+            grads[_PER_UNIT * n:_PER_UNIT * n + 3] = _cast(
+                (dw, dgamma, dbeta), mask[1:4], (weights[n], gammas[n], betas[n]))
+            if needs[1]:
+                dx = dx + dx_ds
+        elif needs[1]:
+            dx = dx + dres
+        return (None, dx, *grads)
+
+
+def _cast(grads: Sequence[torch.Tensor], mask: Sequence[bool], like: Sequence) -> list:
+    """The op's gradients with None where not asked for ([0] placeholders), each in the dtype
+    of its tensor (dgamma/dbeta come in the statistics dtype)."""
+    return [g.to(t.dtype) if need else None for g, need, t in zip(grads, mask, like)]
+
+
+def _fits(unit: Unit) -> bool:
+    # A FrozenBatchNorm2d is fusable but never uses batch statistics.
+    return unfusable_reason(unit.conv, unit.bn) is None and uses_batch_stats(unit.bn)
+
+
+def block_train(x: torch.Tensor, units: Sequence[Unit], downsample: Optional[Unit],
+                backend: Optional[str], recompute: Optional[str]) -> Optional[torch.Tensor]:
+    """The block's training forward through the block-level op, or None where it does not apply.
+
+    Call it after the block's own pre-check (``fusedres.modules``), which covers the inner
+    units; None means the caller runs the per-unit path, which has the same semantics unit by
+    unit. On the op's path every check runs before any running statistic changes.
+
+    Args:
+        x: the block input [N, Cin, H, W].
+        units: the main chain in order (conv1, conv2[, conv3]); the last adds the identity.
+        downsample: the identity branch's conv1x1 + BatchNorm2d unit (relu False), or None for
+            an identity shortcut (a custom downsample module: do not call this).
+        backend: the block's backend name, or None for the global choice.
+        recompute: the block's ``recompute`` attribute (see :func:`recompute_mode`).
+
+    Returns:
+        The block output [N, Cout, Ho, Wo] in x's dtype (the autocast dtype under autocast), or
+        None.
+    """
+    mode = recompute_mode(recompute)
+    chain = list(units) + ([downsample] if downsample is not None else [])
+    if mode == "off" or not all(_fits(u) for u in chain):
+        return None
+    if not (isinstance(x, torch.Tensor) and torch.is_grad_enabled()):
+        return None
+    if not (x.requires_grad or any(p.requires_grad for u in chain for p in _params(u))):
+        return None  # nothing to differentiate: the per-unit path keeps nothing either
+    # The per-unit path's checks of the units that read x, in its order (downsample first);
+    # the block's pre-check has covered the inner units' shapes.
+    if downsample is not None:
+        check_unit_inputs(x, downsample.conv, downsample.bn, None, downsample.name)
+    check_unit_inputs(x, units[0].conv, units[0].bn, None, units[0].name)
+    for u in units[1:]:
+        # The inner units' BatchNorm state (eps, its tensors' shapes, devices and dtypes), which
+        # the per-unit path checks only once the units before have run; x's device and dtype
+        # stand for those of the unit's input.
+        _check_norm(x, u.bn, u.conv.out_channels, u.name)
+    if x.shape[0] == 0:
+        return None  # nn's empty-batch behaviour lives in the per-unit path
+    autocast = (torch.get_autocast_dtype(x.device.type)
+                if torch.is_autocast_enabled(x.device.type) else None)
+    dtype = _autocast_dtype(x.dtype, autocast)
+    be = resolve(backend, x.device, dtype)
+    ops = None if getattr(be, "uses_reference_composition", False) else be.block_ops()
+    if ops is None:
+        return None
+    tensors = []
+    specs = []
+    for u in chain:
+        conv, bn = u.conv, u.bn
+        track = bn.training and bn.track_running_stats
+        # What autocast does to the eager units: convolution operands in the autocast dtype,
+        # BatchNorm parameters and statistics left in float32.
+        weight = conv.weight if autocast is None else conv.weight.to(dtype)
+        tensors += [weight, bn.weight, bn.bias, bn.running_mean if track else None,
+                    bn.running_var if track else None, bn.num_batches_tracked if track else None]
+        specs.append(_UnitSpec(tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation),
+                               conv.groups, u.relu, bn.momentum, bn.eps))
+    # conv1 is recomputed only where it is a 1x1 (a Bottleneck's), the cheap convolution.
+    conv1_1x1 = tuple(units[0].conv.kernel_size) == (1, 1) and len(units) > 1
+    spec = _BlockSpec(be.name, tuple(specs), downsample is not None,
+                      mode == "conv1" and conv1_1x1)
+    return _BlockFunction.apply(spec, x if autocast is None else x.to(dtype), *tensors)
+
+
+def _params(u: Unit):
+    return [t for t in (u.conv.weight, u.bn.weight, u.bn.bias) if t is not None]
