@@ -69,12 +69,13 @@ def _gamma_beta(gamma, beta, channels: int, like: torch.Tensor):
 def _train(x, weight, gamma, beta, residual, running_mean, running_var, num_batches_tracked,
            stride, padding, dilation, groups, relu, momentum, eps):
     g, b = _gamma_beta(gamma, beta, weight.shape[0], x)
+    # The statistics' finalize also updates the running statistics (one fixed-config launch).
     z, stats = _ops.conv2d_bn_train(x, weight, list(stride), list(padding), list(dilation),
-                                    groups, g, b, eps)
-    mean, var, invstd, scale, shift = stats.unbind(0)
+                                    groups, g, b, eps, running_mean, running_var,
+                                    num_batches_tracked, momentum)
+    python_unit.bump_versions(running_mean, running_var, num_batches_tracked)
+    mean, _, invstd, scale, shift = stats.unbind(0)
     y = _ops.bn_act_fwd(z, scale, shift, residual, relu)
-    python_unit.update_running_stats(mean, var, z.numel() // z.shape[1], running_mean,
-                                     running_var, num_batches_tracked, momentum)
     # z stays channels_last (the layout the backward's kernels and cuDNN like best); y takes x's
     # memory format, as ATen's convolution would give it. mean and invstd are rows of one
     # tensor: op outputs may not alias, so they leave as copies ([C] each).

@@ -96,12 +96,18 @@ def _bn_stats_finalize_kernel(
     invstd_ptr,     # *fp32 [C] out: 1/sqrt(var + eps) (HAS_AFFINE)
     scale_ptr,      # *fp32 [C] out: gamma*invstd (HAS_AFFINE)
     shift_ptr,      # *fp32 [C] out: beta - mean*scale (HAS_AFFINE)
+    running_mean_ptr,  # *T [C] in/out: nn.BatchNorm2d's running mean (UPDATE_RUNNING)
+    running_var_ptr,   # *T [C] in/out: its running (unbiased) variance (UPDATE_RUNNING)
+    counter_ptr,    # *int64 []: num_batches_tracked, already counting this batch (CUMULATIVE)
     P, C, M,        # partials, channels, rows of the whole batch
     ROWS,           # rows per partial: partial p covers min(ROWS, M - p*ROWS) rows
     P_CHUNK,        # partials merged per program along axis 1 (P when there is one chunk)
     eps,            # BN epsilon (HAS_AFFINE)
+    momentum,       # the running statistics' update factor (UPDATE_RUNNING, not CUMULATIVE)
     HAS_AFFINE: tl.constexpr,
     PARTIAL: tl.constexpr,  # write each chunk's (mean, M2), the input of a second finalize
+    UPDATE_RUNNING: tl.constexpr,  # lerp the running statistics towards this batch's
+    CUMULATIVE: tl.constexpr,  # momentum=None: the factor is 1/num_batches_tracked
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -147,6 +153,18 @@ def _bn_stats_finalize_kernel(
             tl.store(invstd_ptr + offs_c, invstd, mask=mask_c)
             tl.store(scale_ptr + offs_c, scale, mask=mask_c)
             tl.store(shift_ptr + offs_c, shift, mask=mask_c)
+        if UPDATE_RUNNING:
+            # nn.BatchNorm2d's update, read and written in the buffers' own dtype with fp32
+            # math; the counter is read here, on the device, so no host sync is needed.
+            if CUMULATIVE:
+                factor = 1.0 / tl.load(counter_ptr).to(tl.float32)
+            else:
+                factor = momentum
+            unbiased = var * (rows / (rows - 1.0))
+            r_mean = tl.load(running_mean_ptr + offs_c, mask=mask_c).to(tl.float32)
+            r_var = tl.load(running_var_ptr + offs_c, mask=mask_c).to(tl.float32)
+            tl.store(running_mean_ptr + offs_c, r_mean + factor * (mean - r_mean), mask=mask_c)
+            tl.store(running_var_ptr + offs_c, r_var + factor * (unbiased - r_var), mask=mask_c)
 
 
 @triton.jit
@@ -402,13 +420,24 @@ def _check(z: torch.Tensor) -> None:
 @on_tensor_device
 def stats_from_partials(pmean: torch.Tensor, pm2: torch.Tensor, M: int, rows: int,
                         gamma: Optional[torch.Tensor] = None, beta: Optional[torch.Tensor] = None,
-                        eps: float = 0.0):
-    """Merges per-tile (mean, M2) partials into batch statistics (the finalize of F1).
+                        eps: float = 0.0, running_mean: Optional[torch.Tensor] = None,
+                        running_var: Optional[torch.Tensor] = None,
+                        counter: Optional[torch.Tensor] = None, momentum: float = 0.0):
+    """Merges per-tile (mean, M2) partials into batch statistics (the finalize of F1), and
+    updates nn.BatchNorm2d's running statistics in the same launch.
+
+    The launch has a fixed config (never autotuned), so the in-place update runs exactly once.
 
     Args:
         pmean, pm2: [P, C] fp32, partial p covering rows [p*rows, min((p+1)*rows, M)).
         M: rows in the batch (N*H*W).
         gamma, beta: [C] fp32, or None: also return invstd, scale, shift.
+        eps: BatchNorm's epsilon (with gamma).
+        running_mean, running_var: [C] (any float dtype), or None: lerped in place towards the
+            batch mean and unbiased variance by ``momentum``, or by ``1/counter`` when
+            ``counter`` is given.
+        counter: [] int64 num_batches_tracked, already incremented for this batch, or None.
+        momentum: the update factor without ``counter``.
 
     Returns:
         [2, C] fp32 rows (mean, var), or [5, C] rows (mean, var, invstd, scale, shift) when
@@ -434,12 +463,19 @@ def stats_from_partials(pmean: torch.Tensor, pm2: torch.Tensor, M: int, rows: in
         # first merge chunks of p_chunk partials in parallel, one (mean, M2) pair per chunk.
         chunks = new_output((2, triton.cdiv(P, p_chunk), C), dtype=torch.float32, device=dev)
         _bn_stats_finalize_kernel[(c_blocks, chunks.shape[1])](
-            pmean, pm2, chunks[0], chunks[1], gamma, beta, invstd, scale, shift, P, C, M, rows,
-            p_chunk, eps, HAS_AFFINE=False, PARTIAL=True, **launch_conf)
+            pmean, pm2, chunks[0], chunks[1], gamma, beta, invstd, scale, shift, pmean, pmean,
+            pmean, P, C, M, rows, p_chunk, eps, 0.0, HAS_AFFINE=False, PARTIAL=True,
+            UPDATE_RUNNING=False, CUMULATIVE=False, **launch_conf)
         pmean, pm2, P, rows = chunks[0], chunks[1], chunks.shape[1], rows * p_chunk
+    update = running_mean is not None
+    if update and M < 2:
+        raise ValueError("stats_from_partials: the unbiased variance needs at least 2 rows")
     _bn_stats_finalize_kernel[(c_blocks, 1)](
-        pmean, pm2, out[0], out[1], gamma, beta, invstd, scale, shift, P, C, M, rows, P, eps,
-        HAS_AFFINE=has_affine, PARTIAL=False, **launch_conf)
+        pmean, pm2, out[0], out[1], gamma, beta, invstd, scale, shift,
+        running_mean if update else out[0], running_var if update else out[0],
+        counter if counter is not None else pmean, P, C, M, rows, P, eps, float(momentum),
+        HAS_AFFINE=has_affine, PARTIAL=False, UPDATE_RUNNING=update,
+        CUMULATIVE=counter is not None, **launch_conf)
     return out
 
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from fusedres.ops import unit_schema
 from fusedres.reference import stats_dtype
 
-__all__ = ["PhaseImpls", "UnitOps", "conv_backward", "define_unit_ops", "eval_coefficients",
-           "update_running_stats"]
+__all__ = ["PhaseImpls", "UnitOps", "bump_versions", "conv_backward", "define_unit_ops",
+           "eval_coefficients", "update_running_stats"]
 
 
 class PhaseImpls(NamedTuple):
@@ -83,6 +83,14 @@ def _bump(t: torch.Tensor) -> None:
     # autograd's saved-tensor checks and the fold cache (fusedres.ops.fold) read it.
     if not t.is_inference():
         torch.autograd.graph.increment_version(t)
+
+
+def bump_versions(*tensors: Optional[torch.Tensor]) -> None:
+    """Marks tensors a phase implementation changed in place (e.g. inside a kernel) as changed:
+    see :func:`_bump`. None entries are skipped."""
+    for t in tensors:
+        if t is not None:
+            _bump(t)
 
 
 def eval_coefficients(gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor],

@@ -89,23 +89,35 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: li
                          residual=residual, relu=relu)
 
 
-def _conv2d_bn_train_fake(x, weight, stride, padding, dilation, groups, gamma, beta, eps):
+def _conv2d_bn_train_fake(x, weight, stride, padding, dilation, groups, gamma, beta, eps,
+                          running_mean=None, running_var=None, num_batches_tracked=None,
+                          momentum=None):
     z = _channels_last_out(x, weight, stride, padding, dilation)
     return z, _stats_rows(z, 5)
 
 
 @_op("conv2d_bn_train(Tensor x, Tensor weight, int[2] stride, int[2] padding, "
-     "int[2] dilation, int groups, Tensor gamma, Tensor beta, float eps) -> (Tensor, Tensor)",
+     "int[2] dilation, int groups, Tensor gamma, Tensor beta, float eps, "
+     "Tensor(a!)? running_mean=None, Tensor(b!)? running_var=None, "
+     "Tensor(c!)? num_batches_tracked=None, float? momentum=None) -> (Tensor, Tensor)",
      _conv2d_bn_train_fake)
 def conv2d_bn_train(x: torch.Tensor, weight: torch.Tensor, stride: list[int],
                     padding: list[int], dilation: list[int], groups: int, gamma: torch.Tensor,
-                    beta: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The convolution with batch statistics from its epilogue (F1), and their finalize.
+                    beta: torch.Tensor, eps: float, running_mean: Optional[torch.Tensor] = None,
+                    running_var: Optional[torch.Tensor] = None,
+                    num_batches_tracked: Optional[torch.Tensor] = None,
+                    momentum: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The convolution with batch statistics from its epilogue (F1), and their finalize, which
+    also updates the running statistics in place as nn.BatchNorm2d does.
 
     Args:
         x, weight, stride, padding, dilation, groups: as :func:`conv2d`.
         gamma, beta: [Cout] float32.
         eps: BatchNorm's epsilon.
+        running_mean, running_var: [Cout] or None (not tracked).
+        num_batches_tracked: [] int64 or None; counts this batch (+1, on the device).
+        momentum: the update factor, or None for the cumulative average 1/num_batches_tracked
+            (without a counter, None leaves the running statistics as they are, like nn).
 
     Returns:
         (z [N, Cout, Ho, Wo] channels_last in x's dtype, stats [5, Cout] float32: the rows are
@@ -115,7 +127,16 @@ def conv2d_bn_train(x: torch.Tensor, weight: torch.Tensor, stride: list[int],
     from fusedres.kernels import bn
     from fusedres.kernels import conv as conv_k
     z, pmean, pm2, rows = conv_k.conv2d(x, weight, stride, padding, dilation, groups, stats=True)
-    stats = bn.stats_from_partials(pmean, pm2, z.numel() // z.shape[1], rows, gamma, beta, eps)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    cumulative = momentum is None
+    update = running_mean is not None and not (cumulative and num_batches_tracked is None)
+    stats = bn.stats_from_partials(
+        pmean, pm2, z.numel() // z.shape[1], rows, gamma, beta, eps,
+        running_mean=running_mean if update else None,
+        running_var=running_var if update else None,
+        counter=num_batches_tracked if cumulative else None,
+        momentum=0.0 if cumulative else momentum)
     return z, stats
 
 

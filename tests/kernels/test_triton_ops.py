@@ -42,12 +42,40 @@ def test_opcheck_conv2d(case, fmt, epilogue):
                            epilogue != "plain"))
 
 
+@pytest.mark.parametrize("momentum", [None, 0.1, "untracked"])
 @pytest.mark.parametrize("case", CONVS, ids=["3x3s2", "1x1g4"])
-def test_opcheck_conv2d_bn_train(case):
+def test_opcheck_conv2d_bn_train(case, momentum):
+    """Also with the running statistics it updates in place (declared mutable in the schema):
+    a momentum, the cumulative average (None, read from num_batches_tracked) or none tracked."""
     xs, ws, stride, padding, groups = case
     args = (_act(xs), _act(ws) / 3, stride, padding, [1, 1], groups, _vec(ws[0]),
             _vec(ws[0], -1, 1), 1e-5)
+    if momentum != "untracked":
+        cout = ws[0]
+        args += (_vec(cout), _vec(cout, 0.5, 2.0), torch.tensor(3, device=DEVICE), momentum)
     torch.library.opcheck(ops.conv2d_bn_train.default, args)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.1])
+def test_conv2d_bn_train_updates_running_stats_like_nn(momentum):
+    """The finalize's update against nn.BatchNorm2d on the same convolution output."""
+    xs, ws, stride, padding, groups = CONVS[0]
+    x, w = _act(xs), _act(ws) / 3
+    bn = torch.nn.BatchNorm2d(ws[0], momentum=momentum).to(DEVICE)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.num_batches_tracked.fill_(3)
+    mine = {k: v.clone() for k, v in bn.state_dict().items()}
+    z, _ = ops.conv2d_bn_train.default(x, w, stride, padding, [1, 1], groups, bn.weight.detach(),
+                                       bn.bias.detach(), bn.eps, mine["running_mean"],
+                                       mine["running_var"], mine["num_batches_tracked"],
+                                       momentum)
+    bn.train()(z.detach())
+    for name, value in bn.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(mine[name], value), name
+        elif name.startswith("running"):
+            torch.testing.assert_close(mine[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @FORMATS
