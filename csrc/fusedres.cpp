@@ -1,4 +1,4 @@
-// The one binding file of fusedres._C (DESIGN.md section 4): the torch.library schemas of the
+// The one binding file of fusedres._C (docs/design.md section 4): the torch.library schemas of the
 // BatchNorm unit ops, their CPU implementations, the CUDA implementations (when built) and two
 // plain Python functions describing the build.
 //

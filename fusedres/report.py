@@ -12,7 +12,7 @@ and mode (a training step; an eval forward), one *group*:
    ``fusedres.to_eager(model)`` here; a training step's first call is then undone (weights,
    statistics, optimizer), so that the check sees the same weights everywhere;
 2. every provider is checked against eager PyTorch in the same dtype and a float64 oracle
-   (DESIGN.md's rule: relative L2 error at most 2x eager's plus an atol): logits and a few
+   (docs/design.md's rule: relative L2 error at most 2x eager's plus an atol): logits and a few
    gradients in training, logits in eval;
 3. the providers are timed round by round, every provider once per round, the order rotating,
    after warm-up rounds (:func:`time_interleaved`); per provider the median and the spread (the
@@ -74,7 +74,7 @@ __all__ = [
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("train", "eval")
-# DESIGN.md's tolerance rule on the relative L2 error (tests/conftest.py's atol per dtype).
+# docs/design.md's tolerance rule on the relative L2 error (tests/conftest.py's atol per dtype).
 ATOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # Below 64 px the last stage runs at 1x1 and BatchNorm reduces over `batch` values per channel:
 # so ill-conditioned that fp32 eager itself is 1e-2 off float64, and the check means nothing.
@@ -256,7 +256,7 @@ def native_bf16() -> tuple[bool, str]:
     """(the CPU has bf16 matrix instructions, which): AMX-BF16 or AVX512-BF16.
 
     Without them oneDNN emulates bf16 convolutions in fp32 and bf16 autocast measures casts,
-    not the memory-bound regime DESIGN.md's "CPU as a stand-in for the GPU" is about.
+    not the memory-bound regime docs/design.md's "CPU as a stand-in for the GPU" is about.
     """
     found = [f for f in ("amx_bf16", "avx512_bf16") if f in _cpu_flags()]
     return (True, "+".join(found)) if found else (
@@ -1134,7 +1134,7 @@ def format_table(report: dict) -> str:
     lines = [_header(m), "",
              "spread: interquartile range / median. Ratios: the reference's median / the "
              "provider's (> 1: faster), [the range the two interquartile intervals allow]; "
-             "?: the intervals overlap, the ratio is not a result. check: DESIGN.md's rule "
+             "?: the intervals overlap, the ratio is not a result. check: docs/design.md's rule "
              "against eager and a float64 oracle."]
     for g in report["groups"]:
         lines += ["", format_group(g, m)]

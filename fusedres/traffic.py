@@ -1,7 +1,7 @@
 """A bytes-moved model of ResNet units and blocks, for eager PyTorch and each fused backend.
 
 The memory-bound part of a block's time is proportional to the bytes it moves through device
-memory (DESIGN.md section 2), so the benchmarks and ``python -m fusedres`` divide these counts by
+memory (docs/design.md section 2), so the benchmarks and ``python -m fusedres`` divide these counts by
 measured times (GB/s) and print the ratio fused / eager beside the timings.
 
 Counting rules (``S`` = elements of the unit's output [N, Cout, Ho, Wo], ``X`` = elements of its
@@ -25,7 +25,7 @@ input [N, Cin, H, W], ``K`` = elements of the conv weight; every element costs `
      (no kernel); BN backward reads g and z twice (reduction, then dz) and writes dz;
    - eval forward: normalise (read z, write t), add, ReLU as above, no statistics.
 
-5. Fused backends, by the fusion points (DESIGN.md) their kernels implement (:data:`FUSIONS`):
+5. Fused backends, by the fusion points (docs/design.md) their kernels implement (:data:`FUSIONS`):
 
    - F1 (statistics in the conv epilogue): no statistics pass over z;
    - F2 (scale/shift + residual + ReLU in one pass): reads z (and the residual), writes y; in eval

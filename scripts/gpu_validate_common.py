@@ -185,7 +185,7 @@ GPU_PLAN = Plan(
 # The dry run: the same stages on a CPU with 2 cores, in about a minute and a half. Channels /16
 # and 32 px images keep the Triton interpreter (one Python step per program and tile, ~0.5 s a
 # unit; 5 s for the stem's 7x7 over 16x16 outputs, left out) to seconds; bf16 runs as fp16 in
-# the checks (the interpreter's bf16 tl.dot is wrong, DESIGN.md section 6) and the timings run
+# the checks (the interpreter's bf16 tl.dot is wrong, docs/design.md section 6) and the timings run
 # fp32 (CPU convolutions in fp16 take minutes for a ResNet-50); the cpu backend (the same
 # torch.ops.fusedres ops as cuda) stands in for cuda.
 DRY_PLAN = dataclasses.replace(

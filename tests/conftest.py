@@ -1,4 +1,4 @@
-"""Shared test machinery: the tolerance rule of DESIGN.md section 6, backends under test, seeds.
+"""Shared test machinery: the tolerance rule of docs/design.md section 6, backends under test, seeds.
 
 The rule: a fused result passes when its max error against the float64 oracle is at most twice
 the error of eager PyTorch in the same dtype, plus a small atol scaled by the oracle's magnitude.
@@ -159,7 +159,7 @@ def rel_l2_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def assert_oracle_close(actual, eager, oracle, name="tensor", atol=None, norm="max"):
-    """DESIGN.md's rule: err(actual) <= 2 * err(eager in the same dtype) + atol.
+    """docs/design.md's rule: err(actual) <= 2 * err(eager in the same dtype) + atol.
 
     Args:
         actual: the fused result; eager: eager PyTorch's result in the same dtype;

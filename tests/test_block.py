@@ -3,7 +3,7 @@ gradcheck, double backward, the activations it keeps for backward, torch.compile
 torch.export, failing calls, and the F3 hook a backend may provide.
 
 Exactness is checked in float64 through the fused kernels, where a ReLU-mask flip cannot hide an
-error (DESIGN.md section 6); tests/test_models.py and tests/test_ecosystem.py run the same
+error (docs/design.md section 6); tests/test_models.py and tests/test_ecosystem.py run the same
 blocks, now on this op by default, in float32 and under autocast.
 """
 
@@ -99,7 +99,7 @@ def run(module, x, owner=None):
 
 
 def assert_matches_oracle(fused, eager, x, dtype) -> str:
-    """Outputs, gradients and buffers of ``fused`` within DESIGN.md's rule: against eager in
+    """Outputs, gradients and buffers of ``fused`` within docs/design.md's rule: against eager in
     ``dtype`` and the float64 oracle (in float64, eager is the oracle: the bound is the atol).
 
     Returns:
@@ -462,7 +462,7 @@ def test_triton_kernels_keep_what_the_count_assumes(case):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_model_float64_matches_oracle(backend, arch, training):
     """A whole model through the fused kernels in float64 against the float64 oracle, every
-    parameter gradient and buffer (see DESIGN.md section 6 on why not float32 here)."""
+    parameter gradient and buffer (see docs/design.md section 6 on why not float32 here)."""
     torch.manual_seed(0)
     fused = _randomize_bn(getattr(models, arch)(backend=backend, num_classes=10)).double()
     eager = fusedres.to_eager(getattr(models, arch)(num_classes=10)).double()

@@ -176,7 +176,7 @@ def _collect(y, x, conv, bn, residual, dy):
 
 
 def compare_with_nn(backend, conv, bn, x, residual=None, relu=False, training=True):
-    """Fused (x's dtype) vs nn in x's dtype vs nn in float64, with DESIGN.md's rule.
+    """Fused (x's dtype) vs nn in x's dtype vs nn in float64, with docs/design.md's rule.
 
     ``conv`` and ``bn`` are left unused: each run gets its own deep copy.
     """

@@ -1,6 +1,6 @@
 """The C++ CPU kernels (torch.ops.fusedres.*, csrc/cpu) against the fp64 oracle.
 
-Each op is compared with ``fusedres.reference`` in float64 (the oracle) under DESIGN.md's rule:
+Each op is compared with ``fusedres.reference`` in float64 (the oracle) under docs/design.md's rule:
 error <= 2 x the error of the same reference run in the activations' own precision
 (``upcast=False``: float32 math for float32/bfloat16 inputs, rounded once, i.e. what eager
 PyTorch's fused CPU BatchNorm does) + the dtype's atol from conftest.py.

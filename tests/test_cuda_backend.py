@@ -1,6 +1,6 @@
 """The CUDA kernels (csrc/cuda, torch.ops.fusedres.* on CUDA tensors) against the fp64 oracle.
 
-Marked ``cuda`` and skipped with a reason where torch sees no CUDA device. The rule of DESIGN.md
+Marked ``cuda`` and skipped with a reason where torch sees no CUDA device. The rule of docs/design.md
 section 6 applies: error <= 2 x the error of the same reference run in the activations' own
 precision (``upcast=False``) + the dtype's atol from conftest.py. The ops allocate their outputs
 themselves, so there is nothing to pre-poison; every output element is compared with the oracle

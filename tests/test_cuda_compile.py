@@ -3,7 +3,7 @@
 - scripts/check_cuda_compile.py builds every .cu for sm_80 and sm_90 with ``-Xptxas -v``: no
   compile error, no register spill, and every kernel variant the launchers dispatch to is present
   for both architectures (its table of registers per kernel is printed with ``pytest -s``).
-- The .cu/.cuh/.h files include no torch header (DESIGN.md section 4: plain nvcc builds them).
+- The .cu/.cuh/.h files include no torch header (docs/design.md section 4: plain nvcc builds them).
 - The ptxas parser of the script recognises spills (so the check can fail).
 - Every kernel instantiated with a vector width > 1 uses 128-bit global loads (and stores, where
   it writes activations) in the PTX of that build; the PTX check fails on scalar-only code.

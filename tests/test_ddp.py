@@ -9,8 +9,8 @@ of the batch, and a fused ResNet-18 under DDP must end where one process on the 
 ends.
 
 SyncBatchNorm: ``nn.SyncBatchNorm.convert_sync_batchnorm`` on a fused model replaces its
-BatchNorm2d modules, so every fused unit falls back to the eager composition (``_is_fusable`` in
-fusedres.ops.unit) and SyncBatchNorm itself does the synchronisation. PyTorch only synchronises
+BatchNorm2d modules, so every fused unit falls back to the eager composition (``unfusable_reason`` in
+fusedres.fusability) and SyncBatchNorm itself does the synchronisation. PyTorch only synchronises
 CUDA/XPU/HPU tensors: on CPU tensors it raises, so here the CPU tests check the fallback in one
 process and that the two-process CPU run fails loudly, and a CUDA test (two GPUs) compares the
 synchronised statistics with one process on the combined batch.

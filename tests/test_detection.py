@@ -6,7 +6,7 @@ only when weights are given), the COCO checkpoints' ``eps=0`` on one of them; se
 backbones dilated (``replace_stride_with_dilation=[False, True, True]``) with trainable
 nn.BatchNorm2d. Norm statistics and affine parameters are randomised so no check is trivial.
 
-What is compared, after DESIGN.md section 6: a whole detection model's losses, proposals and
+What is compared, after docs/design.md section 6: a whole detection model's losses, proposals and
 detections are discrete functions of the features (top-k, NMS, sampling), so a rounding
 difference can swap a proposal; its training step (losses, every gradient) and eval outputs
 are compared in float64 against the unconverted model (where fused and eager agree to ~1e-13),

@@ -36,7 +36,7 @@ def test_autocast_leaves_float64_alone(backend):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_matches_eager(backend, dtype):
     """CPU autocast (bf16 and fp16) through the fused units: output dtype, outputs, gradients
-    and running statistics within DESIGN.md's rule against the fp64 oracle."""
+    and running statistics within docs/design.md's rule against the fp64 oracle."""
     fused, eager = fused_eager_pair(backend)
     oracle = reference.upcast(eager)
     x = torch.randn(4, 3, 16, 16)
@@ -81,7 +81,7 @@ def _train_steps(model, amp: bool, steps: int = 4):
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
 def test_grad_scaler_training_fp16(backend):
     """fp16 autocast + torch.amp.GradScaler("cpu"), 4 SGD steps: the same scale decisions as
-    eager, and parameters within DESIGN.md's rule against an fp64 run without autocast (training
+    eager, and parameters within docs/design.md's rule against an fp64 run without autocast (training
     amplifies fp16 rounding, so the bound is eager fp16's own distance from fp64)."""
     fused, eager = fused_eager_pair(backend)
     oracle = reference.upcast(eager)

@@ -8,7 +8,7 @@ transposed-back view), the BatchNorm flags (affine, track_running_stats, momentu
 and the edge values 0 and 1, eps, the starting num_batches_tracked), ReLU and residual on or off,
 train or eval, and which tensors require gradients. Each example runs the same unit three times,
 fused in the drawn dtype, eager in the drawn dtype and eager in float64 (the oracle), and applies
-DESIGN.md's rule (``conftest.assert_oracle_close``) to the output, every gradient (x, residual,
+docs/design.md's rule (``conftest.assert_oracle_close``) to the output, every gradient (x, residual,
 conv weight, gamma, beta) and the running statistics; ``num_batches_tracked`` must equal nn's.
 
 The example count comes from the hypothesis profile (``HYPOTHESIS_PROFILE``, see conftest.py;
@@ -16,7 +16,7 @@ The example count comes from the hypothesis profile (``HYPOTHESIS_PROFILE``, see
 (every field needed to rebuild it, the tensors come from its ``seed``) and hypothesis'
 ``@reproduce_failure`` blob.
 
-fp32 gradient fragility (DESIGN.md section 6): a pre-activation within rounding distance of 0 can
+fp32 gradient fragility (docs/design.md section 6): a pre-activation within rounding distance of 0 can
 land on either side of the ReLU kink. The output gradient is zeroed where the oracle's
 pre-activation lies in that band (``KINK_BAND``), so a flipped mask multiplies a zero and cannot
 move any gradient, also through BN's batch coupling; float64 examples use no band at all.
@@ -312,7 +312,7 @@ def _triton_param():
 
 
 # The interpreter runs each kernel in Python: a few examples, fp32 and fp16 only (a bf16 tl.dot
-# returns garbage under triton 3.9's interpreter, DESIGN.md section 6; the GPU tests cover bf16).
+# returns garbage under triton 3.9's interpreter, docs/design.md section 6; the GPU tests cover bf16).
 TRITON_EXAMPLES = max(3, HYPOTHESIS_EXAMPLES // 3)
 
 

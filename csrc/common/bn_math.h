@@ -2,7 +2,7 @@
 // host compiler) and csrc/cuda (compiled by nvcc), so the CPU tests exercise the formulas the GPU runs.
 // No torch headers here.
 //
-// The unit (DESIGN.md section 2), per channel c with M = N*H*W elements:
+// The unit (docs/design.md section 2), per channel c with M = N*H*W elements:
 //   forward   y  = act(z * scale + shift + residual),  scale = gamma*invstd, shift = beta - mean*scale
 //   backward  g  = dy * (y > 0)                         (dresidual = g)
 //             dbeta = sum g,  dgamma = invstd * sum g*(z - mean)

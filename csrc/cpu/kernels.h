@@ -1,4 +1,4 @@
-// CPU backend of the BatchNorm unit ops (DESIGN.md section 2).
+// CPU backend of the BatchNorm unit ops (docs/design.md section 2).
 //
 // Two levels:
 //  * ATen-level launchers (bn_stats, bn_act_fwd, bn_act_bwd; csrc/cpu/bn_act_cpu.cpp): pick the

@@ -34,7 +34,7 @@ constexpr int rows_in_flight() {
 // finalize kernels merge per channel.
 constexpr int64_t kMaxRowChunks = 1024;
 
-// Accumulation dtype: fp32 for 16/32-bit storage, fp64 for fp64 (DESIGN: compute in fp32).
+// Accumulation dtype: fp32 for 16/32-bit storage, fp64 for fp64 (docs/design.md section 4: math in fp32).
 template <typename T> struct AccType { using type = float; };
 template <> struct AccType<double> { using type = double; };
 template <typename T> using acc_t = typename AccType<T>::type;

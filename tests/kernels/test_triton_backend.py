@@ -2,7 +2,7 @@
 
 Units and blocks run forward + backward on backend="triton" and are compared, output by output
 and gradient by gradient (and running statistics), with the eager composition in the same dtype
-and the fp64 oracle (DESIGN.md section 6).
+and the fp64 oracle (docs/design.md section 6).
 """
 
 import copy
