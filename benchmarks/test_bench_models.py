@@ -22,16 +22,20 @@ for backward (fusedres.report.saved_bytes). torch.compile runs unless FUSEDRES_B
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from fusedres import traffic
-from fusedres.report import DTYPES, ModelGroup, make_base, provider_status
+from fusedres.report import (DTYPES, ModelGroup, as_input, build_model, largest_batch,
+                             make_base, make_train_step, provider_status)
 
-from _providers import (DEVICE, SIZES, dtype_params, make_provider, provider_params,
+from _providers import (DEVICE, GPU, SIZES, dtype_params, make_provider, provider_params,
                         publish_case, rounds, warmup)
 
-PROVIDERS = ("eager", "eager_cl", "compile", "cpu", "cpu_cl", "triton", "cuda", "onnxruntime")
+PROVIDERS = ("eager", "eager_cl", "compile", "cpu", "cpu_cl", "cpu_per_unit", "cpu_conv1", "triton",
+             "cuda", "onnxruntime")
 
 
 @pytest.mark.parametrize("provider", provider_params("models", PROVIDERS))
@@ -63,3 +67,37 @@ def test_model(benchmark, request, interleaved, dtype, arch, mode, provider):
                  blocks=traffic.model_blocks(arch, n, size), training=training,
                  memory=group.memory(provider), dtype=dt, arch=arch, mode=mode,
                  check="ok" if chk["ok"] else f"FAIL ({chk['worst']})")
+
+
+# The largest batch in a memory budget: what leaner saved activations buy a user.
+BUDGET_PROVIDERS = ("eager", "eager_cl", "cpu", "cpu_cl", "cpu_per_unit", "cpu_conv1", "triton",
+                    "cuda")
+
+
+@pytest.mark.parametrize("provider", provider_params("budget", BUDGET_PROVIDERS))
+def test_largest_batch_in_budget(benchmark, provider):
+    """ResNet-50 training at the suite's image size and dtype: the largest batch whose step's
+    peak memory (activations, gradients, workspaces; not weights or optimizer state) fits in
+    ``FUSEDRES_BENCH_BUDGET_MIB`` (default 1024 on CPU, 16384 on a GPU), found by
+    fusedres.report.largest_batch; timed at that batch, so images/s sits beside it."""
+    p = make_provider(provider)
+    ok, why = provider_status(p, DEVICE, "train", SIZES.dtype)
+    if not ok:
+        pytest.skip(f"{provider}: {why}")
+    budget_mib = int(os.environ.get("FUSEDRES_BENCH_BUDGET_MIB", 16384 if GPU else 1024))
+    size = SIZES.model_image
+    benchmark.group = f"largest resnet50 batch in {budget_mib} MiB, {size}px train"
+    found = largest_batch("resnet50", p, DEVICE, SIZES.dtype, size, budget_mib << 20)
+    if found["batch"] == 0:
+        pytest.skip(f"{provider}: not one image fits in {budget_mib} MiB")
+    n = found["batch"]
+    g = torch.Generator().manual_seed(0)
+    model = build_model("resnet50", p, DEVICE)
+    x = as_input(torch.randn(n, 3, size, size, generator=g).to(DEVICE), p)
+    step = make_train_step(model, x, torch.randint(0, 1000, (n,), generator=g).to(DEVICE),
+                           SIZES.dtype)
+    benchmark.pedantic(step, rounds=rounds(3), warmup_rounds=warmup(1))
+    benchmark.extra_info.update(
+        provider=provider, batch=n, budget_mib=budget_mib, peak_mib=found["peak_bytes"] / 2**20,
+        mib_per_image=found["bytes_per_image"] / 2**20,
+        images_per_s=n / benchmark.stats.stats.median)

@@ -42,6 +42,7 @@ import datetime
 import importlib.util
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -65,10 +66,10 @@ __all__ = [
     "BOTTLENECK_TARGETS", "Config", "MEMORY_BOUND_TARGET", "MODEL_TARGETS", "ModelGroup",
     "NothingToRun", "PROVIDER_NAMES", "Provider", "bench_targets", "bn_ops", "build_model",
     "check_against_eager", "compare", "cpu_peak_memory", "default_config", "format_bench_cases",
-    "format_table", "format_targets", "keep_freed_memory", "machine_info", "main", "make_base",
-    "make_eval_step", "make_onnx_step", "make_provider", "make_train_step", "model_targets",
-    "native_bf16", "parse_args", "peak_memory", "provider_status", "run", "saved_bytes",
-    "summarize", "sync", "time_interleaved", "warnings_of",
+    "format_table", "format_targets", "keep_freed_memory", "largest_batch", "machine_info",
+    "main", "make_base", "make_eval_step", "make_onnx_step", "make_provider", "make_train_step",
+    "model_targets", "native_bf16", "parse_args", "peak_memory", "provider_status", "run",
+    "saved_bytes", "summarize", "sync", "time_interleaved", "warnings_of",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -146,11 +147,14 @@ class Provider:
             eager model, channels_last), ``onnxruntime`` (the exported eager model, eval only),
             a fused backend name in the layout its device favours (``triton``, ``cuda``:
             channels_last; ``cpu``: NCHW, PyTorch's CPU default), or ``cpu_cl`` (the cpu
-            backend, channels_last).
+            backend, channels_last); ``cpu_per_unit`` and ``cpu_conv1``: the cpu backend with
+            its blocks' training recomputation ``"off"`` (the per-unit path, which keeps y1 and
+            y2) or ``"conv1"`` (see :mod:`fusedres.ops.block`; ``cpu`` runs the default).
         backend: ``"eager"`` or the fused backend name.
         channels_last: the model and its input in channels_last.
         compiled: torch.compile of the eager model.
         onnx: onnxruntime (CPUExecutionProvider) on ``fusedres.to_eager(model)`` exported to ONNX.
+        recompute: the fused blocks' ``recompute`` mode, or None for the default.
     """
 
     name: str
@@ -158,6 +162,7 @@ class Provider:
     channels_last: bool
     compiled: bool = False
     onnx: bool = False
+    recompute: Optional[str] = None
 
     @property
     def fused(self) -> bool:
@@ -169,7 +174,9 @@ _PROVIDERS = {p.name: p for p in (
     Provider("eager", "eager", False), Provider("eager_cl", "eager", True),
     Provider("compile", "eager", True, compiled=True), Provider("cpu", "cpu", False),
     Provider("cpu_cl", "cpu", True), Provider("triton", "triton", True),
-    Provider("cuda", "cuda", True), Provider("onnxruntime", "eager", False, onnx=True))}
+    Provider("cuda", "cuda", True), Provider("onnxruntime", "eager", False, onnx=True),
+    Provider("cpu_per_unit", "cpu", False, recompute="off"),
+    Provider("cpu_conv1", "cpu", False, recompute="conv1"))}
 #: Every provider name ``--backends`` accepts (besides backends registered at run time).
 PROVIDER_NAMES = tuple(_PROVIDERS)
 
@@ -215,6 +222,8 @@ def provider_status(provider: Provider, device: torch.device, mode: Optional[str
         return True, "torch.compile (inductor" + (", freezing)" if mode == "eval" else ")")
     if provider.backend == "eager":
         return True, "plain PyTorch"
+    if provider.recompute is not None and mode == "eval":
+        return False, "a training recomputation mode: eval runs the same path as the default"
     try:
         backend = fusedres.get_backend(provider.backend)
     except (ValueError, RuntimeError) as e:
@@ -280,6 +289,10 @@ def build_model(arch: str, provider: Provider, device: torch.device,
         model = fusedres.to_eager(model)
     else:
         model = fusedres.convert(model, provider.backend)
+        if provider.recompute is not None:
+            for block in model.modules():
+                if isinstance(block, (fusedres.FusedBasicBlock, fusedres.FusedBottleneck)):
+                    block.recompute = provider.recompute
     model = model.to(device)
     if provider.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -807,6 +820,49 @@ class ModelGroup:
                 called(xin)
 
         return peak, saved_bytes(fwd, exclude=tuple(module.parameters()))
+
+
+def largest_batch(arch: str, provider: Provider, device: torch.device, dtype: torch.dtype,
+                  image_size: int, budget_bytes: int, probes: tuple = (2, 8)) -> dict:
+    """The largest batch whose training step fits in ``budget_bytes`` of activation memory.
+
+    The step's peak (:func:`peak_memory`: activations, gradients and workspaces, not weights
+    or optimizer state) grows linearly with the batch: measured at the two ``probes`` batches,
+    the line predicts the largest batch within the budget, whose step is then measured; while
+    that exceeds the budget the batch is lowered by one image's share. A figure to act on:
+    e.g. how much larger a batch the block-level op's leaner saved activations allow.
+
+    Args:
+        arch: a builder name in fusedres.models; provider: a training provider.
+        image_size: the input [batch, 3, image_size, image_size].
+        budget_bytes: the memory the step's peak may take.
+        probes: two batch sizes for the fit.
+
+    Returns:
+        ``{"batch", "peak_bytes"}`` at the largest batch (batch 0 when even one image does not
+        fit), plus ``"bytes_per_image"`` and ``"fixed_bytes"`` of the fit.
+    """
+    model = build_model(arch, provider, device)
+
+    def peak(batch: int) -> int:
+        g = torch.Generator().manual_seed(batch)
+        x = as_input(torch.randn(batch, 3, image_size, image_size, generator=g).to(device),
+                     provider)
+        target = torch.randint(0, 1000, (batch,), generator=g).to(device)
+        step = make_train_step(model, x, target, dtype)
+        step()  # the first step allocates the gradients, which later steps reuse or free
+        return peak_memory(step, device)
+
+    (b1, b2), (p1, p2) = probes, [peak(b) for b in probes]
+    per_image = max(1.0, (p2 - p1) / (b2 - b1))
+    fixed = p1 - b1 * per_image
+    batch = max(0, int((budget_bytes - fixed) // per_image))
+    measured = peak(batch) if batch > 0 else 0
+    while batch > 0 and measured > budget_bytes:
+        batch = max(0, batch - max(1, math.ceil((measured - budget_bytes) / per_image)))
+        measured = peak(batch) if batch > 0 else 0
+    return {"batch": batch, "peak_bytes": measured, "bytes_per_image": per_image,
+            "fixed_bytes": fixed}
 
 
 def check_against_eager(arch: str, providers: list, device: torch.device, dtype: torch.dtype,
