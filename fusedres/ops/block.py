@@ -261,9 +261,9 @@ class _BlockFunction(torch.autograd.Function):
             grads[_PER_UNIT * n:_PER_UNIT * n + 3] = _cast(
                 (dw, dgamma, dbeta), mask[1:4], (weights[n], gammas[n], betas[n]))
             if needs[1]:
-                dx = dx + dx_ds
+                dx.add_(dx_ds)  # dx is conv1's fresh input gradient: no new block-sized tensor
         elif needs[1]:
-            dx = dx + dres
+            dx.add_(dres)
         return (None, dx, *grads)
 
 
