@@ -27,7 +27,8 @@ import torch
 from fusedres.backend import conv_output_hw
 from fusedres.ops.library import output_memory_format
 
-__all__ = ["conv2d", "conv2d_bn_train", "bn_stats", "bn_act_fwd", "bn_act_bwd"]
+__all__ = ["conv2d", "conv2d_bn_train", "conv2d_bn_train_prologue", "bn_stats", "bn_act_fwd",
+           "bn_act_bwd"]
 
 _NS = "fusedres_triton"
 
@@ -59,34 +60,43 @@ def _stats_rows(like: torch.Tensor, rows: int) -> torch.Tensor:
     return like.new_empty((rows, like.shape[1]), dtype=torch.float32)
 
 
-# -- convolution (F1, F2) ---------------------------------------------------------------------
+# -- convolution (F1, F2, F3) -----------------------------------------------------------------
 
 
-def _conv2d_fake(x, weight, stride, padding, dilation, groups, scale, shift, residual, relu):
+def _conv2d_fake(x, weight, stride, padding, dilation, groups, scale, shift, residual, relu,
+                 in_scale=None, in_shift=None):
     return _channels_last_out(x, weight, stride, padding, dilation)
 
 
 @_op("conv2d(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, "
-     "int groups, Tensor? scale, Tensor? shift, Tensor? residual, bool relu) -> Tensor",
+     "int groups, Tensor? scale, Tensor? shift, Tensor? residual, bool relu, "
+     "Tensor? in_scale=None, Tensor? in_shift=None) -> Tensor",
      _conv2d_fake)
 def conv2d(x: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: list[int],
            dilation: list[int], groups: int, scale: Optional[torch.Tensor],
            shift: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-           relu: bool) -> torch.Tensor:
-    """``act(conv2d(x, weight) * scale + shift + residual)``; the epilogue parts are optional.
+           relu: bool, in_scale: Optional[torch.Tensor] = None,
+           in_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``act(conv2d(p(x), weight) * scale + shift + residual)``; the epilogue parts are optional,
+    and ``p(x) = relu(x * in_scale + in_shift)`` (F3) or ``x``.
 
     Args:
-        x: [N, Cin, H, W] fp16/bf16/fp32; weight: [Cout, Cin/groups, KH, KW], x's dtype.
+        x: [N, Cin, H, W] fp16/bf16/fp32 (with in_scale: z of the previous unit).
+        weight: [Cout, Cin/groups, KH, KW], x's dtype (or float32 with 16-bit x: autocast's
+            master weight, cast once per weight version).
         stride, padding, dilation: pairs; groups: int.
         scale, shift: [Cout] float32, both or neither (eval BatchNorm folded in, F2).
         residual: [N, Cout, Ho, Wo] or None; relu: apply ReLU last.
+        in_scale, in_shift: [Cin] float32, both or neither: the previous unit's BatchNorm scale
+            and shift, applied with ReLU to x while the kernel loads it (F3); zero padding
+            applies to the result.
 
     Returns:
         [N, Cout, Ho, Wo] channels_last, x's dtype.
     """
     from fusedres.kernels import conv as conv_k
     return conv_k.conv2d(x, weight, stride, padding, dilation, groups, scale=scale, shift=shift,
-                         residual=residual, relu=relu)
+                         residual=residual, relu=relu, in_scale=in_scale, in_shift=in_shift)
 
 
 def _conv2d_bn_train_fake(x, weight, stride, padding, dilation, groups, gamma, beta, eps):
@@ -115,6 +125,41 @@ def conv2d_bn_train(x: torch.Tensor, weight: torch.Tensor, stride: list[int],
     from fusedres.kernels import bn
     from fusedres.kernels import conv as conv_k
     z, pmean, pm2, rows = conv_k.conv2d(x, weight, stride, padding, dilation, groups, stats=True)
+    stats = bn.stats_from_partials(pmean, pm2, z.numel() // z.shape[1], rows, gamma, beta, eps)
+    return z, stats
+
+
+def _conv2d_bn_train_prologue_fake(x, weight, stride, padding, dilation, groups, gamma, beta, eps,
+                                   in_scale, in_shift):
+    return _conv2d_bn_train_fake(x, weight, stride, padding, dilation, groups, gamma, beta, eps)
+
+
+@_op("conv2d_bn_train_prologue(Tensor x, Tensor weight, int[2] stride, int[2] padding, "
+     "int[2] dilation, int groups, Tensor gamma, Tensor beta, float eps, Tensor in_scale, "
+     "Tensor in_shift) -> (Tensor, Tensor)",
+     _conv2d_bn_train_prologue_fake)
+def conv2d_bn_train_prologue(x: torch.Tensor, weight: torch.Tensor, stride: list[int],
+                             padding: list[int], dilation: list[int], groups: int,
+                             gamma: torch.Tensor, beta: torch.Tensor, eps: float,
+                             in_scale: torch.Tensor, in_shift: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`conv2d_bn_train` of ``relu(x * in_scale + in_shift)``: the training forward of a
+    unit whose input is the previous unit's z (F3), so that unit's y is never written.
+
+    Args:
+        x: [N, Cin, H, W] z of the previous unit; weight, stride, padding, dilation, groups,
+            gamma, beta, eps: as :func:`conv2d_bn_train`.
+        in_scale, in_shift: [Cin] float32, the previous unit's BatchNorm scale and shift
+            (rows 3 and 4 of its stats).
+
+    Returns:
+        (z [N, Cout, Ho, Wo] channels_last in x's dtype, stats [5, Cout] float32) as
+        :func:`conv2d_bn_train`.
+    """
+    from fusedres.kernels import bn
+    from fusedres.kernels import conv as conv_k
+    z, pmean, pm2, rows = conv_k.conv2d(x, weight, stride, padding, dilation, groups, stats=True,
+                                        in_scale=in_scale, in_shift=in_shift)
     stats = bn.stats_from_partials(pmean, pm2, z.numel() // z.shape[1], rows, gamma, beta, eps)
     return z, stats
 
