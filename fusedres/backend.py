@@ -88,8 +88,9 @@ class BlockOps(NamedTuple):
             this input is never written: ``(z_prev, scale_prev, shift_prev, weight, gamma, beta,
             residual, running_mean, running_var, num_batches_tracked, stride, padding, dilation,
             groups, relu, momentum, eps, write_y) -> (y, z, mean, invstd)``, the arguments and
-            results of ``train`` otherwise, with y a [0] placeholder unless ``write_y``. Without
-            it the block runs ``train`` on each unit's output in turn.
+            results of ``train`` otherwise, with y a [0] placeholder unless ``write_y``; with
+            scale_prev and shift_prev None, z_prev is a plain input (the block's first unit).
+            Without it the block runs ``train`` on each unit's output in turn.
     """
 
     train: Callable

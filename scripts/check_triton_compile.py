@@ -20,13 +20,14 @@ size later launches from the config that ran (the statistics partials). A new fl
 or launch is therefore picked up without editing this file; a new op fails until it has a case
 in _op_arguments.
 
-A variant's flags (dtype x conv path x epilogue x dot precision; layout and flags of the BN
-kernels) are all compiled, each in the first int specialisation met (contiguous weights, see
-_FORMATS); ``--all-specialisations`` compiles every specialisation met (channels_last weights
-too), about twice the work. ``--heaviest-epilogues`` compiles the convolution in two of its nine
+A variant's flags (dtype x conv path x prologue x epilogue x dot precision; layout and flags of
+the BN kernels) are all compiled, each in the first int specialisation met (see _FORMATS);
+``--all-specialisations`` compiles every specialisation met (1x1 weights' two stride patterns),
+about a third more work. ``--heaviest-epilogues`` compiles the convolution in two of its nine
 epilogues only, the two that keep the most values live at the store: the statistics epilogue
-(training, F1) and scale/shift + residual + ReLU (eval, F2); every path, operand kind and config
-still, and every BatchNorm variant. About half the compiles and a third of the time: what CI runs.
+(training, F1) and scale/shift + residual + ReLU (eval, F2), each with and without the F3
+prologue; every path, operand kind and config still, and every BatchNorm variant. About 45% of
+the compiles: what CI runs (about 810, of which the prologue's are 180).
 
 Usage:
     python scripts/check_triton_compile.py            # every variant and config
@@ -82,8 +83,10 @@ _CONV_CASES = (
 )
 _DTYPES = ("float16", "bfloat16", "float32")
 # Memory formats of every tensor of a call. The first one met of each flag set is what a default
-# run compiles: contiguous weights, PyTorch's default, load strided along k and need more
-# registers than channels_last ones in most configs.
+# run compiles. The conv launcher hands the kernel channels_last weights whatever their format
+# (fusedres.kernels.conv.prepared_weight), so formats differ only in the BN kernels' layouts and
+# in 1x1 weights, which are channels_last in both formats with different (unused) strides of
+# their unit dimensions.
 _FORMATS = ("contiguous_format", "channels_last")
 _TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 #: The convolution epilogues --heaviest-epilogues keeps, as (AFFINE, HAS_RESIDUAL, RELU, STATS).
@@ -256,16 +259,19 @@ def _op_arguments(name: str, case: tuple, dtype, fmt) -> dict:
     def act(*shape):
         return torch.empty(shape, dtype=dtype, memory_format=fmt)
 
-    def channel():
-        return torch.empty(cout, dtype=torch.float32)
+    def channel(count=cout):
+        return torch.empty(count, dtype=torch.float32)
 
     geometry = dict(x=act(n, cin, h, w), weight=act(cout, cin // groups, k, k),
                     stride=[stride] * 2, padding=[pad] * 2, dilation=[1, 1], groups=groups)
     z = act(n, cout, ho, wo)
     if name == "conv2d":
-        return dict(geometry, scale=channel(), shift=channel(), residual=z)
+        return dict(geometry, scale=channel(), shift=channel(), residual=z,
+                    in_scale=channel(cin), in_shift=channel(cin))
     if name == "conv2d_bn_train":
-        return dict(geometry, gamma=channel(), beta=channel(), eps=1e-5)
+        return dict(geometry, gamma=channel(), beta=channel(), eps=1e-5, running_mean=channel(),
+                    running_var=channel(), num_batches_tracked=torch.zeros((), dtype=torch.long),
+                    momentum=0.1, in_scale=channel(cin), in_shift=channel(cin))
     if name == "bn_stats":
         return dict(z=z)
     if name == "bn_act_fwd":
@@ -454,11 +460,12 @@ def main(argv=None) -> int:
                         help="compiler processes (default: one per core this process may use)")
     parser.add_argument("--list", action="store_true", help="print the variants, compile nothing")
     parser.add_argument("--all-specialisations", action="store_true",
-                        help="every int specialisation met (both weight layouts), not the first "
-                             "of each flag set: about twice the compiles")
+                        help="every int specialisation met (both 1x1 weight stride patterns), not "
+                             "the first of each flag set: about a third more compiles")
     parser.add_argument("--heaviest-epilogues", action="store_true",
                         help="the convolution in its statistics and scale/shift + residual + ReLU "
-                             "epilogues only (every path, operand kind and config): CI's check")
+                             "epilogues only (with and without the prologue; every path, operand "
+                             "kind and config): CI's check")
     parser.add_argument("--json", metavar="PATH", help="also write every row to PATH as JSON")
     parser.add_argument("--match", metavar="REGEX",
                         help="only the variants whose label (as --list prints it) matches")

@@ -115,6 +115,24 @@ def _backward(dy, x, weight, y, z, mean, invstd, gamma, stride, padding, dilatio
     return tuple(t if need else dy.new_empty((0,)) for t, need in zip(outputs, output_mask))
 
 
+def _train_from_z(z_prev, scale_prev, shift_prev, weight, gamma, beta, residual, running_mean,
+                  running_var, num_batches_tracked, stride, padding, dilation, groups, relu,
+                  momentum, eps, write_y):
+    """A unit's training forward whose convolution reads z_prev through the previous unit's
+    BatchNorm + ReLU (F3, ``scale_prev``/``shift_prev``; None: z_prev is a plain input), for
+    the block-level op (:class:`fusedres.backend.BlockOps`). y is written only with
+    ``write_y`` (a [0] placeholder otherwise), channels_last."""
+    g, b = _gamma_beta(gamma, beta, weight.shape[0], z_prev)
+    z, stats = _ops.conv2d_bn_train(z_prev, weight, list(stride), list(padding), list(dilation),
+                                    groups, g, b, eps, running_mean, running_var,
+                                    num_batches_tracked, momentum, scale_prev, shift_prev)
+    python_unit.bump_versions(running_mean, running_var, num_batches_tracked)
+    mean, _, invstd, scale, shift = stats.unbind(0)
+    y = _ops.bn_act_fwd(z, scale, shift, residual, relu) if write_y else z.new_empty((0,))
+    # Separate [C] tensors, as unit_train returns them (the block op saves them for backward).
+    return y, z, mean.clone(), invstd.clone()
+
+
 def _convolution(x, weight, stride, padding, dilation, groups):
     """The training forward's convolution (its kernel, no epilogue): z channels_last."""
     return _ops.conv2d(x, weight, list(stride), list(padding), list(dilation), groups, None, None,
@@ -156,9 +174,9 @@ class TritonBackend(Backend):
                               conv.stride, conv.padding, conv.dilation, conv.groups, relu, eps)
 
     def block_ops(self) -> BlockOps:
-        # train_from_z stays None until the convolution kernel takes the previous unit's
-        # scale/shift + ReLU as a prologue (F3): blocks then run unit_train on each y in turn.
-        return BlockOps(_UNIT_OPS.train, _UNIT_OPS.backward, _ops.bn_act_fwd, _convolution)
+        # F3: a block's training forward writes no y but the block output.
+        return BlockOps(_UNIT_OPS.train, _UNIT_OPS.backward, _ops.bn_act_fwd, _convolution,
+                        _train_from_z)
 
     def unit_infer(self, conv_module, x, weight, gamma, beta, residual, running_mean,
                    running_var, conv: ConvParams, relu, eps):

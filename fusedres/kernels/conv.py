@@ -16,6 +16,10 @@ How k is walked (constexpr):
   BLOCK_K per tap, which is what small channel counts (the 3-channel stem, 4-channel groups) need.
 - POINTWISE: a 1x1 stride-1 unpadded convolution is a plain GEMM on x viewed as [M, Cin].
 
+Prologue (PROLOGUE, F3): x is z of the previous unit, and the A operand is
+``relu(x*in_scale + in_shift)`` (that unit's BatchNorm + ReLU, per input channel), computed
+while loading it, so the previous unit's y is never written. Out-of-image taps are zeros of y.
+
 Epilogue (constexpr flags): AFFINE (eval BatchNorm: ``*scale + shift`` per channel, F2),
 HAS_RESIDUAL (+ residual), RELU, STATS (F1: each [BLOCK_M] row tile writes the per-channel mean
 and M2 of the values it stored; :func:`fusedres.kernels.bn.stats_from_partials` merges them).
@@ -49,6 +53,8 @@ def _conv_fwd_kernel(
     res_ptr,        # *T    residual, like the output (read when HAS_RESIDUAL)
     scale_ptr,      # *fp32 [Cout] (AFFINE)
     shift_ptr,      # *fp32 [Cout] (AFFINE)
+    in_scale_ptr,   # *fp32 [Cin] the previous unit's BN scale, applied to x (PROLOGUE)
+    in_shift_ptr,   # *fp32 [Cin] the previous unit's BN shift, applied to x (PROLOGUE)
     pmean_ptr,      # *fp32 [>= cdiv(M, BLOCK_M), Cout] out: mean of each row tile's output (STATS)
     pm2_ptr,        # *fp32 like pmean_ptr, out: each row tile's sum of squared deviations (STATS)
     M,              # output rows N*Ho*Wo
@@ -61,6 +67,7 @@ def _conv_fwd_kernel(
     KW: tl.constexpr,
     FLAT_K: tl.constexpr,
     POINTWISE: tl.constexpr,
+    PROLOGUE: tl.constexpr,  # the operand is relu(x*in_scale + in_shift), not x (F3)
     AFFINE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     RELU: tl.constexpr,
@@ -139,6 +146,15 @@ def _conv_fwd_kernel(
                 a_mask = valid[:, None] & mask_k[None, :]
                 a_ptrs = x_ptr + (img_base + (ih * W + iw) * Cin)[:, None] + ci[None, :]
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        if PROLOGUE:
+            # F3: x is z of the previous unit; rebuild its y = relu(z*scale + shift) as that
+            # unit would have stored it (fp32 math, rounded once to the storage dtype, which is
+            # also the dtype tensor cores take). The zero padding belongs to y: taps outside the
+            # image (and rows and k past the ends) are 0 after the prologue, not relu(shift).
+            in_scale = tl.load(in_scale_ptr + cin0 + ci, mask=mask_k, other=0.0)
+            in_shift = tl.load(in_shift_ptr + cin0 + ci, mask=mask_k, other=0.0)
+            y_in = tl.maximum(a.to(tl.float32) * in_scale[None, :] + in_shift[None, :], 0.0)
+            a = tl.where(a_mask, y_in, 0.0).to(x_ptr.dtype.element_ty)
         b = tl.load(w_ptr + w_k[:, None] + (co * w_stride_co)[None, :],
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -174,9 +190,9 @@ def _conv_fwd_kernel(
 # _conv_table: fp16/bf16 and fp32 with TF32 run tl.dot on tensor cores (mma on sm_80, wgmma on
 # sm_90); fp32 without TF32 ("ieee") multiplies on the FMA units with the product's operand
 # slices in registers, so it takes BLOCK_K = 16. scripts/check_triton_compile.py compiles every
-# config of each table for every variant the launcher produces (each epilogue and path) and
-# fails on a spill; the register counts quoted are its worst variant's, triton 3.6 and 3.9
-# (weights in either layout, before prepared_weight). ptxas allocates differently
+# config of each table for every variant the launcher produces (each prologue, epilogue and
+# path) and fails on a spill; the register counts quoted are its worst variant's, triton 3.6
+# and 3.9 (weights in either layout, before prepared_weight). ptxas allocates differently
 # under each triton version (3.6 and 3.9 checked with every variant, 3.7 and 3.8 with
 # --heaviest-epilogues): a tile clean under one can spill under another.
 # Spills come in two kinds: tiles too big for 255 registers (fp32 64x64 FLAT_K tiles, ieee tiles
@@ -259,6 +275,42 @@ CONV_IEEE_FLAT_CONFIGS = {
          cfg(4, 3, BLOCK_M=64, BLOCK_N=16, BLOCK_K=16)],
     90: [cfg(4, 3, BLOCK_M=64, BLOCK_N=16, BLOCK_K=16)],
 }
+# The F3 prologue (PROLOGUE) puts a scale, shift, ReLU and cast between the A operand's load and
+# the dot, so A goes through registers (mma/wgmma with A from registers) and ptxas allocates the
+# kernel differently. Where a prologue variant spilled in scripts/check_triton_compile.py
+# (triton 3.9 or 3.6, any epilogue) its operand kind gets a table of its own; the others run
+# the base tables. 16-bit: sm_80's 64x128 tile was held to 128 registers and spilled 8 bytes
+# (3x3, 3.9), so maxnreg (the 3x3 variants then take 184-187 registers; the 1x1 ones take
+# 244-255 with or without it, the statistics one all 255, without a spill); sm_90's 128x128
+# BLOCK_K = 64 tile needs more than 255 registers in the 1x1 variants (24 bytes of spill) and
+# is dropped.
+CONV_PROLOGUE_CONFIGS = {
+    80: [CONV_CONFIGS[80][0], CONV_CONFIGS[80][1],
+         cfg(4, 4, maxnreg=255, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
+         CONV_CONFIGS[80][3]],
+    90: CONV_CONFIGS[90][1:],
+}
+# fp32 with TF32, FLAT_K on sm_80: the narrow tile spilled 8 bytes at 168 registers (1x1 with
+# statistics, 3.6); with maxnreg it takes up to 180.
+CONV_TF32_FLAT_PROLOGUE_CONFIGS = {
+    80: [CONV_TF32_FLAT_CONFIGS[80][0],
+         cfg(4, 4, maxnreg=255, BLOCK_M=64, BLOCK_N=16, BLOCK_K=32)],
+    90: CONV_TF32_FLAT_CONFIGS[90],
+}
+# fp32 without TF32. sm_80: the 64x32 tile was held to 96 registers (8 bytes, 3.6); with maxnreg
+# it takes up to 214. sm_90: the 128x64 tile spills 8-40 bytes in every form tried (2 or 3
+# stages, maxnreg or not, under 3.6 or 3.9), the 64x32 one under 3.9; 64x64 with 4 warps takes
+# 168 registers under both. The narrow FLAT_K tile was held to 96 registers (8 bytes, 3.9);
+# maxnreg lets it take 181.
+CONV_IEEE_PROLOGUE_CONFIGS = {
+    80: [CONV_IEEE_CONFIGS[80][0],
+         cfg(4, 3, maxnreg=255, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16)],
+    90: [cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16)],
+}
+CONV_IEEE_FLAT_PROLOGUE_CONFIGS = {
+    80: CONV_IEEE_FLAT_CONFIGS[80],
+    90: [cfg(4, 3, maxnreg=255, BLOCK_M=64, BLOCK_N=16, BLOCK_K=16)],
+}
 # tl.dot needs every dimension >= 16; small tiles keep the interpreter's numpy work small.
 _INTERP = cfg(1, 1, BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
 # Channels per group at which FLAT_K stops paying: a multiple of the largest BLOCK_K wastes nothing.
@@ -282,13 +334,20 @@ def _conv_allows_tf32() -> bool:
         return True
 
 
-def _conv_table(dtype: torch.dtype, flat_k: bool, precision: str) -> dict:
-    """The config table for operands of ``dtype`` multiplied at ``precision``, FLAT_K or not."""
+def _conv_table(dtype: torch.dtype, flat_k: bool, precision: str, prologue: bool = False) -> dict:
+    """The config table for operands of ``dtype`` multiplied at ``precision``, FLAT_K or not,
+    with the F3 prologue or not."""
     if dtype != torch.float32:
-        return CONV_FLAT_CONFIGS if flat_k else CONV_CONFIGS
+        if flat_k:
+            return CONV_FLAT_CONFIGS
+        return CONV_PROLOGUE_CONFIGS if prologue else CONV_CONFIGS
     if precision == "tf32":
-        return CONV_TF32_FLAT_CONFIGS if flat_k else CONV_TF32_CONFIGS
-    return CONV_IEEE_FLAT_CONFIGS if flat_k else CONV_IEEE_CONFIGS
+        if flat_k:
+            return CONV_TF32_FLAT_PROLOGUE_CONFIGS if prologue else CONV_TF32_FLAT_CONFIGS
+        return CONV_TF32_CONFIGS
+    if flat_k:
+        return CONV_IEEE_FLAT_PROLOGUE_CONFIGS if prologue else CONV_IEEE_FLAT_CONFIGS
+    return CONV_IEEE_PROLOGUE_CONFIGS if prologue else CONV_IEEE_CONFIGS
 
 
 def _min_block_m(table: dict) -> int:
@@ -356,11 +415,14 @@ def prepared_weight(weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -
 @on_tensor_device
 def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int, *,
            scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
-           residual: Optional[torch.Tensor] = None, relu: bool = False, stats: bool = False):
-    """``act(conv2d(x, weight)*scale + shift + residual)`` with optional BN statistics (F1, F2).
+           residual: Optional[torch.Tensor] = None, relu: bool = False, stats: bool = False,
+           in_scale: Optional[torch.Tensor] = None, in_shift: Optional[torch.Tensor] = None):
+    """``act(conv2d(p(x), weight)*scale + shift + residual)`` with optional BN statistics (F1,
+    F2), where ``p(x) = relu(x*in_scale + in_shift)`` per input channel (F3) or ``x``.
 
     Args:
         x: [N, Cin, H, W] fp16/bf16/fp32 (channels_last is used as is; other layouts are copied).
+            With ``in_scale``, z of the previous unit.
         weight: [Cout, Cin/groups, KH, KW] in x's dtype, or float32 with 16-bit x (autocast's
             master weight); any layout. Passed through :func:`prepared_weight`: weights not
             already channels_last in x's dtype are converted once per weight version.
@@ -369,6 +431,9 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
         residual: [N, Cout, Ho, Wo] or None.
         relu: apply ReLU last.
         stats: also return per-tile statistics partials of the output.
+        in_scale, in_shift: [Cin] float32, both or neither: the previous unit's BatchNorm
+            (gamma*invstd, beta - mean*gamma*invstd) and ReLU applied to x while loading it
+            (PROLOGUE). Zero padding applies after it, as it would to the stored y.
 
     Returns:
         out [N, Cout, Ho, Wo] channels_last in x's dtype; with ``stats`` a tuple
@@ -386,6 +451,12 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
                          f"groups={groups}")
     if H * W * Cin >= 2**31:
         raise ValueError("conv2d: one image of the input has more than 2^31 elements")
+    prologue = in_scale is not None
+    if prologue != (in_shift is not None):
+        raise ValueError("conv2d: in_scale and in_shift go together (the input's BN + ReLU)")
+    if prologue and (in_scale.numel() != Cin or in_shift.numel() != Cin):
+        raise ValueError(f"conv2d: in_scale and in_shift need {Cin} values (one per input "
+                         f"channel), got {in_scale.numel()} and {in_shift.numel()}")
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     Ho, Wo = conv_output_hw((H, W), (KH, KW), stride, padding, dilation)
     M = N * Ho * Wo
@@ -397,10 +468,12 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
     affine = scale is not None
     scale = scale.float().contiguous() if affine else out
     shift = shift.float().contiguous() if affine else out
+    in_scale = in_scale.float().contiguous() if prologue else out
+    in_shift = in_shift.float().contiguous() if prologue else out
     res = residual.contiguous(memory_format=torch.channels_last) if residual is not None else out
     flat_k = cin_g % _TAP_ALIGNED != 0
     precision = "tf32" if (x.dtype != torch.float32 or _conv_allows_tf32()) else "ieee"
-    table = _conv_table(x.dtype, flat_k, precision)
+    table = _conv_table(x.dtype, flat_k, precision, prologue)
     # Autotuning may pick any BLOCK_M: size the partials for the smallest, use the one that ran.
     p_alloc = triton.cdiv(M, _min_block_m(table)) if stats else 1
     partial = new_output((2, p_alloc, Cout), dtype=torch.float32, device=x.device)
@@ -408,13 +481,13 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
     ran = launch(
         _conv_fwd_kernel,
         lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(cout_g, m["BLOCK_N"]), groups),
-        (x, weight, out, res, scale, shift, partial[0], partial[1], M, H, W, Cin, Ho, Wo, Cout,
-         cin_g, cout_g, sh, sw, ph, pw, dh, dw, *weight.stride()),
+        (x, weight, out, res, scale, shift, in_scale, in_shift, partial[0], partial[1], M, H, W,
+         Cin, Ho, Wo, Cout, cin_g, cout_g, sh, sw, ph, pw, dh, dw, *weight.stride()),
         table=table,
         key=dict(M=row_bucket(M), Cin=Cin, Cout=Cout, groups=groups, KH=KH, KW=KW,
                  stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw)),
         interp_config=_INTERP, device=x.device,
-        KH=KH, KW=KW, FLAT_K=flat_k, POINTWISE=pointwise, AFFINE=affine,
+        KH=KH, KW=KW, FLAT_K=flat_k, POINTWISE=pointwise, PROLOGUE=prologue, AFFINE=affine,
         HAS_RESIDUAL=residual is not None, RELU=relu, STATS=stats, DOT_PRECISION=precision)
     if not stats:
         return out

@@ -40,7 +40,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from fusedres.backend import BlockOps, get_backend, resolve
+from fusedres.backend import BlockOps, get_backend, memory_format_of, resolve
 from fusedres.fusability import unfusable_reason
 from fusedres.ops.unit import _autocast_dtype, _check_norm, check_unit_inputs, uses_batch_stats
 
@@ -175,19 +175,21 @@ class _BlockFunction(torch.autograd.Function):
             last = k == n - 1
             residual = identity if last else None
             u, (weight, gamma, beta, rm, rv, nbt) = spec.units[k], units[k]
-            if k > 0 and ops.train_from_z is not None:
-                # F3: this convolution applies the previous unit's scale/shift + ReLU while
-                # loading, so the previous y is never written.
+            if ops.train_from_z is not None:
+                # F3: unit k's convolution applies unit k-1's scale/shift + ReLU while loading
+                # z_{k-1}, so only the block output is written as a y.
                 h, z, mean, invstd = ops.train_from_z(
-                    zs[-1], scale, shift, weight, gamma, beta, residual, rm, rv, nbt, u.stride,
-                    u.padding, u.dilation, u.groups, u.relu, u.momentum, u.eps, last)
+                    zs[-1] if k else x, scale, shift, weight, gamma, beta, residual, rm, rv, nbt,
+                    u.stride, u.padding, u.dilation, u.groups, u.relu, u.momentum, u.eps, last)
+                if not last:
+                    scale, shift = bn_act_coefficients(gamma, beta, mean, invstd)
             else:
                 h, z, mean, invstd = _unit_train(ops, h, units[k], u, residual)
-            if ops.train_from_z is not None and not last:
-                scale, shift = bn_act_coefficients(gamma, beta, mean, invstd)
             zs.append(z)
             means.append(mean)
             invstds.append(invstd)
+        if ops.train_from_z is not None:
+            h = h.contiguous(memory_format=memory_format_of(x))  # as the per-unit path returns it
         if spec.recompute_conv1:
             zs[0] = None  # backward convolves x again
         weights = [t[0] for t in units]

@@ -59,39 +59,48 @@ def _stats_rows(like: torch.Tensor, rows: int) -> torch.Tensor:
     return like.new_empty((rows, like.shape[1]), dtype=torch.float32)
 
 
-# -- convolution (F1, F2) ---------------------------------------------------------------------
+# -- convolution (F1, F2, F3) -----------------------------------------------------------------
 
 
-def _conv2d_fake(x, weight, stride, padding, dilation, groups, scale, shift, residual, relu):
+def _conv2d_fake(x, weight, stride, padding, dilation, groups, scale, shift, residual, relu,
+                 in_scale=None, in_shift=None):
     return _channels_last_out(x, weight, stride, padding, dilation)
 
 
 @_op("conv2d(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, "
-     "int groups, Tensor? scale, Tensor? shift, Tensor? residual, bool relu) -> Tensor",
+     "int groups, Tensor? scale, Tensor? shift, Tensor? residual, bool relu, "
+     "Tensor? in_scale=None, Tensor? in_shift=None) -> Tensor",
      _conv2d_fake)
 def conv2d(x: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: list[int],
            dilation: list[int], groups: int, scale: Optional[torch.Tensor],
            shift: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-           relu: bool) -> torch.Tensor:
-    """``act(conv2d(x, weight) * scale + shift + residual)``; the epilogue parts are optional.
+           relu: bool, in_scale: Optional[torch.Tensor] = None,
+           in_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``act(conv2d(p(x), weight) * scale + shift + residual)``; the epilogue parts are optional,
+    and ``p(x) = relu(x * in_scale + in_shift)`` (F3) or ``x``.
 
     Args:
-        x: [N, Cin, H, W] fp16/bf16/fp32; weight: [Cout, Cin/groups, KH, KW], x's dtype.
+        x: [N, Cin, H, W] fp16/bf16/fp32 (with in_scale: z of the previous unit).
+        weight: [Cout, Cin/groups, KH, KW], x's dtype (or float32 with 16-bit x: autocast's
+            master weight, cast once per weight version).
         stride, padding, dilation: pairs; groups: int.
         scale, shift: [Cout] float32, both or neither (eval BatchNorm folded in, F2).
         residual: [N, Cout, Ho, Wo] or None; relu: apply ReLU last.
+        in_scale, in_shift: [Cin] float32, both or neither: the previous unit's BatchNorm scale
+            and shift, applied with ReLU to x while the kernel loads it (F3); zero padding
+            applies to the result.
 
     Returns:
         [N, Cout, Ho, Wo] channels_last, x's dtype.
     """
     from fusedres.kernels import conv as conv_k
     return conv_k.conv2d(x, weight, stride, padding, dilation, groups, scale=scale, shift=shift,
-                         residual=residual, relu=relu)
+                         residual=residual, relu=relu, in_scale=in_scale, in_shift=in_shift)
 
 
 def _conv2d_bn_train_fake(x, weight, stride, padding, dilation, groups, gamma, beta, eps,
                           running_mean=None, running_var=None, num_batches_tracked=None,
-                          momentum=None):
+                          momentum=None, in_scale=None, in_shift=None):
     z = _channels_last_out(x, weight, stride, padding, dilation)
     return z, _stats_rows(z, 5)
 
@@ -99,25 +108,32 @@ def _conv2d_bn_train_fake(x, weight, stride, padding, dilation, groups, gamma, b
 @_op("conv2d_bn_train(Tensor x, Tensor weight, int[2] stride, int[2] padding, "
      "int[2] dilation, int groups, Tensor gamma, Tensor beta, float eps, "
      "Tensor(a!)? running_mean=None, Tensor(b!)? running_var=None, "
-     "Tensor(c!)? num_batches_tracked=None, float? momentum=None) -> (Tensor, Tensor)",
+     "Tensor(c!)? num_batches_tracked=None, float? momentum=None, Tensor? in_scale=None, "
+     "Tensor? in_shift=None) -> (Tensor, Tensor)",
      _conv2d_bn_train_fake)
 def conv2d_bn_train(x: torch.Tensor, weight: torch.Tensor, stride: list[int],
                     padding: list[int], dilation: list[int], groups: int, gamma: torch.Tensor,
                     beta: torch.Tensor, eps: float, running_mean: Optional[torch.Tensor] = None,
                     running_var: Optional[torch.Tensor] = None,
                     num_batches_tracked: Optional[torch.Tensor] = None,
-                    momentum: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    momentum: Optional[float] = None, in_scale: Optional[torch.Tensor] = None,
+                    in_shift: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The convolution with batch statistics from its epilogue (F1), and their finalize, which
-    also updates the running statistics in place as nn.BatchNorm2d does.
+    also updates the running statistics in place as nn.BatchNorm2d does. With ``in_scale`` it
+    is the training forward of a unit fed by the previous unit's z (F3): that unit's
+    BatchNorm + ReLU is applied while the kernel loads x, so its y is never written.
 
     Args:
-        x, weight, stride, padding, dilation, groups: as :func:`conv2d`.
+        x, weight, stride, padding, dilation, groups: as :func:`conv2d` (x: with in_scale,
+            z of the previous unit).
         gamma, beta: [Cout] float32.
         eps: BatchNorm's epsilon.
         running_mean, running_var: [Cout] or None (not tracked).
         num_batches_tracked: [] int64 or None; counts this batch (+1, on the device).
         momentum: the update factor, or None for the cumulative average 1/num_batches_tracked
             (without a counter, None leaves the running statistics as they are, like nn).
+        in_scale, in_shift: [Cin] float32 or None, both or neither: the previous unit's
+            BatchNorm scale and shift (rows 3 and 4 of its stats), applied with ReLU to x.
 
     Returns:
         (z [N, Cout, Ho, Wo] channels_last in x's dtype, stats [5, Cout] float32: the rows are
@@ -126,7 +142,8 @@ def conv2d_bn_train(x: torch.Tensor, weight: torch.Tensor, stride: list[int],
     """
     from fusedres.kernels import bn
     from fusedres.kernels import conv as conv_k
-    z, pmean, pm2, rows = conv_k.conv2d(x, weight, stride, padding, dilation, groups, stats=True)
+    z, pmean, pm2, rows = conv_k.conv2d(x, weight, stride, padding, dilation, groups, stats=True,
+                                        in_scale=in_scale, in_shift=in_shift)
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     cumulative = momentum is None

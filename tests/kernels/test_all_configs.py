@@ -118,6 +118,42 @@ def test_conv_every_config(monkeypatch, arch, path, dtype, precision):
     _each_config(monkeypatch, arch, conv, run)
 
 
+@pytest.mark.parametrize("dtype,precision", OPERANDS, ids=[f"{d}-{p}" for d, p in OPERANDS])
+@pytest.mark.parametrize("path", CONV_PATHS.values(), ids=CONV_PATHS.keys())
+@pytest.mark.parametrize("arch", ARCHS)
+def test_conv_prologue_every_config(monkeypatch, arch, path, dtype, precision):
+    """F3 (x is the previous unit's z; its BN + ReLU is applied while loading x) with the
+    training epilogue (z and its statistics), each config of the prologue's tables."""
+    _, bn, conv = _modules()
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", precision == "tf32")
+    n, cin, h, w, cout, k, stride, pad = path
+    x = torch.randn(n, cin, h, w, dtype=torch.float64).to(dtype).to(DEVICE)
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(cout, cin, k, k, dtype=torch.float64) / (cin * k * k) ** 0.5)
+    weight = weight.to(dtype).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    geometry = ((stride, stride), (pad, pad), (1, 1), 1)
+    # Mostly positive shifts: a padding tap that took the prologue (relu(shift) instead of the
+    # zero of y) would show.
+    in_scale = torch.empty(cin).uniform_(0.5, 1.5).to(DEVICE)
+    in_shift = torch.empty(cin).uniform_(-0.3, 1.0).to(DEVICE)
+    y_exact = reference.bn_act_fwd(x.double(), in_scale, in_shift, None, True)
+    z_exact = F.conv2d(y_exact, weight.double(), None, stride, pad)
+    y_eager = reference.bn_act_fwd(x, in_scale, in_shift, None, True, upcast=False)
+    z_eager = _eager_conv(y_eager, weight, stride, pad)
+
+    def run():
+        z, pmean, pm2, rows = conv.conv2d(x, weight, *geometry, stats=True, in_scale=in_scale,
+                                          in_shift=in_shift)
+        assert_oracle_close(z.cpu(), z_eager.cpu(), z_exact.cpu(), name="z")
+        mean, var = bn.stats_from_partials(pmean, pm2, z.numel() // cout, rows)
+        ex_mean, ex_var = reference.bn_stats(z, upcast=True)
+        eager_mean, eager_var = reference.bn_stats(z, upcast=False)
+        assert_oracle_close(mean.cpu(), eager_mean.cpu(), ex_mean.cpu(), "mean", atol=1e-6)
+        assert_oracle_close(var.cpu(), eager_var.cpu(), ex_var.cpu(), "var", atol=1e-6)
+
+    _each_config(monkeypatch, arch, conv, run)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batchnorm_every_config(monkeypatch, arch, dtype):

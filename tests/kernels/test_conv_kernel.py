@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from conftest import assert_oracle_close
 from fusedres import reference
 
-from .conftest import DEVICE, DTYPES
+from .conftest import DEVICE, DTYPES, INTERPRETING
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 
@@ -109,6 +109,107 @@ def test_conv_with_eval_epilogue(dtype, geom, has_residual, relu):
     eager = reference.bn_act_fwd(_eager_conv(x, w, geom, dtype), scale, shift, res, relu,
                                  upcast=False)
     assert_oracle_close(y.cpu(), eager.cpu(), exact.cpu(), name="y")
+
+
+# -- F3: the previous unit's BatchNorm + ReLU in the prologue ----------------------------------
+
+
+def _prologue_inputs(geom, dtype):
+    """(z, in_scale, in_shift): z of a previous unit and its per-channel scale/shift. Shifts are
+    mostly positive, so that relu(shift) != 0 and a padding tap that took the prologue (instead
+    of being a zero of y) would show."""
+    z, w = _inputs(geom, dtype)
+    cin = z.shape[1]
+    in_scale = (torch.empty(cin).uniform_(0.5, 1.5) * torch.where(torch.rand(cin) < 0.2, -1, 1))
+    in_shift = torch.empty(cin).uniform_(-0.3, 1.0)
+    return z, w, in_scale.to(DEVICE), in_shift.to(DEVICE)
+
+
+def _prologue_refs(z, w, in_scale, in_shift, geom, dtype):
+    """(eager, exact): the unfused composition in ``dtype`` (y stored, then convolved) and the
+    fp64 oracle, each as the convolution's output."""
+    stride, pad, dil, groups = _args(geom)
+    y_eager = reference.bn_act_fwd(z, in_scale, in_shift, None, True, upcast=False)
+    y_exact = reference.bn_act_fwd(z.double(), in_scale, in_shift, None, True)
+    exact = F.conv2d(y_exact, w.double(), None, stride, pad, dil, groups)
+    return _eager_conv(y_eager, w, geom, dtype), exact
+
+
+def _padding_applied_to_z(z, w, in_scale, in_shift, geom):
+    """The wrong F3: zero padding applied to z before the prologue (taps = relu(shift))."""
+    stride, pad, dil, groups = _args(geom)
+    zp = F.pad(z.double(), (pad[1], pad[1], pad[0], pad[0]))
+    yp = reference.bn_act_fwd(zp, in_scale, in_shift, None, True)
+    return F.conv2d(yp, w.double(), None, stride, (0, 0), dil, groups)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("geom", GEOMETRIES.values(), ids=GEOMETRIES.keys())
+@pytest.mark.parametrize("epilogue", ["stats", "eval"])
+def test_conv_with_prologue(dtype, geom, epilogue):
+    """F3: conv2d(relu(z*in_scale + in_shift)) with the previous unit's y never materialised,
+    on every path (the geometries cover POINTWISE, tap by tap, FLAT_K, stride 2, groups,
+    dilation), with the training epilogue (statistics, F1) or the eval one (F2, residual, ReLU)."""
+    z, w, in_scale, in_shift = _prologue_inputs(geom, dtype)
+    stride, pad, dil, groups = _args(geom)
+    eager, exact = _prologue_refs(z, w, in_scale, in_shift, geom, dtype)
+    if pad[0]:
+        # These inputs tell zeros of y from zeros of z at the image border: the wrong F3
+        # (out-of-image taps adding relu(in_shift)) fails the check the kernel's z must pass.
+        wrong = _padding_applied_to_z(z, w, in_scale, in_shift, geom).to(dtype)
+        with pytest.raises(AssertionError, match="exceeds"):
+            assert_oracle_close(wrong.cpu(), eager.cpu(), exact.cpu(), name="z")
+    conv = _conv()
+    if epilogue == "stats":
+        out, pmean, pm2, rows = conv.conv2d(z, w, stride, pad, dil, groups, stats=True,
+                                            in_scale=in_scale, in_shift=in_shift)
+        assert_oracle_close(out.cpu(), eager.cpu(), exact.cpu(), name="z")
+        from fusedres.kernels import bn
+        mean, var = bn.stats_from_partials(pmean, pm2, out.numel() // out.shape[1], rows)
+        ex_mean, ex_var = reference.bn_stats(out, upcast=True)
+        eager_mean, eager_var = reference.bn_stats(out, upcast=False)
+        assert_oracle_close(mean.cpu(), eager_mean.cpu(), ex_mean.double().cpu(), "mean",
+                            atol=1e-6)
+        assert_oracle_close(var.cpu(), eager_var.cpu(), ex_var.double().cpu(), "var", atol=1e-6)
+    else:
+        cout = w.shape[0]
+        scale = torch.empty(cout).uniform_(0.5, 1.5).to(DEVICE)
+        shift = torch.empty(cout).uniform_(-0.5, 0.5).to(DEVICE)
+        res = torch.randn(exact.shape).to(dtype).to(DEVICE)
+        out = conv.conv2d(z, w, stride, pad, dil, groups, scale=scale, shift=shift, residual=res,
+                          relu=True, in_scale=in_scale, in_shift=in_shift)
+        assert_oracle_close(out.cpu(), reference.bn_act_fwd(eager, scale, shift, res, True,
+                                                            upcast=False).cpu(),
+                            reference.bn_act_fwd(exact, scale, shift, res, True).cpu(), name="y")
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="bitwise only where no FMA contraction can differ "
+                                             "between the two kernels (the interpreter)")
+@pytest.mark.parametrize("geom", [GEOMETRIES["3x3-groups2-c64-taps"], GEOMETRIES["3x3-odd-flat"]],
+                         ids=["taps", "flat"])
+def test_prologue_equals_the_unfused_path_bitwise(geom):
+    """The prologue rebuilds y exactly as bn_act_fwd stores it (fp32 math, one rounding to
+    fp16), so the convolution of z with the prologue is the convolution of the stored y, bit
+    for bit, in the same config."""
+    from fusedres.kernels import bn
+    z, w, in_scale, in_shift = _prologue_inputs(geom, torch.float16)
+    stride, pad, dil, groups = _args(geom)
+    y = bn.bn_act_fwd(z, in_scale, in_shift, None, True)
+    fused = _conv().conv2d(z, w, stride, pad, dil, groups, in_scale=in_scale, in_shift=in_shift)
+    unfused = _conv().conv2d(y, w, stride, pad, dil, groups)
+    assert torch.equal(fused, unfused)
+
+
+def test_prologue_arguments_are_checked():
+    geom = GEOMETRIES["3x3-odd-flat"]
+    z, w, in_scale, in_shift = _prologue_inputs(geom, torch.float32)
+    stride, pad, dil, groups = _args(geom)
+    with pytest.raises(ValueError, match="go together"):
+        _conv().conv2d(z, w, stride, pad, dil, groups, in_scale=in_scale)
+    with pytest.raises(ValueError, match="one per input channel"):
+        _conv().conv2d(z, w, stride, pad, dil, groups, in_scale=in_scale[:-1],
+                       in_shift=in_shift[:-1])
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
@@ -227,14 +328,27 @@ OPERAND_TABLES = {
 }
 
 
+# The same with the F3 prologue: where a prologue variant spilled in a base table's config, its
+# operand kind has a table of its own.
+PROLOGUE_TABLES = {
+    (torch.float16, False): ("tf32", "CONV_PROLOGUE_CONFIGS", "CONV_FLAT_CONFIGS"),
+    (torch.bfloat16, True): ("tf32", "CONV_PROLOGUE_CONFIGS", "CONV_FLAT_CONFIGS"),
+    (torch.float32, True): ("tf32", "CONV_TF32_CONFIGS", "CONV_TF32_FLAT_PROLOGUE_CONFIGS"),
+    (torch.float32, False): ("ieee", "CONV_IEEE_PROLOGUE_CONFIGS",
+                             "CONV_IEEE_FLAT_PROLOGUE_CONFIGS"),
+}
+
+
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "prologue"])
 @pytest.mark.parametrize("dtype,allow_tf32", OPERAND_TABLES, ids=str)
 @pytest.mark.parametrize("name", ["3x3s2-c64-taps", "7x7s2-stem"])
-def test_conv_config_table_per_operand(monkeypatch, name, dtype, allow_tf32):
+def test_conv_config_table_per_operand(monkeypatch, name, dtype, allow_tf32, prologue):
     """Each kind of operand autotunes over its own tables (scripts/check_triton_compile.py
     checks each table against the variants that use it): 16-bit operands always run on tensor
     cores, fp32 on them only when TF32 is allowed, else as FMA ("ieee") with smaller k slices."""
     conv = _conv()
-    precision, table, flat_table = OPERAND_TABLES[dtype, allow_tf32]
+    tables = PROLOGUE_TABLES if prologue else OPERAND_TABLES
+    precision, table, flat_table = tables[dtype, allow_tf32]
     launches = []
 
     def record(kernel, grid, args, *, table, interp_config, **kwargs):
@@ -245,7 +359,9 @@ def test_conv_config_table_per_operand(monkeypatch, name, dtype, allow_tf32):
     monkeypatch.setattr(conv, "_conv_allows_tf32", lambda: allow_tf32)
     geom = GEOMETRIES[name]
     x, w = _inputs(geom, dtype)
-    conv.conv2d(x, w, *_args(geom))
+    ones, zeros = torch.ones(x.shape[1], device=DEVICE), torch.zeros(x.shape[1], device=DEVICE)
+    conv.conv2d(x, w, *_args(geom), in_scale=ones if prologue else None,
+                in_shift=zeros if prologue else None)
     (chosen,) = launches
     assert chosen["DOT_PRECISION"] == precision
     expected = flat_table if PATHS[name][0] else table
@@ -256,10 +372,10 @@ def test_conv_config_table_per_operand(monkeypatch, name, dtype, allow_tf32):
 
 # Compiles kernel variants to TTIR for sm_90 in a subprocess (this process may be interpreting,
 # and triton fixes that mode at import) and prints {label: ttir} as JSON: the conv kernel's three
-# k-walks with every epilogue on, and the BN kernels that touch [N, C, H, W] tensors in both
-# layouts, fp16, with the first config of each table. Pointer element types come from the
-# kernels' argument comments (``# *T``, ``# *fp32``); pointers and channel counts get triton's
-# divisible-by-16 hint, as real launches give them.
+# k-walks with the prologue and every epilogue on, and the BN kernels that touch [N, C, H, W]
+# tensors in both layouts, fp16, with the first config of each table. Pointer element types come
+# from the kernels' argument comments (``# *T``, ``# *fp32``); pointers and channel counts get
+# triton's divisible-by-16 hint, as real launches give them.
 _TTIR_SCRIPT = r"""
 import inspect, json, re
 from triton._C.libtriton import ir
@@ -294,8 +410,8 @@ def source(kernel, constexprs):
 
 target = GPUTarget("cuda", 90, 32)
 backend = make_backend(target)
-epilogue = dict(AFFINE=True, HAS_RESIDUAL=True, RELU=True, STATS=True, DOT_PRECISION="tf32",
-                w_stride_ci=1)
+epilogue = dict(PROLOGUE=True, AFFINE=True, HAS_RESIDUAL=True, RELU=True, STATS=True,
+                DOT_PRECISION="tf32", w_stride_ci=1)
 variants = {
     "conv-taps-3x3": (conv._conv_fwd_kernel, conv.CONV_CONFIGS,
                       dict(epilogue, KH=3, KW=3, FLAT_K=False, POINTWISE=False)),

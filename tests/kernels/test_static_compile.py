@@ -4,9 +4,10 @@ their tables, without spills, within shared memory, on tensor cores where they s
 Runs in a subprocess with TRITON_INTERPRET removed (this process may be interpreting, and triton
 fixes that mode at import). The test runs the check CI can afford, ``--heaviest-epilogues``:
 every BatchNorm variant, and the convolution on every path and kind of operand in its two
-heaviest epilogues, each in every config (about 640 compiles: 2 minutes on a 2-core machine with
-triton's cache cold). ``python scripts/check_triton_compile.py`` compiles all nine epilogues
-(about 1300 compiles, 6 minutes cold); run it after changing a kernel or a config table.
+heaviest epilogues, each with and without the F3 prologue, in every config (about 810 compiles;
+640 before the prologue took 2 minutes on a 2-core machine with triton's cache cold).
+``python scripts/check_triton_compile.py`` compiles all nine epilogues with and without the
+prologue (about 2070 compiles); run it after changing a kernel or a config table.
 """
 
 import itertools
@@ -23,6 +24,7 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "check_t
 # (AFFINE, HAS_RESIDUAL, RELU, STATS): the training epilogue (statistics) and the eval one with
 # every feature on, the two the check keeps.
 EPILOGUES = [(False, False, False, True), (True, True, True, False)]
+PROLOGUES = [False, True]  # F3: the previous unit's BN + ReLU applied to the input operand
 PATHS = list(itertools.product((False, True), repeat=2))  # (FLAT_K, POINTWISE)
 OPERANDS = [("fp16", "tf32"), ("bf16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")]
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -52,19 +54,20 @@ def test_every_kernel_compiles_in_every_config_for_sm80_and_sm90_without_spills(
                 continue
             flags = r["flags"]
             variant = (r["dtype"], flags["DOT_PRECISION"], flags["FLAT_K"], flags["POINTWISE"],
-                       flags["AFFINE"], flags["HAS_RESIDUAL"], flags["RELU"], flags["STATS"])
+                       flags["PROLOGUE"], flags["AFFINE"], flags["HAS_RESIDUAL"], flags["RELU"],
+                       flags["STATS"])
             compiled.setdefault(variant, set()).add(
                 _config_key(r["config"], r["num_warps"], r["num_stages"], r["maxnreg"]))
             if flags["DOT_PRECISION"] == "tf32":
                 assert r["mma"] == tensor_cores, f"sm_{arch} {r['label']}: {r['mma']}"
-        # Every operand kind, path and kept epilogue, each in every config of the table the
-        # launcher picks for it, and nothing else.
+        # Every operand kind, path, prologue and kept epilogue, each in every config of the
+        # table the launcher picks for it, and nothing else.
         expected_variants = set()
-        for (dtype, precision), (flat_k, pointwise), epilogue in itertools.product(
-                OPERANDS, PATHS, EPILOGUES):
-            variant = (dtype, precision, flat_k, pointwise, *epilogue)
+        for (dtype, precision), (flat_k, pointwise), prologue, epilogue in itertools.product(
+                OPERANDS, PATHS, PROLOGUES, EPILOGUES):
+            variant = (dtype, precision, flat_k, pointwise, prologue, *epilogue)
             expected_variants.add(variant)
-            table = conv._conv_table(TORCH_DTYPES[dtype], flat_k, precision)
+            table = conv._conv_table(TORCH_DTYPES[dtype], flat_k, precision, prologue)
             expected = {_config_key(c.kwargs, c.num_warps, c.num_stages, c.maxnreg)
                         for c in arch_configs(table, arch)}
             assert compiled.get(variant) == expected, f"sm_{arch} conv {variant}"

@@ -4,7 +4,10 @@ dispatch, on the GPU or in Triton's interpreter."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from conftest import assert_oracle_close
+from fusedres import reference
 from fusedres.ops import triton_library  # noqa: F401  (defines torch.ops.fusedres_triton)
 
 from .conftest import DEVICE
@@ -40,6 +43,55 @@ def test_opcheck_conv2d(case, fmt, epilogue):
     torch.library.opcheck(ops.conv2d.default,
                           (x, w, stride, padding, [1, 1], groups, scale, shift, residual,
                            epilogue != "plain"))
+
+
+@pytest.mark.parametrize("case", CONVS, ids=["3x3s2", "1x1g4"])
+@FORMATS
+@pytest.mark.parametrize("epilogue", ["plain", "affine_residual_relu"])
+def test_opcheck_conv2d_with_prologue(case, fmt, epilogue):
+    """F3's optional arguments, appended to the schema: the previous unit's scale and shift."""
+    xs, ws, stride, padding, groups = case
+    x, w = _act(xs, fmt), _act(ws) / 3
+    scale = shift = residual = None
+    if epilogue != "plain":
+        out = ops.conv2d(x, w, stride, padding, [1, 1], groups, None, None, None, False)
+        scale, shift, residual = _vec(ws[0]), _vec(ws[0], -1, 1), torch.randn_like(out)
+    torch.library.opcheck(ops.conv2d.default,
+                          (x, w, stride, padding, [1, 1], groups, scale, shift, residual,
+                           epilogue != "plain", _vec(xs[1]), _vec(xs[1], -1, 1)))
+
+
+@pytest.mark.parametrize("case", CONVS, ids=["3x3s2", "1x1g4"])
+def test_opcheck_conv2d_bn_train_with_prologue(case):
+    xs, ws, stride, padding, groups = case
+    cout = ws[0]
+    args = (_act(xs), _act(ws) / 3, stride, padding, [1, 1], groups, _vec(cout),
+            _vec(cout, -1, 1), 1e-5, _vec(cout), _vec(cout, 0.5, 2.0),
+            torch.tensor(3, device=DEVICE), 0.1, _vec(xs[1]), _vec(xs[1], -1, 1))
+    torch.library.opcheck(ops.conv2d_bn_train.default, args)
+
+
+@pytest.mark.parametrize("case", CONVS, ids=["3x3s2", "1x1g4"])
+def test_conv2d_bn_train_prologue_matches_the_unfused_ops(case):
+    """The training forward of a unit fed by the previous unit's z (F3): z against the fp64
+    oracle conv2d(relu(z_prev*in_scale + in_shift)), and z and the batch statistics against the
+    unfused composition (bn_act_fwd writes y, conv2d_bn_train reads it)."""
+    xs, ws, stride, padding, groups = case
+    z_prev, w = _act(xs), _act(ws) / 3
+    in_scale, in_shift = _vec(xs[1]), _vec(xs[1], -0.2, 1)
+    gamma, beta = _vec(ws[0]), _vec(ws[0], -1, 1)
+    y_prev = ops.bn_act_fwd(z_prev, in_scale, in_shift, None, True)
+    z_ref, stats_ref = ops.conv2d_bn_train(y_prev, w, stride, padding, [1, 1], groups, gamma, beta,
+                                           1e-5)
+    z, stats = ops.conv2d_bn_train(z_prev, w, stride, padding, [1, 1], groups, gamma, beta, 1e-5,
+                                   in_scale=in_scale, in_shift=in_shift)
+    y_exact = reference.bn_act_fwd(z_prev.double(), in_scale, in_shift, None, True)
+    exact = F.conv2d(y_exact, w.double(), None, stride, padding, 1, groups)
+    eager = F.conv2d(reference.bn_act_fwd(z_prev, in_scale, in_shift, None, True, upcast=False),
+                     w, None, stride, padding, 1, groups)
+    assert_oracle_close(z.cpu(), eager.cpu(), exact.cpu(), name="z")
+    torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats, stats_ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("momentum", [None, 0.1, "untracked"])
