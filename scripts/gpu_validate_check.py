@@ -230,7 +230,7 @@ class Checker:
             self.failed += not chk["ok"]
             self.results.write("check", group="net_train", name=p.net_arch, backend=backend,
                                dtype=dname, mode="train", status="pass" if chk["ok"] else "fail",
-                               tensors=tensors, batch=chk["batch"], image=chk["image_size"],
+                               tensors=tensors, batch=p.net_batch, image=p.net_image,
                                seconds=round(time.perf_counter() - t0, 3))
 
     def net_eval(self, dname: str, backends: tuple) -> None:
