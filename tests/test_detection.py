@@ -90,6 +90,12 @@ DETECTORS = {"fasterrcnn_resnet50_fpn": _fasterrcnn, "maskrcnn_resnet50_fpn": _m
 
 _SIZES = ((80, 90), (72, 96))
 
+#: Parameters whose gradient vanishes analytically. KeypointRCNN's loss is a cross-entropy over
+#: the heatmap positions of each keypoint; kps_score_lowres (a ConvTranspose2d) adds its bias to
+#: every position of a keypoint's channel, and the bilinear upsampling after it keeps a constant
+#: constant, so the softmax over positions, and the loss, do not depend on that bias.
+_VANISHING_GRADS = {"roi_heads.keypoint_predictor.kps_score_lowres.bias"}
+
 
 def _targets(name, dtype, generator):
     """Two boxes per image (and masks or keypoints where the model needs them)."""
@@ -208,6 +214,12 @@ def test_detector_converts_and_matches_unconverted(name):
     assert not any(k.startswith(("backbone.body.conv1", "backbone.body.layer1")) for k in grads_e)
     assert any(k.startswith("backbone.body.layer2") for k in grads_e)
     for k in grads_e:
+        if k in _VANISHING_GRADS:
+            # Zero in exact arithmetic: both sides hold rounding residue (~1e-17), whose relative
+            # L2 difference is noise of order 1. The rule's max norm checks it at the float64 atol.
+            assert grads_e[k].abs().max() < 1e-12, f"grad {k} is not zero to rounding in eager"
+            _assert_same_f64(grads_f[k], grads_e[k], f"grad {k}")
+            continue
         _assert_same_f64(grads_f[k], grads_e[k], f"grad {k}", norm="rel_l2")
 
     converted.eval()
