@@ -10,8 +10,9 @@ What is compared, after docs/design.md section 6: a whole detection model's loss
 detections are discrete functions of the features (top-k, NMS, sampling), so a rounding
 difference can swap a proposal; its training step (losses, every gradient) and eval outputs
 are compared in float64 against the unconverted model (where fused and eager agree to ~1e-13),
-and the float32 kernels are checked on the backbone (FPN features and parameter gradients),
-where everything is continuous, with the 2x rule against the float64 oracle.
+and the float32 kernels are checked on the backbone's FPN features, which are continuous, with
+the 2x rule against the float64 oracle (float32 gradients are not: one ReLU-mask flip, a draw
+in fused and eager alike, moves every gradient below it).
 
 Images are 64-96 px and the RPN/ROI sizes small, so the module runs in about a minute on 2 cores.
 """
@@ -236,30 +237,28 @@ def test_detector_converts_and_matches_unconverted(name):
 @pytest.mark.parametrize("name", ["fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn"])
 def test_frozen_bn_backbone_float32(name):
     """The float32 kernels on the FPN backbone in training mode (FrozenBatchNorm2d, layers 2-4
-    trainable): features and parameter gradients within 2x eager's error against float64."""
+    trainable): features within 2x eager's error against float64.
+
+    Its parameter gradients are compared in float64, in
+    test_detector_converts_and_matches_unconverted, not here (docs/design.md section 6): a
+    pre-activation within float32 rounding of 0 takes either side of the ReLU in fused and
+    eager, and one such flip moves every gradient below it by ~1/sqrt(elements) of its norm.
+    At 64x96 that is 4e-3 relative against eager's 2e-6, and which side flips is a draw: over
+    six inputs (cpu backend), fused flipped once and eager once (seen: the oracle's
+    pre-activation 9e-5 where the outputs are ~75).
+    """
     torch.manual_seed(0)
     eager = _randomize_norms(DETECTORS[name]()).backbone
     oracle = reference.upcast(eager)
     fused = fusedres.convert(copy.deepcopy(eager), backend=BACKEND)
     x = torch.randn(2, 3, 64, 96)
-    results = []
+    # With autograd on, as in training: the fused units take their training path.
     with reference.oracle_convolutions("cpu"):
-        for model, dtype in ((fused, torch.float32), (eager, torch.float32),
-                             (oracle, torch.float64)):
-            model.train()
-            feats = model(x.to(dtype))
-            g = torch.Generator().manual_seed(3)
-            loss = sum((f * torch.randn(f.shape, generator=g, dtype=torch.float64).to(dtype)).sum()
-                       for f in feats.values())
-            loss.backward()
-            results.append((feats, {n: p.grad for n, p in model.named_parameters()
-                                    if p.grad is not None}))
-    (feats_f, grads_f), (feats_e, grads_e), (feats_o, grads_o) = results
+        feats_f, feats_e, feats_o = [model.train()(x.to(dtype)) for model, dtype in (
+            (fused, torch.float32), (eager, torch.float32), (oracle, torch.float64))]
+    assert feats_f.keys() == feats_o.keys()
     for k in feats_o:
         assert_oracle_close(feats_f[k], feats_e[k], feats_o[k], f"features {k}")
-    assert grads_f.keys() == grads_e.keys() == grads_o.keys()
-    for k in grads_o:
-        assert_oracle_close(grads_f[k], grads_e[k], grads_o[k], f"grad {k}", norm="rel_l2")
 
 
 @needs_frozen_units
