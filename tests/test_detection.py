@@ -172,20 +172,6 @@ def _assert_fused_units_ran_fused(model, run):
     assert not eager, f"{len(eager)} units the summary counts as fused ran eagerly: {eager[:6]}"
 
 
-def _frozen_units_fuse() -> bool:
-    """Whether a conv + FrozenBatchNorm2d unit runs fused here (the lead's part of issue 15)."""
-    conv, norm = nn.Conv2d(4, 8, 3, padding=1, bias=False), FrozenBatchNorm2d(8)
-    with _CalledModules() as seen:
-        fusedres.conv_bn_act(torch.randn(2, 4, 6, 6), conv, norm, backend=BACKEND)
-    return id(conv) not in seen.called
-
-
-needs_frozen_units = pytest.mark.xfail(
-    not _frozen_units_fuse(), strict=True,
-    reason="conv + FrozenBatchNorm2d units fall back to eager until fusedres.ops.conv_bn_act "
-           "fuses them (issue 15, point 1)")
-
-
 @pytest.mark.parametrize("name", list(DETECTORS))
 def test_detector_converts_and_matches_unconverted(name):
     torch.manual_seed(0)
@@ -261,7 +247,6 @@ def test_frozen_bn_backbone_float32(name):
         assert_oracle_close(feats_f[k], feats_e[k], feats_o[k], f"features {k}")
 
 
-@needs_frozen_units
 @pytest.mark.parametrize("name", ["fasterrcnn_resnet50_fpn"])
 def test_detector_units_run_fused(name):
     """Every unit the summary counts as fused runs as one fused op, in training and eval."""
