@@ -88,7 +88,8 @@ _DTYPES = ("float16", "bfloat16", "float32")
 # in 1x1 weights, which are channels_last in both formats with different (unused) strides of
 # their unit dimensions.
 _FORMATS = ("contiguous_format", "channels_last")
-_TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+# int64: num_batches_tracked, which the statistics finalize reads (momentum=None).
+_TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int64": "i64"}
 #: The convolution epilogues --heaviest-epilogues keeps, as (AFFINE, HAS_RESIDUAL, RELU, STATS).
 HEAVIEST_EPILOGUES = ((False, False, False, True), (True, True, True, False))
 _EPILOGUE_FLAGS = ("AFFINE", "HAS_RESIDUAL", "RELU", "STATS")
@@ -269,8 +270,11 @@ def _op_arguments(name: str, case: tuple, dtype, fmt) -> dict:
         return dict(geometry, scale=channel(), shift=channel(), residual=z,
                     in_scale=channel(cin), in_shift=channel(cin))
     if name == "conv2d_bn_train":
+        # The running statistics its finalize updates in place (float32, the buffers of a float32
+        # model under autocast), the counter momentum=None reads, a momentum, and F3's scale and
+        # shift of the previous unit.
         return dict(geometry, gamma=channel(), beta=channel(), eps=1e-5, running_mean=channel(),
-                    running_var=channel(), num_batches_tracked=torch.zeros((), dtype=torch.long),
+                    running_var=channel(), num_batches_tracked=torch.zeros((), dtype=torch.int64),
                     momentum=0.1, in_scale=channel(cin), in_shift=channel(cin))
     if name == "bn_stats":
         return dict(z=z)

@@ -10,8 +10,9 @@ What is compared, after docs/design.md section 6: a whole detection model's loss
 detections are discrete functions of the features (top-k, NMS, sampling), so a rounding
 difference can swap a proposal; its training step (losses, every gradient) and eval outputs
 are compared in float64 against the unconverted model (where fused and eager agree to ~1e-13),
-and the float32 kernels are checked on the backbone (FPN features and parameter gradients),
-where everything is continuous, with the 2x rule against the float64 oracle.
+and the float32 kernels are checked on the backbone's FPN features, which are continuous, with
+the 2x rule against the float64 oracle (float32 gradients are not: one ReLU-mask flip, a draw
+in fused and eager alike, moves every gradient below it).
 
 Images are 64-96 px and the RPN/ROI sizes small, so the module runs in about a minute on 2 cores.
 """
@@ -90,6 +91,12 @@ DETECTORS = {"fasterrcnn_resnet50_fpn": _fasterrcnn, "maskrcnn_resnet50_fpn": _m
 
 _SIZES = ((80, 90), (72, 96))
 
+#: Parameters whose gradient vanishes analytically. KeypointRCNN's loss is a cross-entropy over
+#: the heatmap positions of each keypoint; kps_score_lowres (a ConvTranspose2d) adds its bias to
+#: every position of a keypoint's channel, and the bilinear upsampling after it keeps a constant
+#: constant, so the softmax over positions, and the loss, do not depend on that bias.
+_VANISHING_GRADS = {"roi_heads.keypoint_predictor.kps_score_lowres.bias"}
+
 
 def _targets(name, dtype, generator):
     """Two boxes per image (and masks or keypoints where the model needs them)."""
@@ -165,20 +172,6 @@ def _assert_fused_units_ran_fused(model, run):
     assert not eager, f"{len(eager)} units the summary counts as fused ran eagerly: {eager[:6]}"
 
 
-def _frozen_units_fuse() -> bool:
-    """Whether a conv + FrozenBatchNorm2d unit runs fused here (the lead's part of issue 15)."""
-    conv, norm = nn.Conv2d(4, 8, 3, padding=1, bias=False), FrozenBatchNorm2d(8)
-    with _CalledModules() as seen:
-        fusedres.conv_bn_act(torch.randn(2, 4, 6, 6), conv, norm, backend=BACKEND)
-    return id(conv) not in seen.called
-
-
-needs_frozen_units = pytest.mark.xfail(
-    not _frozen_units_fuse(), strict=True,
-    reason="conv + FrozenBatchNorm2d units fall back to eager until fusedres.ops.conv_bn_act "
-           "fuses them (issue 15, point 1)")
-
-
 @pytest.mark.parametrize("name", list(DETECTORS))
 def test_detector_converts_and_matches_unconverted(name):
     torch.manual_seed(0)
@@ -208,6 +201,12 @@ def test_detector_converts_and_matches_unconverted(name):
     assert not any(k.startswith(("backbone.body.conv1", "backbone.body.layer1")) for k in grads_e)
     assert any(k.startswith("backbone.body.layer2") for k in grads_e)
     for k in grads_e:
+        if k in _VANISHING_GRADS:
+            # Zero in exact arithmetic: both sides hold rounding residue (~1e-17), whose relative
+            # L2 difference is noise of order 1. The rule's max norm checks it at the float64 atol.
+            assert grads_e[k].abs().max() < 1e-12, f"grad {k} is not zero to rounding in eager"
+            _assert_same_f64(grads_f[k], grads_e[k], f"grad {k}")
+            continue
         _assert_same_f64(grads_f[k], grads_e[k], f"grad {k}", norm="rel_l2")
 
     converted.eval()
@@ -224,33 +223,30 @@ def test_detector_converts_and_matches_unconverted(name):
 @pytest.mark.parametrize("name", ["fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn"])
 def test_frozen_bn_backbone_float32(name):
     """The float32 kernels on the FPN backbone in training mode (FrozenBatchNorm2d, layers 2-4
-    trainable): features and parameter gradients within 2x eager's error against float64."""
+    trainable): features within 2x eager's error against float64.
+
+    Its parameter gradients are compared in float64, in
+    test_detector_converts_and_matches_unconverted, not here (docs/design.md section 6): a
+    pre-activation within float32 rounding of 0 takes either side of the ReLU in fused and
+    eager, and one such flip moves every gradient below it by ~1/sqrt(elements) of its norm.
+    At 64x96 that is 4e-3 relative against eager's 2e-6, and which side flips is a draw: over
+    six inputs (cpu backend), fused flipped once and eager once (seen: the oracle's
+    pre-activation 9e-5 where the outputs are ~75).
+    """
     torch.manual_seed(0)
     eager = _randomize_norms(DETECTORS[name]()).backbone
     oracle = reference.upcast(eager)
     fused = fusedres.convert(copy.deepcopy(eager), backend=BACKEND)
     x = torch.randn(2, 3, 64, 96)
-    results = []
+    # With autograd on, as in training: the fused units take their training path.
     with reference.oracle_convolutions("cpu"):
-        for model, dtype in ((fused, torch.float32), (eager, torch.float32),
-                             (oracle, torch.float64)):
-            model.train()
-            feats = model(x.to(dtype))
-            g = torch.Generator().manual_seed(3)
-            loss = sum((f * torch.randn(f.shape, generator=g, dtype=torch.float64).to(dtype)).sum()
-                       for f in feats.values())
-            loss.backward()
-            results.append((feats, {n: p.grad for n, p in model.named_parameters()
-                                    if p.grad is not None}))
-    (feats_f, grads_f), (feats_e, grads_e), (feats_o, grads_o) = results
+        feats_f, feats_e, feats_o = [model.train()(x.to(dtype)) for model, dtype in (
+            (fused, torch.float32), (eager, torch.float32), (oracle, torch.float64))]
+    assert feats_f.keys() == feats_o.keys()
     for k in feats_o:
         assert_oracle_close(feats_f[k], feats_e[k], feats_o[k], f"features {k}")
-    assert grads_f.keys() == grads_e.keys() == grads_o.keys()
-    for k in grads_o:
-        assert_oracle_close(grads_f[k], grads_e[k], grads_o[k], f"grad {k}", norm="rel_l2")
 
 
-@needs_frozen_units
 @pytest.mark.parametrize("name", ["fasterrcnn_resnet50_fpn"])
 def test_detector_units_run_fused(name):
     """Every unit the summary counts as fused runs as one fused op, in training and eval."""
