@@ -2,8 +2,9 @@
 
 The C++ CPU kernels are always built. The CUDA kernels (csrc/cuda/*.cu) are added when torch was
 built with CUDA and nvcc is found, or when FUSEDRES_FORCE_CUDA=1 (then only nvcc is needed: the .cu
-files include no torch headers, so they build and link against a CPU-only torch as well, which is
-how CI proves the CUDA path compiles). FUSEDRES_SKIP_CUDA_BUILD=1 turns the CUDA part off.
+files include no torch headers, so they build and link against a CPU-only torch as well; CI builds
+them against torch 2.14.1+cu130 as a GPU user does). FUSEDRES_SKIP_CUDA_BUILD=1 turns the CUDA part
+off.
 TORCH_CUDA_ARCH_LIST (default "8.0;9.0") and MAX_JOBS are honoured.
 """
 

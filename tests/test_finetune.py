@@ -25,6 +25,7 @@ def _cfg(**kw) -> FinetuneConfig:
     return FinetuneConfig(**base)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
 def test_fused_loss_curve_matches_eager(backend):
     """Same init, data and schedule: the fused model's loss curve follows the eager model's.
@@ -77,6 +78,7 @@ RESUME_CASES = [("sgd", "full", "none", "digits", 18, 26),
                 ("sgd", "full", "fp16", "folder", 3, 6)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer,mode,amp,data,stop_first,stop_total", RESUME_CASES)
 def test_resume_is_bitwise_exact(tmp_path, optimizer, mode, amp, data, stop_first, stop_total):
     """Interrupted mid-epoch, resumed across an epoch end (with validation, and for fp16 the
