@@ -587,7 +587,9 @@ class _F3Backend(TorchOpsBackend):
         def train_from_z(z_prev, scale_prev, shift_prev, weight, *rest):
             write_y = rest[-1]
             self.calls.append(write_y)
-            x = ops.bn_act_fwd(z_prev, scale_prev, shift_prev, None, True)
+            # No coefficients: the block's first unit, whose input is the block input itself.
+            x = z_prev if scale_prev is None else ops.bn_act_fwd(z_prev, scale_prev, shift_prev,
+                                                                 None, True)
             y, z, mean, invstd = ops.train(x, weight, *rest[:-1])
             return (y if write_y else y.new_empty((0,))), z, mean, invstd
 
@@ -595,9 +597,9 @@ class _F3Backend(TorchOpsBackend):
 
 
 def test_f3_hook_gives_the_unit_chain_results(monkeypatch):
-    """A backend's train_from_z replaces unit_train for every unit after the first (y written
-    only by the last); results equal the unit chain's bitwise, because the coefficients it gets
-    are the ones backward rebuilds with."""
+    """A backend's train_from_z replaces unit_train for every unit (y written only by the
+    last); results equal the unit chain's bitwise, because the coefficients it gets are the
+    ones backward rebuilds with."""
     f3 = _F3Backend()
     monkeypatch.setitem(fusedres.backend._REGISTRY, f3.name, f3)
     fused, _ = make_pair("bottleneck-s2-downsample", "torch_ops", dtype=F64)
@@ -606,7 +608,7 @@ def test_f3_hook_gives_the_unit_chain_results(monkeypatch):
     x = make_input("bottleneck-s2-downsample", F64)
     got, grad_fn = run(hooked, x)
     want, _ = run(fused, x)
-    assert grad_fn == "_BlockFunctionBackward" and f3.calls == [False, True]
+    assert grad_fn == "_BlockFunctionBackward" and f3.calls == [False, False, True]
     for name, value in want.items():
         assert torch.equal(got[name], value), name
 

@@ -126,7 +126,10 @@ def _train_from_z(z_prev, scale_prev, shift_prev, weight, gamma, beta, residual,
     z, stats = _ops.conv2d_bn_train(z_prev, weight, list(stride), list(padding), list(dilation),
                                     groups, g, b, eps, running_mean, running_var,
                                     num_batches_tracked, momentum, scale_prev, shift_prev)
-    python_unit.bump_versions(running_mean, running_var, num_batches_tracked)
+    if not torch.compiler.is_compiling():
+        # Called from the block op's forward, not below an op (where unit_train bumps them).
+        # A compiled graph writes the mutated buffers back with copy_, which counts itself.
+        python_unit.bump_versions(running_mean, running_var, num_batches_tracked)
     mean, _, invstd, scale, shift = stats.unbind(0)
     y = _ops.bn_act_fwd(z, scale, shift, residual, relu) if write_y else z.new_empty((0,))
     # Separate [C] tensors, as unit_train returns them (the block op saves them for backward).
