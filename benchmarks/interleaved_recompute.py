@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -28,23 +27,12 @@ import torch.nn.functional as F
 
 import fusedres
 from fusedres import FusedBasicBlock, FusedBottleneck
+from fusedres.report import machine_info
 
 CONFIGS = {
     "fp32-nchw": (torch.float32, torch.contiguous_format),
     "bf16-cl": (torch.bfloat16, torch.channels_last),
 }
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def set_recompute(model: torch.nn.Module, mode: str) -> None:
@@ -120,7 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     args.modes = args.modes.split(",")
-    report = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    report = {"cpu": machine_info(torch.device("cpu"))["cpu_model"],
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
               "arch": args.arch, "batch": args.batch, "size": args.size, "rounds": args.rounds,
               "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
               "load_before": os.getloadavg(), "configs": {}}

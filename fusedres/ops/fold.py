@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from fusedres.backend import ConvParams
-from fusedres.reference import stats_dtype
+from fusedres.ops.python_unit import eval_coefficients
 
 __all__ = ["FoldedConv", "clear_fold_cache", "fold_conv_bn"]
 
@@ -91,14 +91,8 @@ def fold_conv_bn(conv: nn.Conv2d, weight: torch.Tensor, gamma: Optional[torch.Te
         if hit is not None and hit[0] == key:
             return hit[1]
     with torch.no_grad():
-        sdt = stats_dtype(dtype)
-        scale = torch.rsqrt(running_var.to(sdt) + eps)
-        if gamma is not None:
-            scale = scale * gamma.to(sdt)
-        shift = -running_mean.to(sdt) * scale
-        if beta is not None:
-            shift = shift + beta.to(sdt)
-        folded_weight = (weight.to(sdt) * scale.view(-1, 1, 1, 1)).to(dtype)
+        scale, shift = eval_coefficients(gamma, beta, running_mean, running_var, eps, dtype)
+        folded_weight = (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(dtype)
         folded = prepare(folded_weight, shift)
     if key is not None:
         _CACHE[conv] = (key, folded)
