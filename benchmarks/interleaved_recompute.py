@@ -4,8 +4,10 @@ Each provider is a fused model on the ``cpu`` backend (or the one given) whose b
 recomputation mode (:mod:`fusedres.ops.block`): ``off`` (the per-unit path), ``bn_act`` (the
 default) and ``conv1``, plus eager PyTorch for reference. Every round runs one training step of
 each provider, in an order rotated from round to round, so that a change in the machine's load
-hits all of them alike; the table gives each provider's median step, its spread, and the median
-over rounds of its step time divided by the per-unit path's in the same round.
+hits all of them alike; the table gives each provider's median step, its spread, the median
+over rounds of its step time divided by the per-unit path's in the same round, and a 95%
+confidence interval of that median ratio (distribution-free, from the order statistics of the
+per-round ratios): a difference is a result only where the interval says so.
 
     python benchmarks/interleaved_recompute.py --arch resnet50 --batch 8 --size 112
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import time
@@ -56,6 +59,17 @@ def make_step(model, x, target, dtype):
     return step
 
 
+def median_interval(values: list, z: float = 1.96) -> tuple[float, float]:
+    """A distribution-free ~95% confidence interval of the median of ``values``: the order
+    statistics ranked ``n/2 -+ z*sqrt(n)/2`` (the binomial's normal approximation)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    half_width = z * n ** 0.5 / 2
+    low = max(0, int(n / 2 - half_width))
+    high = min(n - 1, math.ceil(n / 2 + half_width) - 1)
+    return ordered[low], ordered[high]
+
+
 def measure(args, config: str) -> dict:
     dtype, fmt = CONFIGS[config]
     torch.manual_seed(0)
@@ -89,6 +103,7 @@ def measure(args, config: str) -> dict:
         result[name] = {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts),
                         "iqr_s": q[2] - q[0],
                         f"median_ratio_vs_{base_name}": statistics.median(paired),
+                        "ratio_95ci": median_interval(paired),
                         "images_per_s": args.batch / statistics.median(ts), "times_s": ts}
     return result
 
@@ -121,12 +136,12 @@ def main(argv=None) -> int:
         print(f"\n{args.arch} batch {args.batch} {args.size}px train step, {config}, "
               f"{args.rounds} interleaved rounds")
         print(f"{'provider':>8} {'median ms':>10} {'min':>8} {'max':>8} {'IQR':>7} "
-              f"{'img/s':>7} {'paired ratio':>13}")
+              f"{'img/s':>7} {'paired ratio':>13} {'95% CI':>15}")
         for name, r in result.items():
             ratio = next(v for k, v in r.items() if k.startswith("median_ratio"))
             print(f"{name:>8} {r['median_s'] * 1e3:10.1f} {r['min_s'] * 1e3:8.1f} "
                   f"{r['max_s'] * 1e3:8.1f} {r['iqr_s'] * 1e3:7.1f} {r['images_per_s']:7.2f} "
-                  f"{ratio:13.4f}")
+                  f"{ratio:13.4f}   [{r['ratio_95ci'][0]:.3f}, {r['ratio_95ci'][1]:.3f}]")
     report["load_after"] = os.getloadavg()
     print(f"\nload average after: {report['load_after']}")
     if args.json:
