@@ -189,3 +189,107 @@ def test_eval_with_gradients_is_exact(backend):
     torch.testing.assert_close(xs[0].grad, xs[1].grad)
     for (name, p), q in zip(unit.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+# What an inference plan's key holds (fusedres.ops.unit): each change below must send the next
+# inference call back through the checked path, whose result eager's module must match.
+def _plan_change(unit, x, what):
+    """Changes one thing the plan's key holds; returns the input to call with next."""
+    if what == "replaced_weight":
+        unit.conv.weight = torch.nn.Parameter(unit.conv.weight.detach() * -1.5)
+    elif what == "dtype_in_place":
+        unit.double()  # swaps each parameter's data: the same Parameter objects, a new dtype
+        with pytest.raises(TypeError, match="does not match the convolution weight dtype"):
+            unit(x)
+        return x.double()
+    elif what == "bn_forward_hook":
+        unit.bn.register_forward_hook(lambda m, args, out: out * 0.5)
+    elif what == "batch_size":
+        return torch.randn(5, *x.shape[1:])
+    elif what == "layout":
+        return x.contiguous(memory_format=torch.channels_last)
+    elif what == "training":
+        unit.train()  # batch statistics, still under no_grad
+    elif what == "eps":
+        unit.bn.eps = 0.3
+    return x
+
+
+PLAN_CHANGES = ["replaced_weight", "dtype_in_place", "bn_forward_hook", "batch_size", "layout",
+                "training", "eps"]
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("what", PLAN_CHANGES)
+def test_inference_plan_follows_what_its_key_holds(backend, what):
+    unit = _unit(backend)
+    x = torch.randn(2, 6, 9, 9)
+    with torch.no_grad():
+        before = unit(x)
+        unit(x)  # now from the plan
+        x = _plan_change(unit, x, what)
+        eager = _eager_of(unit)
+        eager.train(unit.training)
+        if what == "bn_forward_hook":
+            eager.bn.register_forward_hook(lambda m, args, out: out * 0.5)
+        after, expected = unit(x), eager(x)
+    assert after.dtype == expected.dtype and after.shape == expected.shape
+    assert after.is_contiguous(memory_format=torch.channels_last) == (what == "layout")
+    if what in ("replaced_weight", "bn_forward_hook", "training", "eps"):
+        assert not torch.allclose(after, before, rtol=1e-3, atol=1e-3), "the change changed nothing"
+    torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_inference_plan_follows_the_global_backend():
+    """A unit built without ``backend=`` follows set_backend: a plan made under one choice is not
+    used under another (here one that cannot run on this machine, and says so)."""
+    unit = _unit(None)
+    x = torch.randn(2, 6, 9, 9)
+    try:
+        with torch.no_grad():
+            unit(x)
+            unit(x)
+            fusedres.set_backend("cuda")
+            with pytest.raises(RuntimeError, match="'cuda' is not usable here"):
+                unit(x)
+    finally:
+        fusedres.set_backend(None)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+def test_inference_plan_of_a_parametrized_weight_follows_it(backend):
+    """A parametrized conv computes its weight on each access: no plan may keep one."""
+    unit = _unit(backend)
+    eager = _eager_of(unit)
+    torch.nn.utils.parametrizations.weight_norm(unit.conv)
+    x = torch.randn(2, 6, 9, 9)
+    with torch.no_grad():
+        unit(x)
+        before = unit(x)
+        unit.conv.parametrizations.weight.original0.mul_(-2.0)
+        after = unit(x)
+        eager.conv.weight.copy_(unit.conv.weight)
+        expected = eager(x)
+    assert not torch.allclose(after, before, rtol=1e-3, atol=1e-3), "the change changed nothing"
+    torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_inference_plan_skips_the_checks(monkeypatch):
+    """Repeated inference calls of one shape run from the plan: the checks run once; a call with
+    gradients, or of another shape, runs them again."""
+    from fusedres.ops import unit as unit_module
+
+    checks = []
+    real = unit_module.check_unit_inputs
+    monkeypatch.setattr(unit_module, "check_unit_inputs", lambda *a: checks.append(1) or real(*a))
+    unit = _unit("torch_ops")
+    x = torch.randn(2, 6, 9, 9)
+    with torch.no_grad():
+        first = unit(x)
+        for _ in range(3):
+            assert torch.equal(unit(x), first)
+    assert len(checks) == 1
+    unit(x)
+    with torch.no_grad():
+        unit(x[:1])
+    assert len(checks) == 3

@@ -301,10 +301,11 @@ def block_train(x: torch.Tensor, units: Sequence[Unit], downsample: Optional[Uni
         None.
     """
     mode = recompute_mode(recompute)
-    chain = list(units) + ([downsample] if downsample is not None else [])
-    if mode == "off" or not all(_fits(u) for u in chain):
+    # Cheapest first: an inference forward (no grad) returns here, before the fusability checks.
+    if mode == "off" or not (isinstance(x, torch.Tensor) and torch.is_grad_enabled()):
         return None
-    if not (isinstance(x, torch.Tensor) and torch.is_grad_enabled()):
+    chain = list(units) + ([downsample] if downsample is not None else [])
+    if not all(_fits(u) for u in chain):
         return None
     if not (x.requires_grad or any(p.requires_grad for u in chain for p in _params(u))):
         return None  # nothing to differentiate: the per-unit path keeps nothing either

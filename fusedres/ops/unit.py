@@ -11,18 +11,28 @@ Phases, as nn.BatchNorm2d decides them:
   running statistics in place when the module tracks them;
 - running statistics (``eval()``, and every FrozenBatchNorm2d): ``unit_eval`` when a gradient is
   wanted (frozen-BN fine-tuning), else ``unit_infer``, BatchNorm folded into the convolution.
+
+Inference (autograd off) repeats the same call with the same modules and input shapes, and the
+checks, the backend choice and the module lookups cost more host time than the folded
+convolution's launch on small inputs. So the decision made for an inference call is kept per
+convolution module as a plan, under a key holding everything that decision read (the input's and
+residual's type, shape, strides, dtype and device; the modules' types, geometry, eps, training
+flag and hooks; their tensors' identities, shapes, dtypes and devices; the autocast state; the
+backend in force), and a call with the same key runs the plan directly. Parameter values are not
+in the key: the fold cache (:mod:`fusedres.ops.fold`) follows them by version, as before.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+import weakref
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from fusedres import reference
-from fusedres.backend import ConvParams, conv_output_hw, resolve
+from fusedres.backend import Backend, ConvParams, conv_output_hw, current_backend_name, resolve
 from fusedres.fusability import is_frozen_norm, unfusable_reason
 
 __all__ = ["check_unit_inputs", "conv_bn_act", "conv_output_shape", "single_value_error",
@@ -160,6 +170,11 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
     Returns:
         [N, Cout, Ho, Wo] in x's dtype (the autocast dtype under autocast).
     """
+    plan_key = _inference_plan_key(x, conv, bn, residual, relu, backend)
+    if plan_key is not None:
+        plan = _INFERENCE_PLANS.get(conv)
+        if plan is not None and plan.key == plan_key:
+            return plan.run(conv, x, residual)
     check_unit_inputs(x, conv, bn, residual, name)
     autocast = (torch.get_autocast_dtype(x.device.type)
                 if torch.is_autocast_enabled(x.device.type) else None)
@@ -183,8 +198,11 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
     gamma, beta = bn.weight, bn.bias
     infer = not (_wants_grad(x, weight, gamma, beta, residual) or torch.compiler.is_compiling())
     if infer and not uses_batch_stats(bn):
-        return be.unit_infer(conv, x, weight, gamma, beta, residual, bn.running_mean,
-                             bn.running_var, params, relu, bn.eps)
+        plan = _InferencePlan(plan_key, be, weight, gamma, beta, bn.running_mean, bn.running_var,
+                              params, relu, bn.eps, None if autocast is None else x.dtype)
+        if plan_key is not None:
+            _INFERENCE_PLANS[conv] = plan
+        return plan.run(conv, x, residual)
     weight = weight.to(x.dtype)
     if uses_batch_stats(bn):
         track = bn.training and bn.track_running_stats
@@ -197,3 +215,78 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
     # being traced (the fold cache's version checks are host logic): one traceable op.
     return be.unit_eval(x, weight, gamma, beta, residual, bn.running_mean, bn.running_var,
                         params, relu, bn.eps)
+
+
+class _InferencePlan(NamedTuple):
+    """What :func:`conv_bn_act` decided for an inference call: the backend's ``unit_infer`` with
+    every argument but the input and the residual bound; ``cast``: the autocast dtype they are
+    cast to, or None."""
+
+    key: Optional[tuple]
+    backend: Backend
+    weight: torch.Tensor
+    gamma: Optional[torch.Tensor]
+    beta: Optional[torch.Tensor]
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    params: ConvParams
+    relu: bool
+    eps: float
+    cast: Optional[torch.dtype]
+
+    def run(self, conv: nn.Conv2d, x: torch.Tensor,
+            residual: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.cast is not None:
+            x = x.to(self.cast)
+            residual = None if residual is None else residual.to(self.cast)
+        return self.backend.unit_infer(conv, x, self.weight, self.gamma, self.beta, residual,
+                                       self.running_mean, self.running_var, self.params,
+                                       self.relu, self.eps)
+
+
+# conv module -> its _InferencePlan. Weak keys, as the fold cache: a plan dies with its module.
+# A plan holds the module's tensors, so no tensor in its key can be freed and its id reused.
+_INFERENCE_PLANS: "weakref.WeakKeyDictionary[nn.Module, _InferencePlan]" = (
+    weakref.WeakKeyDictionary())
+
+
+def _input_signature(t: Optional[torch.Tensor]) -> Optional[tuple]:
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def _inference_plan_key(x, conv, bn, residual, relu: bool, backend: Optional[str]):
+    """The key of :func:`conv_bn_act`'s inference plan for this call (module docstring), or None
+    where a plan does not apply: autograd on, a graph being traced, or modules and tensors of
+    kinds the key cannot describe (they take the checked path every call).
+
+    The modules must be exactly nn.Conv2d and nn.BatchNorm2d (or a FrozenBatchNorm2d): a
+    parametrized module computes its weight on every access, which a plan would freeze. Their
+    tensors are read from ``_parameters``/``_buffers``, not through nn.Module.__getattr__ (about a
+    microsecond a call). A tensor's id stands for the same object only while the plan holds it;
+    ``.to()``/``.half()`` swap a parameter's data in place, so dtype and device are keyed too.
+    """
+    if (torch.is_grad_enabled() or torch.compiler.is_compiling() or type(x) is not torch.Tensor
+            or type(conv) is not nn.Conv2d
+            or not (type(bn) is nn.BatchNorm2d or type(bn).__name__ == "FrozenBatchNorm2d")
+            or (residual is not None and type(residual) is not torch.Tensor)):
+        return None
+    conv_params, bn_params, bn_buffers = conv._parameters, bn._parameters, bn._buffers
+    members = [conv_params.get("weight"), conv_params.get("bias")]
+    for name in ("weight", "bias"):
+        t = bn_params.get(name)
+        members.append(bn_buffers.get(name) if t is None else t)
+    members += [bn_buffers.get("running_mean"), bn_buffers.get("running_var")]
+    if members[0] is None:
+        return None  # a weight that is no parameter (set as a plain attribute)
+    device_type = x.device.type
+    autocast = (torch.get_autocast_dtype(device_type)
+                if torch.is_autocast_enabled(device_type) else None)
+    hooked = bool(conv._forward_hooks or conv._forward_pre_hooks or bn._forward_hooks
+                  or bn._forward_pre_hooks)
+    return (_input_signature(x), _input_signature(residual), relu,
+            current_backend_name(backend), autocast, hooked,
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.padding_mode, type(bn), bn.eps, bn.training,
+            getattr(bn, "track_running_stats", None), getattr(bn, "num_features", None),
+            *[None if t is None else (type(t), id(t), t.shape, t.dtype, t.device)
+              for t in members])
