@@ -1,5 +1,6 @@
 """Blocks and whole ResNets against the eager oracle; state_dicts, checkpoints, convert/to_eager."""
 
+import copy
 import json
 import os
 
@@ -44,7 +45,9 @@ def without_onednn():
     return reference.oracle_convolutions("cpu")
 
 
-def _compare_models(fused, eager, x, training, norm="max"):
+def _compare_models(fused, eager, x, training, norm="max", gradients=True):
+    """Output, gradients (unless ``gradients`` is False) and buffers of a forward and backward
+    of ``fused`` and ``eager`` against the float64 oracle under the tolerance rule."""
     oracle = reference.upcast(eager)
     for m in (fused, eager, oracle):
         m.train(training)
@@ -52,18 +55,20 @@ def _compare_models(fused, eager, x, training, norm="max"):
     y_e, dx_e, g_e, b_e = _forward_backward(eager, x)
     y_o, dx_o, g_o, b_o = _forward_backward(oracle, x.double())
     assert_oracle_close(y_f, y_e, y_o, "output")
-    assert_oracle_close(dx_f, dx_e, dx_o, "dx", norm=norm)
     assert g_f.keys() == g_o.keys()
-    if norm == "rel_l2":
-        # One rule for all parameter gradients together: in a whole network trained on a tiny
-        # batch, BN over a handful of values per channel leaves single small gradient tensors
-        # ill-conditioned (eager fp32 itself is percents off on some), so per-tensor ratios are
-        # noise; the unit and block tests check every tensor separately.
-        flat = [torch.cat([g[name].flatten().double() for name in g_o]) for g in (g_f, g_e, g_o)]
-        assert_oracle_close(*flat, "all parameter gradients", norm=norm)
-    else:
-        for name in g_o:
-            assert_oracle_close(g_f[name], g_e[name], g_o[name], f"grad {name}")
+    if gradients:
+        assert_oracle_close(dx_f, dx_e, dx_o, "dx", norm=norm)
+        if norm == "rel_l2":
+            # One rule for all parameter gradients together: in a whole network trained on a
+            # tiny batch, BN over a handful of values per channel leaves single small gradient
+            # tensors ill-conditioned (eager fp32 itself is percents off on some), so per-tensor
+            # ratios are noise; the unit and block tests check every tensor separately.
+            flat = [torch.cat([g[name].flatten().double() for name in g_o])
+                    for g in (g_f, g_e, g_o)]
+            assert_oracle_close(*flat, "all parameter gradients", norm=norm)
+        else:
+            for name in g_o:
+                assert_oracle_close(g_f[name], g_e[name], g_o[name], f"grad {name}")
     for name in b_o:
         if name.endswith("num_batches_tracked"):
             assert torch.equal(b_f[name], b_o[name]), name
@@ -118,8 +123,14 @@ def test_model_matches_eager(backend, arch, size, training):
     eager = to_eager(getattr(models, arch)(num_classes=10))
     eager.load_state_dict(fused.state_dict())
     x = torch.randn(2, 3, size, size).contiguous(memory_format=torch.channels_last)
+    fused64, eager64 = copy.deepcopy(fused).double(), copy.deepcopy(eager).double()
     with without_onednn():
-        _compare_models(fused, eager, x, training, norm="rel_l2")
+        # float32 outputs and statistics; the gradients in float64 through the fused kernels: a
+        # float32 pre-activation within rounding of a ReLU's kink takes either side, and in a
+        # whole network that moves every gradient upstream of it (docs/design.md section 6;
+        # seen: 1% in resnet50's eval dx on an AMD EPYC, where float64 agrees to 3e-15).
+        _compare_models(fused, eager, x, training, norm="rel_l2", gradients=False)
+        _compare_models(fused64, eager64, x.double(), training, norm="rel_l2")
 
 
 @pytest.mark.slow
