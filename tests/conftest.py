@@ -33,6 +33,13 @@ os.environ.setdefault("FUSEDRES_TRITON_CONFIG", "0")
 # first call, after import.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
+# Under pytest-xdist (the README's `-n auto`: one worker per core) each worker takes its share of
+# the cores for torch's intra-op threads; by default every worker would take them all. Most
+# tests are small and leave a second intra-op thread idle, so workers fill the cores better.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _XDIST_WORKERS))
+
 for _module in os.environ.get("FUSEDRES_REQUIRE_MODULES", "").replace(",", " ").split():
     try:
         importlib.import_module(_module)

@@ -31,6 +31,10 @@ SCRIPT = os.path.join(ROOT, "scripts", "check_cuda_compile.py")
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import check_cuda_compile  # noqa: E402
 
+# One worker runs the whole module under pytest-xdist, so its module fixtures (nvcc builds) run
+# once.
+pytestmark = pytest.mark.xdist_group("cuda_compile")
+
 ARCHS = ("sm_80", "sm_90")
 
 # Kernel variants the launchers can pick: (storage type, vector width) pairs, fp64 scalar only.

@@ -25,7 +25,8 @@ KERNEL_PARTS = {"bn", "conv"}
 #: The only skips a dry run may make: what it leaves out on purpose, never for the budget.
 DRY_RUN_SKIPS = {"check net triton", "torch.compile"}
 
-pytestmark = pytest.mark.slow
+# One worker runs the whole module under pytest-xdist, so the dry run (a module fixture) runs once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("gpu_validate_dry_run")]
 
 
 @pytest.fixture(scope="module")

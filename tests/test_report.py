@@ -20,6 +20,10 @@ import torch
 import fusedres
 from fusedres import report
 
+# One worker runs the whole module under pytest-xdist, so its module fixtures (the tiny report) run
+# once.
+pytestmark = pytest.mark.xdist_group("report")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device", "cpu", "--arch", "resnet18", "--batch", "2", "--image-size", "64",
         "--rounds", "1", "--warmup", "0", "--dtype", "float32"]
@@ -458,8 +462,10 @@ def test_benchmark_conftest_interleaves_and_prints_its_summary_last(tmp_path):
     with open(os.path.join(REPO, "benchmarks", "conftest.py")) as f:
         (tmp_path / "conftest.py").write_text(f.read())
     (tmp_path / "test_fake_bench.py").write_text(textwrap.dedent(_BENCH_TEST))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    env.pop("FUSEDRES_BENCH_LOG", None)
+    # Not as an xdist worker: pytest-benchmark disables itself where PYTEST_XDIST_WORKER is set.
+    env = {k: v for k, v in os.environ.items()
+           if k != "FUSEDRES_BENCH_LOG" and not k.startswith("PYTEST_XDIST")}
+    env["PYTHONPATH"] = os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-p", "no:cacheprovider",
                            "-q", "-rsf", "--benchmark-columns=median", "-W", "ignore"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
