@@ -78,6 +78,8 @@ def _check_block(block: nn.Module, x: torch.Tensor, units: list, name: str) -> N
 def _block_op(block: nn.Module, x: torch.Tensor, units: list, name: str) -> Optional[torch.Tensor]:
     """The block through the block-level op, or None where it does not apply (see
     :func:`fusedres.ops.block.block_train`). units: ``[(unit name, conv, bn), ...]``."""
+    if not torch.is_grad_enabled():
+        return None  # block_train's first condition, before its arguments are built
     ds = block.downsample
     if ds is not None and not _is_conv_bn_pair(ds):
         return None  # a custom downsample runs as the module it is
@@ -158,16 +160,18 @@ class FusedBasicBlock(reference.BasicBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
-        units = [("conv1", self.conv1, self.bn1), ("conv2", self.conv2, self.bn2)]
+        # _modules directly: nn.Module.__getattr__ costs about a microsecond a lookup.
+        mods = self._modules
+        units = [("conv1", mods["conv1"], mods["bn1"]), ("conv2", mods["conv2"], mods["bn2"])]
         _check_block(self, x, units, name)
         out = _block_op(self, x, units, name)
         if out is not None:
             return out
         identity = _fused_downsample(self, x, name)
-        out = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend,
-                          name=f"{name}.conv1")
-        return conv_bn_act(out, self.conv2, self.bn2, residual=identity, relu=True,
-                           backend=self.backend, name=f"{name}.conv2")
+        (_, conv1, bn1), (_, conv2, bn2) = units
+        out = conv_bn_act(x, conv1, bn1, relu=True, backend=self.backend, name=f"{name}.conv1")
+        return conv_bn_act(out, conv2, bn2, residual=identity, relu=True, backend=self.backend,
+                           name=f"{name}.conv2")
 
 
 class FusedBottleneck(reference.Bottleneck):
@@ -196,16 +200,16 @@ class FusedBottleneck(reference.Bottleneck):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
-        units = [("conv1", self.conv1, self.bn1), ("conv2", self.conv2, self.bn2),
-                 ("conv3", self.conv3, self.bn3)]
+        mods = self._modules  # as in FusedBasicBlock.forward
+        units = [("conv1", mods["conv1"], mods["bn1"]), ("conv2", mods["conv2"], mods["bn2"]),
+                 ("conv3", mods["conv3"], mods["bn3"])]
         _check_block(self, x, units, name)
         out = _block_op(self, x, units, name)
         if out is not None:
             return out
         identity = _fused_downsample(self, x, name)
-        out = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend,
-                          name=f"{name}.conv1")
-        out = conv_bn_act(out, self.conv2, self.bn2, relu=True, backend=self.backend,
-                          name=f"{name}.conv2")
-        return conv_bn_act(out, self.conv3, self.bn3, residual=identity, relu=True,
-                           backend=self.backend, name=f"{name}.conv3")
+        (_, conv1, bn1), (_, conv2, bn2), (_, conv3, bn3) = units
+        out = conv_bn_act(x, conv1, bn1, relu=True, backend=self.backend, name=f"{name}.conv1")
+        out = conv_bn_act(out, conv2, bn2, relu=True, backend=self.backend, name=f"{name}.conv2")
+        return conv_bn_act(out, conv3, bn3, residual=identity, relu=True, backend=self.backend,
+                           name=f"{name}.conv3")
