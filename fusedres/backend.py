@@ -15,6 +15,10 @@ method             contract (x: [N, Cin, H, W]; y, residual: [N, Cout, Ho, Wo])
 ``unit_infer``     the eval forward when no gradient is wanted: BatchNorm folded into the
                    convolution's weights and bias, cached per parameter version
                    (:mod:`fusedres.ops.fold`); defaults to ``unit_eval``.
+``infer_runner``   ``unit_infer`` with everything but the input and the residual bound, for
+                   repeated inference calls of one signature (the inference plans of
+                   :mod:`fusedres.ops.unit`); it may write y into a residual its caller says
+                   is dead. Defaults to calling ``unit_infer``.
 ``block_ops``      the ops a whole block's training step runs on (:class:`BlockOps`, for
                    :mod:`fusedres.ops.block`), or None (the default): per-unit blocks.
 =================  ==========================================================================
@@ -138,6 +142,28 @@ class Backend:
         """
         return self.unit_eval(x, weight.to(x.dtype), gamma, beta, residual, running_mean,
                               running_var, conv, relu, eps)
+
+    def infer_runner(self, conv_module: nn.Conv2d, x, weight, gamma, beta, residual,
+                     running_mean, running_var, conv: ConvParams, relu: bool,
+                     eps: float) -> Callable:
+        """``unit_infer`` bound to one unit and to the signature of ``x`` and ``residual``.
+
+        Args: as :meth:`unit_infer`; ``x`` and ``residual`` are examples: the runner is called
+            only with tensors of the same shape, strides, dtype and device (the plan's key
+            guarantees it), so a backend may decide its path once, here. It keeps neither.
+
+        Returns:
+            ``run(x, residual, residual_is_dead) -> y``. With ``residual_is_dead`` the caller
+            never reads ``residual`` again, and ``run`` may write y into it (and return it): one
+            activation less allocated and streamed through the caches, as inductor's in-place
+            convolution + sum does. The default always allocates y.
+        """
+        del x, residual  # the default decides nothing from them
+
+        def run(x, residual, residual_is_dead):
+            return self.unit_infer(conv_module, x, weight, gamma, beta, residual, running_mean,
+                                   running_var, conv, relu, eps)
+        return run
 
     def block_ops(self) -> Optional[BlockOps]:
         """The ops of the block-level op on this backend; None (the default) keeps blocks on

@@ -12,7 +12,8 @@ GroupNorm, ...) keeps its eager semantics inside the same block.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import weakref
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -21,7 +22,9 @@ from fusedres import reference
 from fusedres.backend import current_backend_name
 from fusedres.fusability import is_frozen_norm
 from fusedres.ops.block import Unit, block_train, recompute_mode
-from fusedres.ops.unit import conv_bn_act, conv_output_shape, single_value_error, uses_batch_stats
+from fusedres.ops.unit import (InferencePlan, conv_bn_act, conv_bn_act_with_plan,
+                               conv_output_shape, input_signature, plan_context, single_value_error,
+                               unit_state_key, uses_batch_stats)
 
 __all__ = ["FusedConvBNReLU", "FusedBasicBlock", "FusedBottleneck"]
 
@@ -89,15 +92,93 @@ def _block_op(block: nn.Module, x: torch.Tensor, units: list, name: str) -> Opti
     return block_train(x, chain, downsample, block.backend, getattr(block, "recompute", None))
 
 
-def _fused_downsample(block: nn.Module, x: torch.Tensor, prefix: str) -> torch.Tensor:
-    """The identity branch: a fused 1x1 conv + BN unit when downsample is torchvision's pair."""
+class _BlockPlan(NamedTuple):
+    """A block's inference, as its last call ran it: each unit's inference plan
+    (:mod:`fusedres.ops.unit`), under a key that holds the block input's signature and every
+    unit's :func:`~fusedres.ops.unit.unit_state_key`, which together fix every intermediate
+    signature and so every unit plan's key."""
+
+    key: tuple
+    downsample: Optional[InferencePlan]  # None: the identity
+    units: tuple  # the main path's InferencePlans, in order
+
+    def run(self, x: torch.Tensor, x_is_dead: bool) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample.run(x, None)
+        out = x
+        for plan in self.units[:-1]:
+            out = plan.run(out, None)
+        # The last unit may write its output into the identity branch when no one reads it
+        # again: the downsample's output always, the block's input when the caller says so.
+        return self.units[-1].run(out, identity, self.downsample is not None or x_is_dead)
+
+
+# block -> its _BlockPlan. Weak keys: a plan dies with its block.
+_BLOCK_PLANS: "weakref.WeakKeyDictionary[nn.Module, _BlockPlan]" = weakref.WeakKeyDictionary()
+
+
+def _block_plan_key(block: nn.Module, x: torch.Tensor, units: list) -> Optional[tuple]:
+    """The key of the block's inference plan for input x, or None where no plan applies
+    (autograd on, a graph being traced, a custom downsample, modules a unit key cannot
+    describe). units: ``[(unit name, conv, bn), ...]``."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+        return None
+    ds = block._modules.get("downsample")  # None: no downsample (set as a plain attribute)
+    key = [type(block), input_signature(x), plan_context(block.backend, x.device.type), id(ds)]
+    if ds is not None:
+        if not _is_conv_bn_pair(ds):
+            return None
+        key += [id(ds[0]), unit_state_key(ds[0], ds[1], False)]
+    for _, conv, bn in units:
+        key += [id(conv), unit_state_key(conv, bn, True)]
+    return None if None in key else tuple(key)
+
+
+def block_forward(block: nn.Module, x: torch.Tensor, x_is_dead: bool = False) -> torch.Tensor:
+    """A fused BasicBlock's or Bottleneck's forward.
+
+    Args:
+        block: a FusedBasicBlock or FusedBottleneck.
+        x: [N, inplanes, H, W].
+        x_is_dead: the caller never reads x again (nor anything sharing its memory), so an
+            inference call may write the block's output into it (:class:`FusedResNet` passes
+            it for the activations it made itself).
+
+    Returns:
+        [N, planes * expansion, H/stride, W/stride].
+    """
+    name = type(block).__name__
+    # _modules directly: nn.Module.__getattr__ costs about a microsecond a lookup.
+    mods = block._modules
+    units = [("conv1", mods["conv1"], mods["bn1"]), ("conv2", mods["conv2"], mods["bn2"])]
+    if "conv3" in mods:
+        units.append(("conv3", mods["conv3"], mods["bn3"]))
+    key = _block_plan_key(block, x, units)
+    if key is not None:
+        plan = _BLOCK_PLANS.get(block)
+        if plan is not None and plan.key == key:
+            return plan.run(x, x_is_dead)
+    _check_block(block, x, units, name)
+    out = _block_op(block, x, units, name)
+    if out is not None:
+        return out
     ds = block.downsample
+    ds_plan = None
     if ds is None:
-        return x
-    if _is_conv_bn_pair(ds):
-        return conv_bn_act(x, ds[0], ds[1], relu=False, backend=block.backend,
-                           name=f"{prefix}.downsample")
-    return ds(x)
+        identity = x
+    elif _is_conv_bn_pair(ds):
+        identity, ds_plan = conv_bn_act_with_plan(x, ds[0], ds[1], None, False, block.backend,
+                                                  f"{name}.downsample")
+    else:
+        identity = ds(x)
+    out, plans = x, []
+    for index, (unit_name, conv, bn) in enumerate(units):
+        residual = identity if index == len(units) - 1 else None
+        out, plan = conv_bn_act_with_plan(out, conv, bn, residual, True, block.backend,
+                                          f"{name}.{unit_name}")
+        plans.append(plan)
+    if key is not None and None not in plans and (ds is None or ds_plan is not None):
+        _BLOCK_PLANS[block] = _BlockPlan(key, ds_plan, tuple(plans))
+    return out
 
 
 class FusedConvBNReLU(reference.ConvBNAct):
@@ -159,20 +240,7 @@ class FusedBasicBlock(reference.BasicBlock):
         self.recompute = None if recompute is None else recompute_mode(recompute)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = type(self).__name__
-        # _modules directly: nn.Module.__getattr__ costs about a microsecond a lookup.
-        mods = self._modules
-        units = [("conv1", mods["conv1"], mods["bn1"]), ("conv2", mods["conv2"], mods["bn2"])]
-        _check_block(self, x, units, name)
-        out = _block_op(self, x, units, name)
-        if out is not None:
-            return out
-        identity = _fused_downsample(self, x, name)
-        (_, conv1, bn1), (_, conv2, bn2) = units
-        out = conv_bn_act(x, conv1, bn1, relu=True, backend=self.backend, name=f"{name}.conv1")
-        return conv_bn_act(out, conv2, bn2, residual=identity, relu=True, backend=self.backend,
-                           name=f"{name}.conv2")
-
+        return block_forward(self, x)
 
 class FusedBottleneck(reference.Bottleneck):
     """torchvision's Bottleneck (v1.5) with fused units; same arguments plus ``backend`` and
@@ -199,17 +267,4 @@ class FusedBottleneck(reference.Bottleneck):
         self.recompute = None if recompute is None else recompute_mode(recompute)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = type(self).__name__
-        mods = self._modules  # as in FusedBasicBlock.forward
-        units = [("conv1", mods["conv1"], mods["bn1"]), ("conv2", mods["conv2"], mods["bn2"]),
-                 ("conv3", mods["conv3"], mods["bn3"])]
-        _check_block(self, x, units, name)
-        out = _block_op(self, x, units, name)
-        if out is not None:
-            return out
-        identity = _fused_downsample(self, x, name)
-        (_, conv1, bn1), (_, conv2, bn2), (_, conv3, bn3) = units
-        out = conv_bn_act(x, conv1, bn1, relu=True, backend=self.backend, name=f"{name}.conv1")
-        out = conv_bn_act(out, conv2, bn2, relu=True, backend=self.backend, name=f"{name}.conv2")
-        return conv_bn_act(out, conv3, bn3, residual=identity, relu=True, backend=self.backend,
-                           name=f"{name}.conv3")
+        return block_forward(self, x)

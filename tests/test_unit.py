@@ -280,7 +280,7 @@ def test_fused_path_is_taken(monkeypatch, backend, phase):
     composition."""
     calls = []
     backend_type = type(get_backend(backend))
-    for method in ("unit_train", "unit_eval", "unit_infer"):
+    for method in ("unit_train", "unit_eval", "infer_runner"):
         original = getattr(backend_type, method)
 
         def spy(self, *args, _method=method, _original=original):
@@ -297,8 +297,9 @@ def test_fused_path_is_taken(monkeypatch, backend, phase):
     x = torch.randn(2, 4, 5, 5, requires_grad=phase != "infer")
     unit.requires_grad_(phase != "infer")
     unit(x)
-    expected = {"train": ["unit_train"], "eval_grad": ["unit_eval"], "infer": ["unit_infer"]}
-    # unit_infer falls back to unit_eval where no fused inference convolution takes the dtype.
+    expected = {"train": ["unit_train"], "eval_grad": ["unit_eval"], "infer": ["infer_runner"]}
+    # The inference plan's runner falls back to unit_eval where no fused inference convolution
+    # takes the dtype.
     assert calls[:1] == expected[phase], calls
 
 

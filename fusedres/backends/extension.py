@@ -83,37 +83,60 @@ class CpuBackend(ExtensionBackend):
 
     def unit_infer(self, conv_module, x, weight, gamma, beta, residual, running_mean,
                    running_var, conv: ConvParams, relu, eps):
-        fuses_add = memory_format_of(x) == torch.channels_last and conv.groups == 1
-        if not self._onednn_takes(x.dtype) or (residual is not None and not fuses_add):
+        return self.infer_runner(conv_module, x, weight, gamma, beta, residual, running_mean,
+                                 running_var, conv, relu, eps)(x, residual, False)
+
+    def infer_runner(self, conv_module, x, weight, gamma, beta, residual, running_mean,
+                     running_var, conv: ConvParams, relu, eps):
+        channels_last = memory_format_of(x) == torch.channels_last
+        if not self._onednn_takes(x.dtype) or (residual is not None
+                                               and not (channels_last and conv.groups == 1)):
             # ATen hands oneDNN the residual add only for ungrouped channels_last convolutions;
             # otherwise it falls back to a convolution and a separate add_relu pass (which
             # rejects bfloat16), where the unfolded convolution with one fused BN + add + ReLU
             # pass is as good.
-            return super().unit_infer(conv_module, x, weight, gamma, beta, residual,
-                                      running_mean, running_var, conv, relu, eps)
+            return lambda x, residual, residual_is_dead: super(CpuBackend, self).unit_infer(
+                conv_module, x, weight, gamma, beta, residual, running_mean, running_var, conv,
+                relu, eps)
         stride, padding, dilation, groups = fold.geometry_lists(conv)
-        # channels_last convolutions take the weights prepacked in oneDNN's blocked layout, so
-        # no call reorders them again (eager reorders every weight on every call). The layout is
-        # chosen for the first input's size and stays valid for any other.
-        prepack = memory_format_of(x) == torch.channels_last
+        dtype, shape = x.dtype, list(x.shape)
 
         def prepare(w, b):
-            if prepack:
+            # channels_last convolutions take the weights prepacked in oneDNN's blocked layout,
+            # so no call reorders them again (eager reorders every weight on every call). The
+            # layout is chosen for the first input's size and stays valid for any other.
+            if channels_last:
                 w = torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation,
-                                                                 groups, list(x.shape))
-            return fold.FoldedConv(w, b.to(x.dtype))
+                                                                 groups, shape)
+            return fold.FoldedConv(w, b.to(dtype))
 
-        folded = fold.fold_conv_bn(conv_module, weight, gamma, beta, running_mean, running_var,
-                                   eps, x.dtype, "onednn-prepacked" if prepack else "onednn",
-                                   prepare)
-        unary = "relu" if relu else "none"
+        def folded():
+            return fold.fold_conv_bn(conv_module, weight, gamma, beta, running_mean, running_var,
+                                     eps, dtype, "onednn-prepacked" if channels_last else "onednn",
+                                     prepare)
+
+        pointwise = torch.ops.mkldnn._convolution_pointwise
         if residual is None:
-            return torch.ops.mkldnn._convolution_pointwise.default(
-                x, folded.weight, folded.bias, padding, stride, dilation, groups, unary, [], "")
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual.contiguous(memory_format=torch.channels_last), folded.weight,
-            folded.bias, padding, stride, dilation, groups, "add", None,
-            unary if relu else None, [], "")
+            unary = "relu" if relu else "none"
+
+            def run(x, residual, residual_is_dead):
+                f = folded()
+                return pointwise.default(x, f.weight, f.bias, padding, stride, dilation, groups,
+                                         unary, [], "")
+            return run
+        unary = "relu" if relu else None
+        sum_into = torch.ops.mkldnn._convolution_pointwise_.binary
+
+        def run_add(x, residual, residual_is_dead):
+            f = folded()
+            residual = residual.contiguous(memory_format=torch.channels_last)
+            if residual_is_dead:
+                # oneDNN's sum post-op: y accumulates into the residual's memory.
+                return sum_into(residual, x, f.weight, f.bias, padding, stride, dilation, groups,
+                                "add", 1.0, unary, [], "")
+            return pointwise.binary(x, residual, f.weight, f.bias, padding, stride, dilation,
+                                    groups, "add", None, unary, [], "")
+        return run_add
 
 
 class CudaBackend(ExtensionBackend):

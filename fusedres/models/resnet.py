@@ -16,7 +16,7 @@ import torch.nn as nn
 from fusedres import reference
 from fusedres.backend import current_backend_name
 from fusedres.fusability import is_frozen_norm
-from fusedres.modules import FusedBasicBlock, FusedBottleneck
+from fusedres.modules import FusedBasicBlock, FusedBottleneck, block_forward
 from fusedres.ops.unit import conv_bn_act, single_value_error, uses_batch_stats
 
 __all__ = [
@@ -57,7 +57,38 @@ class FusedResNet(reference.ResNet):
         check_chain(x, [("conv1", self.conv1), ("bn1", self.bn1), ("relu", self.relu),
                         ("maxpool", self.maxpool), ("layer1", self.layer1),
                         ("layer2", self.layer2), ("layer3", self.layer3), ("layer4", self.layer4)])
-        return super().forward(x)
+        if torch.is_grad_enabled() or not self._activations_stay_inside():
+            return super().forward(x)
+        # Inference: every activation from the stem on is made here and read by the next block
+        # only, so each block may write its output into its input (oneDNN's in-place
+        # convolution + sum on the CPU, as inductor does), one activation less streamed
+        # through the caches per block.
+        x = self.maxpool(self.stem(x))
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer._modules.values():
+                x = block_forward(block, x, x_is_dead=True)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    def _activations_stay_inside(self) -> bool:
+        """Whether no one but the next block can see a block's input or output: no hooks (a hook
+        may keep the tensor it is shown) on the model, the stages, the blocks or the max pool,
+        nor global ones; the stem, max pool and stages of the kinds that make a new tensor; the
+        blocks fusedres's own (a subclass may keep its input)."""
+        nn_module = nn.modules.module
+        if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+                or type(self).stem is not FusedResNet.stem
+                or type(self.maxpool) not in (nn.MaxPool2d, nn.Identity)):
+            return False
+        modules = [self, self.maxpool]
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            if type(layer) is not nn.Sequential:
+                return False
+            modules.append(layer)
+            for block in layer._modules.values():
+                if type(block) not in (FusedBasicBlock, FusedBottleneck):
+                    return False
+                modules.append(block)
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 _BLOCK_UNITS = {reference.BasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),

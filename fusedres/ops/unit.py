@@ -26,17 +26,17 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from fusedres import reference
-from fusedres.backend import Backend, ConvParams, conv_output_hw, current_backend_name, resolve
+from fusedres.backend import ConvParams, conv_output_hw, current_backend_name, resolve
 from fusedres.fusability import is_frozen_norm, unfusable_reason
 
-__all__ = ["check_unit_inputs", "conv_bn_act", "conv_output_shape", "single_value_error",
-           "uses_batch_stats"]
+__all__ = ["check_unit_inputs", "conv_bn_act", "conv_bn_act_with_plan", "conv_output_shape",
+           "InferencePlan", "input_signature", "plan_context", "single_value_error", "unit_state_key", "uses_batch_stats"]
 
 
 def conv_output_shape(shape: Sequence[int], conv: nn.Conv2d) -> torch.Size:
@@ -174,7 +174,7 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
     if plan_key is not None:
         plan = _INFERENCE_PLANS.get(conv)
         if plan is not None and plan.key == plan_key:
-            return plan.run(conv, x, residual)
+            return plan.run(x, residual)
     check_unit_inputs(x, conv, bn, residual, name)
     autocast = (torch.get_autocast_dtype(x.device.type)
                 if torch.is_autocast_enabled(x.device.type) else None)
@@ -198,11 +198,12 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
     gamma, beta = bn.weight, bn.bias
     infer = not (_wants_grad(x, weight, gamma, beta, residual) or torch.compiler.is_compiling())
     if infer and not uses_batch_stats(bn):
-        plan = _InferencePlan(plan_key, be, weight, gamma, beta, bn.running_mean, bn.running_var,
-                              params, relu, bn.eps, None if autocast is None else x.dtype)
+        plan = InferencePlan(plan_key, be.infer_runner(
+            conv, x, weight, gamma, beta, residual, bn.running_mean, bn.running_var, params, relu,
+            bn.eps), None if autocast is None else x.dtype)
         if plan_key is not None:
             _INFERENCE_PLANS[conv] = plan
-        return plan.run(conv, x, residual)
+        return plan.run(x, residual)
     weight = weight.to(x.dtype)
     if uses_batch_stats(bn):
         track = bn.training and bn.track_running_stats
@@ -217,47 +218,74 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
                         params, relu, bn.eps)
 
 
-class _InferencePlan(NamedTuple):
-    """What :func:`conv_bn_act` decided for an inference call: the backend's ``unit_infer`` with
-    every argument but the input and the residual bound; ``cast``: the autocast dtype they are
-    cast to, or None."""
+class InferencePlan(NamedTuple):
+    """What :func:`conv_bn_act` decided for an inference call: ``runner``, the backend's
+    ``unit_infer`` with every argument but the input and the residual bound
+    (:meth:`fusedres.backend.Backend.infer_runner`); ``cast``: the autocast dtype they are cast
+    to, or None."""
 
     key: Optional[tuple]
-    backend: Backend
-    weight: torch.Tensor
-    gamma: Optional[torch.Tensor]
-    beta: Optional[torch.Tensor]
-    running_mean: torch.Tensor
-    running_var: torch.Tensor
-    params: ConvParams
-    relu: bool
-    eps: float
+    runner: Callable
     cast: Optional[torch.dtype]
 
-    def run(self, conv: nn.Conv2d, x: torch.Tensor,
-            residual: Optional[torch.Tensor]) -> torch.Tensor:
+    def run(self, x: torch.Tensor, residual: Optional[torch.Tensor],
+            residual_is_dead: bool = False) -> torch.Tensor:
+        """The unit on x [N, Cin, H, W] and residual [N, Cout, Ho, Wo] or None, which must have
+        the key's signature. ``residual_is_dead``: the caller never reads ``residual`` again,
+        and y may be written into it."""
         if self.cast is not None:
             x = x.to(self.cast)
             residual = None if residual is None else residual.to(self.cast)
-        return self.backend.unit_infer(conv, x, self.weight, self.gamma, self.beta, residual,
-                                       self.running_mean, self.running_var, self.params,
-                                       self.relu, self.eps)
+        return self.runner(x, residual, residual_is_dead)
 
 
-# conv module -> its _InferencePlan. Weak keys, as the fold cache: a plan dies with its module.
+# conv module -> its InferencePlan. Weak keys, as the fold cache: a plan dies with its module.
 # A plan holds the module's tensors, so no tensor in its key can be freed and its id reused.
-_INFERENCE_PLANS: "weakref.WeakKeyDictionary[nn.Module, _InferencePlan]" = (
+_INFERENCE_PLANS: "weakref.WeakKeyDictionary[nn.Module, InferencePlan]" = (
     weakref.WeakKeyDictionary())
 
 
-def _input_signature(t: Optional[torch.Tensor]) -> Optional[tuple]:
+def conv_bn_act_with_plan(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
+                          residual: Optional[torch.Tensor], relu: bool, backend: Optional[str],
+                          name: str) -> tuple[torch.Tensor, Optional[InferencePlan]]:
+    """:func:`conv_bn_act`, and the inference plan the call ran from (made or reused), or None
+    where it ran none. A caller that repeats the call with tensors of the same signatures and
+    unchanged modules (the plan's key) may run the plan directly."""
+    key = _inference_plan_key(x, conv, bn, residual, relu, backend)
+    y = conv_bn_act(x, conv, bn, residual, relu, backend, name)
+    plan = None if key is None else _INFERENCE_PLANS.get(conv)
+    return y, (plan if plan is not None and plan.key == key else None)
+
+
+def input_signature(t: Optional[torch.Tensor]) -> Optional[tuple]:
+    """What an inference plan keys of a tensor argument: shape, strides, dtype, device."""
     return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
 
 
 def _inference_plan_key(x, conv, bn, residual, relu: bool, backend: Optional[str]):
     """The key of :func:`conv_bn_act`'s inference plan for this call (module docstring), or None
     where a plan does not apply: autograd on, a graph being traced, or modules and tensors of
-    kinds the key cannot describe (they take the checked path every call).
+    kinds the key cannot describe (they take the checked path every call)."""
+    if (torch.is_grad_enabled() or torch.compiler.is_compiling() or type(x) is not torch.Tensor
+            or (residual is not None and type(residual) is not torch.Tensor)):
+        return None
+    state = unit_state_key(conv, bn, relu)
+    return None if state is None else (input_signature(x), input_signature(residual),
+                                       plan_context(backend, x.device.type), state)
+
+
+def plan_context(backend: Optional[str], device_type: str) -> tuple:
+    """The global state an inference plan depends on: the backend in force for ``backend``
+    (a module's choice, or None) and the autocast state of ``device_type``."""
+    autocast = (torch.get_autocast_dtype(device_type)
+                if torch.is_autocast_enabled(device_type) else None)
+    return current_backend_name(backend), autocast
+
+
+def unit_state_key(conv: nn.Module, bn: nn.Module, relu: bool) -> Optional[tuple]:
+    """Everything about the unit's modules that an inference plan depends on: their types,
+    geometry, eps, training flag and hooks, their tensors' identities, shapes, dtypes and
+    devices; None where the modules are of kinds it cannot describe.
 
     The modules must be exactly nn.Conv2d and nn.BatchNorm2d (or a FrozenBatchNorm2d): a
     parametrized module computes its weight on every access, which a plan would freeze. Their
@@ -265,10 +293,8 @@ def _inference_plan_key(x, conv, bn, residual, relu: bool, backend: Optional[str
     microsecond a call). A tensor's id stands for the same object only while the plan holds it;
     ``.to()``/``.half()`` swap a parameter's data in place, so dtype and device are keyed too.
     """
-    if (torch.is_grad_enabled() or torch.compiler.is_compiling() or type(x) is not torch.Tensor
-            or type(conv) is not nn.Conv2d
-            or not (type(bn) is nn.BatchNorm2d or type(bn).__name__ == "FrozenBatchNorm2d")
-            or (residual is not None and type(residual) is not torch.Tensor)):
+    if (type(conv) is not nn.Conv2d
+            or not (type(bn) is nn.BatchNorm2d or type(bn).__name__ == "FrozenBatchNorm2d")):
         return None
     conv_params, bn_params, bn_buffers = conv._parameters, bn._parameters, bn._buffers
     members = [conv_params.get("weight"), conv_params.get("bias")]
@@ -278,13 +304,9 @@ def _inference_plan_key(x, conv, bn, residual, relu: bool, backend: Optional[str
     members += [bn_buffers.get("running_mean"), bn_buffers.get("running_var")]
     if members[0] is None:
         return None  # a weight that is no parameter (set as a plain attribute)
-    device_type = x.device.type
-    autocast = (torch.get_autocast_dtype(device_type)
-                if torch.is_autocast_enabled(device_type) else None)
     hooked = bool(conv._forward_hooks or conv._forward_pre_hooks or bn._forward_hooks
                   or bn._forward_pre_hooks)
-    return (_input_signature(x), _input_signature(residual), relu,
-            current_backend_name(backend), autocast, hooked,
+    return (relu, hooked,
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
             conv.dilation, conv.groups, conv.padding_mode, type(bn), bn.eps, bn.training,
             getattr(bn, "track_running_stats", None), getattr(bn, "num_features", None),

@@ -1,0 +1,283 @@
+"""Block inference plans and the whole model's in-place inference (fusedres.modules,
+fusedres.models.resnet).
+
+A fused block under autograd off runs from a plan made by its last call (each unit's inference
+plan, under one key for the block); a FusedResNet lets each block write its output into its
+input when no one else can see that tensor. These tests change each thing the block key holds
+and check the output follows eager's block, check that no caller's tensor is ever written, and
+that a hook shown a block's input or output sees what eager's would (with the guard that makes
+this so shown to matter).
+"""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import CPU_FUSED_BACKENDS, assert_oracle_close
+import fusedres
+from fusedres import FusedBasicBlock, FusedBottleneck, reference
+from fusedres.models.resnet import FusedResNet
+from fusedres.ops import unit as unit_module
+
+
+def _randomize_bn(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _block(kind, backend):
+    """A block with a downsample (stride 2, Bottleneck) or an identity branch (BasicBlock)."""
+    if kind == "bottleneck":
+        ds = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 1, 2, bias=False),
+                                 torch.nn.BatchNorm2d(32))
+        block = FusedBottleneck(16, 8, stride=2, downsample=ds, backend=backend)
+    else:
+        block = FusedBasicBlock(16, 16, backend=backend)
+    return _randomize_bn(block)
+
+
+def _eager_block(block):
+    return fusedres.to_eager(copy.deepcopy(block)).eval()
+
+
+def _assert_matches_eager(out, eager, x):
+    """The tolerance rule of docs/design.md: eager in the same dtype and the float64 oracle."""
+    with torch.no_grad():
+        expected = eager(x)
+        oracle = reference.upcast(eager)(x.double())
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert_oracle_close(out, expected, oracle)
+
+
+def _block_change(block, x, what):
+    """Changes one thing the block plan's key holds; returns the input to call with next."""
+    with torch.no_grad():
+        if what == "replaced_conv2_weight":
+            block.conv2.weight = torch.nn.Parameter(block.conv2.weight.detach() * -1.5)
+        elif what == "conv1_weight_in_place":
+            block.conv1.weight.mul_(-2.0)  # the fold cache follows the version counter
+        elif what == "replaced_bn2":
+            block.bn2 = _randomize_bn(torch.nn.BatchNorm2d(block.bn2.num_features))
+        elif what == "last_bn_eps":
+            (block.bn3 if hasattr(block, "bn3") else block.bn2).eps = 0.5
+        elif what == "bn1_training":
+            block.bn1.train()  # batch statistics, still under no_grad
+        elif what == "conv2_hook":
+            block.conv2.register_forward_hook(lambda m, args, out: None)
+        elif what == "batch_size":
+            return torch.randn(3, *x.shape[1:])
+        elif what == "layout":
+            return x.contiguous(memory_format=torch.channels_last)
+        elif what == "dtype":
+            block.double()
+            return x.double()
+        elif what == "global_backend":
+            block.backend = None  # then follows set_backend (the test sets "torch_ops")
+    return x
+
+
+BLOCK_CHANGES = ["replaced_conv2_weight", "conv1_weight_in_place", "replaced_bn2", "last_bn_eps",
+                 "bn1_training", "conv2_hook", "batch_size", "layout", "dtype", "global_backend"]
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("kind", ["bottleneck", "basic"])
+@pytest.mark.parametrize("what", BLOCK_CHANGES)
+def test_block_plan_follows_what_its_key_holds(backend, kind, what):
+    block = _block(kind, backend)
+    x = torch.randn(2, 16, 8, 8)
+    try:
+        with torch.no_grad():
+            before = block(x)
+            assert torch.equal(block(x), before)  # from the plan now
+            x = _block_change(block, x, what)
+            if what == "global_backend":
+                fusedres.set_backend("torch_ops")
+            after = block(x)
+        if what in ("replaced_conv2_weight", "conv1_weight_in_place", "replaced_bn2",
+                    "last_bn_eps", "bn1_training"):
+            assert not torch.allclose(after, before, rtol=1e-3, atol=1e-3), "changed nothing"
+        assert after.is_contiguous(memory_format=torch.channels_last) == (what == "layout")
+        eager = _eager_block(block)
+        eager.bn1.train(block.bn1.training)
+        _assert_matches_eager(after, eager, x)
+    finally:
+        fusedres.set_backend(None)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("kind", ["bottleneck", "basic"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_block_inference_never_writes_its_input(backend, kind, layout):
+    """A block called by anyone but FusedResNet keeps its input: the caller may read it again."""
+    block = _block(kind, backend).to(memory_format=layout)
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=layout)
+    kept = x.clone()
+    with torch.no_grad():
+        outs = [block(x) for _ in range(3)]
+    assert torch.equal(x, kept)
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    _assert_matches_eager(outs[0], _eager_block(block), x)
+
+
+def _models(arch, backend, layout):
+    torch.manual_seed(0)
+    fused = _randomize_bn(getattr(fusedres.models, arch)(backend=backend))
+    fused = fused.to(memory_format=layout)
+    return fused, fusedres.to_eager(copy.deepcopy(fused)).eval()
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_model_inference_matches_eager_and_keeps_its_input(backend, arch, layout, mode):
+    fused, eager = _models(arch, backend, layout)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=layout)
+    kept = x.clone()
+    context = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with context():
+        outs = [fused(x) for _ in range(3)]
+    assert torch.equal(x, kept)
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    _assert_matches_eager(outs[0], eager, x)
+
+
+def test_model_inference_writes_blocks_outputs_into_their_inputs(monkeypatch):
+    """Without hooks, a planned call of the ``cpu`` backend runs every block's last unit with
+    its identity branch marked dead (what lets oneDNN accumulate into it)."""
+    if not fusedres.available_backends()["cpu"][0]:
+        pytest.skip("the cpu backend is unusable here")
+    fused, _ = _models("resnet18", "cpu", torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    dead = []
+    real_run = unit_module.InferencePlan.run
+
+    def spy(self, x, residual, residual_is_dead=False):
+        if residual is not None:
+            dead.append(residual_is_dead)
+        return real_run(self, x, residual, residual_is_dead)
+
+    with torch.no_grad():
+        fused(x)
+        monkeypatch.setattr(unit_module.InferencePlan, "run", spy)
+        fused(x)
+    assert dead == [True] * 8  # resnet18: 8 blocks, each from its plan
+
+
+def _hook(where, fused, seen):
+    """Registers a hook that keeps (not copies) the tensor it is shown; returns the eager module
+    and hook kind to compare with."""
+    store = lambda m, args, out=None: seen.append(args[0] if out is None else out)  # noqa: E731
+    if where == "block_output":
+        return fused.layer1[0].register_forward_hook(store), ("layer1", 0, "output")
+    if where == "next_block_input":
+        return fused.layer1[1].register_forward_pre_hook(store), ("layer1", 1, "input")
+    if where == "stage_output":
+        return fused.layer1.register_forward_hook(store), ("layer1", None, "output")
+    if where == "global":
+        return (torch.nn.modules.module.register_module_forward_hook(
+            lambda m, args, out: seen.append(out) if m is fused.layer2[0] else None),
+            ("layer2", 0, "output"))
+    raise ValueError(where)
+
+
+def _eager_tensor(eager, x, layer, index, kind):
+    seen = []
+    module = getattr(eager, layer) if index is None else getattr(eager, layer)[index]
+    if kind == "output":
+        handle = module.register_forward_hook(lambda m, args, out: seen.append(out))
+    else:
+        handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        eager(x)
+    handle.remove()
+    return seen[0]
+
+
+HOOK_PLACES = ["block_output", "next_block_input", "stage_output", "global"]
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("where", HOOK_PLACES)
+def test_hooks_see_what_eager_shows_them(backend, where):
+    """A hook that keeps a block's input or output sees, after the call, what eager's hook sees:
+    with hooks the model does not write blocks' outputs into their inputs."""
+    fused, eager = _models("resnet18", backend, torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    seen = []
+    handle, (layer, index, kind) = _hook(where, fused, seen)
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                seen.clear()
+                fused(x)
+    finally:
+        handle.remove()
+    expected = _eager_tensor(eager, x, layer, index, kind)
+    torch.testing.assert_close(seen[0], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("where", HOOK_PLACES)
+def test_hooks_would_see_overwritten_tensors_without_the_guard(monkeypatch, where):
+    """The hook test above can fail: with the guard forced open, the model runs its blocks
+    without their hooks, or a hook keeps a tensor that a later block overwrites."""
+    if not fusedres.available_backends()["cpu"][0]:
+        pytest.skip("the cpu backend is unusable here")
+    monkeypatch.setattr(FusedResNet, "_activations_stay_inside", lambda self: True)
+    fused, eager = _models("resnet18", "cpu", torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    seen = []
+    handle, (layer, index, kind) = _hook(where, fused, seen)
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                seen.clear()
+                fused(x)
+    finally:
+        handle.remove()
+    expected = _eager_tensor(eager, x, layer, index, kind)
+    assert not seen or not torch.allclose(seen[0], expected, rtol=1e-2, atol=1e-2)
+
+
+class _KeepingBlock(FusedBasicBlock):
+    """A user's block subclass that keeps its input (and a copy of it) to read later."""
+
+    def forward(self, x):
+        self.kept, self.kept_copy = x, x.clone()
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("change", ["maxpool_identity", "fc_replaced", "subclassed_block"])
+def test_model_inference_with_replaced_modules(backend, change):
+    """Models edited as users edit them (no max pool for small images, a new head, a block
+    subclass that keeps its input) give eager's output and keep every tensor they hand out."""
+    fused, eager = _models("resnet18", backend, torch.channels_last)
+    if change == "maxpool_identity":
+        fused.maxpool = eager.maxpool = torch.nn.Identity()
+    elif change == "fc_replaced":
+        fused.fc = torch.nn.Sequential(torch.nn.Linear(512, 10), torch.nn.ReLU())
+        eager.fc = copy.deepcopy(fused.fc)
+    else:
+        block = _KeepingBlock.__new__(_KeepingBlock)
+        block.__dict__.update(fused.layer2[1].__dict__)
+        fused.layer2[1] = block
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    kept = x.clone()
+    with torch.no_grad():
+        for _ in range(2):
+            out = fused(x)
+    assert torch.equal(x, kept)
+    if change == "subclassed_block":
+        assert torch.equal(block.kept, block.kept_copy)
+    _assert_matches_eager(out, eager, x)
