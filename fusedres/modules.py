@@ -6,8 +6,10 @@ checkpoints are torchvision's. Only ``forward`` differs. In training, a block ru
 block-level op (:mod:`fusedres.ops.block`) that keeps no activation feeding only the next
 convolution (y1, y2) and rebuilds it in backward; elsewhere (eval, frozen BatchNorm, a custom
 downsample, ``recompute="off"``) each conv + BN (+ add) + ReLU chain runs as one fused unit
-(:func:`fusedres.ops.conv_bn_act`). A norm layer other than nn.BatchNorm2d (SyncBatchNorm,
-GroupNorm, ...) keeps its eager semantics inside the same block.
+(:func:`fusedres.ops.conv_bn_act`). With autograd off a block's repeated calls run from its
+inference plan (its units' plans under one key, docs/design.md section 4). A norm layer other
+than nn.BatchNorm2d (SyncBatchNorm, GroupNorm, ...) keeps its eager semantics inside the same
+block.
 """
 
 from __future__ import annotations

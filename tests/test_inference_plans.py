@@ -152,17 +152,20 @@ def test_model_inference_matches_eager_and_keeps_its_input(backend, arch, layout
     _assert_matches_eager(outs[0], eager, x)
 
 
-def test_model_inference_writes_blocks_outputs_into_their_inputs(monkeypatch):
-    """Without hooks, a planned call of the ``cpu`` backend runs every block's last unit with
-    its identity branch marked dead (what lets oneDNN accumulate into it)."""
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_model_inference_writes_blocks_outputs_into_their_inputs(monkeypatch, layout):
+    """Without hooks, a planned call of the ``cpu`` backend runs every unit on channels_last
+    activations, whatever the input's layout, and every block's last unit with its identity
+    branch marked dead (what lets oneDNN accumulate into it)."""
     if not fusedres.available_backends()["cpu"][0]:
         pytest.skip("the cpu backend is unusable here")
-    fused, _ = _models("resnet18", "cpu", torch.channels_last)
-    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    dead = []
+    fused, _ = _models("resnet18", "cpu", layout)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=layout)
+    dead, channels_last = [], []
     real_run = unit_module.InferencePlan.run
 
     def spy(self, x, residual, residual_is_dead=False):
+        channels_last.append(x.is_contiguous(memory_format=torch.channels_last))
         if residual is not None:
             dead.append(residual_is_dead)
         return real_run(self, x, residual, residual_is_dead)
@@ -172,6 +175,7 @@ def test_model_inference_writes_blocks_outputs_into_their_inputs(monkeypatch):
         monkeypatch.setattr(unit_module.InferencePlan, "run", spy)
         fused(x)
     assert dead == [True] * 8  # resnet18: 8 blocks, each from its plan
+    assert channels_last == [True] * 20  # the stem, 8 blocks x 2 units, 3 downsamples
 
 
 def _hook(where, fused, seen):

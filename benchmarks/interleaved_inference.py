@@ -1,0 +1,137 @@
+"""Eval forward of a fused ResNet against eager and torch.compile, with ablations of its host
+work, interleaved round by round.
+
+Providers, each called once per round in an order rotated from round to round (channels_last;
+``--dtype bfloat16`` runs them under CPU autocast):
+
+- ``eager_cl``: eager PyTorch (torchvision's ResNet code).
+- ``compile``: torch.compile of eager with inductor's ``freezing`` (BN folded, oneDNN's fused
+  convolutions, the residual summed in place into a buffer it knows is dead).
+- ``fused``: the ``cpu`` backend as a user runs it: block inference plans, each block writing its
+  output into its input (fusedres.models.resnet.FusedResNet.forward).
+- ``fused_out_of_place``: the same without the in-place writes (every block's output allocated).
+- ``fused_unit_plans``: per-unit plans only (no block plans), out of place.
+
+It prints each one's median, interquartile range, and the median over rounds of eager_cl's time
+divided by its time in the same round (its speedup), with a 95% confidence interval; and, where
+torch.compile ran, the same for fused against compile.
+
+    python benchmarks/interleaved_inference.py --arch resnet50,resnet18 --batch 8 --size 112
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import statistics
+import time
+from unittest import mock
+
+import torch
+
+import fusedres
+from fusedres import modules
+from fusedres.models.resnet import FusedResNet
+from fusedres.report import keep_freed_memory, machine_info
+from interleaved_recompute import median_interval
+
+
+def _providers(arch: str, batch: int, size: int, dtype: torch.dtype, with_compile: bool):
+    torch.manual_seed(0)
+    fused = getattr(fusedres.models, arch)(backend="cpu").eval()
+    fused = fused.to(memory_format=torch.channels_last)
+    eager = fusedres.to_eager(copy.deepcopy(fused)).eval()
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+
+    def out_of_place():
+        with mock.patch.object(FusedResNet, "_activations_stay_inside", lambda self: False):
+            return fused(x)
+
+    def unit_plans():
+        with mock.patch.object(FusedResNet, "_activations_stay_inside", lambda self: False), \
+                mock.patch.object(modules, "_block_plan_key", lambda *args: None):
+            return fused(x)
+
+    providers = {"eager_cl": lambda: eager(x)}
+    if with_compile:
+        with torch._inductor.config.patch(freezing=True):
+            compiled = torch.compile(copy.deepcopy(eager), dynamic=False)
+            with _autocast(dtype), torch.no_grad():
+                compiled(x)  # compiles here, with freezing in force
+        providers["compile"] = lambda: compiled(x)
+    providers.update({"fused": lambda: fused(x), "fused_out_of_place": out_of_place,
+                      "fused_unit_plans": unit_plans})
+    return providers
+
+
+def _autocast(dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=dtype)
+
+
+def measure(arch: str, batch: int, size: int, dtype: torch.dtype, rounds: int, warmup: int,
+            with_compile: bool) -> dict:
+    providers = _providers(arch, batch, size, dtype, with_compile)
+    names = list(providers)
+    times = {name: [] for name in names}
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+    with _autocast(dtype), torch.no_grad():
+        expected = providers["eager_cl"]()
+        for name, run in providers.items():
+            for _ in range(warmup):
+                out = run()
+            scale = expected.abs().max().item()
+            torch.testing.assert_close(out.float(), expected.float(), rtol=tolerance,
+                                       atol=tolerance * scale, msg=name)
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                start = time.perf_counter()
+                providers[name]()
+                times[name].append(time.perf_counter() - start)
+    result = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4)
+        result[name] = {"median_s": statistics.median(ts), "iqr_s": q[2] - q[0]}
+        for base in ("eager_cl", "compile"):
+            if base in times:
+                ratios = [b / t for b, t in zip(times[base], ts)]
+                result[name][f"vs_{base}"] = (statistics.median(ratios), median_interval(ratios))
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="resnet50,resnet18")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=112)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    args = p.parse_args(argv)
+    keep_freed_memory()  # as the main job: freed activations stay in the heap
+    dtype = getattr(torch, args.dtype)
+    print(f"{machine_info(torch.device('cpu'))['cpu_model']}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; load average before: {os.getloadavg()}")
+    for arch in args.arch.split(","):
+        result = measure(arch, args.batch, args.size, dtype, args.rounds, args.warmup,
+                         not args.no_compile)
+        print(f"\n{arch} batch {args.batch} {args.size}px eval forward, {args.dtype} "
+              f"{'autocast ' if dtype != torch.float32 else ''}channels_last, {args.rounds} "
+              f"interleaved rounds; speedups: median of per-round ratios [95% CI]")
+        bases = [b for b in ("eager_cl", "compile") if b in result]
+        print(f"{'provider':>19} {'median ms':>10} {'IQR':>6}"
+              + "".join(f" {'vs ' + b:>24}" for b in bases))
+        for name, r in result.items():
+            cells = "".join(f" {r[f'vs_{b}'][0]:7.3f} [{r[f'vs_{b}'][1][0]:.3f}, "
+                            f"{r[f'vs_{b}'][1][1]:.3f}]" for b in bases)
+            print(f"{name:>19} {r['median_s'] * 1e3:10.1f} {r['iqr_s'] * 1e3:6.1f}{cells}")
+    print(f"\nload average after: {os.getloadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
