@@ -233,9 +233,12 @@ class InferencePlan(NamedTuple):
         """The unit on x [N, Cin, H, W] and residual [N, Cout, Ho, Wo] or None, which must have
         the key's signature. ``residual_is_dead``: the caller never reads ``residual`` again,
         and y may be written into it."""
-        if self.cast is not None:
-            x = x.to(self.cast)
-            residual = None if residual is None else residual.to(self.cast)
+        cast = self.cast
+        if cast is not None:  # under autocast: the activations after the first unit have it
+            if x.dtype != cast:
+                x = x.to(cast)
+            if residual is not None and residual.dtype != cast:
+                residual = residual.to(cast)
         return self.runner(x, residual, residual_is_dead)
 
 
