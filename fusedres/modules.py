@@ -244,6 +244,7 @@ class FusedBasicBlock(reference.BasicBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return block_forward(self, x)
 
+
 class FusedBottleneck(reference.Bottleneck):
     """torchvision's Bottleneck (v1.5) with fused units; same arguments plus ``backend`` and
     ``recompute``.

@@ -19,7 +19,8 @@ convolution module as a plan, under a key holding everything that decision read 
 residual's type, shape, strides, dtype and device; the modules' types, geometry, eps, training
 flag and hooks; their tensors' identities, shapes, dtypes and devices; the autocast state; the
 backend in force), and a call with the same key runs the plan directly. Parameter values are not
-in the key: the fold cache (:mod:`fusedres.ops.fold`) follows them by version, as before.
+in the key: the fold cache (:mod:`fusedres.ops.fold`) follows them by version, as before. A
+fused block keeps its units' plans under one key of its own (:mod:`fusedres.modules`).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from fusedres import reference
 from fusedres.backend import ConvParams, conv_output_hw, current_backend_name, resolve
 from fusedres.fusability import is_frozen_norm, unfusable_reason
 
-__all__ = ["check_unit_inputs", "conv_bn_act", "conv_bn_act_with_plan", "conv_output_shape",
-           "InferencePlan", "input_signature", "plan_context", "single_value_error", "unit_state_key", "uses_batch_stats"]
+__all__ = ["InferencePlan", "check_unit_inputs", "conv_bn_act", "conv_bn_act_with_plan",
+           "conv_output_shape", "input_signature", "plan_context", "single_value_error",
+           "unit_state_key", "uses_batch_stats"]
 
 
 def conv_output_shape(shape: Sequence[int], conv: nn.Conv2d) -> torch.Size:
