@@ -11,6 +11,10 @@ Providers, each called once per round in an order rotated from round to round (c
   output into its input (fusedres.models.resnet.FusedResNet.forward).
 - ``fused_out_of_place``: the same without the in-place writes (every block's output allocated).
 - ``fused_unit_plans``: per-unit plans only (no block plans), out of place.
+- ``onednn_replay``: the floor for any Python composition of these convolutions: inductor's
+  call sequence replayed with no checks at all (BN folded, weights prepacked, the residual
+  summed in place into the downsample's output or the block's input), built here for this one
+  input and model, valid only as long as neither changes.
 
 It prints each one's median, interquartile range, and the median over rounds of eager_cl's time
 divided by its time in the same round (its speedup), with a 95% confidence interval; and, where
@@ -38,6 +42,51 @@ from fusedres.report import keep_freed_memory, machine_info
 from interleaved_recompute import median_interval
 
 
+def _onednn_replay(eager: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype):
+    """Inductor's freezing-path calls for ``eager`` (torchvision-style ResNet) on inputs shaped
+    like x, in ``dtype``, without any host logic between them."""
+    ops = torch.ops.mkldnn
+
+    def fold(conv, bn, shape):
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        weight = (conv.weight * scale.view(-1, 1, 1, 1)).to(dtype)
+        geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        weight = ops._reorder_convolution_weight(weight, *geometry, list(shape))
+        return (weight, (bn.bias - bn.running_mean * scale).to(dtype)) + geometry
+
+    with torch.no_grad():
+        h = x.to(dtype)
+        stem = fold(eager.conv1, eager.bn1, h.shape)
+        h = eager.maxpool(eager.relu(eager.bn1(eager.conv1(h.float()))))
+        blocks = []
+        for layer in (eager.layer1, eager.layer2, eager.layer3, eager.layer4):
+            for block in layer:
+                units, t = [], h
+                for i in (1, 2, 3) if hasattr(block, "conv3") else (1, 2):
+                    conv = getattr(block, f"conv{i}")
+                    units.append(fold(conv, getattr(block, f"bn{i}"), t.shape))
+                    t = conv(t)
+                ds = block.downsample
+                blocks.append((units, None if ds is None else fold(ds[0], ds[1], h.shape)))
+                h = block(h)
+
+    def run():
+        h = ops._convolution_pointwise(x.to(dtype), *stem, "relu", [], "")
+        h = eager.maxpool(h)
+        for units, ds in blocks:
+            t = h
+            for unit in units[:-1]:
+                t = ops._convolution_pointwise(t, *unit, "relu", [], "")
+            if ds is None:
+                ops._convolution_pointwise_.binary(h, t, *units[-1], "add", 1.0, "relu", [], "")
+            else:
+                t = ops._convolution_pointwise(t, *units[-1], "none", [], "")
+                ops._convolution_pointwise_.binary(t, h, *ds, "add", 1.0, "relu", [], "")
+                h = t
+        return eager.fc(torch.flatten(eager.avgpool(h), 1))
+    return run
+
+
 def _providers(arch: str, batch: int, size: int, dtype: torch.dtype, with_compile: bool):
     torch.manual_seed(0)
     fused = getattr(fusedres.models, arch)(backend="cpu").eval()
@@ -62,7 +111,8 @@ def _providers(arch: str, batch: int, size: int, dtype: torch.dtype, with_compil
                 compiled(x)  # compiles here, with freezing in force
         providers["compile"] = lambda: compiled(x)
     providers.update({"fused": lambda: fused(x), "fused_out_of_place": out_of_place,
-                      "fused_unit_plans": unit_plans})
+                      "fused_unit_plans": unit_plans,
+                      "onednn_replay": _onednn_replay(eager, x, dtype)})
     return providers
 
 
