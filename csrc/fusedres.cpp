@@ -38,6 +38,7 @@
 #include <string>
 
 #include "common/checks.h"
+#include "cpu/gemm_conv.h"
 #include "cpu/kernels.h"
 #include "unit_ops.h"
 
@@ -163,7 +164,9 @@ at::Tensor eval_bn_cpu(const at::Tensor& z, const unit::BnState& bn,
 }
 
 const unit::DeviceOps kCpuUnitOps{&train_bn_cpu, &eval_bn_cpu, &cpu::bn_act_bwd,
-                                  c10::DeviceType::CPU, "CPU", /*channels_last_conv=*/false};
+                                  c10::DeviceType::CPU, "CPU", /*channels_last_conv=*/false,
+                                  &cpu::gemm_conv_applies, &cpu::gemm_conv_forward,
+                                  &cpu::gemm_conv_backward};
 
 unit::ConvGeometry geometry(at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups) {
@@ -294,6 +297,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether the CUDA kernels (csrc/cuda) were compiled into this extension.");
   m.def("build_info", &fusedres::build_info,
         "Compiler, OpenMP and CPU vectorisation details of this build.");
+  m.def("set_cpu_gemm_conv", &fusedres::cpu::set_gemm_conv_enabled, pybind11::arg("enabled"),
+        "Whether the cpu backend's unit ops may run convolutions as one GEMM (csrc/cpu/gemm_conv.h); "
+        "on unless FUSEDRES_CPU_GEMM_CONV=0 at load.");
+  m.def("cpu_gemm_conv", &fusedres::cpu::gemm_conv_enabled,
+        "Whether the cpu backend's GEMM convolution path is on.");
+  m.def("cpu_gemm_conv_applies", &fusedres::cpu::gemm_conv_applies, pybind11::arg("x"),
+        pybind11::arg("weight"), pybind11::arg("stride"), pybind11::arg("padding"),
+        pybind11::arg("dilation"), pybind11::arg("groups"),
+        "Whether a cpu unit op convolves x with weight through the GEMM path.");
 }
 
 // ============================================================================================
@@ -619,7 +631,8 @@ at::Tensor eval_bn_cuda(const at::Tensor& z, const unit::BnState& bn,
 }
 
 const unit::DeviceOps kCudaUnitOps{&train_bn_cuda, &eval_bn_cuda, &bn_act_bwd_cuda,
-                                   c10::DeviceType::CUDA, "CUDA", /*channels_last_conv=*/true};
+                                   c10::DeviceType::CUDA, "CUDA", /*channels_last_conv=*/true,
+                                   nullptr, nullptr, nullptr};
 
 }  // namespace
 }  // namespace fusedres

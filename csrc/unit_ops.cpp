@@ -50,8 +50,17 @@ at::Tensor conv_input(const DeviceOps& dev, const at::Tensor& x) {
   return x;
 }
 
+bool device_conv_applies(const DeviceOps& dev, const at::Tensor& x, const at::Tensor& weight,
+                         const ConvGeometry& geo) {
+  return dev.conv_applies != nullptr &&
+         dev.conv_applies(x, weight, geo.stride, geo.padding, geo.dilation, geo.groups);
+}
+
 at::Tensor convolution(const DeviceOps& dev, const at::Tensor& x, const at::Tensor& weight,
                        const ConvGeometry& geo) {
+  if (device_conv_applies(dev, x, weight, geo)) {
+    return dev.conv_forward(x, weight, geo.stride, geo.padding, geo.dilation);
+  }
   return at::convolution(conv_input(dev, x), weight, c10::nullopt, geo.stride, geo.padding,
                          geo.dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, geo.groups);
 }
@@ -182,7 +191,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       dev.bn_backward(dy, gate, z_or_dy, mean.to(sdt), invstd.to(sdt), gamma_s, relu,
                       output_mask[4], training);
   at::Tensor dx, dw;
-  if (output_mask[0] || output_mask[1]) {
+  if ((output_mask[0] || output_mask[1]) && device_conv_applies(dev, x, weight, geo)) {
+    std::tie(dx, dw) = dev.conv_backward(dz, x, weight, geo.stride, geo.padding, geo.dilation,
+                                         output_mask[0], output_mask[1]);
+  } else if (output_mask[0] || output_mask[1]) {
     std::tie(dx, dw, std::ignore) = at::convolution_backward(
         dz, conv_input(dev, x), weight, c10::nullopt, geo.stride, geo.padding, geo.dilation,
         /*transposed=*/false, /*output_padding=*/{0, 0}, geo.groups,

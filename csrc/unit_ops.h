@@ -9,7 +9,7 @@
 //
 // The composites here are device-generic: a DeviceOps table supplies the BatchNorm part of each
 // phase (csrc/cpu kernels on CPU tensors, csrc/cuda kernels on CUDA tensors) and ATen runs the
-// convolutions. Autograd is registered on the ops themselves (unit_ops.cpp), so a unit costs one
+// convolutions, except where the table's own convolution applies (the CPU's GEMM path). Autograd is registered on the ops themselves (unit_ops.cpp), so a unit costs one
 // dispatcher call forward and one backward, with no Python in between.
 #pragma once
 
@@ -61,6 +61,17 @@ struct DeviceOps {
   // CUDA convolves in channels_last (cuDNN's tensor-core kernels and the NHWC BN kernels both
   // want it) and hands y back in the caller's layout; the CPU follows the caller's layout.
   bool channels_last_conv;
+  // A convolution of the device's own for the geometries where conv_applies says it beats
+  // ATen's (the CPU's GEMM path, csrc/cpu/gemm_conv.h); nullptr: ATen's convolution always.
+  // conv_backward returns (dx, dweight), each undefined where not asked for.
+  bool (*conv_applies)(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+  at::Tensor (*conv_forward)(const at::Tensor& x, const at::Tensor& weight,
+                             at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation);
+  std::tuple<at::Tensor, at::Tensor> (*conv_backward)(
+      const at::Tensor& dz, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+      at::IntArrayRef padding, at::IntArrayRef dilation, bool need_dx, bool need_dweight);
 };
 
 // Checks every argument of a unit op before anything runs or mutates, with messages naming the

@@ -1,0 +1,115 @@
+"""The cpu backend's GEMM convolution path (csrc/cpu/gemm_conv.h): when it applies, and units on
+it against the float64 oracle, with the path on and off.
+
+The path runs a unit's convolution, data gradient and weight gradient as matrix products over an
+im2col of the input (x itself for a 1x1); it applies to float32 and bfloat16 channels_last inputs
+without groups, for every 1x1 without padding and for convolutions with at most 2*Cout output
+rows (N*Ho*Wo). The unit cases below are the geometries it takes, awkward ones included (stride 2
+with odd H and W, dilation, padding wider than the kernel's half, H or W of 1, N=1, odd channel
+counts), each checked with the tolerance rule on y, every gradient and the running statistics.
+"""
+
+import pytest
+import torch
+
+from conftest import CPU_FUSED_BACKENDS, assert_oracle_close
+from fusedres import FusedConvBNReLU, reference
+from fusedres._ext import _C
+from test_unit import away_from_kink, randomize_bn, run
+
+# The cpu backend's skip (or, under FUSEDRES_REQUIRE_EXTENSION=1, failure) without the extension.
+pytestmark = list(CPU_FUSED_BACKENDS[1].marks)
+
+# (N, Cin, H, W, Cout, kernel, stride, padding, dilation)
+GEMM_SHAPES = [
+    (2, 24, 4, 4, 40, 3, 1, 1, 1),    # layer4-like 3x3: N*Ho*Wo = 32 <= 2*Cout
+    (2, 16, 7, 9, 48, 3, 2, 1, 1),    # 3x3 stride 2, odd H and W
+    (2, 8, 5, 5, 40, 3, 1, 2, 2),     # dilation 2 (a dilated backbone's layer4)
+    (1, 6, 3, 1, 12, 3, 1, 1, 1),     # W of 1, N=1: most taps fall in the padding
+    (2, 10, 4, 5, 32, 3, 1, 0, 1),    # no padding: Ho, Wo = 2, 3
+    (3, 7, 9, 9, 5, 1, 1, 0, 1),      # 1x1, odd channels, rows >> Cout (1x1s always apply)
+    (2, 12, 9, 7, 20, 1, 2, 0, 1),    # the downsample's 1x1 stride 2, odd H and W
+]
+
+
+@pytest.fixture
+def gemm_switch():
+    """Sets the path on or off for one test and restores the process's setting after it."""
+    before = _C.cpu_gemm_conv()
+    yield _C.set_cpu_gemm_conv
+    _C.set_cpu_gemm_conv(before)
+
+
+def _applies(x, weight, stride=1, padding=0, dilation=1, groups=1):
+    return _C.cpu_gemm_conv_applies(x, weight, [stride] * 2, [padding] * 2, [dilation] * 2, groups)
+
+
+def _cl(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+
+def test_applies_to_channels_last_float32_and_bfloat16_without_groups(gemm_switch):
+    gemm_switch(True)
+    x, w1, w3 = _cl(2, 16, 4, 4), torch.randn(32, 16, 1, 1), torch.randn(32, 16, 3, 3)
+    assert _applies(x, w1)
+    assert _applies(x, w3, padding=1)                       # 32 rows <= 2*32
+    assert _applies(x.bfloat16(), w1.bfloat16())
+    assert not _applies(x.contiguous(), w1)                 # NCHW: ATen's convolution
+    assert not _applies(x.double(), w1.double())            # float64 and float16: ATen's
+    assert not _applies(x.half(), w1.half())
+    assert not _applies(x, torch.randn(32, 8, 3, 3), padding=1, groups=2)
+    assert not _applies(_cl(8, 16, 14, 14), w3, padding=1)  # 1568 rows > 2*32: ATen's
+    assert _applies(_cl(8, 16, 14, 14), w1)                 # a 1x1 applies at any size
+    assert not _applies(_cl(8, 16, 14, 14), w1, padding=1)  # a padded 1x1 follows the size rule
+    # Ambiguous layouts (H = W = 1) count as contiguous, the unit ops' layout rule.
+    assert not _applies(torch.randn(2, 16, 1, 1), w1)
+    gemm_switch(False)
+    assert not _applies(x, w1)
+
+
+def _units(shape, dtype, relu):
+    n, cin, h, w, cout, k, stride, padding, dilation = shape
+    eager = reference.ConvBNAct(cin, cout, k, stride, padding, dilation, relu=relu)
+    randomize_bn(eager.bn)
+    eager = eager.to(dtype).to(memory_format=torch.channels_last)
+    fused = FusedConvBNReLU(cin, cout, k, stride, padding, dilation, relu=relu, backend="cpu")
+    fused = fused.to(dtype).to(memory_format=torch.channels_last)
+    fused.load_state_dict(eager.state_dict())
+    return eager, fused, reference.upcast(eager)
+
+
+@pytest.mark.parametrize("gemm", [True, False], ids=["gemm", "aten"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("has_residual", [True, False], ids=["res", "nores"])
+def test_unit_on_the_gemm_path(gemm_switch, gemm, dtype, shape, training, has_residual):
+    gemm_switch(gemm)
+    n, cin, h, w, cout, k, stride, padding, dilation = shape
+    relu = True
+    eager, fused, oracle = _units(shape, dtype, relu)
+    for m in (eager, fused, oracle):
+        m.train(training)
+    x = _cl(n, cin, h, w, dtype=dtype)
+    assert _applies(x, fused.conv.weight, stride, padding, dilation) == gemm
+    ho = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    wo = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    res = _cl(n, cout, ho, wo, dtype=dtype) if has_residual else None
+    res64 = None if res is None else res.double()
+    dy64 = away_from_kink(torch.randn(n, cout, ho, wo, dtype=dtype).double(), oracle, x.double(),
+                          res64, dtype)
+    got = run(fused, x, res, dy64.to(dtype))
+    ref = run(eager, x, res, dy64.to(dtype))
+    exact = run(oracle, x.double(), res64, dy64)
+    assert got.keys() == exact.keys()
+    for key in exact:
+        if key == "num_batches_tracked":
+            assert torch.equal(got[key], exact[key]), key
+            continue
+        assert got[key].dtype == ref[key].dtype, key
+        assert_oracle_close(got[key], ref[key], exact[key], name=key)
+    assert got["y"].is_contiguous(memory_format=torch.channels_last)
+    assert got["dx"].is_contiguous(memory_format=torch.channels_last)
+    # The weight gradient keeps the weight's layout, so AccumulateGrad need not copy it.
+    assert got["dW"].stride() == fused.conv.weight.stride()
+
