@@ -122,25 +122,22 @@ def _autocast(dtype: torch.dtype):
     return torch.autocast("cpu", dtype=dtype)
 
 
-def measure(arch: str, batch: int, size: int, dtype: torch.dtype, rounds: int, warmup: int,
-            with_compile: bool) -> dict:
-    providers = _providers(arch, batch, size, dtype, with_compile)
+def time_rounds(providers: dict, rounds: int) -> dict:
+    """Seconds per call of each provider: every round calls each once, in an order rotated from
+    round to round, so a change in the machine's load hits all of them alike."""
     names = list(providers)
     times = {name: [] for name in names}
-    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
-    with _autocast(dtype), torch.no_grad():
-        expected = providers["eager_cl"]()
-        for name, run in providers.items():
-            for _ in range(warmup):
-                out = run()
-            scale = expected.abs().max().item()
-            torch.testing.assert_close(out.float(), expected.float(), rtol=tolerance,
-                                       atol=tolerance * scale, msg=name)
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                start = time.perf_counter()
-                providers[name]()
-                times[name].append(time.perf_counter() - start)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            providers[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summarize(times: dict) -> dict:
+    """Per provider: median and interquartile range of its times, and against ``eager_cl`` and
+    ``compile`` (where timed) the median of the per-round ratios with its 95% interval."""
     result = {}
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=4)
@@ -150,6 +147,32 @@ def measure(arch: str, batch: int, size: int, dtype: torch.dtype, rounds: int, w
                 ratios = [b / t for b, t in zip(times[base], ts)]
                 result[name][f"vs_{base}"] = (statistics.median(ratios), median_interval(ratios))
     return result
+
+
+def print_table(result: dict) -> None:
+    bases = [b for b in ("eager_cl", "compile") if b in result]
+    print(f"{'provider':>19} {'median ms':>10} {'IQR':>6}"
+          + "".join(f" {'vs ' + b:>24}" for b in bases))
+    for name, r in result.items():
+        cells = "".join(f" {r[f'vs_{b}'][0]:7.3f} [{r[f'vs_{b}'][1][0]:.3f}, "
+                        f"{r[f'vs_{b}'][1][1]:.3f}]" for b in bases)
+        print(f"{name:>19} {r['median_s'] * 1e3:10.1f} {r['iqr_s'] * 1e3:6.1f}{cells}")
+
+
+def measure(arch: str, batch: int, size: int, dtype: torch.dtype, rounds: int, warmup: int,
+            with_compile: bool) -> dict:
+    providers = _providers(arch, batch, size, dtype, with_compile)
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+    with _autocast(dtype), torch.no_grad():
+        expected = providers["eager_cl"]()
+        for name, run in providers.items():
+            for _ in range(warmup):
+                out = run()
+            scale = expected.abs().max().item()
+            torch.testing.assert_close(out.float(), expected.float(), rtol=tolerance,
+                                       atol=tolerance * scale, msg=name)
+        times = time_rounds(providers, rounds)
+    return summarize(times)
 
 
 def main(argv=None) -> int:
@@ -172,13 +195,7 @@ def main(argv=None) -> int:
         print(f"\n{arch} batch {args.batch} {args.size}px eval forward, {args.dtype} "
               f"{'autocast ' if dtype != torch.float32 else ''}channels_last, {args.rounds} "
               f"interleaved rounds; speedups: median of per-round ratios [95% CI]")
-        bases = [b for b in ("eager_cl", "compile") if b in result]
-        print(f"{'provider':>19} {'median ms':>10} {'IQR':>6}"
-              + "".join(f" {'vs ' + b:>24}" for b in bases))
-        for name, r in result.items():
-            cells = "".join(f" {r[f'vs_{b}'][0]:7.3f} [{r[f'vs_{b}'][1][0]:.3f}, "
-                            f"{r[f'vs_{b}'][1][1]:.3f}]" for b in bases)
-            print(f"{name:>19} {r['median_s'] * 1e3:10.1f} {r['iqr_s'] * 1e3:6.1f}{cells}")
+        print_table(result)
     print(f"\nload average after: {os.getloadavg()}")
     return 0
 
