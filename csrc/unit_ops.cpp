@@ -191,14 +191,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       dev.bn_backward(dy, gate, z_or_dy, mean.to(sdt), invstd.to(sdt), gamma_s, relu,
                       output_mask[4], training);
   at::Tensor dx, dw;
-  if ((output_mask[0] || output_mask[1]) && device_conv_applies(dev, x, weight, geo)) {
-    std::tie(dx, dw) = dev.conv_backward(dz, x, weight, geo.stride, geo.padding, geo.dilation,
-                                         output_mask[0], output_mask[1]);
-  } else if (output_mask[0] || output_mask[1]) {
-    std::tie(dx, dw, std::ignore) = at::convolution_backward(
-        dz, conv_input(dev, x), weight, c10::nullopt, geo.stride, geo.padding, geo.dilation,
-        /*transposed=*/false, /*output_padding=*/{0, 0}, geo.groups,
-        {output_mask[0], output_mask[1], false});
+  if (output_mask[0] || output_mask[1]) {
+    if (device_conv_applies(dev, x, weight, geo)) {
+      std::tie(dx, dw) = dev.conv_backward(dz, x, weight, geo.stride, geo.padding, geo.dilation,
+                                           output_mask[0], output_mask[1]);
+    } else {
+      std::tie(dx, dw, std::ignore) = at::convolution_backward(
+          dz, conv_input(dev, x), weight, c10::nullopt, geo.stride, geo.padding, geo.dilation,
+          /*transposed=*/false, /*output_padding=*/{0, 0}, geo.groups,
+          {output_mask[0], output_mask[1], false});
+    }
   }
   return {output_mask[0] ? dx : absent(dy), output_mask[1] ? dw : absent(dy),
           output_mask[2] ? dgamma : absent(dy), output_mask[3] ? dbeta : absent(dy),

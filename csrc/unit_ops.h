@@ -9,8 +9,9 @@
 //
 // The composites here are device-generic: a DeviceOps table supplies the BatchNorm part of each
 // phase (csrc/cpu kernels on CPU tensors, csrc/cuda kernels on CUDA tensors) and ATen runs the
-// convolutions, except where the table's own convolution applies (the CPU's GEMM path). Autograd is registered on the ops themselves (unit_ops.cpp), so a unit costs one
-// dispatcher call forward and one backward, with no Python in between.
+// convolutions, except where the table's own convolution applies (the CPU's GEMM path).
+// Autograd is registered on the ops themselves (unit_ops.cpp), so a unit costs one dispatcher
+// call forward and one backward, with no Python in between.
 #pragma once
 
 #include <ATen/ATen.h>

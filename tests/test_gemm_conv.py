@@ -7,14 +7,18 @@ without groups, for every 1x1 without padding and for convolutions with at most 
 rows (N*Ho*Wo). The unit cases below are the geometries it takes, awkward ones included (stride 2
 with odd H and W, dilation, padding wider than the kernel's half, H or W of 1, N=1, odd channel
 counts), each checked with the tolerance rule on y, every gradient and the running statistics.
+A FusedResNet trains channels_last inside whatever its input's layout, so that the path applies
+to NCHW users too.
 """
 
 import pytest
 import torch
 
 from conftest import CPU_FUSED_BACKENDS, assert_oracle_close
+import fusedres
 from fusedres import FusedConvBNReLU, reference
 from fusedres._ext import _C
+from fusedres.ops import block as block_module
 from test_unit import away_from_kink, randomize_bn, run
 
 # The cpu backend's skip (or, under FUSEDRES_REQUIRE_EXTENSION=1, failure) without the extension.
@@ -113,3 +117,25 @@ def test_unit_on_the_gemm_path(gemm_switch, gemm, dtype, shape, training, has_re
     # The weight gradient keeps the weight's layout, so AccumulateGrad need not copy it.
     assert got["dW"].stride() == fused.conv.weight.stride()
 
+
+
+def test_nchw_model_trains_channels_last_inside(monkeypatch):
+    """A FusedResNet given NCHW input trains in channels_last inside (where the GEMM path
+    applies), unless a hook could see its activations: then they keep the input's layout."""
+    model = fusedres.models.resnet18(backend="cpu").train()
+    x = torch.randn(2, 3, 64, 64)  # 64x64: layer4 at 2x2, no layout-ambiguous activations
+    layouts = []
+    real_unit_train = block_module._unit_train
+
+    def spy(ops, h, tensors, u, residual):
+        layouts.append(h.is_contiguous(memory_format=torch.channels_last))
+        return real_unit_train(ops, h, tensors, u, residual)
+
+    monkeypatch.setattr(block_module, "_unit_train", spy)
+    model(x).sum().backward()
+    assert len(layouts) == 8 * 2 + 3 and all(layouts)  # 8 blocks x 2 units, 3 downsamples
+    seen = []
+    model.layer1[0].register_forward_hook(lambda m, args, out: seen.append(out))
+    layouts.clear()
+    model(x).sum().backward()
+    assert seen[0].is_contiguous() and not any(layouts)

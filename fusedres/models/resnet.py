@@ -57,17 +57,20 @@ class FusedResNet(reference.ResNet):
         check_chain(x, [("conv1", self.conv1), ("bn1", self.bn1), ("relu", self.relu),
                         ("maxpool", self.maxpool), ("layer1", self.layer1),
                         ("layer2", self.layer2), ("layer3", self.layer3), ("layer4", self.layer4)])
-        if (torch.is_grad_enabled() or type(x) is not torch.Tensor
-                or not self._activations_stay_inside()):
+        if type(x) is not torch.Tensor or not self._activations_stay_inside():
+            return super().forward(x)
+        # On the CPU the activations are channels_last whatever the input's layout (inductor's
+        # layout choice too), since no one outside sees them: in inference oneDNN's
+        # convolutions take prepacked weights and the residual add only there, in training the
+        # cpu backend's GEMM convolutions (docs/design.md section 4) apply only there.
+        if x.device.type == "cpu" and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if torch.is_grad_enabled():
             return super().forward(x)
         # Inference: every activation from the stem on is made here and read by the next block
         # only, so each block may write its output into its input (oneDNN's in-place
         # convolution + sum on the CPU, as inductor does), one activation less streamed
-        # through the caches per block. On the CPU the activations are channels_last whatever
-        # the input's layout (inductor's layout choice too): oneDNN's convolutions take
-        # prepacked weights and the residual add only there, and no activation leaves the model.
-        if x.device.type == "cpu" and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        # through the caches per block.
         x = self.maxpool(self.stem(x))
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer._modules.values():
