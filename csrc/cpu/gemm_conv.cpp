@@ -24,20 +24,31 @@ std::atomic<bool>& enabled_flag() {
   return flag;
 }
 
-// The convolution's sizes; x, dx and cols are dense channels_last (NHWC) buffers.
+// The convolution's sizes; x and dx are dense channels_last (NHWC) buffers. A row of cols holds
+// one output position's kh*kw taps of C channels, in the order of the weight's memory, so that
+// the weight is a [Cout, K] matrix without a copy: (tap, channel) for a channels_last weight,
+// (channel, tap) for a contiguous one.
 struct Shape {
   int64_t n, c, h, w;       // input
   int64_t kh, kw;           // kernel
   int64_t ho, wo;           // output
   int64_t sh, sw, ph, pw, dh, dw;
+  bool channels_inner;      // the weight is channels_last: (tap, channel) column order
   int64_t k() const { return kh * kw * c; }  // one row of cols
   int64_t m() const { return n * ho * wo; }  // rows of cols and of z
+  int64_t tap_stride() const { return channels_inner ? c : 1; }
+  int64_t channel_stride() const { return channels_inner ? 1 : kh * kw; }
 };
+
+bool weight_is_channels_last(const at::Tensor& weight) {
+  return !weight.is_contiguous() && weight.is_contiguous(c10::MemoryFormat::ChannelsLast);
+}
 
 Shape shape_of(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                at::IntArrayRef padding, at::IntArrayRef dilation) {
   Shape s{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(2), weight.size(3), 0, 0,
-          stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
+          stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+          weight_is_channels_last(weight)};
   s.ho = (s.h + 2 * s.ph - s.dh * (s.kh - 1) - 1) / s.sh + 1;
   s.wo = (s.w + 2 * s.pw - s.dw * (s.kw - 1) - 1) / s.sw + 1;
   return s;
@@ -52,16 +63,17 @@ at::Tensor rows_of(const at::Tensor& t) {
   return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
 }
 
-// The weight as the [Cout, kh*kw*Cin] matrix in (kh, kw, cin) column order: a view of a
-// channels_last weight (a 1x1 weight is one in either layout), else a copy.
-at::Tensor weight_matrix(const at::Tensor& weight) {
-  return weight.permute({0, 2, 3, 1}).reshape({weight.size(0), -1});
+// The weight as the [Cout, K] matrix in cols' column order: a view of a dense weight.
+at::Tensor weight_matrix(const at::Tensor& weight, const Shape& s) {
+  if (s.channels_inner) return weight.permute({0, 2, 3, 1}).reshape({weight.size(0), -1});
+  return weight.reshape({weight.size(0), -1});
 }
 
-// cols[(n, ho, wo), (i, j, c)] = x[n, ho*sh - ph + i*dh, wo*sw - pw + j*dw, c], 0 in the padding.
+// cols[(n, ho, wo), tap (i, j), c] = x[n, ho*sh - ph + i*dh, wo*sw - pw + j*dw, c], 0 in the
+// padding, at column tap*tap_stride + c*channel_stride.
 template <typename T>
 void im2col(const T* x, T* cols, const Shape& s) {
-  const int64_t k = s.k();
+  const int64_t k = s.k(), tap_stride = s.tap_stride(), channel_stride = s.channel_stride();
   at::parallel_for(0, s.n * s.ho, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nho = begin; nho < end; ++nho) {
       const int64_t n = nho / s.ho, ho = nho % s.ho;
@@ -71,11 +83,17 @@ void im2col(const T* x, T* cols, const Shape& s) {
           const int64_t hi = ho * s.sh - s.ph + i * s.dh;
           for (int64_t j = 0; j < s.kw; ++j) {
             const int64_t wi = wo * s.sw - s.pw + j * s.dw;
-            T* dst = row + (i * s.kw + j) * s.c;
-            if (hi < 0 || hi >= s.h || wi < 0 || wi >= s.w) {
-              std::memset(static_cast<void*>(dst), 0, s.c * sizeof(T));  // 0 bits: +0 in every T
+            T* dst = row + (i * s.kw + j) * tap_stride;
+            const bool padding = hi < 0 || hi >= s.h || wi < 0 || wi >= s.w;
+            const T* src = padding ? nullptr : x + ((n * s.h + hi) * s.w + wi) * s.c;
+            if (channel_stride == 1) {
+              if (padding) {
+                std::memset(static_cast<void*>(dst), 0, s.c * sizeof(T));  // 0 bits: +0 in every T
+              } else {
+                std::memcpy(dst, src, s.c * sizeof(T));
+              }
             } else {
-              std::memcpy(dst, x + ((n * s.h + hi) * s.w + wi) * s.c, s.c * sizeof(T));
+              for (int64_t c = 0; c < s.c; ++c) dst[c * channel_stride] = padding ? T(0) : src[c];
             }
           }
         }
@@ -89,7 +107,7 @@ void im2col(const T* x, T* cols, const Shape& s) {
 template <typename T>
 void col2im(const T* dcols, T* dx, const Shape& s) {
   using acc_t = at::opmath_type<T>;
-  const int64_t k = s.k();
+  const int64_t k = s.k(), tap_stride = s.tap_stride(), channel_stride = s.channel_stride();
   at::parallel_for(0, s.n * s.h, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(s.c);
     for (int64_t nh = begin; nh < end; ++nh) {
@@ -103,8 +121,8 @@ void col2im(const T* dcols, T* dx, const Shape& s) {
           for (int64_t j = 0; j < s.kw; ++j) {
             const int64_t tw = w + s.pw - j * s.dw;
             if (tw < 0 || tw % s.sw != 0 || tw / s.sw >= s.wo) continue;
-            const T* src = dcols + ((n * s.ho + ho) * s.wo + tw / s.sw) * k + (i * s.kw + j) * s.c;
-            for (int64_t c = 0; c < s.c; ++c) acc[c] += static_cast<acc_t>(src[c]);
+            const T* src = dcols + ((n * s.ho + ho) * s.wo + tw / s.sw) * k + (i * s.kw + j) * tap_stride;
+            for (int64_t c = 0; c < s.c; ++c) acc[c] += static_cast<acc_t>(src[c * channel_stride]);
           }
         }
         T* dst = dx + (nh * s.w + w) * s.c;
@@ -151,7 +169,7 @@ at::Tensor gemm_conv_forward(const at::Tensor& x, const at::Tensor& weight,
                              at::IntArrayRef stride, at::IntArrayRef padding,
                              at::IntArrayRef dilation) {
   const Shape s = shape_of(x, weight, stride, padding, dilation);
-  const at::Tensor z = at::mm(columns(x, s), weight_matrix(weight).t());
+  const at::Tensor z = at::mm(columns(x, s), weight_matrix(weight, s).t());
   return nchw_view(z, s.n, s.ho, s.wo);
 }
 
@@ -165,13 +183,14 @@ std::tuple<at::Tensor, at::Tensor> gemm_conv_backward(const at::Tensor& dz, cons
   const at::Tensor dz_rows = rows_of(dz.contiguous(c10::MemoryFormat::ChannelsLast));
   at::Tensor dx, dweight;
   if (need_dweight) {
-    dweight = at::mm(dz_rows.t(), columns(x, s))
-                  .view({weight.size(0), s.kh, s.kw, s.c})
-                  .permute({0, 3, 1, 2})
-                  .contiguous(weight.suggest_memory_format());
+    // [Cout, K] in the weight's own memory order: the weight's layout without a copy.
+    const at::Tensor dw_rows = at::mm(dz_rows.t(), columns(x, s));
+    dweight = s.channels_inner
+                  ? dw_rows.view({weight.size(0), s.kh, s.kw, s.c}).permute({0, 3, 1, 2})
+                  : dw_rows.view(weight.sizes());
   }
   if (need_dx) {
-    const at::Tensor dcols = at::mm(dz_rows, weight_matrix(weight));
+    const at::Tensor dcols = at::mm(dz_rows, weight_matrix(weight, s));
     if (is_pointwise(s)) {
       dx = nchw_view(dcols, s.n, s.h, s.w);
     } else {
