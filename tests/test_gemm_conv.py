@@ -11,6 +11,10 @@ A FusedResNet trains channels_last inside whatever its input's layout, so that t
 to NCHW users too.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -150,3 +154,13 @@ def test_nchw_model_trains_channels_last_inside(monkeypatch):
     layouts.clear()
     model(x).sum().backward()
     assert seen[0].is_contiguous() and not any(layouts)
+
+
+@pytest.mark.parametrize("env, expected", [(None, "on"), ("0", "off"), ("1", "on")])
+def test_environment_variable_sets_the_path_at_load(env, expected):
+    environ = {k: v for k, v in os.environ.items() if k != "FUSEDRES_CPU_GEMM_CONV"}
+    if env is not None:
+        environ["FUSEDRES_CPU_GEMM_CONV"] = env
+    out = subprocess.run([sys.executable, "-m", "fusedres.info"], capture_output=True, text=True,
+                         check=True, env=environ).stdout
+    assert f"GEMM convolutions (with gradients; csrc/cpu/gemm_conv.h): {expected}" in out
