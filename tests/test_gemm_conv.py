@@ -86,11 +86,6 @@ def _units(shape, dtype, relu, weight_layout):
     return eager, fused, reference.upcast(eager)
 
 
-def _same_layout(a, b):
-    # Strides of size-1 dimensions carry no layout (AccumulateGrad ignores them too).
-    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
-
-
 @pytest.mark.parametrize("gemm", [True, False], ids=["gemm", "aten"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -128,10 +123,40 @@ def test_unit_on_the_gemm_path(gemm_switch, gemm, dtype, shape, training, has_re
         assert_oracle_close(got[key], ref[key], exact[key], name=key)
     assert got["y"].is_contiguous(memory_format=torch.channels_last)
     assert got["dx"].is_contiguous(memory_format=torch.channels_last)
-    # The weight gradient keeps the weight's layout, so AccumulateGrad need not copy it.
-    if gemm:
-        assert _same_layout(got["dW"], fused.conv.weight)
 
+
+
+
+@pytest.mark.parametrize("weight_layout", [torch.channels_last, torch.contiguous_format],
+                         ids=["cl_weight", "nchw_weight"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [GEMM_SHAPES[1], GEMM_SHAPES[6]],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_opcheck_on_the_gemm_path(gemm_switch, shape, dtype, weight_layout):
+    """The three unit ops on the path against their schemas and fake kernels: the outputs'
+    strides must be what the fakes tell torch.compile (ATen's layouts: channels_last for a
+    channels_last input, dW too, whatever the weight's layout)."""
+    gemm_switch(True)
+    n, cin, h, w, cout, k, stride, padding, dilation = shape
+    x = _cl(n, cin, h, w, dtype=dtype)
+    weight = torch.randn(cout, cin, k, k, dtype=dtype).contiguous(memory_format=weight_layout)
+    assert _applies(x, weight, stride, padding, dilation)
+    gamma, beta = torch.rand(cout) + 0.5, torch.randn(cout)
+    geometry = ([stride] * 2, [padding] * 2, [dilation] * 2, 1)
+    ops = torch.ops.fusedres
+    running = (torch.randn(cout), torch.rand(cout) + 0.5, torch.tensor(3))
+    torch.library.opcheck(ops.unit_train.default,
+                          (x, weight, gamma, beta, None, *running, *geometry, True, 0.1, 1e-5))
+    torch.library.opcheck(ops.unit_eval.default,
+                          (x, weight, gamma, beta, None, *running[:2], *geometry, True, 1e-5))
+    y, z, mean, invstd = ops.unit_train(x, weight, gamma, beta, None, None, None, None, *geometry,
+                                        True, 0.1, 1e-5)
+    dy = torch.randn_like(y)
+    args = (dy, x, weight, y, z, mean, invstd, gamma, *geometry, True, True, [True] * 4 + [False])
+    torch.library.opcheck(ops.unit_backward.default, args)
+    dx, dweight = ops.unit_backward(*args)[:2]
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+    assert dweight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_nchw_model_trains_channels_last_inside(monkeypatch):

@@ -183,11 +183,13 @@ std::tuple<at::Tensor, at::Tensor> gemm_conv_backward(const at::Tensor& dz, cons
   const at::Tensor dz_rows = rows_of(dz.contiguous(c10::MemoryFormat::ChannelsLast));
   at::Tensor dx, dweight;
   if (need_dweight) {
-    // [Cout, K] in the weight's own memory order: the weight's layout without a copy.
-    const at::Tensor dw_rows = at::mm(dz_rows.t(), columns(x, s));
-    dweight = s.channels_inner
-                  ? dw_rows.view({weight.size(0), s.kh, s.kw, s.c}).permute({0, 3, 1, 2})
-                  : dw_rows.view(weight.sizes());
+    // Columns in (tap, channel) order whatever the weight's layout: dW comes out channels_last,
+    // as ATen's weight gradient of a channels_last input does (and the ops' fake kernels say).
+    Shape taps_outer = s;
+    taps_outer.channels_inner = true;
+    dweight = at::mm(dz_rows.t(), columns(x, taps_outer))
+                  .view({weight.size(0), s.kh, s.kw, s.c})
+                  .permute({0, 3, 1, 2});
   }
   if (need_dx) {
     const at::Tensor dcols = at::mm(dz_rows, weight_matrix(weight, s));

@@ -5,7 +5,7 @@
 // W[Cout, K]^T with M = N*Ho*Wo and K = kh*kw*Cin, where cols holds, per output position, the
 // kh*kw input pixels it reads (im2col; x itself for a 1x1 stride-1 convolution) in the order of
 // the weight's memory ((kh, kw, cin) for a channels_last weight, (cin, kh, kw) for a contiguous
-// one), so W is a view of the weight and dW comes out in its layout. Backward:
+// one), so W is a view of the weight. Backward:
 // dW = dz^T @ cols, dcols = dz @ W, and dx sums each input pixel's dcols entries (col2im).
 //
 // Where it wins: oneDNN reorders the weight into a blocked layout on every call of the forward,
@@ -35,7 +35,7 @@ at::Tensor gemm_conv_forward(const at::Tensor& x, const at::Tensor& weight,
                              at::IntArrayRef stride, at::IntArrayRef padding,
                              at::IntArrayRef dilation);
 
-// (dx in channels_last or undefined, dweight in the weight's memory layout or undefined) from
+// (dx, dweight; each channels_last, as ATen's for a channels_last input, or undefined) from
 // dz [N, Cout, Ho, Wo]. dx's col2im sums in float32 and rounds once.
 std::tuple<at::Tensor, at::Tensor> gemm_conv_backward(const at::Tensor& dz, const at::Tensor& x,
                                                       const at::Tensor& weight,
