@@ -175,13 +175,16 @@ def measure(arch: str, batch: int, size: int, dtype: torch.dtype, rounds: int, w
     return summarize(times)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run_cli(measure, what: str, description: str, rounds: int, argv=None) -> int:
+    """The command line shared with interleaved_training.py: parses the options, runs
+    ``measure(arch, batch, size, dtype, rounds, warmup, with_compile)`` per ``--arch`` and prints
+    each table under a title naming ``what`` was timed."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--arch", default="resnet50,resnet18")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     args = p.parse_args(argv)
@@ -192,12 +195,16 @@ def main(argv=None) -> int:
     for arch in args.arch.split(","):
         result = measure(arch, args.batch, args.size, dtype, args.rounds, args.warmup,
                          not args.no_compile)
-        print(f"\n{arch} batch {args.batch} {args.size}px eval forward, {args.dtype} "
+        print(f"\n{arch} batch {args.batch} {args.size}px {what}, {args.dtype} "
               f"{'autocast ' if dtype != torch.float32 else ''}channels_last, {args.rounds} "
               f"interleaved rounds; speedups: median of per-round ratios [95% CI]")
         print_table(result)
     print(f"\nload average after: {os.getloadavg()}")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(measure, "eval forward", __doc__.split("\n\n")[0], rounds=40, argv=argv)
 
 
 if __name__ == "__main__":

@@ -22,18 +22,15 @@ over rounds of eager_cl's (and compile's) time divided by its time in the same r
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
 import fusedres
 from fusedres._ext import _C
-from fusedres.report import keep_freed_memory, machine_info
-from interleaved_inference import _autocast, print_table, summarize, time_rounds
+from interleaved_inference import _autocast, run_cli, summarize, time_rounds
 
 
 def _step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, dtype: torch.dtype,
@@ -82,35 +79,15 @@ def measure(arch: str, batch: int, size: int, dtype: torch.dtype, rounds: int, w
         if not math.isclose(loss, losses["eager_cl"], rel_tol=tolerance):
             raise AssertionError(f"{name}: first loss {loss} differs from eager's "
                                  f"{losses['eager_cl']} by more than {tolerance:.0e}")
-    for _ in range(warmup - 1):
+    for _ in range(warmup - 1):  # the checked first step is one of the warm-up steps
         for step in providers.values():
             step()
     return summarize(time_rounds(providers, rounds))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="resnet50,resnet18")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--size", type=int, default=112)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps of each, the first checked")
-    p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
-    args = p.parse_args(argv)
-    keep_freed_memory()  # as the main job: freed activations stay in the heap
-    dtype = getattr(torch, args.dtype)
-    print(f"{machine_info(torch.device('cpu'))['cpu_model']}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; load average before: {os.getloadavg()}")
-    for arch in args.arch.split(","):
-        result = measure(arch, args.batch, args.size, dtype, args.rounds, max(1, args.warmup),
-                         not args.no_compile)
-        print(f"\n{arch} batch {args.batch} {args.size}px training step (SGD), {args.dtype} "
-              f"{'autocast ' if dtype != torch.float32 else ''}channels_last, {args.rounds} "
-              f"interleaved rounds; speedups: median of per-round ratios [95% CI]")
-        print_table(result)
-    print(f"\nload average after: {os.getloadavg()}")
-    return 0
+    return run_cli(measure, "training step (SGD)", __doc__.split("\n\n")[0], rounds=20,
+                   argv=argv)
 
 
 if __name__ == "__main__":
