@@ -65,6 +65,19 @@ def memory_format_of(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def one_pixel_map(x: torch.Tensor, weight: torch.Tensor, conv: ConvParams) -> bool:
+    """Whether the convolution maps a dense one-pixel x [N, C, 1, 1] to one pixel [N, Cout, 1, 1].
+
+    Both layouts are then the same memory (memory_format_of says NCHW), so the kernels made for
+    channels_last may take x as it is, and their output differs from NCHW's only in the strides
+    of its size-1 dims. Late stages of small images (layer4 of a ResNet at 32x32) are such maps.
+    The cpu backend's GEMM convolutions (csrc/cpu/gemm_conv.cpp) take such maps by the same rule.
+    """
+    return (x.dim() == 4 and x.shape[2] == 1 and x.shape[3] == 1 and x.is_contiguous()
+            and conv_output_hw((1, 1), weight.shape[2:], conv.stride, conv.padding,
+                               conv.dilation) == (1, 1))
+
+
 def in_memory_format_of(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``t`` in x's memory format, as ATen's convolution of ``x`` would return it.
 

@@ -106,6 +106,31 @@ def test_fold_is_cached_until_a_change(monkeypatch):
     assert len(folds) == 2
 
 
+@pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_one_pixel_map_runs_the_folded_convolution(monkeypatch, residual, dtype):
+    """[N, C, 1, 1] in and out (layer4 of a 32x32 image) is both layouts at once: it takes the
+    folded oneDNN convolution with the residual add, as channels_last activations do, and is
+    right; before, it fell back to the unfolded op."""
+    if not fusedres.available_backends()["cpu"][0]:
+        pytest.skip("the cpu backend is not built")
+    folds = []
+    real = fold.FoldedConv
+    monkeypatch.setattr(fold, "FoldedConv", lambda *a: folds.append(1) or real(*a))
+    unit = _unit("cpu", cin=24, cout=40, dtype=dtype)
+    eager = _eager_of(unit)
+    oracle = reference.upcast(eager)
+    x = torch.randn(3, 24, 1, 1).to(dtype)
+    res = torch.randn(3, 40, 1, 1).to(dtype) if residual else None
+    with torch.no_grad():
+        got = unit(x, res)
+        ref = eager(x, res)
+        exact = oracle(x.double(), None if res is None else res.double())
+    assert len(folds) == 1
+    assert got.shape == exact.shape and got.dtype == dtype
+    assert_oracle_close(got, ref, exact, name="y")
+
+
 def test_in_place_edit_through_data_needs_clear_fold_cache():
     """``.data`` bypasses version counters (as it does autograd's checks): the documented remedy
     is fold.clear_fold_cache()."""

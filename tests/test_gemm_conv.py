@@ -37,6 +37,7 @@ GEMM_SHAPES = [
     (2, 10, 4, 5, 32, 3, 1, 0, 1),    # no padding: Ho, Wo = 2, 3
     (3, 7, 9, 9, 5, 1, 1, 0, 1),      # 1x1, odd channels, rows >> Cout (1x1s always apply)
     (2, 12, 9, 7, 20, 1, 2, 0, 1),    # the downsample's 1x1 stride 2, odd H and W
+    (2, 24, 1, 1, 40, 3, 1, 1, 1),    # one pixel in and out (layer4 at 32x32): both layouts
 ]
 
 
@@ -69,8 +70,12 @@ def test_applies_to_channels_last_float32_and_bfloat16_without_groups(gemm_switc
     assert not _applies(_cl(8, 16, 14, 14), w3, padding=1)  # 1568 rows > 2*32: ATen's
     assert _applies(_cl(8, 16, 14, 14), w1)                 # a 1x1 applies at any size
     assert not _applies(_cl(8, 16, 14, 14), w1, padding=1)  # a padded 1x1 follows the size rule
-    # Ambiguous layouts (H = W = 1) count as contiguous, the unit ops' layout rule.
-    assert not _applies(torch.randn(2, 16, 1, 1), w1)
+    # A dense one-pixel map is channels_last memory too (fusedres.backend.one_pixel_map); other
+    # ambiguous layouts count as contiguous, the unit ops' layout rule.
+    assert _applies(torch.randn(2, 16, 1, 1), w1)
+    assert _applies(torch.randn(2, 16, 1, 1), w3, padding=1)
+    assert not _applies(torch.randn(2, 16, 1, 1), w1, padding=1)  # 3x3 out: NCHW for ATen
+    assert not _applies(torch.randn(2, 1, 4, 4), torch.randn(32, 1, 1, 1))  # C = 1
     gemm_switch(False)
     assert not _applies(x, w1)
 
@@ -130,12 +135,13 @@ def test_unit_on_the_gemm_path(gemm_switch, gemm, dtype, shape, training, has_re
 @pytest.mark.parametrize("weight_layout", [torch.channels_last, torch.contiguous_format],
                          ids=["cl_weight", "nchw_weight"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [GEMM_SHAPES[1], GEMM_SHAPES[6]],
+@pytest.mark.parametrize("shape", [GEMM_SHAPES[1], GEMM_SHAPES[6], GEMM_SHAPES[7]],
                          ids=lambda s: "x".join(map(str, s)))
 def test_opcheck_on_the_gemm_path(gemm_switch, shape, dtype, weight_layout):
     """The three unit ops on the path against their schemas and fake kernels: the outputs'
     strides must be what the fakes tell torch.compile (ATen's layouts: channels_last for a
-    channels_last input, dW too, whatever the weight's layout)."""
+    channels_last input, dW too, whatever the weight's layout; for a one-pixel map, x NCHW
+    as well, dW follows the weight)."""
     gemm_switch(True)
     n, cin, h, w, cout, k, stride, padding, dilation = shape
     x = _cl(n, cin, h, w, dtype=dtype)
@@ -156,7 +162,9 @@ def test_opcheck_on_the_gemm_path(gemm_switch, shape, dtype, weight_layout):
     torch.library.opcheck(ops.unit_backward.default, args)
     dx, dweight = ops.unit_backward(*args)[:2]
     assert dx.is_contiguous(memory_format=torch.channels_last)
-    assert dweight.is_contiguous(memory_format=torch.channels_last)
+    one_pixel_nchw = h == w == 1 and weight_layout == torch.contiguous_format
+    assert dweight.is_contiguous(memory_format=weight_layout if one_pixel_nchw
+                                 else torch.channels_last)
 
 
 def test_nchw_model_trains_channels_last_inside(monkeypatch):

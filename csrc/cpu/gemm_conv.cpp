@@ -157,8 +157,13 @@ bool gemm_conv_applies(const at::Tensor& x, const at::Tensor& weight, at::IntArr
   if (!gemm_conv_enabled() || groups != 1 || !x.device().is_cpu()) return false;
   const auto dtype = x.scalar_type();
   if ((dtype != at::kFloat && dtype != at::kBFloat16) || weight.scalar_type() != dtype) return false;
-  if (checks::unit_memory_format(x) != c10::MemoryFormat::ChannelsLast) return false;
   const Shape s = shape_of(x, weight, stride, padding, dilation);
+  // A dense one-pixel map (fusedres.backend.one_pixel_map) is channels_last memory too: the late
+  // stages of small images (layer4 at 32x32) would otherwise reorder their weights every call.
+  const bool one_pixel_map = s.h == 1 && s.w == 1 && s.ho == 1 && s.wo == 1 && x.is_contiguous();
+  if (checks::unit_memory_format(x) != c10::MemoryFormat::ChannelsLast && !one_pixel_map) {
+    return false;
+  }
   if (s.kh == 1 && s.kw == 1 && s.ph == 0 && s.pw == 0) return true;
   // Measured on a 2-core Xeon (AMX) in bfloat16 and float32: a 3x3 wins from N*Ho*Wo ~ 1.5*Cout
   // down (512 channels at 4x4 to 7x7: 2-4x) and loses from ~12*Cout up (128 at 14x14).
@@ -183,13 +188,16 @@ std::tuple<at::Tensor, at::Tensor> gemm_conv_backward(const at::Tensor& dz, cons
   const at::Tensor dz_rows = rows_of(dz.contiguous(c10::MemoryFormat::ChannelsLast));
   at::Tensor dx, dweight;
   if (need_dweight) {
-    // Columns in (tap, channel) order whatever the weight's layout: dW comes out channels_last,
-    // as ATen's weight gradient of a channels_last input does (and the ops' fake kernels say).
-    Shape taps_outer = s;
-    taps_outer.channels_inner = true;
-    dweight = at::mm(dz_rows.t(), columns(x, taps_outer))
-                  .view({weight.size(0), s.kh, s.kw, s.c})
-                  .permute({0, 3, 1, 2});
+    // dW in the layout ATen's weight gradient takes (the ops' fake kernels say it): channels_last
+    // when x or the weight is, so NCHW only for a one-pixel map (x both layouts at once) with a
+    // contiguous weight. The columns' order gives either without a copy.
+    Shape dweight_order = s;
+    dweight_order.channels_inner =
+        s.channels_inner || checks::unit_memory_format(x) == c10::MemoryFormat::ChannelsLast;
+    const at::Tensor dweight_rows = at::mm(dz_rows.t(), columns(x, dweight_order));
+    dweight = dweight_order.channels_inner
+                  ? dweight_rows.view({weight.size(0), s.kh, s.kw, s.c}).permute({0, 3, 1, 2})
+                  : dweight_rows.view({weight.size(0), s.c, s.kh, s.kw});
   }
   if (need_dx) {
     const at::Tensor dcols = at::mm(dz_rows, weight_matrix(weight, s));

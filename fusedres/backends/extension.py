@@ -19,7 +19,7 @@ import torch
 
 from fusedres import _ext
 from fusedres.backend import (Backend, BlockOps, ConvParams, in_memory_format_of,
-                              memory_format_of, register_backend)
+                              memory_format_of, one_pixel_map, register_backend)
 from fusedres.ops import fold, unit_schema
 
 
@@ -88,7 +88,10 @@ class CpuBackend(ExtensionBackend):
 
     def infer_runner(self, conv_module, x, weight, gamma, beta, residual, running_mean,
                      running_var, conv: ConvParams, relu, eps):
-        channels_last = memory_format_of(x) == torch.channels_last
+        # A one-pixel map is channels_last memory too: without it, the late stages of small
+        # images (32x32) fell back to the unfolded op, the residual add not taken.
+        channels_last = (memory_format_of(x) == torch.channels_last
+                         or one_pixel_map(x, weight, conv))
         if not self._onednn_takes(x.dtype) or (residual is not None
                                                and not (channels_last and conv.groups == 1)):
             # ATen hands oneDNN the residual add only for ungrouped channels_last convolutions;
