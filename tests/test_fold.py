@@ -106,6 +106,30 @@ def test_fold_is_cached_until_a_change(monkeypatch):
     assert len(folds) == 2
 
 
+def test_a_computed_weight_is_never_cached(monkeypatch):
+    """The cache keys tensors by identity and version, which only the module's own tensors keep:
+    a parametrized conv's weight is a new tensor on every access and may reuse a freed one's id
+    at version 0 (test_inference_plan_of_a_parametrized_weight_follows_it failed that way, by
+    chance of the allocator). Passing one computed tensor twice must fold twice."""
+    folds = []
+    real = fold.FoldedConv
+    monkeypatch.setattr(fold, "FoldedConv", lambda *a: folds.append(1) or real(*a))
+    unit = _unit("eager")
+    bn = unit.bn
+    computed = unit.conv.weight * 1.0  # what a parametrization hands out: not the parameter
+
+    def fold_with(weight):
+        return fold.fold_conv_bn(unit.conv, weight, bn.weight, bn.bias, bn.running_mean,
+                                 bn.running_var, bn.eps, torch.float32, "test",
+                                 lambda w, b: fold.FoldedConv(w, b))
+    fold_with(computed)
+    fold_with(computed)
+    assert len(folds) == 2
+    fold_with(unit.conv.weight)
+    fold_with(unit.conv.weight)
+    assert len(folds) == 3  # the parameter itself is cached
+
+
 @pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_one_pixel_map_runs_the_folded_convolution(monkeypatch, residual, dtype):

@@ -9,7 +9,8 @@ convolution's epilogue), so the activation is written once and never re-read.
 Folding reads every weight once; it is cached per (conv, BatchNorm) pair and recomputed whenever
 the conv weight, gamma, beta, a running statistic or eps changes. Changes are seen through the
 tensors' version counters, which every in-place op and optimizer step bumps (and fusedres's own
-training ops bump for the running statistics). An in-place write through ``.data`` bypasses the
+training ops bump for the running statistics). A weight the conv computes on each access (a
+parametrization) is folded on every call, never cached. An in-place write through ``.data`` bypasses the
 version counter, as it does for autograd's own checks: call :func:`clear_fold_cache` after one.
 
 This is the no-gradient path. With gradients wanted, eval units run ``unit_eval``, which computes
@@ -84,7 +85,10 @@ def fold_conv_bn(conv: nn.Conv2d, weight: torch.Tensor, gamma: Optional[torch.Te
     Returns:
         The FoldedConv.
     """
-    key = _version_key((weight, gamma, beta, running_mean, running_var))
+    # Identities key only the tensors a module holds: a computed weight (a parametrized conv makes
+    # a new one on every access) may take a freed one's id with the same version, a stale hit.
+    key = (_version_key((weight, gamma, beta, running_mean, running_var))
+           if weight is conv._parameters.get("weight") else None)
     if key is not None:
         key = (flavor, dtype, weight.device, float(eps)) + key
         hit = _CACHE.get(conv)
