@@ -23,6 +23,9 @@
 //       order, passes the gradient (not y <= 0, threshold_backward's rule); padding bits 0
 //   bn_act_bwd_mask(dy, mask, z, mean, invstd, weight, has_residual, training)
 //       -> bn_act_bwd(dy, y, z, ..., relu=true, ...) with the gate read from the mask instead of y
+//   max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode) -> y
+//       aten::max_pool2d's values without its indices (CPU only, y channels_last): the stem's max
+//       pool in inference (fusedres/models/resnet.py); no autograd
 // When the mask pays: the backward reads 1/8 byte per element for the gate instead of y's 2-4
 // bytes. It saves no memory in a ResNet unit, whose y is saved anyway as the next convolution's
 // input (fusedres/ops/unit.py keeps y); only where nothing else keeps y alive.
@@ -273,6 +276,9 @@ TORCH_LIBRARY(fusedres, m) {
       "bn_act_bwd_mask(Tensor dy, Tensor mask, Tensor z, Tensor mean, Tensor invstd, "
       "Tensor weight, bool has_residual, bool training) "
       "-> (Tensor dz, Tensor dweight, Tensor dbias, Tensor dresidual)");
+  m.def(
+      "max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "bool ceil_mode) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
@@ -284,6 +290,7 @@ TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
   m.impl("bn_act_bwd", &fusedres::bn_act_bwd_cpu);
   m.impl("bn_act_fwd_mask", &fusedres::bn_act_fwd_mask_cpu);
   m.impl("bn_act_bwd_mask", &fusedres::bn_act_bwd_mask_cpu);
+  m.impl("max_pool2d", &fusedres::cpu::max_pool2d);
 }
 
 TORCH_LIBRARY_IMPL(fusedres, Autograd, m) {

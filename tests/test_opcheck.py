@@ -89,6 +89,14 @@ def test_opcheck_bn_act_bwd_mask(dtype, fmt, residual, training):
     torch.library.opcheck(ops.bn_act_bwd_mask, args)
 
 
+@pytest.mark.parametrize("ceil_mode", [False, True], ids=["floor", "ceil"])
+@PARAMS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_max_pool2d(dtype, fmt, ceil_mode):
+    x = _act(dtype, fmt)
+    torch.library.opcheck(ops.max_pool2d, (x, [3, 2], [2, 1], [1, 0], [1, 2], ceil_mode))
+
+
 def test_ops_compile_without_graph_breaks():
     """The composed forward traces whole under torch.compile (fullgraph) thanks to the fakes."""
 
@@ -234,7 +242,10 @@ def _fusedres_op_names():
 
 @pytest.mark.skipif(not _ext.cuda_kernels_built(), reason="fusedres._C was built without the CUDA kernels")
 def test_every_op_has_a_cuda_kernel_that_rejects_cpu_tensors():
-    names = _fusedres_op_names()
+    # The inference max pool is a CPU kernel only (fusedres/ops/pool.py routes CPU tensors to it):
+    # a CUDA tensor gets the dispatcher's error naming the op and the backend.
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("fusedres::max_pool2d", "CUDA")
+    names = [name for name in _fusedres_op_names() if name != "max_pool2d"]
     args = _cuda_redispatch_args()
     assert names == sorted(args), f"ops without a case here (update _cuda_redispatch_args): {names}"
     cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)

@@ -183,5 +183,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_mask(
                           training);
 }
 
+namespace {
+
+// nn.MaxPool2d's output size along one dimension (ATen's pooling_output_shape): with ceil_mode the
+// last window must still start inside the input or its left padding.
+int64_t pooled_size(int64_t size, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation,
+                    bool ceil_mode) {
+  const int64_t span = size + 2 * pad - dilation * (kernel - 1) - 1 + (ceil_mode ? stride - 1 : 0);
+  int64_t out = (span < 0 ? span - stride + 1 : span) / stride + 1;  // floor division
+  if (ceil_mode && (out - 1) * stride >= size + pad) --out;
+  return out;
+}
+
+}  // namespace
+
+at::Tensor max_pool2d(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
+  constexpr const char* op = "fusedres::max_pool2d";
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+                  dtype == at::kHalf,
+              op, ": x must be float32, float64, bfloat16 or float16, got ", dtype);
+  const bool pairs = kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
+                     dilation.size() == 2;
+  TORCH_CHECK(pairs, op, ": kernel_size, stride, padding and dilation must hold two ints each");
+  int64_t out[2];
+  for (int d = 0; d < 2; ++d) {
+    TORCH_CHECK_VALUE(kernel_size[d] > 0 && stride[d] > 0 && dilation[d] > 0, op,
+                      ": kernel_size, stride and dilation must be positive, got kernel_size=",
+                      kernel_size, ", stride=", stride, ", dilation=", dilation);
+    TORCH_CHECK_VALUE(padding[d] >= 0 && padding[d] <= kernel_size[d] / 2, op,
+                      ": padding must be between 0 and half the kernel size, got padding=",
+                      padding, " for kernel_size=", kernel_size);
+    out[d] = pooled_size(x.size(2 + d), kernel_size[d], stride[d], padding[d], dilation[d],
+                         ceil_mode);
+    TORCH_CHECK_VALUE(out[d] > 0, op, ": input of ", x.size(2), "x", x.size(3),
+                      " pixels is too small for kernel_size=", kernel_size, ", padding=", padding,
+                      ", dilation=", dilation, " (output ", out[0], "x", out[1], ")");
+  }
+  const auto fmt = c10::MemoryFormat::ChannelsLast;
+  const at::Tensor xc = x.contiguous(fmt);
+  at::Tensor y = at::empty({x.size(0), x.size(1), out[0], out[1]}, x.options(), fmt);
+  if (y.numel() == 0) return y;
+  MaxPoolParams p{x.size(0), x.size(1), x.size(2), x.size(3), out[0], out[1],
+                  kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1],
+                  dilation[0], dilation[1], xc.const_data_ptr(), y.mutable_data_ptr()};
+  kernels().max_pool(p, dtype);
+  return y;
+}
+
 }  // namespace cpu
 }  // namespace fusedres

@@ -4,6 +4,7 @@
 #define CPU_CAPABILITY_DEFAULT
 
 #include "cpu/bn_act_kernels.h"
+#include "cpu/pool_kernels.h"
 
 namespace fusedres {
 namespace cpu {
@@ -11,7 +12,7 @@ namespace cpu {
 const KernelTable* kernel_table_default() {
   static constexpr KernelTable table{"DEFAULT", &DEFAULT::bn_stats_kernel,
                                      &DEFAULT::bn_act_fwd_kernel, &DEFAULT::bn_act_bwd_kernel,
-                                     &DEFAULT::bn_train_fwd_kernel};
+                                     &DEFAULT::bn_train_fwd_kernel, &DEFAULT::max_pool_kernel};
   return &table;
 }
 

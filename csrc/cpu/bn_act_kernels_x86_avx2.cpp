@@ -30,6 +30,7 @@
 #define CPU_CAPABILITY_AVX2
 
 #include "cpu/bn_act_kernels.h"
+#include "cpu/pool_kernels.h"
 #else
 #include "cpu/kernels.h"
 #endif
@@ -41,7 +42,7 @@ const KernelTable* kernel_table_avx2() {
 #if defined(FUSEDRES_HAVE_AVX2_KERNELS)
   static constexpr KernelTable table{"AVX2", &AVX2::bn_stats_kernel, &AVX2::bn_act_fwd_kernel,
                                      &AVX2::bn_act_bwd_kernel,
-                                     &AVX2::bn_train_fwd_kernel};
+                                     &AVX2::bn_train_fwd_kernel, &AVX2::max_pool_kernel};
   return &table;
 #else
   return nullptr;

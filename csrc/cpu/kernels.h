@@ -49,6 +49,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_fwd(
     const c10::optional<at::Tensor>& beta, const c10::optional<at::Tensor>& residual, bool relu,
     double eps);
 
+// Values of aten::max_pool2d (no indices) for x [N, C, H, W] of any layout, through the
+// channels_last kernel; y [N, C, Ho, Wo] channels_last. Arguments checked here.
+at::Tensor max_pool2d(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode);
+
 // The name of the kernel variant in use ("AVX2" or "DEFAULT"), and the variants compiled in.
 std::string kernel_variant();
 std::string compiled_variants();
@@ -122,12 +127,22 @@ struct TrainFwdParams {
   void* invstd;          // stat [C], written: 1 / sqrt(var + eps)
 };
 
+// The max pool of inference (cpu/pool_kernels.h): x [N, H, W, C] dense -> y [N, Ho, Wo, C] dense,
+// every window holding at least one input element (ATen's padding and ceil_mode rules).
+struct MaxPoolParams {
+  int64_t N, C, H, W, Ho, Wo;
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+  const void* x;  // act, read
+  void* y;        // act, written
+};
+
 struct KernelTable {
   const char* name;
   void (*bn_stats)(const StatsParams&, c10::ScalarType act_dtype);
   void (*bn_act_fwd)(const FwdParams&, c10::ScalarType act_dtype);
   void (*bn_act_bwd)(const BwdParams&, c10::ScalarType act_dtype);
   void (*bn_train_fwd)(const TrainFwdParams&, c10::ScalarType act_dtype);
+  void (*max_pool)(const MaxPoolParams&, c10::ScalarType act_dtype);
 };
 
 // Defined by the per-capability translation units; the AVX2 one returns nullptr where it could not

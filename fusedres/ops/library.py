@@ -36,6 +36,7 @@ import torch
 from fusedres import _ext
 from fusedres.backend import memory_format_of
 from fusedres.ops import unit_schema
+from fusedres.ops.pool import max_pool_output_hw
 from fusedres.reference import stats_dtype
 
 __all__ = ["REGISTERED", "output_memory_format", "pack_relu_mask", "relu_mask_bytes"]
@@ -120,6 +121,14 @@ def _bn_act_bwd_mask_fake(dy: torch.Tensor, mask: torch.Tensor, z: torch.Tensor,
     return _bn_act_bwd_fake(dy, z, z, mean, invstd, weight, True, has_residual, training)
 
 
+def _max_pool2d_fake(x: torch.Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool):
+    """x: [N, C, H, W] -> [N, C, Ho, Wo] channels_last (nn.MaxPool2d's output size)."""
+    ho, wo = max_pool_output_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation,
+                                ceil_mode)
+    return torch.empty((x.shape[0], x.shape[1], ho, wo), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
+
+
 def _register() -> bool:
     if not _ext.extension_loaded():
         return False
@@ -133,6 +142,8 @@ def _register() -> bool:
     if hasattr(torch.ops.fusedres, "bn_act_fwd_mask"):
         torch.library.register_fake("fusedres::bn_act_fwd_mask")(_bn_act_fwd_mask_fake)
         torch.library.register_fake("fusedres::bn_act_bwd_mask")(_bn_act_bwd_mask_fake)
+    if hasattr(torch.ops.fusedres, "max_pool2d"):
+        torch.library.register_fake("fusedres::max_pool2d")(_max_pool2d_fake)
     return True
 
 
