@@ -100,7 +100,7 @@ def _providers(arch: str, batch: int, size: int, dtype: torch.dtype, with_compil
 
     def unit_plans():
         with mock.patch.object(FusedResNet, "_activations_stay_inside", lambda self: False), \
-                mock.patch.object(modules, "_block_plan_key", lambda *args: None):
+                mock.patch.object(modules, "block_state_key", lambda *args: None):
             return fused(x)
 
     providers = {"eager_cl": lambda: eager(x)}

@@ -162,8 +162,10 @@ class Backend:
         """``unit_infer`` bound to one unit and to the signature of ``x`` and ``residual``.
 
         Args: as :meth:`unit_infer`; ``x`` and ``residual`` are examples: the runner is called
-            only with tensors of the same shape, strides, dtype and device (the plan's key
-            guarantees it), so a backend may decide its path once, here. It keeps neither.
+            only with tensors of the same shape, strides, dtype and device, and only while the
+            unit's tensors keep their identities and versions (the plan's key guarantees both),
+            so a backend may decide its path and fold its weights once, here. It keeps neither
+            example.
 
         Returns:
             ``run(x, residual, residual_is_dead) -> y``. With ``residual_is_dead`` the caller

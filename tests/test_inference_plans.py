@@ -282,3 +282,92 @@ def test_model_inference_with_replaced_modules(backend, change):
     if change == "subclassed_block":
         assert torch.equal(block.kept, block.kept_copy)
     _assert_matches_eager(out, eager, x)
+
+
+def _model_change(fused, eager, x, what):
+    """Changes one thing the whole-model plan's key holds, in both models; returns the input
+    to call with next."""
+    with torch.no_grad():
+        if what == "stem_weight_in_place":
+            for m in (fused, eager):
+                m.conv1.weight.mul_(-2.0)
+        elif what == "stem_bn_eps":
+            fused.bn1.eps = eager.bn1.eps = 0.5
+        elif what == "replaced_block":
+            torch.manual_seed(1)
+            new = _randomize_bn(FusedBasicBlock(128, 128, backend=fused.layer2[1].backend))
+            fused.layer2[1] = new
+            eager.layer2[1] = _eager_block(new)
+        elif what == "layer4_bn_in_place":
+            for m in (fused, eager):
+                m.layer4[1].bn2.running_mean.add_(1.0)
+        elif what == "maxpool_stride":
+            fused.maxpool.stride = eager.maxpool.stride = 1
+        elif what == "batch_size":
+            return torch.randn(3, *x.shape[1:])
+    return x
+
+
+MODEL_CHANGES = ["stem_weight_in_place", "stem_bn_eps", "replaced_block", "layer4_bn_in_place",
+                 "maxpool_stride", "batch_size"]
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("what", MODEL_CHANGES)
+def test_model_plan_follows_what_its_key_holds(backend, what):
+    """A FusedResNet's second inference call runs its whole-model plan; after each change of
+    something the plan's key holds, the output follows eager's."""
+    fused, eager = _models("resnet18", backend, torch.channels_last)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = fused(x)
+        assert torch.equal(fused(x), before)  # from the plan now
+        x = _model_change(fused, eager, x, what)
+        after = fused(x)
+    if what != "batch_size":
+        assert not torch.allclose(after, before, rtol=1e-3, atol=1e-3), "changed nothing"
+    _assert_matches_eager(after, eager, x)
+
+
+def test_model_plan_skips_the_checks_and_the_block_lookups(monkeypatch):
+    """A call that finds the model plan runs neither check_chain nor any block's plan lookup:
+    its key holds what they read."""
+    if not fusedres.available_backends()["cpu"][0]:
+        pytest.skip("the cpu backend is unusable here")
+    from fusedres.models import resnet as resnet_module
+    fused, _ = _models("resnet18", "cpu", torch.channels_last)
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    real_check, real_block = resnet_module.check_chain, resnet_module.block_forward_with_plan
+    monkeypatch.setattr(resnet_module, "check_chain",
+                        lambda *a: calls.append("check") or real_check(*a))
+    monkeypatch.setattr(resnet_module, "block_forward_with_plan",
+                        lambda *a, **k: calls.append("block") or real_block(*a, **k))
+    with torch.no_grad():
+        first = fused(x)
+        assert calls == ["check"] + ["block"] * 8
+        calls.clear()
+        second = fused(x)
+        assert calls == []
+        fused.layer3[0].bn1.register_forward_hook(lambda *a: None)  # in a block key
+        fused(x)
+        assert calls == ["check"] + ["block"] * 8
+    assert torch.equal(first, second)
+
+
+def test_model_plan_follows_clear_fold_cache_after_a_data_edit():
+    """``.data`` edits bypass version counters; clear_fold_cache drops the plans holding folded
+    weights too (the documented remedy), so the model's output follows."""
+    if not fusedres.available_backends()["cpu"][0]:
+        pytest.skip("the cpu backend is unusable here")
+    from fusedres.ops import fold
+    fused, eager = _models("resnet18", "cpu", torch.channels_last)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        stale = fused(x)
+        fused.layer1[0].conv1.weight.data.mul_(-3.0)
+        eager.layer1[0].conv1.weight.data.mul_(-3.0)
+        assert torch.equal(fused(x), stale)
+        fold.clear_fold_cache()
+        after = fused(x)
+    _assert_matches_eager(after, eager, x)

@@ -113,17 +113,15 @@ class CpuBackend(ExtensionBackend):
                                                                  groups, shape)
             return fold.FoldedConv(w, b.to(dtype))
 
-        def folded():
-            return fold.fold_conv_bn(conv_module, weight, gamma, beta, running_mean, running_var,
-                                     eps, dtype, "onednn-prepacked" if channels_last else "onednn",
-                                     prepare)
-
+        # The runner lives in a plan whose key holds every folded tensor's version
+        # (fusedres.ops.unit.unit_state_key), so the fold made here stays valid for its life.
+        f = fold.fold_conv_bn(conv_module, weight, gamma, beta, running_mean, running_var, eps,
+                              dtype, "onednn-prepacked" if channels_last else "onednn", prepare)
         pointwise = torch.ops.mkldnn._convolution_pointwise
         if residual is None:
             unary = "relu" if relu else "none"
 
             def run(x, residual, residual_is_dead):
-                f = folded()
                 return pointwise.default(x, f.weight, f.bias, padding, stride, dilation, groups,
                                          unary, [], "")
             return run
@@ -131,7 +129,6 @@ class CpuBackend(ExtensionBackend):
         sum_into = torch.ops.mkldnn._convolution_pointwise_.binary
 
         def run_add(x, residual, residual_is_dead):
-            f = folded()
             residual = residual.contiguous(memory_format=torch.channels_last)
             if residual_is_dead:
                 # oneDNN's sum post-op: y accumulates into the residual's memory.

@@ -7,8 +7,10 @@ state_dict; nothing is ever downloaded), ``backend`` and torchvision's keyword a
 
 from __future__ import annotations
 
+import operator
 import os
-from typing import Iterable, Optional, Union
+import weakref
+from typing import Iterable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -16,8 +18,13 @@ import torch.nn as nn
 from fusedres import reference
 from fusedres.backend import current_backend_name
 from fusedres.fusability import is_frozen_norm
-from fusedres.modules import FusedBasicBlock, FusedBottleneck, block_forward
-from fusedres.ops.unit import conv_bn_act, single_value_error, uses_batch_stats
+from fusedres.modules import (FusedBasicBlock, FusedBottleneck, block_forward_with_plan,
+                              block_state_key)
+from fusedres.ops import fold
+from fusedres.ops.pool import inference_max_pool, max_pool_geometry, max_pool_output_hw
+from fusedres.ops.unit import (InferencePlan, conv_bn_act, conv_bn_act_with_plan, input_signature,
+                               plan_context, single_value_error, unit_state_key,
+                               uses_batch_stats)
 
 __all__ = [
     "FusedResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -54,28 +61,69 @@ class FusedResNet(reference.ResNet):
                            name="ResNet.conv1")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inference = (type(x) is torch.Tensor and not torch.is_grad_enabled()
+                     and self._activations_stay_inside())
+        if inference:
+            x = self._activation_layout(x)
+            key = self._inference_key(x)
+            plan = None if key is None else _MODEL_PLANS.get(self)
+            if plan is not None and plan.key == key:
+                # The same signatures and module state as a call that passed check_chain and
+                # made these plans: neither can tell anything new.
+                return self._head(plan.run(x, self.maxpool))
         check_chain(x, [("conv1", self.conv1), ("bn1", self.bn1), ("relu", self.relu),
                         ("maxpool", self.maxpool), ("layer1", self.layer1),
                         ("layer2", self.layer2), ("layer3", self.layer3), ("layer4", self.layer4)])
-        if type(x) is not torch.Tensor or not self._activations_stay_inside():
-            return super().forward(x)
+        if not inference:
+            if type(x) is not torch.Tensor or not self._activations_stay_inside():
+                return super().forward(x)
+            return super().forward(self._activation_layout(x))
+        # Inference: every activation from the stem on is made here and read by the next block
+        # only, so each block may write its output into its input (oneDNN's in-place
+        # convolution + sum on the CPU, as inductor does), one activation less streamed
+        # through the caches per block. The max pool writes no indices (fusedres/ops/pool.py).
+        x, stem_plan = conv_bn_act_with_plan(x, self.conv1, self.bn1, None, True, self.backend,
+                                             "ResNet.conv1")
+        x = inference_max_pool(self.maxpool, x)
+        block_plans = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer._modules.values():
+                x, block_plan = block_forward_with_plan(block, x, x_is_dead=True)
+                block_plans.append(block_plan)
+        if key is not None and stem_plan is not None and None not in block_plans:
+            _MODEL_PLANS[self] = _ModelPlan(key, stem_plan, tuple(block_plans))
+        return self._head(x)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    @staticmethod
+    def _activation_layout(x: torch.Tensor) -> torch.Tensor:
         # On the CPU the activations are channels_last whatever the input's layout (inductor's
         # layout choice too), since no one outside sees them: in inference oneDNN's
         # convolutions take prepacked weights and the residual add only there, in training the
         # cpu backend's GEMM convolutions (docs/design.md section 4) apply only there.
         if x.device.type == "cpu" and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if torch.is_grad_enabled():
-            return super().forward(x)
-        # Inference: every activation from the stem on is made here and read by the next block
-        # only, so each block may write its output into its input (oneDNN's in-place
-        # convolution + sum on the CPU, as inductor does), one activation less streamed
-        # through the caches per block.
-        x = self.maxpool(self.stem(x))
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            for block in layer._modules.values():
-                x = block_forward(block, x, x_is_dead=True)
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _inference_key(self, x: torch.Tensor) -> Optional[tuple]:
+        """The key of the whole model's inference plan for input x: its signature, the stem's
+        and every block's state keys (:func:`fusedres.modules.block_state_key`), the max pool's
+        geometry; None where some part has no plan. It holds everything check_chain reads."""
+        if torch.compiler.is_compiling():
+            return None
+        device_type = x.device.type
+        pool = self.maxpool
+        mods = self._modules
+        key = [input_signature(x), plan_context(self.backend, device_type), id(mods["conv1"]),
+               unit_state_key(mods["conv1"], mods["bn1"], True), id(pool),
+               _POOL_GEOMETRY(pool) if type(pool) is nn.MaxPool2d else None]
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            for block in mods[name]._modules.values():
+                key += [id(block), block_state_key(block, block_units(block), device_type)]
+        key = tuple(key)
+        return None if key[3] is None or None in key[7::2] else key
 
     def _activations_stay_inside(self) -> bool:
         """Whether no one but the next block can see a block's input or output: no hooks (a hook
@@ -98,6 +146,28 @@ class FusedResNet(reference.ResNet):
                 modules.append(block)
         return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
+
+class _ModelPlan(NamedTuple):
+    """A FusedResNet's inference up to the pooled features, as its last call ran it: the stem's
+    plan and every block's, under :meth:`FusedResNet._inference_key`."""
+
+    key: tuple
+    stem: InferencePlan
+    blocks: tuple  # BlockPlan per block, in order
+
+    def run(self, x: torch.Tensor, pool: nn.Module) -> torch.Tensor:
+        x = inference_max_pool(pool, self.stem.run(x, None))
+        for block in self.blocks:
+            x = block.run(x, True)
+        return x
+
+
+# model -> its _ModelPlan. Weak keys, as every plan cache: a plan dies with its model.
+_MODEL_PLANS: "weakref.WeakKeyDictionary[nn.Module, _ModelPlan]" = weakref.WeakKeyDictionary()
+fold.clear_with_fold_cache(_MODEL_PLANS)
+# nn.MaxPool2d's geometry, read in one C call.
+_POOL_GEOMETRY = operator.attrgetter("kernel_size", "stride", "padding", "dilation",
+                                     "return_indices", "ceil_mode")
 
 _BLOCK_UNITS = {reference.BasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),
                 reference.Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))}
@@ -126,17 +196,7 @@ def _conv_hw(conv: nn.Conv2d, h: int, w: int) -> tuple[int, int]:
 
 def _maxpool_hw(pool: nn.MaxPool2d, h: int, w: int) -> tuple[int, int]:
     """nn.MaxPool2d's output size (ATen's formula, ceil_mode included)."""
-    pair = nn.modules.utils._pair
-    k, s, p, d = (pair(v) for v in (pool.kernel_size, pool.stride or pool.kernel_size,
-                                    pool.padding, pool.dilation))
-    out = []
-    for i, size in enumerate((h, w)):
-        span = size + 2 * p[i] - d[i] * (k[i] - 1) - 1 + (s[i] - 1 if pool.ceil_mode else 0)
-        o = span // s[i] + 1
-        if pool.ceil_mode and (o - 1) * s[i] >= size + p[i]:
-            o -= 1  # the last window must start inside the input or its left padding
-        out.append(o)
-    return out[0], out[1]
+    return max_pool_output_hw(h, w, *max_pool_geometry(pool), pool.ceil_mode)
 
 
 def check_chain(x: torch.Tensor, modules: Iterable[tuple[str, nn.Module]]) -> None:

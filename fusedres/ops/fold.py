@@ -28,7 +28,7 @@ import torch.nn as nn
 from fusedres.backend import ConvParams
 from fusedres.ops.python_unit import eval_coefficients
 
-__all__ = ["FoldedConv", "clear_fold_cache", "fold_conv_bn"]
+__all__ = ["FoldedConv", "clear_fold_cache", "clear_with_fold_cache", "fold_conv_bn"]
 
 
 class FoldedConv(NamedTuple):
@@ -49,9 +49,22 @@ class FoldedConv(NamedTuple):
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
+# Caches of inference plans that hold folded weights of their own (fusedres.ops.unit,
+# fusedres.modules): cleared with this one.
+_PLAN_CACHES: list = []
+
+
+def clear_with_fold_cache(cache) -> None:
+    """Registers ``cache`` (anything with ``clear()``) to be cleared by :func:`clear_fold_cache`."""
+    _PLAN_CACHES.append(cache)
+
+
 def clear_fold_cache() -> None:
-    """Drops every cached folded weight (after in-place edits the version counters cannot see)."""
+    """Drops every cached folded weight, and the inference plans that hold some (after in-place
+    edits the version counters cannot see)."""
     _CACHE.clear()
+    for cache in _PLAN_CACHES:
+        cache.clear()
 
 
 def _version_key(tensors) -> Optional[tuple]:

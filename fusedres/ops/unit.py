@@ -17,15 +17,17 @@ checks, the backend choice and the module lookups cost more host time than the f
 convolution's launch on small inputs. So the decision made for an inference call is kept per
 convolution module as a plan, under a key holding everything that decision read (the input's and
 residual's type, shape, strides, dtype and device; the modules' types, geometry, eps, training
-flag and hooks; their tensors' identities, shapes, dtypes and devices; the autocast state; the
-backend in force), and a call with the same key runs the plan directly. Parameter values are not
-in the key: the fold cache (:mod:`fusedres.ops.fold`) follows them by version, as before. A
-fused block keeps its units' plans under one key of its own (:mod:`fusedres.modules`).
+flag and hooks; their tensors' identities, versions, shapes, dtypes and devices; the autocast
+state; the backend in force), and a call with the same key runs the plan directly. The versions
+let a plan keep its folded weights (:mod:`fusedres.ops.fold`) without checking them per call: any
+in-place change of a parameter or statistic misses the key and makes a new plan. A fused block
+keeps its units' plans under one key of its own (:mod:`fusedres.modules`).
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -35,6 +37,7 @@ import torch.nn as nn
 from fusedres import reference
 from fusedres.backend import ConvParams, conv_output_hw, current_backend_name, resolve
 from fusedres.fusability import is_frozen_norm, unfusable_reason
+from fusedres.ops import fold
 
 __all__ = ["InferencePlan", "check_unit_inputs", "conv_bn_act", "conv_bn_act_with_plan",
            "conv_output_shape", "input_signature", "plan_context", "single_value_error",
@@ -248,6 +251,7 @@ class InferencePlan(NamedTuple):
 # A plan holds the module's tensors, so no tensor in its key can be freed and its id reused.
 _INFERENCE_PLANS: "weakref.WeakKeyDictionary[nn.Module, InferencePlan]" = (
     weakref.WeakKeyDictionary())
+fold.clear_with_fold_cache(_INFERENCE_PLANS)
 
 
 def conv_bn_act_with_plan(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
@@ -287,33 +291,43 @@ def plan_context(backend: Optional[str], device_type: str) -> tuple:
     return current_backend_name(backend), autocast
 
 
+# The geometry of an nn.Conv2d an inference plan depends on, read in one C call.
+_CONV_GEOMETRY = operator.attrgetter("in_channels", "out_channels", "kernel_size", "stride",
+                                     "padding", "dilation", "groups", "padding_mode")
+
+
 def unit_state_key(conv: nn.Module, bn: nn.Module, relu: bool) -> Optional[tuple]:
     """Everything about the unit's modules that an inference plan depends on: their types,
-    geometry, eps, training flag and hooks, their tensors' identities, shapes, dtypes and
-    devices; None where the modules are of kinds it cannot describe.
+    geometry, eps, training flag and hooks, their tensors' identities, versions, shapes, dtypes
+    and devices; None where the modules are of kinds it cannot describe.
 
     The modules must be exactly nn.Conv2d and nn.BatchNorm2d (or a FrozenBatchNorm2d): a
     parametrized module computes its weight on every access, which a plan would freeze. Their
     tensors are read from ``_parameters``/``_buffers``, not through nn.Module.__getattr__ (about a
     microsecond a call). A tensor's id stands for the same object only while the plan holds it;
     ``.to()``/``.half()`` swap a parameter's data in place, so dtype and device are keyed too.
+    The versions make a plan's folded weights valid for as long as its key matches: every
+    in-place change (an optimizer step, a state_dict load, a running-statistics update) bumps
+    them. A tensor without a version counter (made under torch.inference_mode) gives None.
     """
     if (type(conv) is not nn.Conv2d
             or not (type(bn) is nn.BatchNorm2d or type(bn).__name__ == "FrozenBatchNorm2d")):
         return None
     conv_params, bn_params, bn_buffers = conv._parameters, bn._parameters, bn._buffers
-    members = [conv_params.get("weight"), conv_params.get("bias")]
-    for name in ("weight", "bias"):
-        t = bn_params.get(name)
-        members.append(bn_buffers.get(name) if t is None else t)
-    members += [bn_buffers.get("running_mean"), bn_buffers.get("running_var")]
-    if members[0] is None:
+    weight = conv_params.get("weight")
+    if weight is None:
         return None  # a weight that is no parameter (set as a plain attribute)
+    gamma, beta = bn_params.get("weight"), bn_params.get("bias")
+    members = (weight, conv_params.get("bias"),
+               bn_buffers.get("weight") if gamma is None else gamma,
+               bn_buffers.get("bias") if beta is None else beta,
+               bn_buffers.get("running_mean"), bn_buffers.get("running_var"))
     hooked = bool(conv._forward_hooks or conv._forward_pre_hooks or bn._forward_hooks
                   or bn._forward_pre_hooks)
-    return (relu, hooked,
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, conv.padding_mode, type(bn), bn.eps, bn.training,
-            getattr(bn, "track_running_stats", None), getattr(bn, "num_features", None),
-            *[None if t is None else (type(t), id(t), t.shape, t.dtype, t.device)
-              for t in members])
+    try:
+        tensors = tuple(None if t is None else (type(t), id(t), t._version, t.shape, t.dtype,
+                                                t.device) for t in members)
+    except RuntimeError:  # an inference tensor has no version counter
+        return None
+    return (relu, hooked, _CONV_GEOMETRY(conv), type(bn), bn.eps, bn.training,
+            getattr(bn, "track_running_stats", None), getattr(bn, "num_features", None), tensors)
