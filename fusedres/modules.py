@@ -197,9 +197,8 @@ def block_forward_with_plan(block: nn.Module, x: torch.Tensor,
         # Inference with a conv + BN downsample, in inductor's order: the main path first, its
         # last unit without residual and ReLU, then the downsample's unit adds that output and
         # applies the ReLU, summing into it (BlockPlan.run). The same sum, y = relu(bn(ds(x)) +
-        # bn(conv(out))), but the sum post-op (the store's read-modify-write) lands on the
-        # cheap 1x1 instead of a 3x3: a resnet18's three downsample blocks ran 1.2 ms faster
-        # in bf16 on the CPU at batch 8, 112x112 (oneDNN).
+        # bn(conv(out))), but oneDNN's sum post-op lands on the 1x1 instead of a resnet18's
+        # 3x3, whose sum variant ran slower (docs/design.md section 4).
         out, plans = x, []
         for index, (unit_name, conv, bn) in enumerate(units):
             out, plan = conv_bn_act_with_plan(out, conv, bn, None, index < len(units) - 1,
