@@ -61,8 +61,8 @@ class FusedResNet(reference.ResNet):
                            name="ResNet.conv1")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inference = (type(x) is torch.Tensor and not torch.is_grad_enabled()
-                     and self._activations_stay_inside())
+        stays_inside = type(x) is torch.Tensor and self._activations_stay_inside()
+        inference = stays_inside and not torch.is_grad_enabled()
         if inference:
             x = self._activation_layout(x)
             key = self._inference_key(x)
@@ -75,9 +75,7 @@ class FusedResNet(reference.ResNet):
                         ("maxpool", self.maxpool), ("layer1", self.layer1),
                         ("layer2", self.layer2), ("layer3", self.layer3), ("layer4", self.layer4)])
         if not inference:
-            if type(x) is not torch.Tensor or not self._activations_stay_inside():
-                return super().forward(x)
-            return super().forward(self._activation_layout(x))
+            return super().forward(self._activation_layout(x) if stays_inside else x)
         # Inference: every activation from the stem on is made here and read by the next block
         # only, so each block may write its output into its input (oneDNN's in-place
         # convolution + sum on the CPU, as inductor does), one activation less streamed
