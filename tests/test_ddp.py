@@ -164,6 +164,7 @@ def test_ddp_matches_per_rank_oracle(tmp_path, backend):
                               ddp_state["1.bn1.running_var"], rtol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
 def test_ddp_frozen_bn_resnet18_matches_combined_batch(tmp_path, backend):
     """Frozen BN statistics: two ranks of 4 images end where one eager process on the 8 ends."""
