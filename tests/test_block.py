@@ -473,32 +473,49 @@ def test_model_float64_matches_oracle(backend, arch, training):
     assert_matches_oracle(fused, eager, x, F64)
 
 
+def _sgd_steps(model, labels, batches):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    for x in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), labels).backward()
+        opt.step()
+    return model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def resnet50_sgd_oracle():
+    """(start state, labels, batches, end state) of three eager float64 SGD steps of a resnet50
+    from seed 0: the same for every fused variant, so computed once per worker."""
+    torch.manual_seed(0)
+    start = models.resnet50(num_classes=10).double().state_dict()
+    eager = fusedres.to_eager(models.resnet50(num_classes=10)).double()
+    eager.load_state_dict(start)
+    labels = torch.randint(0, 10, (8,))
+    batches = [torch.randn(8, 3, 64, 64, dtype=F64) for _ in range(3)]
+    return start, labels, batches, _sgd_steps(eager, labels, batches)
+
+
+# One worker runs the four, so the oracle's steps run once.
 @pytest.mark.slow
+@pytest.mark.xdist_group("resnet50_sgd_oracle")
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
-def test_sgd_steps_float64_track_oracle(backend, mode):
+def test_sgd_steps_float64_track_oracle(backend, mode, resnet50_sgd_oracle):
     """Three SGD steps (momentum, weight decay) of a fused resnet50 end where eager's do.
 
     At 64x64 and batch 8 layer4's BatchNorm sees 32 values per channel: with fewer (32x32
     images, 4 per channel) the steps are so ill-conditioned (weights grow to ~100) that eager's
     own per-unit float64 rounding differences grow to 1e-5 in three steps, for any path."""
+    start, labels, batches, eager_end = resnet50_sgd_oracle
     torch.manual_seed(0)
     fused = models.resnet50(backend=backend, num_classes=10).double()
+    for (name, a), b in zip(fused.state_dict().items(), start.values(), strict=True):
+        assert torch.equal(a, b), f"{name}: the fused model does not start where the oracle did"
     for m in fused.modules():
         if isinstance(m, FusedBottleneck):
             m.recompute = mode
-    eager = fusedres.to_eager(models.resnet50(num_classes=10)).double()
-    eager.load_state_dict(fused.state_dict())
-    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-            for m in (fused, eager)]
-    labels = torch.randint(0, 10, (8,))
-    for _ in range(3):
-        x = torch.randn(8, 3, 64, 64, dtype=F64)
-        for model, opt in zip((fused, eager), opts):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), labels).backward()
-            opt.step()
-    for (name, a), b in zip(fused.state_dict().items(), eager.state_dict().values()):
+    fused_end = _sgd_steps(fused, labels, batches)
+    for (name, a), b in zip(fused_end.items(), eager_end.values(), strict=True):
         if name.endswith("num_batches_tracked"):
             assert torch.equal(a, b), name
         else:
