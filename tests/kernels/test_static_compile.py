@@ -10,8 +10,8 @@ about 400 compiles), and under another the first config of each table, the convo
 the prologue only (``--quick``, about 170: the kernels build under that Triton). For the other
 architecture, under the lent GPUs' Triton only, it compiles the convolution in the first config
 of each table (its ``mma`` path; the BatchNorm kernels, plain loads, reductions and stores, hold
-no architecture-specific code path). Compiles cost about 2.5 CPU seconds each with triton's cache cold, and this check is
-CI's largest step.
+no architecture-specific code path). Compiles cost about 2.5 CPU seconds each with triton's
+cache cold, and this check is CI's largest step.
 ``python scripts/check_triton_compile.py`` compiles all nine epilogues with and without the
 prologue, every kernel for both architectures (about 2070 compiles); run it after changing a
 kernel or a config table.
