@@ -56,6 +56,30 @@ def conv_output_hw(hw: Sequence[int], kernel_size: Sequence[int], stride: Sequen
                  for i in range(2))
 
 
+def explicit_padding(x: torch.Tensor, conv: nn.Conv2d) -> Optional[tuple[int, int, int, int]]:
+    """``F.pad``'s ``(left, right, top, bottom)`` where a CPU convolution pads beyond its
+    kernel's half-span (some padding > dilation * (kernel - 1) // 2), else None.
+
+    Such a convolution runs on the explicitly zero-padded input with padding 0: the same sums.
+    oneDNN's brgemm convolutions in torch 2.13 and 2.14 on an AMX Xeon crash the process
+    (segmentation fault, eager PyTorch too) on some of these geometries in float16 and
+    bfloat16, e.g. a 1x1 with dilation 2, stride 2 and padding 1 on a map one pixel wide, or a
+    3x3 with dilation 2, stride 2 and padding 3 on a map one pixel high (docs/design.md
+    section 4). ResNets never pad beyond the half-span, so their convolutions never take this
+    path.
+
+    Args:
+        x: the convolution's input [N, Cin, H, W].
+        conv: the nn.Conv2d (zero padding; string paddings never exceed the half-span).
+    """
+    if x.device.type != "cpu" or isinstance(conv.padding, str):
+        return None
+    (ph, pw), (kh, kw), (dh, dw) = conv.padding, conv.kernel_size, conv.dilation
+    if ph <= dh * (kh - 1) // 2 and pw <= dw * (kw - 1) // 2:
+        return None
+    return pw, pw, ph, ph
+
+
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
     """``torch.channels_last`` when the [N, C, H, W] tensor t is channels_last-dense and not also
     NCHW-contiguous (C == 1 or H == W == 1 make both true), else ``torch.contiguous_format``: the

@@ -19,8 +19,9 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from fusedres.backend import memory_format_of
+from fusedres.backend import explicit_padding, memory_format_of
 
 __all__ = [
     "stats_dtype", "bn_stats", "bn_act_fwd", "bn_act_bwd", "unit_forward", "BasicBlock",
@@ -117,10 +118,26 @@ def unit_forward(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     Returns:
         [N, Cout, Ho, Wo].
     """
-    out = bn(conv(x))
+    pads = explicit_padding(x, conv) if _plain_zero_padded(conv) else None
+    if pads is None:
+        out = bn(conv(x))
+    else:
+        # Beyond-half-span padding, done explicitly: oneDNN crashes on some such geometries
+        # (fusedres.backend.explicit_padding).
+        out = bn(F.conv2d(F.pad(x, pads), conv.weight, conv.bias, conv.stride, 0, conv.dilation,
+                          conv.groups))
     if residual is not None:
         out = out + residual
     return torch.relu(out) if relu else out
+
+
+def _plain_zero_padded(conv: nn.Module) -> bool:
+    """Whether calling ``conv`` is exactly ``F.conv2d`` with zero padding: an nn.Conv2d itself,
+    no hooks on it nor global ones."""
+    nn_module = nn.modules.module
+    return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
+            and not (conv._forward_hooks or conv._forward_pre_hooks
+                     or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks))
 
 
 class ConvBNAct(nn.Module):

@@ -13,7 +13,7 @@ import torch
 from conftest import CPU_FUSED_BACKENDS, assert_oracle_close
 import fusedres
 from fusedres import FusedConvBNReLU, reference
-from fusedres.backend import ConvParams, get_backend
+from fusedres.backend import ConvParams, explicit_padding, get_backend
 
 # (N, Cin, H, W, Cout, kernel, stride, groups): ResNet-real and awkward.
 SHAPES = [
@@ -359,3 +359,19 @@ def test_norm_layer_other_than_batchnorm_keeps_eager_semantics():
     eager.load_state_dict(fused.state_dict())
     x = torch.randn(2, 4, 6, 6)
     torch.testing.assert_close(fused(x), eager(x))
+
+
+@pytest.mark.parametrize("arch, dilation", [("resnet50", None), ("resnext50_32x4d", None),
+                                            ("resnet50", [False, True, True]), ("resnet18", None)])
+def test_resnet_convolutions_pad_implicitly(arch, dilation):
+    """The explicit zero padding that keeps oneDNN from crashing (fusedres.backend.explicit_padding,
+    a copy of the input) is for padding beyond the kernel's half-span only: no convolution of a
+    ResNet, dilated (segmentation backbones) or not, takes it; an over-padded one does."""
+    kwargs = {} if dilation is None else {"replace_stride_with_dilation": dilation}
+    model = getattr(fusedres.models, arch)(**kwargs)
+    x = torch.empty(1, 1, 8, 8)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(explicit_padding(x, conv) is None for conv in convs)
+    half_span = torch.nn.Conv2d(1, 1, 3, padding=(1, 2), dilation=(1, 2))
+    assert explicit_padding(x, half_span) is None  # 2 == 2 * (3 - 1) // 2
+    assert explicit_padding(x, torch.nn.Conv2d(1, 1, 1, padding=(0, 1))) == (1, 1, 0, 0)

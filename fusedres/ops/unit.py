@@ -33,9 +33,11 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fusedres import reference
-from fusedres.backend import ConvParams, conv_output_hw, current_backend_name, resolve
+from fusedres.backend import (ConvParams, conv_output_hw, current_backend_name, explicit_padding,
+                              resolve)
 from fusedres.fusability import is_frozen_norm, unfusable_reason
 from fusedres.ops import fold
 
@@ -199,17 +201,24 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
         x = x.to(dtype)
         if residual is not None:
             residual = residual.to(dtype)
-    params = ConvParams(conv.stride, conv.padding, conv.dilation, conv.groups)
+    pads = explicit_padding(x, conv)
+    # Beyond-half-span padding on the CPU is done explicitly (oneDNN crashes on some such
+    # geometries): the op convolves the padded input with padding 0, F.pad's backward crops dx.
+    x_conv = x if pads is None else F.pad(x, pads)
+    params = ConvParams(conv.stride, conv.padding if pads is None else (0, 0), conv.dilation,
+                        conv.groups)
     gamma, beta = bn.weight, bn.bias
     infer = not (_wants_grad(x, weight, gamma, beta, residual) or torch.compiler.is_compiling())
     if infer and not uses_batch_stats(bn):
-        plan = InferencePlan(plan_key, be.infer_runner(
-            conv, x, weight, gamma, beta, residual, bn.running_mean, bn.running_var, params, relu,
-            bn.eps), None if autocast is None else x.dtype)
+        runner = be.infer_runner(conv, x_conv, weight, gamma, beta, residual, bn.running_mean,
+                                 bn.running_var, params, relu, bn.eps)
+        plan = InferencePlan(plan_key, runner if pads is None else _padding_first(runner, pads),
+                             None if autocast is None else x.dtype)
         if plan_key is not None:
             _INFERENCE_PLANS[conv] = plan
         return plan.run(x, residual)
     weight = weight.to(x.dtype)
+    x = x_conv
     if uses_batch_stats(bn):
         track = bn.training and bn.track_running_stats
         return be.unit_train(x, weight, gamma, beta, residual,
@@ -221,6 +230,13 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
     # being traced (the fold cache's version checks are host logic): one traceable op.
     return be.unit_eval(x, weight, gamma, beta, residual, bn.running_mean, bn.running_var,
                         params, relu, bn.eps)
+
+
+def _padding_first(runner: Callable, pads: tuple[int, int, int, int]) -> Callable:
+    """An inference runner that zero-pads its input by ``pads`` (F.pad's order) first."""
+    def run(x, residual, residual_is_dead):
+        return runner(F.pad(x, pads), residual, residual_is_dead)
+    return run
 
 
 class InferencePlan(NamedTuple):
