@@ -20,6 +20,11 @@ fp32 gradient fragility (docs/design.md section 6): a pre-activation within roun
 land on either side of the ReLU kink. The output gradient is zeroed where the oracle's
 pre-activation lies in that band (``KINK_BAND``), so a flipped mask multiplies a zero and cannot
 move any gradient, also through BN's batch coupling; float64 examples use no band at all.
+
+Cancellation: with batch statistics and one weight per output channel, the weight gradient is
+zero up to eps (BatchNorm's scale invariance) and every computed value is rounding of the
+products it sums; that gradient's atol is relative to those products' size
+(``cancelling_weight_grad_scale``) instead of the oracle's ~0.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Optional
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("hypothesis", reason="the property tests need hypothesis (pip install -e '.[test]')")
 from hypothesis import (currently_in_test_context, example, given, note, settings,  # noqa: E402
@@ -241,13 +247,17 @@ def check_unit(backend: str, case: UnitCase) -> None:
     if res is not None:
         assert torch.equal(res, res_before), "the fused unit wrote into the residual"
     assert got.keys() == exact.keys(), f"{sorted(got)} != {sorted(exact)}"
+    scales = {}
+    fan_in = case.cin // case.groups * case.kernel ** 2
+    if "d.conv.weight" in exact and case.uses_batch_stats and fan_in == 1:
+        scales["d.conv.weight"] = cancelling_weight_grad_scale(oracle, x64, res64, dy, case.relu)
     for key, want in exact.items():
         if key.endswith("num_batches_tracked"):
             assert torch.equal(got[key], want), f"{key} {got[key]} != nn's {want}"
             continue
         assert got[key] is not None, f"{key} was not computed"
         assert got[key].dtype == ref[key].dtype, f"{key}: dtype {got[key].dtype} != eager's {ref[key].dtype}"
-        assert_oracle_close(got[key], ref[key], want, name=key)
+        assert_oracle_close(got[key], ref[key], want, name=key, scale=scales.get(key))
     y_ref = ref["y"]
     if (case.x_layout == "channels_last" and case.res_layout in (None, "channels_last")
             and y_ref.is_contiguous(memory_format=torch.channels_last) and not y_ref.is_contiguous()):
@@ -256,6 +266,35 @@ def check_unit(backend: str, case: UnitCase) -> None:
         # contiguous, and so may the fused unit.
         assert got["y"].is_contiguous(memory_format=torch.channels_last), \
             f"y has strides {got['y'].stride()} for channels_last input (eager: {y_ref.stride()})"
+
+
+def cancelling_weight_grad_scale(oracle, x64: torch.Tensor, res64: Optional[torch.Tensor],
+                                 dy: torch.Tensor, relu: bool) -> float:
+    """max(1, max over weights of sum |dz| |x|), the oracle's dz: the size of the terms whose sum a
+    unit with batch statistics and one weight per output channel returns as that weight's
+    gradient.
+
+    BatchNorm with batch statistics is invariant to the scale of each output channel's weights,
+    so dW_c is orthogonal to W_c; with one weight per channel (fan-in 1) dW is zero up to eps,
+    and what any implementation returns is the residue of sum(dz * x) cancelling, rounding of
+    the size of its terms. The oracle's ~0 understates that, and eager's error is one draw of
+    it: explore runs found a fused error 35x eager's in bfloat16, fused ahead of eager in the
+    median of 200 seeds.
+    """
+    conv, bn = oracle.conv, oracle.bn
+    z = F.conv2d(x64, conv.weight.detach(), None, conv.stride, conv.padding, conv.dilation,
+                 conv.groups).requires_grad_()
+    gamma = None if bn.weight is None else bn.weight.detach()
+    beta = None if bn.bias is None else bn.bias.detach()
+    out = F.batch_norm(z, None, None, gamma, beta, training=True, eps=bn.eps)
+    if res64 is not None:
+        out = out + res64
+    if relu:
+        out = torch.relu(out)
+    (dz,) = torch.autograd.grad(out, z, dy)
+    terms = torch.nn.grad.conv2d_weight(x64.abs(), conv.weight.shape, dz.abs(), conv.stride,
+                                        conv.padding, conv.dilation, conv.groups)
+    return max(1.0, terms.max().item())
 
 
 CPU_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
