@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from fusedres import reference
-from fusedres.backend import current_backend_name
+from fusedres.backend import current_backend_name, explicit_padding
 from fusedres.fusability import is_frozen_norm
 from fusedres.ops import fold
 from fusedres.ops.block import Unit, block_train, recompute_mode
@@ -89,6 +89,9 @@ def _block_op(block: nn.Module, x: torch.Tensor, units: list, name: str) -> Opti
     ds = block.downsample
     if ds is not None and not _is_conv_bn_pair(ds):
         return None  # a custom downsample runs as the module it is
+    convs = [conv for _, conv, _ in units] + ([] if ds is None else [ds[0]])
+    if any(explicit_padding(x, conv) is not None for conv in convs):
+        return None  # the units pad those inputs explicitly (fusedres.backend.explicit_padding)
     chain = [Unit(f"{name}.{unit_name}", conv, bn, True) for unit_name, conv, bn in units]
     downsample = None if ds is None else Unit(f"{name}.downsample", ds[0], ds[1], False)
     # Blocks made by fusedres.convert bypass __init__ and carry no recompute attribute.

@@ -213,6 +213,18 @@ def test_environment_switches_blocks_to_the_per_unit_path(monkeypatch):
     assert run(fused, make_input("basic-identity"))[1] != "_BlockFunctionBackward"
 
 
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+def test_padding_beyond_half_span_runs_unit_by_unit(backend):
+    """A block convolution padded beyond its kernel's half-span (conv1 3x3 padding 2, conv2
+    padding 0: the shapes still meet) takes the per-unit path, where the units pad explicitly
+    (fusedres.backend.explicit_padding), and still follows the oracle."""
+    fused, eager = make_pair("basic-identity", backend, dtype=F64)
+    for block in (fused, eager):
+        block.conv1.padding, block.conv2.padding = (2, 2), (0, 0)
+    grad_fn = assert_matches_oracle(fused, eager, make_input("basic-identity", F64), F64)
+    assert grad_fn != "_BlockFunctionBackward"
+
+
 # -- exactness --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
