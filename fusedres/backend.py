@@ -69,10 +69,11 @@ def explicit_padding(x: torch.Tensor, conv: nn.Conv2d) -> Optional[tuple[int, in
     path.
 
     Args:
-        x: the convolution's input [N, Cin, H, W].
+        x: the convolution's input [N, Cin, H, W] (anything else: None, its checks name it).
         conv: the nn.Conv2d (zero padding; string paddings never exceed the half-span).
     """
-    if x.device.type != "cpu" or isinstance(conv.padding, str):
+    if (not isinstance(x, torch.Tensor) or x.device.type != "cpu"
+            or isinstance(conv.padding, str)):
         return None
     (ph, pw), (kh, kw), (dh, dw) = conv.padding, conv.kernel_size, conv.dilation
     if ph <= dh * (kh - 1) // 2 and pw <= dw * (kw - 1) // 2:
