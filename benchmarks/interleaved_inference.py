@@ -11,7 +11,7 @@ Providers, each called once per round in an order rotated from round to round (c
   output into its input (fusedres.models.resnet.FusedResNet.forward).
 - ``fused_out_of_place``: the same without the in-place writes (every block's output allocated).
 - ``fused_unit_plans``: per-unit plans only (no block plans), out of place.
-- ``onednn_replay``: the floor for any Python composition of these convolutions: inductor's
+- ``onednn_replay``: the floor for any Python composition of oneDNN's convolutions: inductor's
   call sequence replayed with no checks at all (BN folded, weights prepacked, the residual
   summed in place into the downsample's output or the block's input), built here for this one
   input and model, valid only as long as neither changes.

@@ -313,6 +313,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("weight"), pybind11::arg("stride"), pybind11::arg("padding"),
         pybind11::arg("dilation"), pybind11::arg("groups"),
         "Whether a cpu unit op convolves x with weight through the GEMM path.");
+  m.def("cpu_im2col_rows", &fusedres::cpu::im2col_rows, pybind11::arg("x"),
+        pybind11::arg("kernel_size"), pybind11::arg("stride"), pybind11::arg("padding"),
+        pybind11::arg("dilation"),
+        "[N*Ho*Wo, kh*kw*C] columns of a channels_last x, (tap, channel) order (csrc/cpu/gemm_conv.h).");
 }
 
 // ============================================================================================

@@ -34,7 +34,8 @@ def info_lines() -> list[str]:
             lines.append(f"  cuda:{i} {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB")
     if _ext.extension_loaded():
         lines.append(f"extension fusedres._C: loaded; {_ext._C.build_info()}")
-        lines.append("cpu backend's GEMM convolutions (with gradients; csrc/cpu/gemm_conv.h): "
+        lines.append("cpu backend's GEMM convolutions (with gradients, and small maps in "
+                     "inference; csrc/cpu/gemm_conv.h): "
                      + ("on" if _ext._C.cpu_gemm_conv() else "off"))
     else:
         lines.append(f"extension fusedres._C: {_ext.EXTENSION_ERROR}")

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import CPU_FUSED_BACKENDS, assert_oracle_close
 import fusedres
@@ -132,6 +133,85 @@ def test_unit_on_the_gemm_path(gemm_switch, gemm, dtype, shape, training, has_re
 
 
 
+# Inference (no gradients, frozen statistics) convolves output maps of at most 16 pixels, and
+# unpadded stride-1 1x1s up to 7x7, as oneDNN's prepacked linear over the im2col rows
+# (fusedres/backends/extension.py); (shape, takes the matrix product).
+INFERENCE_SHAPES = [
+    ((2, 24, 4, 4, 40, 3, 1, 1, 1), True),     # layer4-like 3x3 at 4x4
+    ((2, 16, 7, 7, 48, 3, 2, 1, 1), True),     # stride 2 into 4x4
+    ((2, 8, 4, 4, 12, 3, 1, 2, 2), True),      # dilation 2
+    ((1, 6, 3, 1, 12, 3, 1, 1, 1), True),      # W of 1, N=1
+    ((2, 10, 7, 7, 32, 1, 1, 0, 1), True),     # a 1x1 at 7x7: its rows are x
+    ((2, 12, 7, 8, 20, 1, 2, 0, 1), True),     # the downsample's 1x1 stride 2, into 4x4
+    ((2, 24, 1, 1, 40, 3, 1, 1, 1), True),     # one pixel in and out: x contiguous too
+    ((2, 8, 7, 7, 16, 3, 1, 1, 1), False),     # a 3x3 at 7x7: oneDNN's convolution
+    ((2, 8, 8, 8, 16, 1, 1, 0, 1), False),     # a 1x1 at 8x8
+]
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Names of the ops dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("gemm", [True, False], ids=["gemm", "aten"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape, matmul", INFERENCE_SHAPES,
+                         ids=lambda s: "x".join(map(str, s)) if isinstance(s, tuple) else str(s))
+@pytest.mark.parametrize("has_residual", [True, False], ids=["res", "nores"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+def test_inference_of_small_maps_as_a_matrix_product(gemm_switch, gemm, dtype, shape, matmul,
+                                                     has_residual, relu):
+    """Eval without gradients: the small maps (with the switch on) run oneDNN's linear, never
+    its convolution, and every unit follows the oracle, channels_last out."""
+    gemm_switch(gemm)
+    n, cin, h, w, cout, k, stride, padding, dilation = shape
+    eager, fused, oracle = _units(shape, dtype, relu, torch.channels_last)
+    for m in (eager, fused, oracle):
+        m.eval()
+    x = _cl(n, cin, h, w, dtype=dtype)
+    ho = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    wo = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    res = _cl(n, cout, ho, wo, dtype=dtype) if has_residual else None
+    with torch.no_grad():
+        with _OpRecorder() as recorder:
+            got = fused(x, res)
+        expected = eager(x, res)
+        exact = oracle(x.double(), None if res is None else res.double())
+    linear = "mkldnn::_linear_pointwise" in recorder.names
+    assert linear == (gemm and matmul), sorted(recorder.names)
+    assert linear != ("mkldnn::_convolution_pointwise" in recorder.names), sorted(recorder.names)
+    assert_oracle_close(got, expected, exact, name="y")
+    if ho * wo > 1:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_inference_matrix_product_follows_parameter_changes(gemm_switch):
+    """The prepacked linear weight is cached per parameter version like every fold: changing the
+    conv weight or a running statistic changes the output as the oracle's."""
+    gemm_switch(True)
+    shape = INFERENCE_SHAPES[0][0]
+    eager, fused, oracle = _units(shape, torch.float32, True, torch.channels_last)
+    for m in (eager, fused, oracle):
+        m.eval()
+    x = _cl(*shape[:4])
+    for change in (lambda m: m.conv.weight.mul_(-0.5), lambda m: m.bn.running_mean.add_(0.7)):
+        with torch.no_grad():
+            before = fused(x)
+            for m in (eager, fused, oracle):
+                change(m)
+            got = fused(x)
+            assert_oracle_close(got, eager(x), oracle(x.double()), name="y")
+        assert not torch.equal(got, before)
+
+
 @pytest.mark.parametrize("weight_layout", [torch.channels_last, torch.contiguous_format],
                          ids=["cl_weight", "nchw_weight"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -196,4 +276,5 @@ def test_environment_variable_sets_the_path_at_load(env, expected):
         environ["FUSEDRES_CPU_GEMM_CONV"] = env
     out = subprocess.run([sys.executable, "-m", "fusedres.info"], capture_output=True, text=True,
                          check=True, env=environ).stdout
-    assert f"GEMM convolutions (with gradients; csrc/cpu/gemm_conv.h): {expected}" in out
+    assert ("GEMM convolutions (with gradients, and small maps in inference; "
+            f"csrc/cpu/gemm_conv.h): {expected}") in out

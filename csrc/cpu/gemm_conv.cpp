@@ -178,6 +178,26 @@ at::Tensor gemm_conv_forward(const at::Tensor& x, const at::Tensor& weight,
   return nchw_view(z, s.n, s.ho, s.wo);
 }
 
+at::Tensor im2col_rows(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "im2col_rows: x must be a 4-D float32 or bfloat16 CPU tensor, got ", x.sizes(), " ",
+              x.scalar_type(), " on ", x.device());
+  TORCH_CHECK(x.is_contiguous(c10::MemoryFormat::ChannelsLast),
+              "im2col_rows: x must be dense channels_last, got strides ", x.strides());
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
+                  dilation.size() == 2,
+              "im2col_rows: kernel_size, stride, padding and dilation must be pairs");
+  Shape s{x.size(0), x.size(1), x.size(2), x.size(3), kernel_size[0], kernel_size[1], 0, 0,
+          stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+          /*channels_inner=*/true};
+  s.ho = (s.h + 2 * s.ph - s.dh * (s.kh - 1) - 1) / s.sh + 1;
+  s.wo = (s.w + 2 * s.pw - s.dw * (s.kw - 1) - 1) / s.sw + 1;
+  TORCH_CHECK(s.ho > 0 && s.wo > 0, "im2col_rows: empty output map for x of size ", x.sizes());
+  return columns(x, s);
+}
+
 std::tuple<at::Tensor, at::Tensor> gemm_conv_backward(const at::Tensor& dz, const at::Tensor& x,
                                                       const at::Tensor& weight,
                                                       at::IntArrayRef stride,

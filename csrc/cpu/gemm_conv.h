@@ -44,6 +44,13 @@ std::tuple<at::Tensor, at::Tensor> gemm_conv_backward(const at::Tensor& dz, cons
                                                       at::IntArrayRef dilation, bool need_dx,
                                                       bool need_dweight);
 
+// cols [N*Ho*Wo, kh*kw*Cin] of a dense channels_last x [N, Cin, H, W] (float32 or bfloat16),
+// columns in (tap, channel) order: the rows the convolution with a [Cout, kh, kw, Cin] weight
+// matrix multiplies (x itself, as a view, for a 1x1 stride-1 convolution without padding).
+// Inference runs its GEMM convolutions over it (fusedres/backends/extension.py).
+at::Tensor im2col_rows(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation);
+
 // The switch for benchmarks and A/B checks: on unless FUSEDRES_CPU_GEMM_CONV=0 at load.
 void set_gemm_conv_enabled(bool enabled);
 bool gemm_conv_enabled();

@@ -10,15 +10,19 @@ Inference (no gradient wanted) folds BatchNorm into the convolution (fusedres.op
 runs one fused convolution: oneDNN's convolution with bias, binary-add and ReLU post-ops on the
 CPU (``torch.ops.mkldnn._convolution_pointwise``, the kernels inductor's CPU freezing path uses),
 cuDNN's convolution + bias (+ add) + ReLU on CUDA (``torch.cudnn_convolution_relu`` /
-``cudnn_convolution_add_relu``, what torch.fx's inference fusion uses).
+``cudnn_convolution_add_relu``, what torch.fx's inference fusion uses). On the CPU, small output
+maps (layer4) run as oneDNN's prepacked linear over the input's im2col rows instead, with the
+same post-ops (docs/design.md section 4).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fusedres import _ext
-from fusedres.backend import (Backend, BlockOps, ConvParams, in_memory_format_of,
+from fusedres.backend import (Backend, BlockOps, ConvParams, conv_output_hw, in_memory_format_of,
                               memory_format_of, one_pixel_map, register_backend)
 from fusedres.ops import fold, unit_schema
 
@@ -103,6 +107,9 @@ class CpuBackend(ExtensionBackend):
                 relu, eps)
         stride, padding, dilation, groups = fold.geometry_lists(conv)
         dtype, shape = x.dtype, list(x.shape)
+        if channels_last and _convolves_as_matmul(x, weight, conv):
+            return _matmul_runner(conv_module, x, weight, gamma, beta, running_mean, running_var,
+                                  conv, relu, eps)
 
         def prepare(w, b):
             # channels_last convolutions take the weights prepacked in oneDNN's blocked layout,
@@ -137,6 +144,72 @@ class CpuBackend(ExtensionBackend):
             return pointwise.binary(x, residual, f.weight, f.bias, padding, stride, dilation,
                                     groups, "add", None, unary, [], "")
         return run_add
+
+
+# Output maps of at most this many pixels convolve faster as one matrix product over the input's
+# columns (oneDNN's prepacked linear, with bias, ReLU or the residual add fused) than as oneDNN's
+# prepacked convolution: 1.35-1.9x per convolution at batch 8 on a 2-core Xeon (AMX), bfloat16
+# and float32 (ResNet's layer4 at 112x112: 4x4 maps, 512-2048 channels), about even at batch 1.
+# An unpadded stride-1 1x1 needs no im2col (its columns are x) and wins up to 7x7; a 3x3 at 7x7
+# loses the gain to its im2col.
+_MATMUL_MAX_PIXELS = 16
+_MATMUL_MAX_PIXELS_POINTWISE = 49
+
+
+def _convolves_as_matmul(x: torch.Tensor, weight: torch.Tensor, conv: ConvParams) -> bool:
+    """Whether the cpu backend's inference convolves channels_last x [N, C, H, W] with weight
+    [Cout, C/groups, kh, kw] as a matrix product (``_MATMUL_MAX_PIXELS``). Off with the
+    training path's GEMM switch (``fusedres._ext._C.set_cpu_gemm_conv``), read when a plan is
+    built."""
+    if (conv.groups != 1 or x.dtype not in (torch.float32, torch.bfloat16)
+            or not _ext._C.cpu_gemm_conv()):
+        return False
+    ho, wo = conv_output_hw(x.shape[2:], weight.shape[2:], conv.stride, conv.padding,
+                            conv.dilation)
+    pointwise = (tuple(weight.shape[2:]) == (1, 1) and tuple(conv.stride) == (1, 1)
+                 and tuple(conv.padding) == (0, 0))
+    return ho * wo <= (_MATMUL_MAX_PIXELS_POINTWISE if pointwise else _MATMUL_MAX_PIXELS)
+
+
+def _matmul_runner(conv_module, x, weight, gamma, beta, running_mean, running_var,
+                   conv: ConvParams, relu: bool, eps: float):
+    """The inference runner that convolves as ``act(cols @ W^T + t (+ residual))``.
+
+    cols [N*Ho*Wo, kh*kw*C] is x's im2col in (tap, channel) order (``_C.cpu_im2col_rows``, a
+    view for an unpadded stride-1 1x1), W the folded weight as a [Cout, kh*kw*C] matrix in the
+    same order, prepacked once per parameter version for oneDNN's linear; the output rows are
+    y's channels_last memory.
+    """
+    stride, padding, dilation, _ = fold.geometry_lists(conv)
+    kernel_size = list(weight.shape[2:])
+    rows = x.shape[0] * math.prod(conv_output_hw(x.shape[2:], kernel_size, stride, padding,
+                                                 dilation))
+
+    def prepare(w, b):
+        matrix = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+        return fold.FoldedConv(torch.ops.mkldnn._reorder_linear_weight(matrix, rows), b.to(w.dtype))
+
+    f = fold.fold_conv_bn(conv_module, weight, gamma, beta, running_mean, running_var, eps,
+                          x.dtype, "onednn-linear", prepare)
+    linear = torch.ops.mkldnn._linear_pointwise
+    unary = "relu" if relu else "none"
+
+    def run(x, residual, residual_is_dead):
+        n, _, h, w = x.shape
+        ho, wo = conv_output_hw((h, w), kernel_size, stride, padding, dilation)
+        cols = _ext._C.cpu_im2col_rows(x.contiguous(memory_format=torch.channels_last),
+                                       kernel_size, stride, padding, dilation)
+        if residual is None:
+            y = linear.default(cols, f.weight, f.bias, unary, [], "")
+        else:
+            # oneDNN's linear takes the add as a post-op but no ReLU after it.
+            residual_rows = residual.contiguous(memory_format=torch.channels_last).permute(
+                0, 2, 3, 1).reshape(cols.shape[0], -1)
+            y = linear.binary(cols, residual_rows, f.weight, f.bias, "add")
+            if relu:
+                y = y.relu_()
+        return y.view(n, ho, wo, -1).permute(0, 3, 1, 2)
+    return run
 
 
 class CudaBackend(ExtensionBackend):
