@@ -143,7 +143,11 @@ INFERENCE_SHAPES = [
     ((1, 6, 3, 1, 12, 3, 1, 1, 1), True),      # W of 1, N=1
     ((2, 10, 7, 7, 32, 1, 1, 0, 1), True),     # a 1x1 at 7x7: its rows are x
     ((2, 12, 7, 8, 20, 1, 2, 0, 1), True),     # the downsample's 1x1 stride 2, into 4x4
-    ((2, 24, 1, 1, 40, 3, 1, 1, 1), True),     # one pixel in and out: x contiguous too
+    ((2, 24, 1, 1, 40, 3, 1, 1, 1), True),     # one pixel in and out (x contiguous too): the
+                                               # centre tap alone reads the input
+    ((2, 16, 2, 2, 24, 3, 2, 1, 1), True),     # 2x2 to one pixel: taps 1-2 of each row
+    ((2, 8, 1, 3, 12, 3, 1, 1, 1), True),      # H of 1: the middle row of taps
+    ((1, 4, 1, 1, 6, 3, 1, 2, 2), True),       # dilated on one pixel: the centre tap
     ((2, 8, 7, 7, 16, 3, 1, 1, 1), False),     # a 3x3 at 7x7: oneDNN's convolution
     ((2, 8, 8, 8, 16, 1, 1, 0, 1), False),     # a 1x1 at 8x8
 ]

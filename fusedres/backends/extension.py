@@ -171,26 +171,52 @@ def _convolves_as_matmul(x: torch.Tensor, weight: torch.Tensor, conv: ConvParams
     return ho * wo <= (_MATMUL_MAX_PIXELS_POINTWISE if pointwise else _MATMUL_MAX_PIXELS)
 
 
+def _taps_reading_input(size: int, kernel: int, stride: int, padding: int, dilation: int,
+                        out: int) -> tuple[range, int]:
+    """The kernel taps along one dimension that read an input pixel for some output position,
+    and the padding that keeps each output position's taps in place once the others are dropped.
+
+    Taps that only ever read the zero padding contribute nothing: on a one-pixel map a 3x3 with
+    padding 1 is its centre 1x1 (9x fewer columns). All taps when dropping any would move the
+    output size or need a negative padding, or where no tap reads the input.
+    """
+    reading = [i for i in range(kernel) if any(0 <= o * stride - padding + i * dilation < size
+                                               for o in range(out))]
+    if not reading:  # every output position reads only padding: keep the geometry as it is
+        return range(kernel), padding
+    first, last = reading[0], reading[-1]
+    cropped_padding = padding - first * dilation
+    cropped_out = (size + 2 * cropped_padding - dilation * (last - first) - 1) // stride + 1
+    if cropped_padding < 0 or cropped_out != out:
+        return range(kernel), padding
+    return range(first, last + 1), cropped_padding
+
+
 def _matmul_runner(conv_module, x, weight, gamma, beta, running_mean, running_var,
                    conv: ConvParams, relu: bool, eps: float):
     """The inference runner that convolves as ``act(cols @ W^T + t (+ residual))``.
 
     cols [N*Ho*Wo, kh*kw*C] is x's im2col in (tap, channel) order (``_C.cpu_im2col_rows``, a
-    view for an unpadded stride-1 1x1), W the folded weight as a [Cout, kh*kw*C] matrix in the
-    same order, prepacked once per parameter version for oneDNN's linear; the output rows are
-    y's channels_last memory.
+    view for an unpadded stride-1 1x1) over the taps that read the input for x's map size, W the
+    folded weight as a [Cout, kh*kw*C] matrix of the same taps in the same order, prepacked once
+    per parameter version for oneDNN's linear; the output rows are y's channels_last memory.
     """
     stride, padding, dilation, _ = fold.geometry_lists(conv)
-    kernel_size = list(weight.shape[2:])
-    rows = x.shape[0] * math.prod(conv_output_hw(x.shape[2:], kernel_size, stride, padding,
-                                                 dilation))
+    out_hw = conv_output_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    rows = x.shape[0] * math.prod(out_hw)
+    taps, padding = zip(*(_taps_reading_input(x.shape[2 + d], weight.shape[2 + d], stride[d],
+                                              padding[d], dilation[d], out_hw[d])
+                          for d in range(2)))
+    kernel_size, padding = [len(t) for t in taps], list(padding)
 
     def prepare(w, b):
+        w = w[:, :, taps[0].start:taps[0].stop, taps[1].start:taps[1].stop]
         matrix = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
         return fold.FoldedConv(torch.ops.mkldnn._reorder_linear_weight(matrix, rows), b.to(w.dtype))
 
+    # The cache key names the taps kept: another map size may keep others.
     f = fold.fold_conv_bn(conv_module, weight, gamma, beta, running_mean, running_var, eps,
-                          x.dtype, "onednn-linear", prepare)
+                          x.dtype, f"onednn-linear taps {taps}", prepare)
     linear = torch.ops.mkldnn._linear_pointwise
     unary = "relu" if relu else "none"
 
