@@ -36,7 +36,8 @@ class FoldedConv(NamedTuple):
 
     Attributes:
         weight: [Cout, Cin/groups, kh, kw] ``w * s`` in the activation dtype, in the layout (or
-            prepacked form) the backend's inference convolution wants.
+            prepacked form) the backend's inference convolution wants; for the cpu backend's
+            small maps, oneDNN's prepacked [Cout, kh*kw*Cin] linear weight.
         bias: [Cout] ``t``, in the dtype the backend's convolution takes for it.
     """
 
