@@ -341,6 +341,24 @@ def test_unit_matches_oracle(backend, case):
     check_unit(backend, case)
 
 
+def _inference_case(case: UnitCase) -> UnitCase:
+    """``case`` as an inference call: eval with running statistics, no gradients, channels_last
+    x (the residual keeps its drawn layout)."""
+    return dataclasses.replace(case, training=False, track_running_stats=True,
+                               grad_mode="no_grad", x_layout="channels_last")
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@settings(max_examples=HYPOTHESIS_EXAMPLES)
+@given(case=unit_cases([torch.float32, torch.bfloat16]).map(_inference_case))
+def test_inference_unit_matches_oracle(backend, case):
+    """The inference path a model in eval runs, drawn on its own (the general property, whose
+    phase, gradients, layout and dtype must all line up for it, drew it in none of 600 explore
+    examples): BN folded into oneDNN's prepacked convolution or, on small maps, its linear over
+    the im2col rows."""
+    check_unit(backend, case)
+
+
 # Padding beyond the kernel's half-span where oneDNN's brgemm convolution (torch 2.13 and 2.14,
 # AMX Xeon) kills the process unless fusedres pads explicitly (fusedres.backend.explicit_padding):
 # float16 (bfloat16 in channels_last) and bfloat16, forward and backward, eager PyTorch too.
