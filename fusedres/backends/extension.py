@@ -149,9 +149,10 @@ class CpuBackend(ExtensionBackend):
 # Output maps of at most this many pixels convolve faster as one matrix product over the input's
 # columns (oneDNN's prepacked linear, with bias, ReLU or the residual add fused) than as oneDNN's
 # prepacked convolution: 1.35-1.9x per convolution at batch 8 on a 2-core Xeon (AMX), bfloat16
-# and float32 (ResNet's layer4 at 112x112: 4x4 maps, 512-2048 channels), about even at batch 1.
-# An unpadded stride-1 1x1 needs no im2col (its columns are x) and wins up to 7x7; a 3x3 at 7x7
-# loses the gain to its im2col.
+# and float32 (ResNet's layer4 at 112x112: 4x4 maps, 512-2048 channels), about even at batch 1,
+# in exploratory medians of 35 alternating calls that chose the rule (the README has the
+# whole-model runs). An unpadded stride-1 1x1 needs no im2col (its columns are x) and wins up to
+# 7x7; a 3x3 at 7x7 loses the gain to its im2col.
 _MATMUL_MAX_PIXELS = 16
 _MATMUL_MAX_PIXELS_POINTWISE = 49
 
@@ -220,9 +221,10 @@ def _matmul_runner(conv_module, x, weight, gamma, beta, running_mean, running_va
     linear = torch.ops.mkldnn._linear_pointwise
     unary = "relu" if relu else "none"
 
+    # A plan's key fixes x's shape, and the taps kept leave the output size as it is.
+    ho, wo = out_hw
+
     def run(x, residual, residual_is_dead):
-        n, _, h, w = x.shape
-        ho, wo = conv_output_hw((h, w), kernel_size, stride, padding, dilation)
         cols = _ext._C.cpu_im2col_rows(x.contiguous(memory_format=torch.channels_last),
                                        kernel_size, stride, padding, dilation)
         if residual is None:
@@ -234,7 +236,7 @@ def _matmul_runner(conv_module, x, weight, gamma, beta, running_mean, running_va
             y = linear.binary(cols, residual_rows, f.weight, f.bias, "add")
             if relu:
                 y = y.relu_()
-        return y.view(n, ho, wo, -1).permute(0, 3, 1, 2)
+        return y.view(x.shape[0], ho, wo, -1).permute(0, 3, 1, 2)
     return run
 
 
