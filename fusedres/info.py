@@ -9,6 +9,7 @@ import torch
 
 import fusedres
 from fusedres import _ext
+from fusedres.backends import extension
 
 
 def _triton_version() -> str:
@@ -37,6 +38,9 @@ def info_lines() -> list[str]:
         lines.append("cpu backend's GEMM convolutions (with gradients, and small maps in "
                      "inference; csrc/cpu/gemm_conv.h): "
                      + ("on" if _ext._C.cpu_gemm_conv() else "off"))
+        lines.append("  inference matrix products: "
+                     + ("every small map (AMX)" if extension._MATMUL_REPEATING_COLUMNS else
+                        "small maps whose columns hold each input pixel once (no AMX)"))
     else:
         lines.append(f"extension fusedres._C: {_ext.EXTENSION_ERROR}")
     if _ext.BUILD_INFO:

@@ -23,6 +23,7 @@ from conftest import CPU_FUSED_BACKENDS, assert_oracle_close
 import fusedres
 from fusedres import FusedConvBNReLU, reference
 from fusedres._ext import _C
+from fusedres.backends import extension
 from fusedres.ops import block as block_module
 from test_unit import away_from_kink, randomize_bn, run
 
@@ -134,23 +135,33 @@ def test_unit_on_the_gemm_path(gemm_switch, gemm, dtype, shape, training, has_re
 
 
 # Inference (no gradients, frozen statistics) convolves output maps of at most 16 pixels, and
-# unpadded stride-1 1x1s up to 7x7, as oneDNN's prepacked linear over the im2col rows
-# (fusedres/backends/extension.py); (shape, takes the matrix product).
+# unpadded stride-1 1x1s up to 7x7, as oneDNN's prepacked linear over the im2col rows; on a CPU
+# without AMX only those whose columns hold each input pixel once (one tap reading the input, or
+# one output position, along each dimension; fusedres/backends/extension.py). (shape, takes the
+# matrix product with AMX, without).
 INFERENCE_SHAPES = [
-    ((2, 24, 4, 4, 40, 3, 1, 1, 1), True),     # layer4-like 3x3 at 4x4
-    ((2, 16, 7, 7, 48, 3, 2, 1, 1), True),     # stride 2 into 4x4
-    ((2, 8, 4, 4, 12, 3, 1, 2, 2), True),      # dilation 2
-    ((1, 6, 3, 1, 12, 3, 1, 1, 1), True),      # W of 1, N=1
-    ((2, 10, 7, 7, 32, 1, 1, 0, 1), True),     # a 1x1 at 7x7: its rows are x
-    ((2, 12, 7, 8, 20, 1, 2, 0, 1), True),     # the downsample's 1x1 stride 2, into 4x4
-    ((2, 24, 1, 1, 40, 3, 1, 1, 1), True),     # one pixel in and out (x contiguous too): the
-                                               # centre tap alone reads the input
-    ((2, 16, 2, 2, 24, 3, 2, 1, 1), True),     # 2x2 to one pixel: taps 1-2 of each row
-    ((2, 8, 1, 3, 12, 3, 1, 1, 1), True),      # H of 1: the middle row of taps
-    ((1, 4, 1, 1, 6, 3, 1, 2, 2), True),       # dilated on one pixel: the centre tap
-    ((2, 8, 7, 7, 16, 3, 1, 1, 1), False),     # a 3x3 at 7x7: oneDNN's convolution
-    ((2, 8, 8, 8, 16, 1, 1, 0, 1), False),     # a 1x1 at 8x8
+    ((2, 24, 4, 4, 40, 3, 1, 1, 1), True, False),    # layer4-like 3x3 at 4x4
+    ((2, 16, 7, 7, 48, 3, 2, 1, 1), True, False),    # stride 2 into 4x4
+    ((2, 8, 4, 4, 12, 3, 1, 2, 2), True, False),     # dilation 2
+    ((1, 6, 3, 1, 12, 3, 1, 1, 1), True, False),     # W of 1, N=1: three taps along H
+    ((2, 10, 7, 7, 32, 1, 1, 0, 1), True, True),     # a 1x1 at 7x7: its rows are x
+    ((2, 12, 7, 8, 20, 1, 2, 0, 1), True, True),     # the downsample's 1x1 stride 2, into 4x4
+    ((2, 24, 1, 1, 40, 3, 1, 1, 1), True, True),     # one pixel in and out (x contiguous too):
+                                                     # the centre tap alone reads the input
+    ((2, 16, 2, 2, 24, 3, 2, 1, 1), True, True),     # 2x2 to one pixel: taps 1-2 of each row
+    ((2, 8, 1, 3, 12, 3, 1, 1, 1), True, False),     # H of 1: the middle row of taps, three
+                                                     # along W
+    ((1, 4, 1, 1, 6, 3, 1, 2, 2), True, True),       # dilated on one pixel: the centre tap
+    ((2, 8, 7, 7, 16, 3, 1, 1, 1), False, False),    # a 3x3 at 7x7: oneDNN's convolution
+    ((2, 8, 8, 8, 16, 1, 1, 0, 1), False, False),    # a 1x1 at 8x8
 ]
+
+
+@pytest.fixture(params=[True, False], ids=["amx_rule", "no_amx_rule"])
+def repeating_columns(request, monkeypatch):
+    """Both CPUs' rules, whatever this CPU is (the rule is read when a plan is built)."""
+    monkeypatch.setattr(extension, "_MATMUL_REPEATING_COLUMNS", request.param)
+    return request.param
 
 
 class _OpRecorder(TorchDispatchMode):
@@ -167,11 +178,12 @@ class _OpRecorder(TorchDispatchMode):
 
 @pytest.mark.parametrize("gemm", [True, False], ids=["gemm", "aten"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape, matmul", INFERENCE_SHAPES,
+@pytest.mark.parametrize("shape, matmul_amx, matmul_no_amx", INFERENCE_SHAPES,
                          ids=lambda s: "x".join(map(str, s)) if isinstance(s, tuple) else str(s))
 @pytest.mark.parametrize("has_residual", [True, False], ids=["res", "nores"])
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
-def test_inference_of_small_maps_as_a_matrix_product(gemm_switch, gemm, dtype, shape, matmul,
+def test_inference_of_small_maps_as_a_matrix_product(gemm_switch, repeating_columns, gemm, dtype,
+                                                     shape, matmul_amx, matmul_no_amx,
                                                      has_residual, relu):
     """Eval without gradients: the small maps (with the switch on) run oneDNN's linear, never
     its convolution, and every unit follows the oracle, channels_last out."""
@@ -190,6 +202,7 @@ def test_inference_of_small_maps_as_a_matrix_product(gemm_switch, gemm, dtype, s
         expected = eager(x, res)
         exact = oracle(x.double(), None if res is None else res.double())
     linear = "mkldnn::_linear_pointwise" in recorder.names
+    matmul = matmul_amx if repeating_columns else matmul_no_amx
     assert linear == (gemm and matmul), sorted(recorder.names)
     assert linear != ("mkldnn::_convolution_pointwise" in recorder.names), sorted(recorder.names)
     assert_oracle_close(got, expected, exact, name="y")
@@ -197,10 +210,11 @@ def test_inference_of_small_maps_as_a_matrix_product(gemm_switch, gemm, dtype, s
         assert got.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_inference_matrix_product_follows_parameter_changes(gemm_switch):
+def test_inference_matrix_product_follows_parameter_changes(gemm_switch, monkeypatch):
     """The prepacked linear weight is cached per parameter version like every fold: changing the
     conv weight or a running statistic changes the output as the oracle's."""
     gemm_switch(True)
+    monkeypatch.setattr(extension, "_MATMUL_REPEATING_COLUMNS", True)
     shape = INFERENCE_SHAPES[0][0]
     eager, fused, oracle = _units(shape, torch.float32, True, torch.channels_last)
     for m in (eager, fused, oracle):

@@ -157,19 +157,44 @@ _MATMUL_MAX_PIXELS = 16
 _MATMUL_MAX_PIXELS_POINTWISE = 49
 
 
+def _cpu_has_amx() -> bool:
+    # torch.cpu._is_amx_tile_supported is private: a torch without it counts as no AMX.
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe is not None and probe())
+
+
+# Whether the matrix product also takes the units whose columns repeat input pixels (a 3x3 at
+# 4x4 reads most pixels nine times over). Where the CPU has AMX (the Xeon above) it wins there
+# too. On a 2-core AMD EPYC (Zen 4: AVX512, no AMX) oneDNN's linear lost to its convolution on
+# those, 0.75-0.93x per convolution (3x3s at 2x2 and 4x4, float32 and bfloat16), and won only
+# where each input pixel lands in the columns once: 1x1s 1.03-2.1x, a 3x3 on a one-pixel map
+# (its centre tap) 1.8x, a stride-2 3x3 into one pixel 2.0x (exploratory medians of 25-30
+# alternating calls); a whole resnet18 float32 eval at 112x112 there ran 0.93x torch.compile with
+# every small map a matrix product, 0.98x with none. Read when a plan is built.
+_MATMUL_REPEATING_COLUMNS = _cpu_has_amx()
+
+
 def _convolves_as_matmul(x: torch.Tensor, weight: torch.Tensor, conv: ConvParams) -> bool:
     """Whether the cpu backend's inference convolves channels_last x [N, C, H, W] with weight
-    [Cout, C/groups, kh, kw] as a matrix product (``_MATMUL_MAX_PIXELS``). Off with the
-    training path's GEMM switch (``fusedres._ext._C.set_cpu_gemm_conv``), read when a plan is
-    built."""
+    [Cout, C/groups, kh, kw] as a matrix product (``_MATMUL_MAX_PIXELS``, and
+    ``_MATMUL_REPEATING_COLUMNS``). Off with the training path's GEMM switch
+    (``fusedres._ext._C.set_cpu_gemm_conv``), read when a plan is built."""
     if (conv.groups != 1 or x.dtype not in (torch.float32, torch.bfloat16)
             or not _ext._C.cpu_gemm_conv()):
         return False
-    ho, wo = conv_output_hw(x.shape[2:], weight.shape[2:], conv.stride, conv.padding,
+    out_hw = conv_output_hw(x.shape[2:], weight.shape[2:], conv.stride, conv.padding,
                             conv.dilation)
     pointwise = (tuple(weight.shape[2:]) == (1, 1) and tuple(conv.stride) == (1, 1)
                  and tuple(conv.padding) == (0, 0))
-    return ho * wo <= (_MATMUL_MAX_PIXELS_POINTWISE if pointwise else _MATMUL_MAX_PIXELS)
+    if out_hw[0] * out_hw[1] > (_MATMUL_MAX_PIXELS_POINTWISE if pointwise
+                                else _MATMUL_MAX_PIXELS):
+        return False
+    # Along each dimension one tap reading the input, or one output position: im2col copies
+    # each input pixel at most once.
+    return _MATMUL_REPEATING_COLUMNS or all(
+        out == 1 or len(_taps_reading_input(x.shape[2 + d], weight.shape[2 + d], conv.stride[d],
+                                            conv.padding[d], conv.dilation[d], out)[0]) == 1
+        for d, out in enumerate(out_hw))
 
 
 def _taps_reading_input(size: int, kernel: int, stride: int, padding: int, dilation: int,
