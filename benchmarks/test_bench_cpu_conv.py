@@ -2,8 +2,9 @@
 geometry, on the cpu backend with and without its GEMM convolutions, beside eager's modules.
 
 The cpu backend runs a unit's convolution as one GEMM where the weights outweigh the activations
-(csrc/cpu/gemm_conv.h: every 1x1, and at most 2*Cout output rows); this group shows, layer by
-layer, where that beats oneDNN's convolution and where the rule keeps oneDNN. Shapes: batch 8 at
+(csrc/cpu/gemm_conv.h: every 1x1, and at most 2*Cout output rows; in float32 without AMX at most
+Cout/4 output rows); this group shows, layer by layer, where that beats oneDNN's convolution and
+where the rule keeps oneDNN. Shapes: batch 8 at
 112x112, the main job's size, so layer4 runs at 4x4. Everything channels_last.
 
 Providers, timed in the same rounds (conftest.Interleaved): ``eager`` (``nn.Conv2d`` +

@@ -309,6 +309,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "on unless FUSEDRES_CPU_GEMM_CONV=0 at load.");
   m.def("cpu_gemm_conv", &fusedres::cpu::gemm_conv_enabled,
         "Whether the cpu backend's GEMM convolution path is on.");
+  m.def("set_cpu_gemm_conv_float32_amx_rule", &fusedres::cpu::set_gemm_conv_float32_amx_rule,
+        pybind11::arg("amx_rule"),
+        "Whether float32 convolutions take the GEMM path by the rule measured with AMX (true) or "
+        "by the narrower one measured without (false; csrc/cpu/gemm_conv.h); set at load.");
+  m.def("cpu_gemm_conv_float32_amx_rule", &fusedres::cpu::gemm_conv_float32_amx_rule,
+        "Which float32 rule the cpu backend's GEMM path follows (true: the AMX one).");
   m.def("cpu_gemm_conv_applies", &fusedres::cpu::gemm_conv_applies, pybind11::arg("x"),
         pybind11::arg("weight"), pybind11::arg("stride"), pybind11::arg("padding"),
         pybind11::arg("dilation"), pybind11::arg("groups"),

@@ -38,6 +38,10 @@ def info_lines() -> list[str]:
         lines.append("cpu backend's GEMM convolutions (with gradients, and small maps in "
                      "inference; csrc/cpu/gemm_conv.h): "
                      + ("on" if _ext._C.cpu_gemm_conv() else "off"))
+        lines.append("  float32 training rule: "
+                     + ("the AMX one (1x1s, at most 2*Cout output rows)"
+                        if _ext._C.cpu_gemm_conv_float32_amx_rule() else
+                        "without AMX (at most Cout/4 output rows)"))
         lines.append("  inference matrix products: "
                      + ("every small map (AMX)" if extension._MATMUL_REPEATING_COLUMNS else
                         "small maps whose columns hold each input pixel once (no AMX)"))

@@ -4,7 +4,8 @@ it against the float64 oracle, with the path on and off.
 The path runs a unit's convolution, data gradient and weight gradient as matrix products over an
 im2col of the input (x itself for a 1x1); it applies to float32 and bfloat16 channels_last inputs
 without groups, for every 1x1 without padding and for convolutions with at most 2*Cout output
-rows (N*Ho*Wo). The unit cases below are the geometries it takes, awkward ones included (stride 2
+rows (N*Ho*Wo); in float32 on a CPU without AMX only with at most Cout/4 output rows (the tests
+set the AMX rule, the widest, except where they test that one). The unit cases below are the geometries it takes, awkward ones included (stride 2
 with odd H and W, dilation, padding wider than the kernel's half, H or W of 1, N=1, odd channel
 counts), each checked with the tolerance rule on y, every gradient and the running statistics.
 A FusedResNet trains channels_last inside whatever its input's layout, so that the path applies
@@ -22,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import CPU_FUSED_BACKENDS, assert_oracle_close
 import fusedres
 from fusedres import FusedConvBNReLU, reference
+from fusedres import _ext
 from fusedres._ext import _C
 from fusedres.backends import extension
 from fusedres.ops import block as block_module
@@ -45,10 +47,13 @@ GEMM_SHAPES = [
 
 @pytest.fixture
 def gemm_switch():
-    """Sets the path on or off for one test and restores the process's setting after it."""
-    before = _C.cpu_gemm_conv()
+    """Sets the path on or off for one test and restores the process's setting after it; the
+    float32 rule is the AMX one (the widest) inside, on any CPU."""
+    before, amx_rule_before = _C.cpu_gemm_conv(), _C.cpu_gemm_conv_float32_amx_rule()
+    _C.set_cpu_gemm_conv_float32_amx_rule(True)
     yield _C.set_cpu_gemm_conv
     _C.set_cpu_gemm_conv(before)
+    _C.set_cpu_gemm_conv_float32_amx_rule(amx_rule_before)
 
 
 def _applies(x, weight, stride=1, padding=0, dilation=1, groups=1):
@@ -80,6 +85,37 @@ def test_applies_to_channels_last_float32_and_bfloat16_without_groups(gemm_switc
     assert not _applies(torch.randn(2, 1, 4, 4), torch.randn(32, 1, 1, 1))  # C = 1
     gemm_switch(False)
     assert not _applies(x, w1)
+
+
+def test_float32_rule_without_amx(gemm_switch):
+    """Without AMX, float32 takes the path only with at most Cout/4 output rows (ResNet-50's
+    layer4 at batch 8, 112x112); bfloat16 keeps the rule above. Set at load from the CPU."""
+    gemm_switch(True)
+    assert _C.cpu_gemm_conv_float32_amx_rule() is True  # the fixture's
+    _C.set_cpu_gemm_conv_float32_amx_rule(False)
+    layer4_1x1, layer4_3x3 = torch.randn(2048, 512, 1, 1), torch.randn(512, 512, 3, 3)
+    assert _applies(_cl(8, 512, 4, 4), layer4_1x1)                   # 128 rows <= 2048/4
+    assert _applies(_cl(8, 512, 4, 4), layer4_3x3, padding=1)        # 128 rows <= 512/4
+    assert _applies(_cl(8, 512, 7, 7), layer4_3x3, stride=2, padding=1)
+    assert not _applies(_cl(8, 256, 7, 7), torch.randn(256, 256, 3, 3), padding=1)  # layer3
+    assert not _applies(_cl(8, 256, 7, 7), torch.randn(1024, 256, 1, 1))  # 392 rows > 1024/4
+    assert not _applies(_cl(8, 64, 28, 28), torch.randn(256, 64, 1, 1))   # layer1's 1x1
+    assert _applies(_cl(8, 64, 28, 28).bfloat16(), torch.randn(256, 64, 1, 1).bfloat16())
+    assert _applies(_cl(8, 256, 7, 7).bfloat16(), torch.randn(256, 256, 3, 3).bfloat16(),
+                    padding=1)                                        # 392 rows <= 2*256
+    _C.set_cpu_gemm_conv_float32_amx_rule(True)
+    assert _applies(_cl(8, 64, 28, 28), torch.randn(256, 64, 1, 1))
+
+
+def test_float32_rule_follows_the_cpu():
+    """The rule in force from load is this CPU's (torch's AMX probe)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert _ext.CPU_HAS_AMX == bool(probe())
+    assert extension._MATMUL_REPEATING_COLUMNS == _ext.CPU_HAS_AMX
+    out = subprocess.run([sys.executable, "-c", "from fusedres._ext import _C; "
+                          "print(_C.cpu_gemm_conv_float32_amx_rule())"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(_ext.CPU_HAS_AMX)
 
 
 def _units(shape, dtype, relu, weight_layout):

@@ -24,6 +24,12 @@ std::atomic<bool>& enabled_flag() {
   return flag;
 }
 
+// Set at load from the CPU's flags (fusedres/_ext.py); true until then.
+std::atomic<bool>& float32_amx_rule_flag() {
+  static std::atomic<bool> flag{true};
+  return flag;
+}
+
 // The convolution's sizes; x and dx are dense channels_last (NHWC) buffers. A row of cols holds
 // one output position's kh*kw taps of C channels, in the order of the weight's memory, so that
 // the weight is a [Cout, K] matrix without a copy: (tap, channel) for a channels_last weight,
@@ -152,6 +158,10 @@ void set_gemm_conv_enabled(bool enabled) { enabled_flag().store(enabled); }
 
 bool gemm_conv_enabled() { return enabled_flag().load(); }
 
+void set_gemm_conv_float32_amx_rule(bool amx_rule) { float32_amx_rule_flag().store(amx_rule); }
+
+bool gemm_conv_float32_amx_rule() { return float32_amx_rule_flag().load(); }
+
 bool gemm_conv_applies(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   if (!gemm_conv_enabled() || groups != 1 || !x.device().is_cpu()) return false;
@@ -163,6 +173,13 @@ bool gemm_conv_applies(const at::Tensor& x, const at::Tensor& weight, at::IntArr
   const bool one_pixel_map = s.h == 1 && s.w == 1 && s.ho == 1 && s.wo == 1 && x.is_contiguous();
   if (checks::unit_memory_format(x) != c10::MemoryFormat::ChannelsLast && !one_pixel_map) {
     return false;
+  }
+  if (dtype == at::kFloat && !gemm_conv_float32_amx_rule()) {
+    // Measured on a 2-core AMD EPYC (Zen 4, no AMX), training units of ResNet-50 at batch 8,
+    // 112x112: oneDNN's float32 convolution beat the GEMM in layers 1-3 (1x1s 0.85-0.98x, a 3x3
+    // at 7x7 0.82x) and lost to it only in layer4, where N*Ho*Wo <= Cout/4 (1.0-1.6x). Its
+    // bfloat16 there follows the rule below (layers 3-4 1.2-2.5x, layers 1-2 0.92-1.08x).
+    return 4 * s.m() <= weight.size(0);
   }
   if (s.kh == 1 && s.kw == 1 && s.ph == 0 && s.pw == 0) return true;
   // Measured on a 2-core Xeon (AMX) in bfloat16 and float32: a 3x3 wins from N*Ho*Wo ~ 1.5*Cout

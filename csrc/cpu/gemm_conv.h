@@ -26,7 +26,9 @@ namespace cpu {
 // Whether the unit ops take the GEMM path for this convolution: enabled (see
 // set_gemm_conv_enabled), float32 or bfloat16, CPU, groups == 1, x in channels_last (the unit
 // layout), and either a 1x1 without padding or a convolution with at most 2*Cout output rows
-// (N*Ho*Wo), where the weight outweighs the activations. The arguments have been checked.
+// (N*Ho*Wo), where the weight outweighs the activations; float32 on a CPU without AMX (see
+// set_gemm_conv_float32_amx_rule) only with at most Cout/4 output rows. The arguments have been
+// checked.
 bool gemm_conv_applies(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
@@ -54,6 +56,12 @@ at::Tensor im2col_rows(const at::Tensor& x, at::IntArrayRef kernel_size, at::Int
 // The switch for benchmarks and A/B checks: on unless FUSEDRES_CPU_GEMM_CONV=0 at load.
 void set_gemm_conv_enabled(bool enabled);
 bool gemm_conv_enabled();
+
+// Which float32 rule gemm_conv_applies follows: the one measured on a Xeon with AMX (true) or
+// the narrower one measured on an AMD EPYC without it (false). fusedres/_ext.py sets it at load
+// from the CPU's flags; tests set both.
+void set_gemm_conv_float32_amx_rule(bool amx_rule);
+bool gemm_conv_float32_amx_rule();
 
 }  // namespace cpu
 }  // namespace fusedres

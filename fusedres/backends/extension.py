@@ -157,12 +157,6 @@ _MATMUL_MAX_PIXELS = 16
 _MATMUL_MAX_PIXELS_POINTWISE = 49
 
 
-def _cpu_has_amx() -> bool:
-    # torch.cpu._is_amx_tile_supported is private: a torch without it counts as no AMX.
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe is not None and probe())
-
-
 # Whether the matrix product also takes the units whose columns repeat input pixels (a 3x3 at
 # 4x4 reads most pixels nine times over). Where the CPU has AMX (the Xeon above) it wins there
 # too. On a 2-core AMD EPYC (Zen 4: AVX512, no AMX) oneDNN's linear lost to its convolution on
@@ -171,7 +165,7 @@ def _cpu_has_amx() -> bool:
 # (its centre tap) 1.8x, a stride-2 3x3 into one pixel 2.0x (exploratory medians of 25-30
 # alternating calls); a whole resnet18 float32 eval at 112x112 there ran 0.93x torch.compile with
 # every small map a matrix product, 0.98x with none. Read when a plan is built.
-_MATMUL_REPEATING_COLUMNS = _cpu_has_amx()
+_MATMUL_REPEATING_COLUMNS = _ext.CPU_HAS_AMX
 
 
 def _convolves_as_matmul(x: torch.Tensor, weight: torch.Tensor, conv: ConvParams) -> bool:
