@@ -168,6 +168,25 @@ at::Tensor eval_forward(const DeviceOps& dev, const at::Tensor& x, const at::Ten
   return dev.channels_last_conv ? in_layout_of(y, x) : y;
 }
 
+namespace {
+
+// dw in weight's strides (size-1 dimensions aside), as a copy only where they differ. ATen's
+// weight gradient is channels_last for a channels_last input; a FusedResNet built NCHW trains
+// channels_last activations with NCHW weights, and AccumulateGrad would copy every such
+// gradient into its parameter's layout (in float32, after autocast's backward cast) each step.
+at::Tensor strided_like(const at::Tensor& dw, const at::Tensor& weight) {
+  bool same = dw.dim() == weight.dim();
+  for (int64_t d = 0; same && d < dw.dim(); ++d) {
+    same = weight.size(d) == 1 || dw.stride(d) == weight.stride(d);
+  }
+  if (same) return dw;
+  at::Tensor out = at::empty_like(weight, dw.options());
+  out.copy_(dw);
+  return out;
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const DeviceOps& dev, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
     const OptTensor& y, const OptTensor& z, const at::Tensor& mean, const at::Tensor& invstd,
@@ -202,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
           {output_mask[0], output_mask[1], false});
     }
   }
-  return {output_mask[0] ? dx : absent(dy), output_mask[1] ? dw : absent(dy),
+  return {output_mask[0] ? dx : absent(dy), output_mask[1] ? strided_like(dw, weight) : absent(dy),
           output_mask[2] ? dgamma : absent(dy), output_mask[3] ? dbeta : absent(dy),
           output_mask[4] ? dres : absent(dy)};
 }

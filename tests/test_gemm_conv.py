@@ -275,8 +275,7 @@ def test_inference_matrix_product_follows_parameter_changes(gemm_switch, monkeyp
 def test_opcheck_on_the_gemm_path(gemm_switch, shape, dtype, weight_layout):
     """The three unit ops on the path against their schemas and fake kernels: the outputs'
     strides must be what the fakes tell torch.compile (ATen's layouts: channels_last for a
-    channels_last input, dW too, whatever the weight's layout; for a one-pixel map, x NCHW
-    as well, dW follows the weight)."""
+    channels_last input; dW in the weight's layout, so that AccumulateGrad keeps it)."""
     gemm_switch(True)
     n, cin, h, w, cout, k, stride, padding, dilation = shape
     x = _cl(n, cin, h, w, dtype=dtype)
@@ -297,9 +296,7 @@ def test_opcheck_on_the_gemm_path(gemm_switch, shape, dtype, weight_layout):
     torch.library.opcheck(ops.unit_backward.default, args)
     dx, dweight = ops.unit_backward(*args)[:2]
     assert dx.is_contiguous(memory_format=torch.channels_last)
-    one_pixel_nchw = h == w == 1 and weight_layout == torch.contiguous_format
-    assert dweight.is_contiguous(memory_format=weight_layout if one_pixel_nchw
-                                 else torch.channels_last)
+    assert dweight.is_contiguous(memory_format=weight_layout)
 
 
 def test_nchw_model_trains_channels_last_inside(monkeypatch):
@@ -322,6 +319,25 @@ def test_nchw_model_trains_channels_last_inside(monkeypatch):
     layouts.clear()
     model(x).sum().backward()
     assert seen[0].is_contiguous() and not any(layouts)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("gemm", [True, False], ids=["gemm", "aten"])
+@pytest.mark.parametrize("kernel, size", [(3, 4), (3, 14), (1, 7)], ids=["3x3_4px", "3x3_14px", "1x1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_gradient_comes_in_the_weight_layout(gemm_switch, backend, gemm, kernel, size,
+                                                    dtype):
+    """A channels_last input with an NCHW weight (a FusedResNet built NCHW trains so): the
+    unit's weight gradient reaches the parameter NCHW, as AccumulateGrad keeps it without a copy
+    (ATen's own gradient is channels_last there), on the GEMM path and ATen's alike."""
+    gemm_switch(gemm)
+    unit = FusedConvBNReLU(16, 32, kernel, padding=kernel // 2, backend=backend).to(dtype).train()
+    x = _cl(2, 16, size, size, dtype=dtype)
+    seen = []
+    unit.conv.weight.register_hook(lambda g: seen.append(g))
+    unit(x).sum().backward()
+    assert seen[0].is_contiguous(), seen[0].stride()
+    assert unit.conv.weight.grad.is_contiguous()
 
 
 @pytest.mark.parametrize("env, expected", [(None, "on"), ("0", "off"), ("1", "on")])

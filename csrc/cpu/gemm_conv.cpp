@@ -225,14 +225,10 @@ std::tuple<at::Tensor, at::Tensor> gemm_conv_backward(const at::Tensor& dz, cons
   const at::Tensor dz_rows = rows_of(dz.contiguous(c10::MemoryFormat::ChannelsLast));
   at::Tensor dx, dweight;
   if (need_dweight) {
-    // dW in the layout ATen's weight gradient takes (the ops' fake kernels say it): channels_last
-    // when x or the weight is, so NCHW only for a one-pixel map (x both layouts at once) with a
-    // contiguous weight. The columns' order gives either without a copy.
-    Shape dweight_order = s;
-    dweight_order.channels_inner =
-        s.channels_inner || checks::unit_memory_format(x) == c10::MemoryFormat::ChannelsLast;
-    const at::Tensor dweight_rows = at::mm(dz_rows.t(), columns(x, dweight_order));
-    dweight = dweight_order.channels_inner
+    // dW in the weight's layout (the unit ops return it so, csrc/unit_ops.cpp): the columns in
+    // the weight's order give it without a copy.
+    const at::Tensor dweight_rows = at::mm(dz_rows.t(), columns(x, s));
+    dweight = s.channels_inner
                   ? dweight_rows.view({weight.size(0), s.kh, s.kw, s.c}).permute({0, 3, 1, 2})
                   : dweight_rows.view({weight.size(0), s.c, s.kh, s.kw});
   }

@@ -115,7 +115,19 @@ def conv_backward(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, strid
     dx, dw, _ = torch.ops.aten.convolution_backward.default(
         dz, x, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
         [need_dx, need_dw, False])
-    return dx, dw
+    return dx, None if dw is None else strided_like(dw, weight)
+
+
+def strided_like(dw: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """dw in weight's strides (size-1 dimensions aside), copied only where they differ.
+
+    ATen's weight gradient is channels_last for a channels_last input; a FusedResNet built NCHW
+    trains channels_last activations with NCHW weights, and AccumulateGrad would copy each such
+    gradient into its parameter's layout every step (csrc/unit_ops.cpp does the same)."""
+    strides = zip(weight.shape, dw.stride(), weight.stride())
+    if all(size == 1 or a == b for size, a, b in strides):
+        return dw
+    return torch.empty_like(weight, dtype=dw.dtype).copy_(dw)
 
 
 def _differentiable_backward(ctx, dy, x, weight, y, gamma, beta, running_mean, running_var,

@@ -120,9 +120,11 @@ def register_fakes(namespace: str, layout: Layout) -> None:
         else:
             ref = dy
         dz = torch.empty_like(ref, memory_format=memory_format_of(ref))
-        dx, dw, _ = torch.ops.aten.convolution_backward.default(
+        dx, _, _ = torch.ops.aten.convolution_backward.default(
             dz, layout.conv_input(x), weight, None, stride, padding, dilation, False, [0, 0],
-            groups, [output_mask[0], output_mask[1], False])
+            groups, [output_mask[0], False, False])
+        # dweight in the weight's strides, whatever ATen's convention (csrc/unit_ops.cpp).
+        dw = torch.empty_like(weight)
         sdt = stats_dtype(dy.dtype)
         c = weight.shape[0]
         outputs = (dx, dw, dy.new_empty((c,), dtype=sdt), dy.new_empty((c,), dtype=sdt),
