@@ -323,7 +323,8 @@ def test_nchw_model_trains_channels_last_inside(monkeypatch):
 
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
 @pytest.mark.parametrize("gemm", [True, False], ids=["gemm", "aten"])
-@pytest.mark.parametrize("kernel, size", [(3, 4), (3, 14), (1, 7)], ids=["3x3_4px", "3x3_14px", "1x1"])
+@pytest.mark.parametrize("kernel, size", [(3, 4), (3, 14), (1, 7)],
+                         ids=["3x3_4px", "3x3_14px", "1x1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_weight_gradient_comes_in_the_weight_layout(gemm_switch, backend, gemm, kernel, size,
                                                     dtype):
