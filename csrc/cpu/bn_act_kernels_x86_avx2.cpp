@@ -11,6 +11,17 @@
 // and the DEFAULT kernels never run an AVX2 instruction on a CPU without AVX2.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FUSEDRES_HAVE_AVX2_KERNELS 1
+// Every libstdc++ header and the capability-neutral ATen and c10 headers come first, under the
+// default target. libstdc++ 13 marks members such as ~allocator() always_inline; defined under
+// the AVX2 pragma, they cannot be inlined into the special members g++ generates without it, and
+// g++ 13 rejects the file ("inlining failed ... target specific option mismatch"). Included
+// here, they keep the default target, which AVX2 code may inline.
+#include <bits/stdc++.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 #pragma GCC target("avx2,fma,f16c")
 // g++ does not define the ISA macros for a target pragma (gcc does); sleef.h, which ATen's AVX2
 // Vectorized includes, declares its AVX2 functions only under them.
