@@ -69,8 +69,13 @@ def _extension():
     # follows torch across 2.11-2.15 instead of pinning one standard that some release rejects.
     # -g0 overrides the -g in Python's own build flags: debug information for the CPU kernels'
     # template instantiations made a third of their compile time and most of the library's size.
-    cxx_flags = ["-O3", "-g0", "-fopenmp"]
-    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
+    # torch's std::string ABI, spelled out: cpp_extension no longer passes it and relies on the
+    # compiler's default, but some compilers default to the old ABI (Red Hat's gcc-toolset, for
+    # one). Built that way the extension loads and then crashes wherever a std::string crosses
+    # into libtorch (every TORCH_CHECK message); fusedres/_ext.py refuses such a build.
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    cxx_flags = ["-O3", "-g0", "-fopenmp", abi]
+    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", abi]
     include_dirs = [os.path.join(ROOT, "csrc")]
     library_dirs, libraries, link_args = [], [], ["-fopenmp"]
     arch_list = "none"

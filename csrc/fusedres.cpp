@@ -304,6 +304,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether the CUDA kernels (csrc/cuda) were compiled into this extension.");
   m.def("build_info", &fusedres::build_info,
         "Compiler, OpenMP and CPU vectorisation details of this build.");
+#ifdef _GLIBCXX_USE_CXX11_ABI
+  // An int, not a string: fusedres/_ext.py compares it with torch's before anything passes a
+  // std::string between this library and libtorch.
+  m.attr("glibcxx_use_cxx11_abi") = static_cast<int>(_GLIBCXX_USE_CXX11_ABI);
+#endif
   m.def("set_cpu_gemm_conv", &fusedres::cpu::set_gemm_conv_enabled, pybind11::arg("enabled"),
         "Whether the cpu backend's unit ops may run convolutions as one GEMM (csrc/cpu/gemm_conv.h); "
         "on unless FUSEDRES_CPU_GEMM_CONV=0 at load.");

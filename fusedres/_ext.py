@@ -4,10 +4,28 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from typing import Optional
 
 import torch
 
 _BUILD_HINT = "build it with `pip install -e . --no-build-isolation`"
+
+
+def abi_mismatch(extension) -> Optional[str]:
+    """Why ``extension`` must not be used if its std::string ABI differs from torch's, else None.
+
+    A library compiled with the other ``_GLIBCXX_USE_CXX11_ABI`` can still load next to libtorch
+    and then crash the process at the first std::string that crosses between them (an error
+    message): refused up front instead. Builds that do not report it (older ones, libc++) pass.
+    """
+    built = getattr(extension, "glibcxx_use_cxx11_abi", None)
+    wanted = getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", None)
+    if built is None or wanted is None or bool(built) == bool(wanted):
+        return None
+    return (f"fusedres._C was compiled with _GLIBCXX_USE_CXX11_ABI={int(built)} and torch with "
+            f"{int(wanted)}: their std::strings differ, and the first error message would crash "
+            f"the process; re{_BUILD_HINT} (setup.py passes torch's ABI)")
+
 
 if importlib.util.find_spec("fusedres._C") is None:
     _C = None
@@ -16,10 +34,12 @@ else:
     try:
         # Registers the torch.ops.fusedres.* kernels.
         _C = importlib.import_module("fusedres._C")
-        EXTENSION_ERROR = None
+        EXTENSION_ERROR = abi_mismatch(_C)
     except ImportError as exc:  # e.g. built against another torch
         _C = None
-        EXTENSION_ERROR = f"fusedres._C could not be loaded ({exc}); re{_BUILD_HINT[1:]}"
+        EXTENSION_ERROR = f"fusedres._C could not be loaded ({exc}); re{_BUILD_HINT}"
+    if EXTENSION_ERROR is not None:
+        _C = None
 
 
 def _cpu_has_amx() -> bool:

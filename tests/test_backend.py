@@ -2,11 +2,13 @@
 
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
 import fusedres
+from fusedres import _ext
 from fusedres.backend import BACKEND_NAMES, resolve
 
 
@@ -41,11 +43,11 @@ def test_auto_skips_a_backend_whose_kernels_do_not_take_the_dtype(monkeypatch):
 
 
 def test_auto_order_on_cuda_tensors(monkeypatch):
-    """auto on a CUDA tensor: triton first for its dtypes, the cuda kernels for float64, eager
-    last; CPU tensors never go to triton, even when the interpreter lets it run them.
+    """auto on a CUDA tensor: the cuda kernels first, then triton for its dtypes, eager last;
+    CPU tensors never go to triton, even when the interpreter lets it run them.
 
     Availability is faked (nothing runs), so the order is tested on any machine: with both GPU
-    backends usable, float16 can only land on triton if ``_AUTO_ORDER["cuda"]`` lists it first.
+    backends usable, float16 can only land on cuda if ``_AUTO_ORDER["cuda"]`` lists it first.
     """
     triton_backend, cuda_backend = fusedres.get_backend("triton"), fusedres.get_backend("cuda")
     # As under TRITON_INTERPRET=1: triton claims CPU tensors too.
@@ -53,12 +55,12 @@ def test_auto_order_on_cuda_tensors(monkeypatch):
     monkeypatch.setattr(triton_backend, "availability", lambda: (True, "faked for the test"))
     monkeypatch.setattr(cuda_backend, "availability", lambda: (True, "faked for the test"))
     cuda = torch.device("cuda")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, None):
+        assert resolve("auto", cuda, dtype).name == "cuda", dtype
+    monkeypatch.setattr(cuda_backend, "availability", lambda: (False, "faked for the test"))
     for dtype in (torch.float16, torch.bfloat16, torch.float32, None):
         assert resolve("auto", cuda, dtype).name == "triton", dtype
-    assert resolve("auto", cuda, torch.float64).name == "cuda"
-    monkeypatch.setattr(cuda_backend, "availability", lambda: (False, "faked for the test"))
     assert resolve("auto", cuda, torch.float64).name == "eager"
-    assert resolve("auto", cuda, torch.float16).name == "triton"
 
     cpu_ok, _ = fusedres.available_backends()["cpu"]
     for dtype in (torch.float16, torch.float32, None):
@@ -84,3 +86,20 @@ def test_info_command_prints_versions_build_and_backends():
     for name in BACKEND_NAMES:
         assert f"  {name}" in out
     assert "extension" in out
+
+
+def test_an_extension_of_another_string_abi_is_refused():
+    torch_abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    other = types.SimpleNamespace(glibcxx_use_cxx11_abi=1 - torch_abi)
+    why = _ext.abi_mismatch(other)
+    assert why is not None and f"_GLIBCXX_USE_CXX11_ABI={1 - torch_abi}" in why
+    assert "rebuild it with" in why
+    assert _ext.abi_mismatch(types.SimpleNamespace(glibcxx_use_cxx11_abi=torch_abi)) is None
+    # a build that does not say (older ones, libc++) is taken as it is
+    assert _ext.abi_mismatch(types.SimpleNamespace()) is None
+
+
+def test_the_extension_is_built_with_torchs_string_abi():
+    if not _ext.extension_loaded():
+        pytest.skip(f"needs the extension: {_ext.EXTENSION_ERROR}")
+    assert _ext._C.glibcxx_use_cxx11_abi == int(torch._C._GLIBCXX_USE_CXX11_ABI)
