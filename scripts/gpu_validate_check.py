@@ -133,6 +133,8 @@ class Checker:
         res64 = None if residual is None else residual.to(low).double()
         # The widest kink band of the dtypes: every dtype's run then shares one dy.
         band = max(KINK_BAND[DTYPES[d]] for d in self.plan.check_dtypes)
+        # Inner kinks: the narrowest band (float32's), see _inner_kink_reach.
+        inner_band = min(KINK_BAND[DTYPES[d]] for d in self.plan.check_dtypes)
         for mode, training in MODES:
             t0 = time.perf_counter()
             exact = None
@@ -143,9 +145,13 @@ class Checker:
                 x64c, res64c = (None if t is None else t.contiguous() for t in (x64, res64))
                 with torch.no_grad():
                     # a copy: the training forward moves the running statistics
-                    y64 = copy.deepcopy(oracle)(*_args(x64c, res64c))
+                    y64, reach = _inner_kink_reach(copy.deepcopy(oracle), _args(x64c, res64c),
+                                                   inner_band)
                 dy = torch.randn(y64.shape, dtype=torch.float64, device=self.device)
                 dy = dy.masked_fill(y64.abs() < band, 0.0)
+                if reach is not None:
+                    dy = dy.masked_fill(reach, 0.0)
+                    labels["inner_kink_pixels"] = round(reach.double().mean().item(), 5)
                 exact = _run(oracle, x64c, res64c, dy)
             oracle_s = time.perf_counter() - t0
             for dname in self.plan.check_dtypes:
@@ -258,6 +264,45 @@ class Checker:
                                    dtype=dname, mode="eval", status="pass" if ok else "fail",
                                    tensors=tensors, batch=p.net_batch, image=p.net_image,
                                    seconds=round(time.perf_counter() - t0, 3))
+
+
+def _inner_kink_reach(block: nn.Module, args: tuple,
+                      band: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Runs ``block`` and finds the output pixels that an inner ReLU's kink reaches.
+
+    A block (fusedres.reference's BasicBlock or Bottleneck: conv1 .. convL, a ReLU after each
+    of bn1 .. bn(L-1), the last one after the residual add) has inner ReLUs whose
+    pre-activations, within ``band`` of 0, may land on either side in a fused run (eval folds
+    BN into the weights; training sums in another order), which moves every gradient upstream
+    of them (docs/design.md section 6). The output dy only masks the last kink. Zeroing dy at
+    every output pixel (all channels) whose receptive field through conv(i+1) .. convL holds
+    such an element makes the gradient reaching it zero, so a flip there multiplies a zero: in
+    eval exactly; in training BN's batch statistics still carry a channel mean of dy to it.
+
+    Returns (the block's output, a bool mask [N, 1, Ho, Wo] or None for a single unit).
+    """
+    if not hasattr(block, "conv1"):
+        return block(*args), None
+    depth = sum(1 for name, _ in block.named_children() if name.startswith("conv"))
+    near = {}
+    hooks = [getattr(block, f"bn{i}").register_forward_hook(
+        lambda _m, _i, out, i=i: near.__setitem__(i, (out.abs() < band).any(1, keepdim=True)))
+        for i in range(1, depth)]
+    try:
+        y = block(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    reach = torch.zeros_like(y[:, :1], dtype=torch.bool)
+    for i, mask in near.items():
+        spread = mask.double()
+        for conv in (getattr(block, f"conv{j}") for j in range(i + 1, depth + 1)):
+            window = torch.ones(1, 1, *conv.kernel_size, dtype=spread.dtype,
+                                device=spread.device)
+            spread = torch.nn.functional.conv2d(spread, window, None, conv.stride, conv.padding,
+                                                conv.dilation)
+        reach |= spread > 0
+    return y, reach
 
 
 def _args(x, residual) -> tuple:
