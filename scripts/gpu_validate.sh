@@ -85,7 +85,8 @@ if ((DRY)); then
   # Read once, when triton is first imported; before every Python process here.
   export TRITON_INTERPRET=1
 fi
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# PYTHONFAULTHANDLER: a crashing process prints its Python stack into its stage's log.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 export GPU_VALIDATE_START=$START PY DRY
 
 # record_stage NAME STATUS RC SECONDS BUDGET ESTIMATE NOTE: one `stage` line in results.jsonl.
@@ -139,18 +140,33 @@ build() {
   else
     "${cmd[@]}" || return
   fi
-  "$PY" - "$( ((DRY)) && echo cpu || echo cuda)" <<'EOF'
+  local backend rc
+  backend="$( ((DRY)) && echo cpu || echo cuda)"
+  "$PY" -c "$BUILD_CHECK" "$backend"
+  rc=$?
+  # Killed by a signal (the first H200 run's build_info() segfaulted): the native stack too,
+  # from cuda-gdb (the GPU machines have no gdb; it debugs host-only programs as well).
+  if ((rc > 128)) && command -v cuda-gdb >/dev/null; then
+    echo "== exit $rc: the same under cuda-gdb, for the native backtrace"
+    timeout 120 cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" \
+      --args "$PY" -c "$BUILD_CHECK" "$backend" 2>&1 | tail -n 120
+  fi
+  return $rc
+}
+# After the build: versions, the build, every backend and why it is usable or not; fails when
+# the backend the checks need is not usable.
+BUILD_CHECK='
 import sys
 
 import fusedres
 from fusedres import info
 
-info.main()  # versions, the build, every backend and why it is usable or not
+info.main()
 ok, why = fusedres.available_backends()[sys.argv[1]]
 sys.exit(0 if ok else f"the {sys.argv[1]} backend is unusable after the build: {why}")
-EOF
-}
+'
 export -f build
+export BUILD_CHECK
 
 run_stage info 30 5 "$PY" "$GV" info --out "$OUTDIR" --env-file "$WORK/env" "${DRYFLAG[@]}"
 if (($? == 2)); then

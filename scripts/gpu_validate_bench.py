@@ -384,7 +384,7 @@ def warm_functions(plan: Plan) -> list:
 
     def bn_kernels():
         for c, hw in plan.bn_shapes:
-            for fn, _ in bench.bn_ops(fusedres.get_backend("triton"), c, hw).values():
+            for fn, _ in bench.bn_ops("triton", c, hw).values():
                 fn()
 
     def conv_kernels():
