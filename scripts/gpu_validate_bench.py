@@ -5,7 +5,8 @@
 2. ``block``: each ResNet-50 Bottleneck stage (an identity block and the downsampling first
    block of each stage) at batch 128, bf16 autocast, channels_last: a training step (forward
    with batch statistics + backward of the input and every parameter) and an eval forward, for
-   eager_cl, triton and cuda;
+   eager_cl, triton and cuda, and each of them again replayed as one CUDA graph per step
+   (``<provider>+graph``: the step without its host launch cost, see :func:`cuda_graphed`);
 3. ``model``: the whole ResNet-50 (the plan's ``net_arch``) training step (forward,
    cross-entropy, backward, SGD) at batch 256, and its eval forward, same providers;
 4. ``bn``: the BatchNorm kernels (statistics; scale/shift + residual + ReLU; their backward) in
@@ -13,7 +14,7 @@
 5. ``conv``: the Triton convolution's TFLOP/s against cuDNN's (F.conv2d) on four shapes;
 6. ``profile``: torch.profiler's kernel table of one triton Bottleneck training step;
 7. ``compile``, last because inductor compiles for tens of seconds per graph: each block again
-   with torch.compile beside eager_cl and triton, then the whole model if time allows.
+   with torch.compile beside eager_cl, triton and cuda, then the whole model if time allows.
 
 Providers are timed round by round in turn (their order rotating), each round ``steps`` calls
 back to back between two CUDA events, so the per-step time includes the host's launch gaps as
@@ -107,6 +108,27 @@ def time_rounds(fns: dict, rounds: int, warmup: int, steps: int,
                     "max_ms": max(dev[key]), "host_ms": statistics.median(host[key]),
                     "first_call_s": round(first[key], 3)}
     return out
+
+
+def cuda_graphed(step: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
+    """``step`` captured as one CUDA graph; the returned function replays it.
+
+    PyTorch's whole-network capture: warm-up calls on a side stream (Triton's autotuning,
+    cuDNN's algorithm search and the optimizer's momentum buffers happen there), then one
+    capture; every tensor the step allocates comes from the graph's pool and is rewritten by
+    each replay. A step that synchronises with the host or allocates on the CPU fails to capture
+    (an error record, not a timing).
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 class Bench:
@@ -217,14 +239,32 @@ class Bench:
                 forward()
         return eval_step
 
+    def with_graphs(self, fns: dict, providers: list, make_step: Callable, what: str) -> dict:
+        """``fns`` plus ``<name>+graph`` (the step replayed as a CUDA graph) for the providers
+        of ``plan.graph_providers`` in the main phase; a capture that fails is an error record
+        and leaves the others timed."""
+        for pr in providers:
+            if pr.name in self.plan.graph_providers and self.device.type == "cuda":
+                self.errors += not self.results.guarded(
+                    f"{what} {pr.name}+graph",
+                    lambda pr=pr: fns.__setitem__(f"{pr.name}+graph",
+                                                  cuda_graphed(make_step(pr))))
+        return fns
+
     def block(self, name: str, mode: str, providers: list, phase: str) -> None:
         training = mode == "train"
         spec = block_spec(self.plan, "resnet50", name)
         fns = {pr.name: self.block_step(name, pr, training) for pr in providers}
+        if phase == "main":
+            fns = self.with_graphs(fns, providers,
+                                   lambda pr: self.block_step(name, pr, training),
+                                   f"block {name} {mode}")
         timings = time_rounds(fns, self.plan.rounds, self.plan.warmup,
                               1 if self.plan.dry_run else BLOCK_STEPS, self.device)
         for key, fn in fns.items():
-            timings[key]["peak_mem_bytes"] = peak_memory(fn, self.device)
+            # A graph's memory is its pool, allocated at capture: a replay allocates nothing.
+            timings[key]["peak_mem_bytes"] = (None if key.endswith("+graph")
+                                              else peak_memory(fn, self.device))
             timings[key]["images_per_s"] = self.plan.bench_batch / (
                 timings[key]["median_ms"] / 1e3)
         self.record_group("block", timings, phase=phase, name=name, mode=mode,
@@ -251,9 +291,15 @@ class Bench:
 
     def model(self, mode: str, providers: list, phase: str) -> None:
         fns = {pr.name: self.model_step(pr, mode == "train") for pr in providers}
+        if phase == "main":
+            fns = self.with_graphs(fns, providers,
+                                   lambda pr: self.model_step(pr, mode == "train"),
+                                   f"model {mode}")
         timings = time_rounds(fns, self.plan.rounds, self.plan.warmup, 1, self.device)
         for key, fn in fns.items():
-            timings[key]["peak_mem_bytes"] = peak_memory(fn, self.device)
+            # A graph's memory is its pool, allocated at capture: a replay allocates nothing.
+            timings[key]["peak_mem_bytes"] = (None if key.endswith("+graph")
+                                              else peak_memory(fn, self.device))
             timings[key]["images_per_s"] = self.plan.model_batch / (
                 timings[key]["median_ms"] / 1e3)
         arch = self.plan.net_arch
@@ -401,7 +447,8 @@ def compile_warm_functions(plan: Plan) -> list:
     fns = [(f"block {name} {mode}",
             lambda n=name, m=mode: bench.block_step(n, compiled, m == "train")())
            for mode in ("train", "eval") for name in plan.bench_blocks]
-    return fns + [("model train", lambda: bench.model_step(compiled, True)())]
+    return fns + [(f"model {mode}", lambda m=mode: bench.model_step(compiled, m == "train")())
+                  for mode in ("train", "eval")]
 
 
 def main(args, plan: Plan) -> int:
@@ -437,7 +484,7 @@ def main(args, plan: Plan) -> int:
         results.skip("torch.compile", "dry run: inductor needs a minute or more per graph on "
                                       "2 cores")
         return 1 if b.errors else 0
-    compile_providers = [pr for pr in providers if pr.name in ("eager_cl", "triton")]
+    compile_providers = [pr for pr in providers if pr.name in ("eager_cl", "triton", "cuda")]
     compile_providers.append(make_provider("compile"))
     # After the first compile its measured cost is the estimate of the next (a warm cache
     # makes it seconds, a cold one tens of seconds).
@@ -448,8 +495,9 @@ def main(args, plan: Plan) -> int:
             if b.run(f"compile block {name} {mode}", estimate,
                      lambda n=name, m=mode: b.block(n, m, compile_providers, "compile")):
                 estimate = time.perf_counter() - t0
-    b.run("compile model train", est["compile_model"],
-          lambda: b.model("train", [pr for pr in compile_providers
-                                    if pr.name in plan.model_providers or pr.compiled],
-                          "compile"))
+    for mode in ("train", "eval"):
+        b.run(f"compile model {mode}", est["compile_model"],
+              lambda m=mode: b.model(m, [pr for pr in compile_providers
+                                         if pr.name in plan.model_providers or pr.compiled],
+                                     "compile"))
     return 1 if b.errors else 0

@@ -130,6 +130,7 @@ class Plan:
     bench_batch: int
     bench_blocks: tuple
     bench_providers: tuple
+    graph_providers: tuple
     model_batch: int
     model_image: int
     model_providers: tuple
@@ -169,6 +170,9 @@ GPU_PLAN = Plan(
     bench_blocks=("layer1.1", "layer2.1", "layer3.1", "layer4.1",
                   "layer1.0", "layer2.0", "layer3.0", "layer4.0"),
     bench_providers=("eager_cl", "triton", "cuda"),
+    # Also timed as one CUDA graph per step (host launch cost gone): the first H200 run found
+    # triton's steps host-bound (gpu_validate_bench.cuda_graphed).
+    graph_providers=("eager_cl", "triton", "cuda"),
     model_batch=256, model_image=224, model_providers=("eager_cl", "triton", "cuda"),
     bn_shapes=((256, 56), (512, 28), (1024, 14), (2048, 7)),
     conv_units=("layer1.1.conv2", "layer2.1.conv2", "layer3.1.conv1", "layer4.1.conv2"),
@@ -198,7 +202,7 @@ DRY_PLAN = dataclasses.replace(
     # ResNet-18 (a third of ResNet-50's ops) keeps the CPU's part short.
     net_arch="resnet18", net_batch=2, net_image=64, net_dtypes=("float32",), net_backends=("cpu",),
     bench_dtype="float32", bench_batch=2, bench_blocks=("layer2.0",),
-    bench_providers=("eager_cl", "triton", "cpu_cl"),
+    bench_providers=("eager_cl", "triton", "cpu_cl"), graph_providers=(),
     model_batch=2, model_image=32, model_providers=("eager_cl", "cpu_cl"),
     bn_shapes=((64, 8),), conv_units=("layer2.1.conv2",),
     copy_bytes=2**24, matmul_size=256, rounds=2, warmup=1, compile=False,

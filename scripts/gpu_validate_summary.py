@@ -146,8 +146,11 @@ def _timed(records: list, part: str, full: bool) -> list:
                 order.append(r["group"])
     fused = _in_order(r["provider"] for g in main.values() for r in g.values()
                       if r["provider"] != "eager_cl")
+    # fused providers timed again beside torch.compile: their ratio to it in that phase
+    beside = _in_order(r["provider"] for g in comp.values() for r in g.values()
+                       if r["provider"] not in ("eager_cl", "compile"))
     header = ["case", "shape", "eager_cl ms"] + [f"{p} ms (vs eager_cl)" for p in fused] + [
-        "compile ms (vs eager_cl)", "triton vs compile"]
+        "compile ms (vs eager_cl)"] + [f"{p} vs compile" for p in beside]
     rows = []
     for group in order:
         m, c = main.get(group, {}), comp.get(group, {})
@@ -156,8 +159,8 @@ def _timed(records: list, part: str, full: bool) -> list:
         row += [_ms(m.get(p), m[p]["vs_eager_cl"] if p in m else None) for p in fused]
         comp_rec = c.get("compile")
         row.append(_ms(comp_rec, comp_rec and comp_rec["vs_eager_cl"]))
-        row.append(f"{comp_rec['median_ms'] / c['triton']['median_ms']:.2f}x"
-                   if comp_rec and "triton" in c else "-")
+        row += [f"{comp_rec['median_ms'] / c[p]['median_ms']:.2f}x" if comp_rec and p in c
+                else "-" for p in beside]
         rows.append(row)
     lines = _table(header, rows)
     if full:
@@ -309,8 +312,9 @@ def render(records: list, full: bool) -> str:
     ] + _checks(records, full) + [
         "", "## ResNet-50 Bottleneck blocks", "",
         _setting(records, "block") + "ms per step, median of the rounds; (x) = eager_cl's "
-        "time / the provider's; compile was timed last, beside eager_cl and triton again, and "
-        "`triton vs compile` is compile's time / triton's there.", ""
+        "time / the provider's; `+graph`: the step replayed as one CUDA graph; compile was timed "
+        "last, beside eager_cl and the fused backends again, and `<backend> vs compile` is "
+        "compile's time / the backend's there.", ""
     ] + _timed(records, "block", full) + [
         "", "Targets (fusedres.report; measured, not asserted):", ""] + _targets(records) + [
         "", "## Whole network", "", _setting(records, "model") + "a training step is "
