@@ -71,8 +71,8 @@ def _extension():
     # template instantiations made a third of their compile time and most of the library's size.
     # torch's std::string ABI, spelled out: cpp_extension no longer passes it and relies on the
     # compiler's default, but some compilers default to the old ABI (Red Hat's gcc-toolset, for
-    # one). Built that way the extension loads and then crashes wherever a std::string crosses
-    # into libtorch (every TORCH_CHECK message); fusedres/_ext.py refuses such a build.
+    # one). Built that way the extension fails to load, or loads and crashes where a std::string
+    # crosses into libtorch (a TORCH_CHECK message); fusedres/_ext.py refuses such a build.
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     cxx_flags = ["-O3", "-g0", "-fopenmp", abi]
     nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", abi]

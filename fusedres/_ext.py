@@ -14,9 +14,10 @@ _BUILD_HINT = "build it with `pip install -e . --no-build-isolation`"
 def abi_mismatch(extension) -> Optional[str]:
     """Why ``extension`` must not be used if its std::string ABI differs from torch's, else None.
 
-    A library compiled with the other ``_GLIBCXX_USE_CXX11_ABI`` can still load next to libtorch
-    and then crash the process at the first std::string that crosses between them (an error
-    message): refused up front instead. Builds that do not report it (older ones, libc++) pass.
+    A library compiled with the other ``_GLIBCXX_USE_CXX11_ABI`` usually fails to load (an
+    undefined ABI-tagged symbol), but where it references none at load it loads and crashes the
+    process at the first std::string that crosses into libtorch (an error message): refused up
+    front instead. Builds that do not report it (older ones, libc++) pass.
     """
     built = getattr(extension, "glibcxx_use_cxx11_abi", None)
     wanted = getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", None)
