@@ -151,6 +151,21 @@ def _run(kernel, grid: Callable, args: Sequence, config: triton.Config, constexp
     kernel[grid(meta)](*args, **meta, **compile_options(config))
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for the host's grid and buffer sizes.
+
+    Plain integer arithmetic instead of ``triton.cdiv``: in triton 3.6 to 3.9 that is a
+    ``ConstexprFunction`` whose host call costs 2-4 microseconds, and a unit makes a dozen or
+    more on a path the H200 showed host-bound (docs/design.md section 4).
+    """
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for n <= 1); see :func:`cdiv` for why not triton's."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def row_bucket(rows: int) -> int:
     """The autotune key of a row count: ``rows`` rounded up to a power of two.
 
@@ -158,7 +173,7 @@ def row_bucket(rows: int) -> int:
     changes little within a factor of two; keying on the exact count would re-tune every kernel
     for every new batch size (and every new image size).
     """
-    return triton.next_power_of_2(max(int(rows), 1))
+    return next_power_of_2(int(rows))
 
 
 def autotune_cache_dir() -> Optional[str]:

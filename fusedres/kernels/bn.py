@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres.kernels._launch import (arch_configs, cfg, compile_options, device_arch,
+from fusedres.kernels._launch import (arch_configs, cdiv, cfg, compile_options, device_arch,
                                       interpreted_arch, interpreting, launch, new_output,
                                       on_tensor_device, row_bucket)
 
@@ -386,8 +386,8 @@ def _rows_per_program(M: int, c_blocks: int, block_m: int, device: torch.device)
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         programs = max(1, _PROGRAMS_PER_SM * sms // c_blocks)
-        target = triton.cdiv(M, programs)
-    return max(block_m, triton.cdiv(target, block_m) * block_m)
+        target = cdiv(M, programs)
+    return max(block_m, cdiv(target, block_m) * block_m)
 
 
 # -- launchers -------------------------------------------------------------------------------
@@ -455,13 +455,13 @@ def stats_from_partials(pmean: torch.Tensor, pm2: torch.Tensor, M: int, rows: in
         gamma = beta = invstd = scale = shift = out[0]  # unused: HAS_AFFINE is off
     conf = _finalize_config(dev)
     launch_conf = dict(**conf.kwargs, **compile_options(conf))
-    c_blocks = triton.cdiv(C, conf.kwargs["BLOCK_C"])
+    c_blocks = cdiv(C, conf.kwargs["BLOCK_C"])
     p_chunk = _FINALIZE_TILES_PER_PROGRAM * conf.kwargs["BLOCK_P"]
     if P > p_chunk:
         # The convolution's epilogue leaves one partial per 64-128 rows: 25088 for ResNet-50's
         # stem at batch 256. One program per channel tile would walk them all serially, so
         # first merge chunks of p_chunk partials in parallel, one (mean, M2) pair per chunk.
-        chunks = new_output((2, triton.cdiv(P, p_chunk), C), dtype=torch.float32, device=dev)
+        chunks = new_output((2, cdiv(P, p_chunk), C), dtype=torch.float32, device=dev)
         _bn_stats_finalize_kernel[(c_blocks, chunks.shape[1])](
             pmean, pm2, chunks[0], chunks[1], gamma, beta, invstd, scale, shift, pmean, pmean,
             pmean, P, C, M, rows, p_chunk, eps, 0.0, HAS_AFFINE=False, PARTIAL=True,
@@ -497,9 +497,9 @@ def bn_stats(z: torch.Tensor):
     M = N * H * W
     conf = _reduce_config(z.device)
     bm, bc = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_C"]
-    c_blocks = triton.cdiv(C, bc)
+    c_blocks = cdiv(C, bc)
     rows = _rows_per_program(M, c_blocks, bm, z.device)
-    P = triton.cdiv(M, rows)
+    P = cdiv(M, rows)
     partial = new_output((2, P, C), dtype=torch.float32, device=z.device)
     _bn_stats_partial_kernel[(P, c_blocks)](
         z, partial[0], partial[1], M, C, H * W, rows, CHANNELS_LAST=cl, BLOCK_M=bm, BLOCK_C=bc,
@@ -526,7 +526,7 @@ def bn_act_fwd(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     y = _new_like(z, fmt)
     res = _dense(residual.to(z.dtype), fmt) if residual is not None else z
     launch(_bn_act_fwd_kernel,
-           lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(C, m["BLOCK_C"])),
+           lambda m: (cdiv(M, m["BLOCK_M"]), cdiv(C, m["BLOCK_C"])),
            (z, res, y, scale.float().contiguous(), shift.float().contiguous(), M, C, H * W),
            table=ELEMENTWISE_CONFIGS, key=dict(M=row_bucket(M), C=C), interp_config=_INTERP,
            device=z.device, HAS_RESIDUAL=residual is not None, RELU=relu, CHANNELS_LAST=cl)
@@ -584,9 +584,9 @@ def bn_act_bwd_packed(dy: torch.Tensor, y: torch.Tensor, z: Optional[torch.Tenso
 
     conf = _reduce_config(dev)
     bm, bc = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_C"]
-    c_blocks = triton.cdiv(C, bc)
+    c_blocks = cdiv(C, bc)
     rows = _rows_per_program(M, c_blocks, bm, dev)
-    P = triton.cdiv(M, rows)
+    P = cdiv(M, rows)
     partial = new_output((2, P, C), dtype=torch.float32, device=dev)
     _bn_act_bwd_reduce_kernel[(P, c_blocks)](
         dy, y, z, dres, dz, mean, invstd, weight, partial[0], partial[1], M, C, H * W, rows,
@@ -595,13 +595,13 @@ def bn_act_bwd_packed(dy: torch.Tensor, y: torch.Tensor, z: Optional[torch.Tenso
 
     sums = new_output((2, C), dtype=torch.float32, device=dev)
     fconf = _finalize_config(dev)
-    _bn_bwd_finalize_kernel[(triton.cdiv(C, fconf.kwargs["BLOCK_C"]),)](
+    _bn_bwd_finalize_kernel[(cdiv(C, fconf.kwargs["BLOCK_C"]),)](
         partial[0], partial[1], invstd, sums[0], sums[1], P, C, NEED_DWEIGHT=need_dweight,
         **fconf.kwargs, **compile_options(fconf))
 
     if training:
         launch(_bn_act_bwd_dz_kernel,
-               lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(C, m["BLOCK_C"])),
+               lambda m: (cdiv(M, m["BLOCK_M"]), cdiv(C, m["BLOCK_C"])),
                (dy, y, dres, z, dz, mean, invstd, weight, sums[0], sums[1], M, C, H * W),
                table=ELEMENTWISE_CONFIGS, key=dict(M=row_bucket(M), C=C), interp_config=_INTERP,
                device=dev, RELU=relu, G_FROM_DRES=has_residual, CHANNELS_LAST=cl)

@@ -41,8 +41,8 @@ import triton
 import triton.language as tl
 
 from fusedres.backend import conv_output_hw
-from fusedres.kernels._launch import (cfg, interpreting, launch, new_output, on_tensor_device,
-                                      row_bucket)
+from fusedres.kernels._launch import (cdiv, cfg, interpreting, launch, new_output,
+                                      on_tensor_device, row_bucket)
 
 
 @triton.jit
@@ -475,12 +475,12 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
     precision = "tf32" if (x.dtype != torch.float32 or _conv_allows_tf32()) else "ieee"
     table = _conv_table(x.dtype, flat_k, precision, prologue)
     # Autotuning may pick any BLOCK_M: size the partials for the smallest, use the one that ran.
-    p_alloc = triton.cdiv(M, _min_block_m(table)) if stats else 1
+    p_alloc = cdiv(M, _min_block_m(table)) if stats else 1
     partial = new_output((2, p_alloc, Cout), dtype=torch.float32, device=x.device)
     pointwise = KH == 1 and KW == 1 and (sh, sw) == (1, 1) and (ph, pw) == (0, 0)
     ran = launch(
         _conv_fwd_kernel,
-        lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(cout_g, m["BLOCK_N"]), groups),
+        lambda m: (cdiv(M, m["BLOCK_M"]) * cdiv(cout_g, m["BLOCK_N"]), groups),
         (x, weight, out, res, scale, shift, in_scale, in_shift, partial[0], partial[1], M, H, W,
          Cin, Ho, Wo, Cout, cin_g, cout_g, sh, sw, ph, pw, dh, dw, *weight.stride()),
         table=table,
@@ -492,5 +492,5 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
     if not stats:
         return out
     rows = ran.kwargs["BLOCK_M"]
-    P = triton.cdiv(M, rows)
+    P = cdiv(M, rows)
     return out, partial[0, :P], partial[1, :P], rows

@@ -123,6 +123,17 @@ def test_row_bucket():
     launch = _launch()
     assert [launch.row_bucket(m) for m in (1, 2, 3, 100, 128, 129, 802816)] == \
         [1, 2, 4, 128, 128, 256, 1048576]
+    assert launch.row_bucket(0) == 1
+
+
+def test_host_integer_helpers_match_triton():
+    import triton
+
+    launch = _launch()
+    for a in [0, 1, 2, 3, 63, 64, 65, 1000, 802816, 2**31 + 5]:
+        assert launch.next_power_of_2(a) == triton.next_power_of_2(max(a, 1)), a
+        for b in (1, 2, 3, 16, 64, 128, 1000):
+            assert launch.cdiv(a, b) == triton.cdiv(a, b), (a, b)
 
 
 def test_each_key_is_tuned_once_then_launched_directly(monkeypatch):
