@@ -181,8 +181,9 @@ GPU_PLAN = Plan(
     # Seconds on an H200 (16 host cores), guessed from FLOPs, bytes and launch counts; the
     # records' `seconds` fields say what they really took.
     estimates={"unit": 3, "block_check": 4, "net_train": 15, "net_eval": 8,
-               "peaks": 3, "block_train": 10, "block_eval": 5, "model_train": 45,
-               "model_eval": 20, "bn": 12, "conv": 8, "profile": 8,
+               # blocks and the model: each provider also captured and replayed as a graph
+               "peaks": 3, "block_train": 15, "block_eval": 8, "model_train": 70,
+               "model_eval": 30, "bn": 12, "conv": 8, "profile": 8,
                "compile_block": 25, "compile_model": 80, "warm_task": 10},
 )
 
