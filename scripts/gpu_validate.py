@@ -68,6 +68,7 @@ def machine_info() -> dict:
         info["triton"] = f"not importable: {exc}"
     nvcc = _run_text(["nvcc", "--version"])
     info["nvcc"] = nvcc.splitlines()[-1] if nvcc else None
+    info.update(_toolchain(torch))
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, sm=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
@@ -81,6 +82,32 @@ def machine_info() -> dict:
     else:
         info["gpu"] = None
     return info
+
+
+def _toolchain(torch) -> dict:
+    """The C++ side the extension is built and loaded with (the first H200 run's build crashed
+    in message-building code, cause unknown): the compiler cpp_extension calls, its version and
+    default std::string ABI against torch's, and the C++ and OpenMP runtimes this process
+    has loaded."""
+    cxx = os.environ.get("CXX", "c++")
+    version = _run_text([cxx, "--version"])
+    try:
+        macros = subprocess.run([cxx, "-x", "c++", "-E", "-dM", "-"], input="#include <string>\n",
+                                capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        macros = ""
+    default_abi = next((line.split()[-1] for line in macros.splitlines()
+                        if line.startswith("#define _GLIBCXX_USE_CXX11_ABI ")), None)
+    try:
+        with open("/proc/self/maps") as f:
+            loaded = sorted({line.split()[-1] for line in f
+                             if "libstdc++" in line or "libgomp" in line or "libgcc_s" in line})
+    except OSError:
+        loaded = []
+    return {"cxx": cxx, "cxx_version": version.splitlines()[0] if version else None,
+            "cxx_default_cxx11_abi": default_abi,
+            "torch_cxx11_abi": int(torch._C._GLIBCXX_USE_CXX11_ABI),
+            "cxx_runtimes_loaded": loaded}
 
 
 def cmd_info(args, plan: Plan) -> int:
