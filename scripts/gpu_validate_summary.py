@@ -102,6 +102,10 @@ def _machine(records: list) -> list:
             f"triton {m.get('triton')}, python {m['python']}, nvcc: {m.get('nvcc')}",
             f"- host: {m['cpu']}, {m['cpu_count']} CPUs, load {m['load_average_1min']:.1f}; "
             f"{m['platform']}",
+            f"- C++: {m.get('cxx')} ({m.get('cxx_version')}), default _GLIBCXX_USE_CXX11_ABI "
+            f"{m.get('cxx_default_cxx11_abi')} (torch's {m.get('torch_cxx11_abi')}); loaded: "
+            f"{', '.join(m.get('cxx_runtimes_loaded') or []) or '-'}"
+            if "cxx" in m else "- C++: not recorded (a run before 2eba61c)",
             f"- commit {m.get('commit')}" + (" (tree changed)" if m.get("tree_changed") else "")
             + f", {m['date']}" + (", DRY RUN (CPU, Triton interpreter, tiny shapes: the numbers "
                                   "mean nothing)" if m.get("dry_run") else "")]
