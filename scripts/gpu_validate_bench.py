@@ -243,13 +243,24 @@ class Bench:
         """``fns`` plus ``<name>+graph`` (the step replayed as a CUDA graph) for the providers
         of ``plan.graph_providers`` in the main phase; a capture that fails is an error record
         and leaves the others timed."""
+        if self.device.type != "cuda":
+            return fns
         for pr in providers:
-            if pr.name in self.plan.graph_providers and self.device.type == "cuda":
-                self.errors += not self.results.guarded(
-                    f"{what} {pr.name}+graph",
-                    lambda pr=pr: fns.__setitem__(f"{pr.name}+graph",
-                                                  cuda_graphed(make_step(pr))))
+            if pr.name not in self.plan.graph_providers:
+                continue
+
+            def capture(pr=pr):
+                fns[f"{pr.name}+graph"] = cuda_graphed(make_step(pr))
+            self.errors += not self.results.guarded(f"{what} {pr.name}+graph", capture)
         return fns
+
+    def add_memory_and_rate(self, timings: dict, fns: dict, batch: int) -> None:
+        """Each provider's peak memory of a step and images per second, into ``timings``."""
+        for key, fn in fns.items():
+            # A graph's memory is its pool, allocated at capture: a replay allocates nothing.
+            timings[key]["peak_mem_bytes"] = (None if key.endswith("+graph")
+                                              else peak_memory(fn, self.device))
+            timings[key]["images_per_s"] = batch / (timings[key]["median_ms"] / 1e3)
 
     def block(self, name: str, mode: str, providers: list, phase: str) -> None:
         training = mode == "train"
@@ -261,12 +272,7 @@ class Bench:
                                    f"block {name} {mode}")
         timings = time_rounds(fns, self.plan.rounds, self.plan.warmup,
                               1 if self.plan.dry_run else BLOCK_STEPS, self.device)
-        for key, fn in fns.items():
-            # A graph's memory is its pool, allocated at capture: a replay allocates nothing.
-            timings[key]["peak_mem_bytes"] = (None if key.endswith("+graph")
-                                              else peak_memory(fn, self.device))
-            timings[key]["images_per_s"] = self.plan.bench_batch / (
-                timings[key]["median_ms"] / 1e3)
+        self.add_memory_and_rate(timings, fns, self.plan.bench_batch)
         self.record_group("block", timings, phase=phase, name=name, mode=mode,
                           group=f"{name} {mode}", batch=self.plan.bench_batch,
                           dtype=self.plan.bench_dtype,
@@ -296,12 +302,7 @@ class Bench:
                                    lambda pr: self.model_step(pr, mode == "train"),
                                    f"model {mode}")
         timings = time_rounds(fns, self.plan.rounds, self.plan.warmup, 1, self.device)
-        for key, fn in fns.items():
-            # A graph's memory is its pool, allocated at capture: a replay allocates nothing.
-            timings[key]["peak_mem_bytes"] = (None if key.endswith("+graph")
-                                              else peak_memory(fn, self.device))
-            timings[key]["images_per_s"] = self.plan.model_batch / (
-                timings[key]["median_ms"] / 1e3)
+        self.add_memory_and_rate(timings, fns, self.plan.model_batch)
         arch = self.plan.net_arch
         self.record_group("model", timings, phase=phase, name=arch, mode=mode,
                           group=f"{arch} {mode}", batch=self.plan.model_batch,
