@@ -133,7 +133,7 @@ run_stage() {
 
 # The extension: csrc for this GPU's arch only (a quarter of the default two-arch nvcc time),
 # in place, no pip (the GPU machines cannot download, and install.sh would try to). Then the
-# backend the checks need must be usable.
+# backend the checks need must be usable, and an op call the extension must refuse must raise.
 build() {
   local cmd=(env MAX_JOBS="${MAX_JOBS:-$(nproc)}"
     TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$GPU_ARCH}" "$PY" setup.py build_ext --inplace)
@@ -142,18 +142,43 @@ build() {
   else
     "${cmd[@]}" || return
   fi
-  local backend rc
+  local backend
   backend="$( ((DRY)) && echo cpu || echo cuda)"
-  "$PY" -c "$BUILD_CHECK" "$backend"
-  rc=$?
-  # Killed by a signal (the first H200 run's build_info() segfaulted): the native stack too,
-  # from cuda-gdb (the GPU machines have no gdb; it debugs host-only programs as well).
-  if ((rc > 128)) && command -v cuda-gdb >/dev/null; then
-    echo "== exit $rc: the same under cuda-gdb, for the native backtrace"
-    timeout 120 cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" \
-      --args "$PY" -c "$BUILD_CHECK" "$backend" 2>&1 | tail -n 120
+  post_build_checks "$backend" && return 0
+  local rc=$?
+  ((rc > 128)) || return $rc
+  # Killed by a signal, as the first H200 runs were (build_info() and the first failing
+  # TORCH_CHECK segfaulted with /opt/gcc's g++): the same build with the system's g++, in place,
+  # so that the stages after this one run the cuda backend if that one works. The stage still
+  # fails: the default build crashed.
+  local used system=/usr/bin/g++
+  used="$(sed -n 's/^cxx = //p' build/temp.*/build.ninja 2>/dev/null | head -n 1)"
+  if ((DRY)) || [[ ! -x "$system" || "$(readlink -f "$(command -v "$used")")" == "$(readlink -f "$system")" ]]; then
+    echo "== no other compiler to try (built with '$used')"
+    return $rc
   fi
+  echo "== built with $used, killed by a signal: building again with $system"
+  env CC=/usr/bin/gcc CXX="$system" LDSHARED="$system -shared" "${cmd[@]}" \
+    --build-temp "build/temp.system-gxx" || return $rc
+  post_build_checks "$backend"
+  echo "== with $system: exit $? (the first build's was $rc)"
   return $rc
+}
+# post_build_checks BACKEND: BUILD_CHECK, then OP_ERROR_CHECK, each in its own process; one
+# killed by a signal gets scripts/crash_report.sh (the native backtrace and where the
+# extension's C++ runtime references bind). Returns the first non-zero exit status.
+post_build_checks() {
+  local check rc first=0
+  for check in "$BUILD_CHECK" "$OP_ERROR_CHECK"; do
+    "$PY" -c "$check" "$1"
+    rc=$?
+    if ((rc > 128)); then
+      echo "== exit $rc: crash report"
+      CRASH_REPORT_TIMEOUT=60 bash "$ROOT/scripts/crash_report.sh" "$PY" -c "$check" "$1"
+    fi
+    ((first == 0)) && first=$rc
+  done
+  return $first
 }
 # After the build: versions, the build, every backend and why it is usable or not; fails when
 # the backend the checks need is not usable.
@@ -167,8 +192,28 @@ info.main()
 ok, why = fusedres.available_backends()[sys.argv[1]]
 sys.exit(0 if ok else f"the {sys.argv[1]} backend is unusable after the build: {why}")
 '
-export -f build
-export BUILD_CHECK
+# An op call the extension must refuse (a scale of 2 values for 3 channels): its TORCH_CHECK
+# must raise a RuntimeError naming the argument, on the device the checks run on.
+OP_ERROR_CHECK='
+import sys
+
+import torch
+
+from fusedres import _ext  # registers torch.ops.fusedres
+
+device = "cuda" if sys.argv[1] == "cuda" else "cpu"
+z = torch.zeros(2, 3, 4, 4, device=device)
+try:
+    torch.ops.fusedres.bn_act_fwd(z, torch.ones(2, device=device), torch.zeros(3, device=device),
+                                  None, True)
+except RuntimeError as e:
+    message = str(e).splitlines()[0]
+    print(f"an op error on {device} raised as it should: {message}")
+    sys.exit(0 if "scale" in message else f"the error does not name scale: {message}")
+sys.exit(f"bn_act_fwd on {device} accepted a scale of 2 values for 3 channels")
+'
+export -f build post_build_checks
+export BUILD_CHECK OP_ERROR_CHECK ROOT
 
 run_stage info 30 5 "$PY" "$GV" info --out "$OUTDIR" --env-file "$WORK/env" "${DRYFLAG[@]}"
 if (($? == 2)); then

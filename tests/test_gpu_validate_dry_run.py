@@ -69,6 +69,16 @@ def test_every_stage_reported(dry_run):
         assert r["status"] == ("skipped" if name == "warmup_compile" else "ok"), r
 
 
+def test_post_build_checks_ran(dry_run):
+    """The build stage's checks (backend usable; an op call the extension must refuse raises,
+    where the first H200 runs segfaulted) ran in their own processes and passed."""
+    _, _, out = dry_run
+    log = (out / "build.log").read_text()
+    assert "cpu     usable" in log, log[-2000:]
+    assert "an op error on cpu raised as it should: fusedres::bn_act_fwd: scale must be" in log
+    assert "crash report" not in log
+
+
 def test_every_check_ran_and_passed(dry_run):
     _, records, _ = dry_run
     checks = [r for r in records if r["kind"] == "check"]
