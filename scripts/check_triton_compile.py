@@ -58,7 +58,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -329,11 +328,11 @@ def _recording(recorder: _Recorder):
             patch(module, "interpreting", lambda: False)
             if hasattr(module, "device_arch"):
                 patch(module, "device_arch", lambda device: recorder.arch)
+            if hasattr(module, "multiprocessor_count"):
+                patch(module, "multiprocessor_count", lambda device: SM_COUNT[recorder.arch])
             for attr, value in vars(module).copy().items():
                 if isinstance(value, triton.runtime.JITFunction):
                     patch(module, attr, _DirectLaunch(value, recorder))
-        patch(torch.cuda, "get_device_properties",
-              lambda device=None: types.SimpleNamespace(multi_processor_count=SM_COUNT[recorder.arch]))
         patch(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
         yield
     finally:

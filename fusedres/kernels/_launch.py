@@ -53,17 +53,48 @@ import torch
 import triton
 
 
+# ``@triton.jit`` makes a kernel interpreted or compiled from TRITON_INTERPRET as it is when the
+# kernel is defined, i.e. when the kernel modules import this one; changing the variable later
+# changes no kernel. So it is read once, here, rather than at each of the 24 times a Bottleneck
+# block's training step asks (one read of an unset variable: 0.7 us on a 2-core AMD EPYC).
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs the kernels in its CPU interpreter (``TRITON_INTERPRET=1`` when
+    they were defined)."""
+    return _INTERPRETING
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+# Per CUDA device index: its compute capability (80, 90, ...) and its multiprocessor count.
+# torch.cuda's queries cost a few microseconds each, and launches ask on every call.
+_DEVICE_ARCH: dict = {}
+_DEVICE_SMS: dict = {}
 
 
 def device_arch(device: torch.device) -> int:
     """The compute capability as an int (80, 90, ...); 0 under the interpreter."""
     if device.type != "cuda":
         return 0
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
+    index = _device_index(device)
+    arch = _DEVICE_ARCH.get(index)
+    if arch is None:
+        major, minor = torch.cuda.get_device_capability(index)
+        arch = _DEVICE_ARCH[index] = 10 * major + minor
+    return arch
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """The CUDA device's streaming multiprocessor count."""
+    index = _device_index(device)
+    sms = _DEVICE_SMS.get(index)
+    if sms is None:
+        sms = _DEVICE_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return sms
 
 
 def cfg(num_warps: int, num_stages: int, maxnreg: int | None = None, **meta) -> triton.Config:
@@ -203,7 +234,7 @@ def _device_name(device: torch.device) -> str:
     H200); "" off CUDA."""
     if device.type != "cuda":
         return ""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _device_index(device)
     if index not in _DEVICE_NAMES:
         _DEVICE_NAMES[index] = torch.cuda.get_device_name(index)
     return _DEVICE_NAMES[index]

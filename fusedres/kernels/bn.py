@@ -25,8 +25,9 @@ import triton
 import triton.language as tl
 
 from fusedres.kernels._launch import (arch_configs, cdiv, cfg, compile_options, device_arch,
-                                      interpreted_arch, interpreting, launch, new_output,
-                                      on_tensor_device, row_bucket)
+                                      interpreted_arch, interpreting, launch,
+                                      multiprocessor_count, new_output, on_tensor_device,
+                                      row_bucket)
 
 
 # -- kernels ---------------------------------------------------------------------------------
@@ -384,7 +385,7 @@ def _rows_per_program(M: int, c_blocks: int, block_m: int, device: torch.device)
     if interpreting():
         target = _INTERP_ROWS
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = multiprocessor_count(device)
         programs = max(1, _PROGRAMS_PER_SM * sms // c_blocks)
         target = cdiv(M, programs)
     return max(block_m, cdiv(target, block_m) * block_m)

@@ -119,6 +119,45 @@ def _kernel():
     """A stand-in kernel with a name and module, as persisted configs record them."""
 
 
+def test_device_queries_are_asked_once_per_device(monkeypatch):
+    """device_arch and multiprocessor_count run on every launch: torch.cuda is asked once per
+    device index, the current device standing in for an index-less device."""
+    launch = _launch()
+    asked = []
+
+    def capability(index):
+        asked.append(("capability", index))
+        return (9, 0) if index == 0 else (8, 0)
+
+    def properties(index):
+        asked.append(("properties", index))
+        return type("Props", (), {"multi_processor_count": 132 if index == 0 else 108})()
+
+    monkeypatch.setattr(launch, "_DEVICE_ARCH", {})
+    monkeypatch.setattr(launch, "_DEVICE_SMS", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for _ in range(3):
+        assert launch.device_arch(torch.device("cuda", 0)) == 90
+        assert launch.device_arch(torch.device("cuda")) == 90
+        assert launch.device_arch(torch.device("cuda", 1)) == 80
+        assert launch.multiprocessor_count(torch.device("cuda")) == 132
+        assert launch.multiprocessor_count(torch.device("cuda", 1)) == 108
+    assert launch.device_arch(torch.device("cpu")) == 0
+    assert sorted(asked) == [("capability", 0), ("capability", 1), ("properties", 0),
+                             ("properties", 1)]
+
+
+def test_interpreting_follows_the_kernels():
+    """interpreting() says how the kernels were defined: interpreted exactly when it is true."""
+    launch = _launch()
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from fusedres.kernels import bn
+    assert isinstance(bn._bn_act_fwd_kernel, InterpretedFunction) == launch.interpreting()
+
+
 def test_row_bucket():
     launch = _launch()
     assert [launch.row_bucket(m) for m in (1, 2, 3, 100, 128, 129, 802816)] == \
