@@ -133,9 +133,12 @@ class BlockOps(NamedTuple):
             ``act(z*scale + shift)``, applied while the convolution loads its operand, so that
             this input is never written: ``(z_prev, scale_prev, shift_prev, weight, gamma, beta,
             residual, running_mean, running_var, num_batches_tracked, stride, padding, dilation,
-            groups, relu, momentum, eps, write_y) -> (y, z, mean, invstd)``, the arguments and
-            results of ``train`` otherwise, with y a [0] placeholder unless ``write_y``; with
-            scale_prev and shift_prev None, z_prev is a plain input (the block's first unit).
+            groups, relu, momentum, eps, write_y) -> (y, z, mean, invstd, scale, shift)``, the
+            arguments and results of ``train`` otherwise, with y a [0] placeholder unless
+            ``write_y``, and the unit's coefficients ``scale = gamma*invstd``, ``shift = beta -
+            mean*scale`` ([C], statistics dtype), which the next unit's load applies and
+            backward's rebuild reuses; with scale_prev and shift_prev None, z_prev is a plain
+            input (the block's first unit).
             Without it the block runs ``train`` on each unit's output in turn.
     """
 

@@ -454,7 +454,10 @@ def test_resnet50_saved_activations_targets_triton():
 @pytest.mark.parametrize("case", ["bottleneck-s2-downsample", "basic-s2-downsample"])
 def test_triton_kernels_keep_what_the_count_assumes(case):
     """Under the interpreter, the triton backend's real kernels keep, in every mode, exactly the
-    bytes that the reference unit ops keep and that its fake kernels claim."""
+    bytes that its fake kernels claim, and those the reference unit ops keep but for one thing:
+    on the block op's F3 path each unit another loads keeps its statistics' [5, C] float32 rows
+    whole (mean, invstd, and the scale and shift the next unit loaded, which backward's rebuild
+    reuses instead of computing them again), where the unit ops keep mean and invstd, [C] each."""
     _triton_on_cpu_or_skip()
     for mode in ("off", "bn_act", "conv1"):
         counts = []
@@ -463,7 +466,9 @@ def test_triton_kernels_keep_what_the_count_assumes(case):
                 fused = make_block(case, backend, mode)
                 x = make_input(case, channels_last=True).requires_grad_()
                 counts.append(saved_activation_bytes(fused, lambda: fused(x)))
-        assert counts[0] == counts[1] == counts[2], (mode, counts)
+        loaded = [fused.bn1, fused.bn2] if hasattr(fused, "bn3") else [fused.bn1]
+        rows_kept_whole = 0 if mode == "off" else sum(3 * bn.num_features * 4 for bn in loaded)
+        assert counts[0] == counts[2] == counts[1] + rows_kept_whole, (mode, counts)
 
 
 # -- whole models -----------------------------------------------------------------------------
@@ -606,6 +611,8 @@ class _F3Backend(TorchOpsBackend):
     (what an F3 convolution does while loading its operand), then the unit op."""
 
     name = "torch_ops_f3"
+    # Bound here, so that a test counting the block op's own calls does not count these.
+    coefficients = staticmethod(block_op.bn_act_coefficients)
 
     def __init__(self):
         self.calls = []
@@ -620,7 +627,9 @@ class _F3Backend(TorchOpsBackend):
             x = z_prev if scale_prev is None else ops.bn_act_fwd(z_prev, scale_prev, shift_prev,
                                                                  None, True)
             y, z, mean, invstd = ops.train(x, weight, *rest[:-1])
-            return (y if write_y else y.new_empty((0,))), z, mean, invstd
+            gamma, beta = rest[0], rest[1]
+            scale, shift = self.coefficients(gamma, beta, mean, invstd)
+            return (y if write_y else y.new_empty((0,))), z, mean, invstd, scale, shift
 
         return ops._replace(train_from_z=train_from_z)
 
@@ -640,6 +649,28 @@ def test_f3_hook_gives_the_unit_chain_results(monkeypatch):
     assert grad_fn == "_BlockFunctionBackward" and f3.calls == [False, False, True]
     for name, value in want.items():
         assert torch.equal(got[name], value), name
+
+
+def test_f3_coefficients_are_computed_once(monkeypatch):
+    """The block op takes each unit's coefficients from train_from_z, saves them, and backward
+    rebuilds the inner activations with those: it computes none itself (each computation is a
+    few kernel launches on a GPU)."""
+    f3 = _F3Backend()
+    monkeypatch.setitem(fusedres.backend._REGISTRY, f3.name, f3)
+    fused, _ = make_pair("bottleneck-s2-downsample", "torch_ops", dtype=F64)
+    fused.backend = f3.name
+    x = make_input("bottleneck-s2-downsample", F64)
+    ours = []
+    real = block_op.bn_act_coefficients
+
+    def counted(*args):
+        ours.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(block_op, "bn_act_coefficients", counted)
+    _, grad_fn = run(fused, x)
+    assert grad_fn == "_BlockFunctionBackward" and f3.calls == [False, False, True]
+    assert ours == []
 
 
 def test_block_ops_hook_of_each_backend():

@@ -121,7 +121,8 @@ def _train_from_z(z_prev, scale_prev, shift_prev, weight, gamma, beta, residual,
     """A unit's training forward whose convolution reads z_prev through the previous unit's
     BatchNorm + ReLU (F3, ``scale_prev``/``shift_prev``; None: z_prev is a plain input), for
     the block-level op (:class:`fusedres.backend.BlockOps`). y is written only with
-    ``write_y`` (a [0] placeholder otherwise), channels_last."""
+    ``write_y`` (a [0] placeholder otherwise), channels_last; scale and shift are the ones the
+    statistics' finalize computed."""
     g, b = _gamma_beta(gamma, beta, weight.shape[0], z_prev)
     z, stats = _ops.conv2d_bn_train(z_prev, weight, list(stride), list(padding), list(dilation),
                                     groups, g, b, eps, running_mean, running_var,
@@ -131,9 +132,15 @@ def _train_from_z(z_prev, scale_prev, shift_prev, weight, gamma, beta, residual,
         # A compiled graph writes the mutated buffers back with copy_, which counts itself.
         python_unit.bump_versions(running_mean, running_var, num_batches_tracked)
     mean, _, invstd, scale, shift = stats.unbind(0)
-    y = _ops.bn_act_fwd(z, scale, shift, residual, relu) if write_y else z.new_empty((0,))
-    # Separate [C] tensors, as unit_train returns them (the block op saves them for backward).
-    return y, z, mean.clone(), invstd.clone()
+    if write_y:
+        # The block's last unit: nothing loads its coefficients, so the block op keeps only its
+        # mean and invstd, copied apart from the [5, C] rows.
+        y = _ops.bn_act_fwd(z, scale, shift, residual, relu)
+        return y, z, mean.clone(), invstd.clone(), scale, shift
+    # Rows of the finalize's one [5, C] tensor, as they are (this is no op, whose outputs may not
+    # alias): the block op keeps four of them, and each copy would be one more launch on a path
+    # the H200 showed host-bound.
+    return z.new_empty((0,)), z, mean, invstd, scale, shift
 
 
 def _convolution(x, weight, stride, padding, dilation, groups):

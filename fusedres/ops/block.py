@@ -149,9 +149,8 @@ def _unit_train(ops: BlockOps, x, tensors, u: _UnitSpec, residual):
                      u.momentum, u.eps)
 
 
-def _rebuild(ops: BlockOps, z, gamma, beta, mean, invstd, relu: bool) -> torch.Tensor:
-    """A unit's output y from its z and statistics (the forward's apply, no residual)."""
-    scale, shift = bn_act_coefficients(gamma, beta, mean, invstd)
+def _rebuild(ops: BlockOps, z, scale, shift, relu: bool) -> torch.Tensor:
+    """A unit's output y from its z and BN coefficients (the forward's apply, no residual)."""
     return ops.bn_act_fwd(z, scale, shift, None, relu)
 
 
@@ -170,6 +169,8 @@ class _BlockFunction(torch.autograd.Function):
         if spec.downsample:
             identity, *ds_saved = _unit_train(ops, x, units[n], spec.units[n], None)
         h, zs, means, invstds = x, [], [], []
+        # F3: the coefficients each inner unit's successor applied, kept for backward's rebuild.
+        coefficients = []
         scale = shift = None
         for k in range(n):
             last = k == n - 1
@@ -178,11 +179,11 @@ class _BlockFunction(torch.autograd.Function):
             if ops.train_from_z is not None:
                 # F3: unit k's convolution applies unit k-1's scale/shift + ReLU while loading
                 # z_{k-1}, so only the block output is written as a y.
-                h, z, mean, invstd = ops.train_from_z(
+                h, z, mean, invstd, scale, shift = ops.train_from_z(
                     zs[-1] if k else x, scale, shift, weight, gamma, beta, residual, rm, rv, nbt,
                     u.stride, u.padding, u.dilation, u.groups, u.relu, u.momentum, u.eps, last)
                 if not last:
-                    scale, shift = bn_act_coefficients(gamma, beta, mean, invstd)
+                    coefficients += [scale, shift]
             else:
                 h, z, mean, invstd = _unit_train(ops, h, units[k], u, residual)
             zs.append(z)
@@ -195,7 +196,8 @@ class _BlockFunction(torch.autograd.Function):
         weights = [t[0] for t in units]
         gammas = [t[1] for t in units]
         betas = [t[2] for t in units]
-        ctx.save_for_backward(x, h, *weights, *gammas, *betas, *zs, *means, *invstds, *ds_saved)
+        ctx.save_for_backward(x, h, *weights, *gammas, *betas, *zs, *means, *invstds, *ds_saved,
+                              *coefficients)
         ctx.spec = spec
         return h
 
@@ -212,7 +214,8 @@ class _BlockFunction(torch.autograd.Function):
         weights, gammas, betas = saved[2:2 + m], saved[2 + m:2 + 2 * m], saved[2 + 2 * m:2 + 3 * m]
         rest = saved[2 + 3 * m:]
         zs, means, invstds = list(rest[:n]), rest[n:2 * n], rest[2 * n:3 * n]
-        z_ds, mean_ds, invstd_ds = rest[3 * n:]
+        z_ds, mean_ds, invstd_ds = rest[3 * n:3 * n + 3]
+        coefficients = rest[3 * n + 3:]  # F3's (scale, shift) per inner unit, else none
 
         needs = ctx.needs_input_grad  # (spec, x, then _PER_UNIT per unit)
 
@@ -235,8 +238,12 @@ class _BlockFunction(torch.autograd.Function):
                 if k == 1 and zs[0] is None:
                     zs[0] = ops.conv(x, weights[0], spec.units[0].stride, spec.units[0].padding,
                                      spec.units[0].dilation, spec.units[0].groups)
-                x_k = _rebuild(ops, zs[k - 1], gammas[k - 1], betas[k - 1], means[k - 1],
-                               invstds[k - 1], spec.units[k - 1].relu)
+                if coefficients:
+                    scale, shift = coefficients[2 * (k - 1):2 * k]
+                else:
+                    scale, shift = bn_act_coefficients(gammas[k - 1], betas[k - 1],
+                                                       means[k - 1], invstds[k - 1])
+                x_k = _rebuild(ops, zs[k - 1], scale, shift, spec.units[k - 1].relu)
             else:
                 x_k = x
             mask = [before[k], need(k, 0), need(k, 1) and gammas[k] is not None,
