@@ -158,7 +158,10 @@ build() {
     return $rc
   fi
   echo "== built with $used, killed by a signal: building again with $system"
-  env CC=/usr/bin/gcc CXX="$system" LDSHARED="$system -shared" "${cmd[@]}" \
+  # CC is also nvcc's host compiler (-ccbin) under cpp_extension.
+  local cc=/usr/bin/gcc
+  [[ -x "$cc" ]] || cc="$system"
+  env CC="$cc" CXX="$system" LDSHARED="$system -shared" "${cmd[@]}" \
     --build-temp "build/temp.system-gxx" || return $rc
   post_build_checks "$backend"
   echo "== with $system: exit $? (the first build's was $rc)"
