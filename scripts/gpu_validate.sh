@@ -27,8 +27,10 @@
 #
 #   stage           budget  expected  what
 #   info               30      5      machine record first (GPU, driver, versions, CPU, commit)
-#   build             200     80      setup.py build_ext --inplace: csrc for this GPU's arch only,
-#                                     MAX_JOBS = the host's cores; no pip, nothing downloaded
+#   build             280     80      setup.py build_ext --inplace: csrc for this GPU's arch only,
+#                                     MAX_JOBS = the host's cores; no pip, nothing downloaded;
+#                                     after a crash also a crash report and a second build
+#                                     (~180 s more)
 #   warmup_triton     150     60      beside the build: 8 processes compile every Triton kernel
 #                                     variant the check (config 0) and bench (every config, for
 #                                     the autotuner) run, into Triton's on-disk cache (~150
@@ -167,17 +169,19 @@ build() {
   echo "== with $system: exit $? (the first build's was $rc)"
   return $rc
 }
-# post_build_checks BACKEND: BUILD_CHECK, then OP_ERROR_CHECK, each in its own process; one
-# killed by a signal gets scripts/crash_report.sh (the native backtrace and where the
-# extension's C++ runtime references bind). Returns the first non-zero exit status.
+# post_build_checks BACKEND: BUILD_CHECK, then OP_ERROR_CHECK, each in its own process; the
+# first killed by a signal gets scripts/crash_report.sh (the native backtrace and where the
+# extension's C++ runtime references bind; one report fits the stage's budget). Returns the
+# first non-zero exit status.
 post_build_checks() {
-  local check rc first=0
+  local check rc first=0 reported=0
   for check in "$BUILD_CHECK" "$OP_ERROR_CHECK"; do
     "$PY" -c "$check" "$1"
     rc=$?
-    if ((rc > 128)); then
+    if ((rc > 128 && !reported)); then
       echo "== exit $rc: crash report"
-      CRASH_REPORT_TIMEOUT=60 bash "$ROOT/scripts/crash_report.sh" "$PY" -c "$check" "$1"
+      CRASH_REPORT_TIMEOUT=45 bash "$ROOT/scripts/crash_report.sh" "$PY" -c "$check" "$1"
+      reported=1
     fi
     ((first == 0)) && first=$rc
   done
@@ -229,7 +233,7 @@ GPU_ARCH=
 [[ -f "$WORK/env" ]] && source "$WORK/env"
 export GPU_ARCH
 
-run_stage build 200 80 bash -c build &
+run_stage build 280 80 bash -c build &
 BUILD_PID=$!
 LOG=warmup run_stage warmup_triton 150 60 "$PY" "$GV" warmup --out "$OUTDIR" "${DRYFLAG[@]}" &
 WARM_PID=$!
