@@ -23,20 +23,10 @@
 # Environment: OUT, PYTHON (default python3), GPU_TESTS_BUDGET (seconds, default 480),
 # GPU_TESTS_WORKERS (pytest-xdist workers, default 8).
 set -u
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-DRY=0
-if [[ "${1:-}" == "--dry-run" ]]; then
-  DRY=1
-elif [[ $# -gt 0 ]]; then
-  echo "usage: bash scripts/gpu_tests.sh [--dry-run]" >&2
-  exit 64
-fi
-OUTDIR="${OUT:-$ROOT/gpu_validation/tests}"
-mkdir -p "$OUTDIR"
-OUTDIR="$(cd "$OUTDIR" && pwd)"
+# shellcheck source=scripts/gpu_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
+gpu_script_setup gpu_validation/tests "$@"
 rm -f "$OUTDIR"/tests.log "$OUTDIR"/junit_*.xml "$OUTDIR"/build.log "$OUTDIR"/summary.md
-PY="${PYTHON:-$(command -v python3 || command -v python)}"
 START=$(date +%s)
 BUDGET="${GPU_TESTS_BUDGET:-480}"
 END=$((START + BUDGET))

@@ -58,24 +58,13 @@
 # Environment: OUT (results folder), PYTHON (default python3), MAX_JOBS, TORCH_CUDA_ARCH_LIST
 # (default: the GPU's own).
 set -u
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-DRY=0
-if [[ "${1:-}" == "--dry-run" ]]; then
-  DRY=1
-elif [[ $# -gt 0 ]]; then
-  echo "usage: bash scripts/gpu_validate.sh [--dry-run]" >&2
-  exit 64
-fi
-OUTDIR="${OUT:-$ROOT/gpu_validation}"
-mkdir -p "$OUTDIR"
-OUTDIR="$(cd "$OUTDIR" && pwd)"
+# shellcheck source=scripts/gpu_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
+gpu_script_setup gpu_validation "$@"
 rm -f "$OUTDIR"/results.jsonl "$OUTDIR"/README.md "$OUTDIR"/*.log
 RESULTS="$OUTDIR/results.jsonl"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-# The GPU machines' interpreter with torch is python3 (there may be no `python`).
-PY="${PYTHON:-$(command -v python3 || command -v python)}"
 GV="$ROOT/scripts/gpu_validate.py"
 START=$(date +%s)
 # The dry run's budget only guards against a hang: on a CI machine nothing may be skipped.
