@@ -410,44 +410,67 @@ def test_float16(fmt):
     check_bwd(dy, y, z, mean, invstd, weight, True, True, True)
 
 
-def test_default_kernel_build_matches_oracle():
-    """The portable (non-AVX2) kernel build, selected like ATen's own with ATEN_CPU_CAPABILITY."""
+# The kernel builds in the order of ATen's CPU capabilities, each with the ATEN_CPU_CAPABILITY
+# value that selects it.
+_KERNEL_BUILDS = (("default", "DEFAULT"), ("avx2", "AVX2"), ("avx512", "AVX512"))
+
+
+@pytest.mark.parametrize("capability,variant", _KERNEL_BUILDS, ids=[v for _, v in _KERNEL_BUILDS])
+def test_each_kernel_build_matches_oracle(capability, variant):
+    """Each kernel build this CPU can run, selected like ATen's own with ATEN_CPU_CAPABILITY (the
+    rest of the suite runs only the one ATen picks here). Channel counts 21 (tails only) and 70
+    (two whole bfloat16 vectors of the AVX512 build, and a tail)."""
+    from fusedres import _C
+
+    compiled = _C.build_info().split("cpu kernels compiled: ")[1].split(";")[0].split(", ")
+    if variant not in compiled:
+        pytest.skip(f"the {variant} kernels are not compiled into this build ({compiled})")
+    names = [v for _, v in _KERNEL_BUILDS]
+    if names.index(variant) > names.index(torch.backends.cpu.get_cpu_capability()):
+        pytest.skip(f"this CPU cannot run the {variant} kernels "
+                    f"(ATen capability {torch.backends.cpu.get_cpu_capability()})")
     script = textwrap.dedent("""
+        import sys
         import torch
         from fusedres import _C, reference as R
         from fusedres.ops.library import pack_relu_mask
-        assert "in use: DEFAULT" in _C.build_info(), _C.build_info()
+        assert f"in use: {sys.argv[1]}" in _C.build_info(), _C.build_info()
         ops = torch.ops.fusedres
         torch.manual_seed(0)
-        for fmt in (torch.contiguous_format, torch.channels_last):
-            for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-                z = (torch.randn(3, 21, 5, 7) + 1).to(dt).contiguous(memory_format=fmt)
-                sdt = R.stats_dtype(dt)
-                tol = {torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-                       torch.float16: dict(rtol=2e-3, atol=2e-3)}.get(dt, {})
-                for got, want in zip(ops.bn_stats(z), R.bn_stats(z, upcast=False)):
-                    torch.testing.assert_close(got, want, **tol)
-                sc, sh = torch.randn(21, dtype=sdt), torch.randn(21, dtype=sdt)
-                res, dy = torch.randn_like(z), torch.randn_like(z)
-                y = ops.bn_act_fwd(z, sc, sh, res, True)
-                torch.testing.assert_close(y, R.bn_act_fwd(z, sc, sh, res, True, upcast=False), **tol)
-                m, v = R.bn_stats(z)
-                inv = torch.rsqrt(v + 1e-5)
-                for training in (True, False):
-                    got = ops.bn_act_bwd(dy, y, z, m, inv, sc, True, True, training)
-                    want = R.bn_act_bwd(dy, y, z, m, inv, sc, True, True, training, upcast=False)
-                    for g, w in zip(got, want):
-                        torch.testing.assert_close(g, w, **tol)
-                    # The mask variants: y and the gradients bit for bit those of the y variants.
-                    ym, mask = ops.bn_act_fwd_mask(z, sc, sh, res)
-                    assert torch.equal(ym, y) and torch.equal(mask, pack_relu_mask(y, fmt))
-                    for g, w in zip(ops.bn_act_bwd_mask(dy, mask, z, m, inv, sc, True, training), got):
-                        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+        for fmt, dt, C in ((f, d, c) for f in (torch.contiguous_format, torch.channels_last)
+                           for d in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+                           for c in (21, 70)):
+            z = (torch.randn(3, C, 5, 7) + 1).to(dt).contiguous(memory_format=fmt)
+            sdt = R.stats_dtype(dt)
+            tol = {torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+                   torch.float16: dict(rtol=2e-3, atol=2e-3)}.get(dt, {})
+            for got, want in zip(ops.bn_stats(z), R.bn_stats(z, upcast=False)):
+                torch.testing.assert_close(got, want, **tol)
+            sc, sh = torch.randn(C, dtype=sdt), torch.randn(C, dtype=sdt)
+            res, dy = torch.randn_like(z), torch.randn_like(z)
+            y = ops.bn_act_fwd(z, sc, sh, res, True)
+            torch.testing.assert_close(y, R.bn_act_fwd(z, sc, sh, res, True, upcast=False), **tol)
+            m, v = R.bn_stats(z)
+            inv = torch.rsqrt(v + 1e-5)
+            for training in (True, False):
+                got = ops.bn_act_bwd(dy, y, z, m, inv, sc, True, True, training)
+                want = R.bn_act_bwd(dy, y, z, m, inv, sc, True, True, training, upcast=False)
+                for g, w in zip(got, want):
+                    torch.testing.assert_close(g, w, **tol)
+                # The mask variants: y and the gradients bit for bit those of the y variants.
+                ym, mask = ops.bn_act_fwd_mask(z, sc, sh, res)
+                assert torch.equal(ym, y) and torch.equal(mask, pack_relu_mask(y, fmt))
+                for g, w in zip(ops.bn_act_bwd_mask(dy, mask, z, m, inv, sc, True, training), got):
+                    torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+            if fmt == torch.channels_last and dt != torch.float64:
+                x = torch.randn(2, C, 9, 8).to(dt).contiguous(memory_format=fmt)
+                torch.testing.assert_close(ops.max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], False),
+                                           torch.nn.functional.max_pool2d(x, 3, 2, 1), rtol=0, atol=0)
         print("ok")
     """)
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=120)
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    proc = subprocess.run([sys.executable, "-c", script, variant], env=env, capture_output=True,
+                          text=True, timeout=240)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 

@@ -14,10 +14,13 @@ namespace cpu {
 namespace {
 
 // ATen's own choice of instruction set (honours ATEN_CPU_CAPABILITY=default|avx2|avx512), so the
-// CPU kernels follow the same switch as PyTorch's: any AVX2-or-better CPU gets the AVX2 build.
+// CPU kernels follow the same switch as PyTorch's: the AVX512 build where ATen runs AVX512, the
+// AVX2 build where it runs AVX2.
 const KernelTable& kernels() {
   static const KernelTable* table = [] {
     const std::string cap = at::get_cpu_capability();
+    const KernelTable* avx512 = kernel_table_avx512();
+    if (avx512 != nullptr && cap == "AVX512") return avx512;
     const KernelTable* avx2 = kernel_table_avx2();
     if (avx2 != nullptr && (cap == "AVX2" || cap == "AVX512")) return avx2;
     return kernel_table_default();
@@ -34,7 +37,10 @@ Geometry geometry(const at::Tensor& t, c10::MemoryFormat fmt) {
 std::string kernel_variant() { return kernels().name; }
 
 std::string compiled_variants() {
-  return kernel_table_avx2() != nullptr ? "DEFAULT, AVX2" : "DEFAULT";
+  std::string variants = "DEFAULT";
+  if (kernel_table_avx2() != nullptr) variants += ", AVX2";
+  if (kernel_table_avx512() != nullptr) variants += ", AVX512";
+  return variants;
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& z) {

@@ -18,7 +18,7 @@
 #pragma once
 
 #ifndef CPU_CAPABILITY
-#error "define CPU_CAPABILITY (DEFAULT, AVX2) before including cpu/bn_act_kernels.h"
+#error "define CPU_CAPABILITY (DEFAULT, AVX2, AVX512) before including cpu/bn_act_kernels.h"
 #endif
 
 #include <ATen/Parallel.h>

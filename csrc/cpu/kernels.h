@@ -5,8 +5,9 @@
 //    memory layout, make inputs dense in it, allocate outputs, call a kernel. The argument checks
 //    live in csrc/common/checks.h and are run by the binding before these are called.
 //  * Raw-pointer kernels (csrc/cpu/bn_act_kernels.h), compiled once per CPU capability
-//    (bn_act_kernels_default.cpp, bn_act_kernels_x86_avx2.cpp) and chosen at run time, the way ATen's
-//    DispatchStub does it, so one binary runs everywhere and uses AVX2 where the CPU has it.
+//    (bn_act_kernels_default.cpp, bn_act_kernels_x86_avx2.cpp, bn_act_kernels_x86_avx512.cpp) and
+//    chosen at run time, the way ATen's DispatchStub does it, so one binary runs everywhere and
+//    uses AVX2 or AVX512 where the CPU has it.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -54,7 +55,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_fwd(
 at::Tensor max_pool2d(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode);
 
-// The name of the kernel variant in use ("AVX2" or "DEFAULT"), and the variants compiled in.
+// The name of the kernel variant in use ("AVX512", "AVX2" or "DEFAULT"), and the variants compiled
+// in.
 std::string kernel_variant();
 std::string compiled_variants();
 
@@ -145,10 +147,11 @@ struct KernelTable {
   void (*max_pool)(const MaxPoolParams&, c10::ScalarType act_dtype);
 };
 
-// Defined by the per-capability translation units; the AVX2 one returns nullptr where it could not
-// be compiled (not x86-64 / not GCC-compatible).
+// Defined by the per-capability translation units; the AVX2 and AVX512 ones return nullptr where
+// they could not be compiled (not x86-64 / not GCC-compatible).
 const KernelTable* kernel_table_default();
 const KernelTable* kernel_table_avx2();
+const KernelTable* kernel_table_avx512();
 
 }  // namespace cpu
 }  // namespace fusedres

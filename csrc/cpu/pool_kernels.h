@@ -8,7 +8,7 @@
 #pragma once
 
 #ifndef CPU_CAPABILITY
-#error "define CPU_CAPABILITY (DEFAULT, AVX2) before including cpu/pool_kernels.h"
+#error "define CPU_CAPABILITY (DEFAULT, AVX2, AVX512) before including cpu/pool_kernels.h"
 #endif
 
 #include "cpu/bn_act_kernels.h"
