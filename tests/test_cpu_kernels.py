@@ -474,6 +474,48 @@ def test_each_kernel_build_matches_oracle(capability, variant):
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
+def _kernels_in_use(env: dict) -> tuple[str, str, str]:
+    """(kernel build in use, ATen's CPU capability, stderr) of a fresh process under ``env``
+    (added to os.environ without its FUSEDRES_CPU_KERNELS and ATEN_CPU_CAPABILITY)."""
+    script = textwrap.dedent("""
+        import torch
+        from fusedres import _C
+        info = _C.build_info()
+        print(info.split("cpu kernels in use: ")[1].split(" ")[0])
+        print(torch.backends.cpu.get_cpu_capability())
+    """)
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("FUSEDRES_CPU_KERNELS", "ATEN_CPU_CAPABILITY")}
+    proc = subprocess.run([sys.executable, "-c", script], env={**base, **env},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    in_use, aten = proc.stdout.split()[-2:]
+    return in_use, aten, proc.stderr
+
+
+def test_fusedres_cpu_kernels_caps_the_build_below_atens():
+    """FUSEDRES_CPU_KERNELS lowers the kernel build alone (ATen's capability unchanged), never
+    raises it above ATen's, and an unknown value warns and leaves ATen's choice."""
+    from fusedres import _C
+
+    names = [v for _, v in _KERNEL_BUILDS]
+    compiled = _C.build_info().split("cpu kernels compiled: ")[1].split(";")[0].split(", ")
+    natural, aten, _ = _kernels_in_use({})
+    aten_level = names.index(aten) if aten in names else 0  # other ISAs: the portable build
+
+    def best_compiled(level: int) -> str:
+        return max((v for v in compiled if names.index(v) <= level), key=names.index)
+
+    assert natural == best_compiled(aten_level)
+    for value, want in (("default", "DEFAULT"), ("AVX2", "AVX2"), ("avx512", "AVX512")):
+        # The build asked for, capped by ATen's capability and by what is compiled in.
+        in_use, aten_now, _ = _kernels_in_use({"FUSEDRES_CPU_KERNELS": value})
+        assert aten_now == aten, "the variable must not change ATen's own capability"
+        assert in_use == best_compiled(min(names.index(want), aten_level))
+    in_use, _, stderr = _kernels_in_use({"FUSEDRES_CPU_KERNELS": "sse9"})
+    assert in_use == natural and "FUSEDRES_CPU_KERNELS=sse9 is not one of" in stderr
+
+
 def test_build_info():
     """The binary's own account of its build agrees with the record setup.py wrote."""
     from fusedres import _C, _ext

@@ -3,6 +3,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Version.h>
 
+#include <algorithm>
+#include <cctype>
+#include <cstdlib>
 #include <limits>
 #include <string>
 
@@ -13,17 +16,38 @@ namespace fusedres {
 namespace cpu {
 namespace {
 
+// The kernel builds from the most portable up, by the names ATen gives its CPU capabilities.
+constexpr const char* kBuildNames[] = {"DEFAULT", "AVX2", "AVX512"};
+
+// Index in kBuildNames of a capability name (any case), or -1.
+int build_index(std::string name) {
+  for (char& ch : name) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+  for (int i = 0; i < 3; ++i) {
+    if (name == kBuildNames[i]) return i;
+  }
+  return -1;
+}
+
 // ATen's own choice of instruction set (honours ATEN_CPU_CAPABILITY=default|avx2|avx512), so the
 // CPU kernels follow the same switch as PyTorch's: the AVX512 build where ATen runs AVX512, the
-// AVX2 build where it runs AVX2.
+// AVX2 build where it runs AVX2. FUSEDRES_CPU_KERNELS=default|avx2 caps this build alone below
+// that (an A/B of the kernel builds under the same ATen, or a way around a build that misbehaves
+// on some CPU or compiler); it never raises the choice above ATen's.
 const KernelTable& kernels() {
   static const KernelTable* table = [] {
-    const std::string cap = at::get_cpu_capability();
-    const KernelTable* avx512 = kernel_table_avx512();
-    if (avx512 != nullptr && cap == "AVX512") return avx512;
-    const KernelTable* avx2 = kernel_table_avx2();
-    if (avx2 != nullptr && (cap == "AVX2" || cap == "AVX512")) return avx2;
-    return kernel_table_default();
+    int level = std::max(build_index(at::get_cpu_capability()), 0);
+    if (const char* env = std::getenv("FUSEDRES_CPU_KERNELS")) {
+      const int cap = build_index(env);
+      if (cap < 0) {
+        TORCH_WARN("FUSEDRES_CPU_KERNELS=", env, " is not one of default, avx2, avx512: ignored");
+      } else {
+        level = std::min(level, cap);
+      }
+    }
+    const KernelTable* builds[] = {kernel_table_default(), kernel_table_avx2(),
+                                   kernel_table_avx512()};
+    while (builds[level] == nullptr) --level;  // the default build is always there
+    return builds[level];
   }();
   return *table;
 }
