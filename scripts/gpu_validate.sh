@@ -29,7 +29,7 @@
 #   info               30      5      machine record first (GPU, driver, versions, CPU, commit)
 #   build             280     80      setup.py build_ext --inplace: csrc for this GPU's arch only,
 #                                     MAX_JOBS = the host's cores; no pip, nothing downloaded;
-#                                     after a crash also a crash report and a second build
+#                                     after a crash (a crash report) or a failed build, a second build
 #                                     (~180 s more)
 #   warmup_triton     150     60      beside the build: 8 processes compile every Triton kernel
 #                                     variant the check (config 0) and bench (every config, for
@@ -128,27 +128,34 @@ run_stage() {
 build() {
   local cmd=(env MAX_JOBS="${MAX_JOBS:-$(nproc)}"
     TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$GPU_ARCH}" "$PY" setup.py build_ext --inplace)
+  local rc=0 reason backend
+  backend="$( ((DRY)) && echo cpu || echo cuda)"
   if ((DRY)); then
     echo "dry run: CI built the extension already; a GPU run would run: ${cmd[*]}"
   else
-    "${cmd[@]}" || return
+    "${cmd[@]}"
+    rc=$?
   fi
-  local backend
-  backend="$( ((DRY)) && echo cpu || echo cuda)"
-  post_build_checks "$backend" && return 0
-  local rc=$?
-  ((rc > 128)) || return $rc
+  if ((rc == 0)); then
+    post_build_checks "$backend" && return 0
+    rc=$?
+    ((rc > 128)) || return $rc
+    reason="killed by a signal"
+  else
+    reason="failed to build (exit $rc)"
+  fi
   # Killed by a signal, as the first H200 runs were (build_info() and the first failing
-  # TORCH_CHECK segfaulted with /opt/gcc's g++): the same build with the system's g++, in place,
-  # so that the stages after this one run the cuda backend if that one works. The stage still
-  # fails: the default build crashed.
+  # TORCH_CHECK segfaulted with /opt/gcc's g++), or not built at all (that g++ 13 and its
+  # libstdc++ headers are not what CI builds with): the same build with the system's g++, in
+  # place, so that the stages after this one run the cuda backend if that one works. The stage
+  # still fails: the default build did.
   local used system=/usr/bin/g++
   used="$(sed -n 's/^cxx = //p' build/temp.*/build.ninja 2>/dev/null | head -n 1)"
   if ((DRY)) || [[ ! -x "$system" || "$(readlink -f "$(command -v "$used")")" == "$(readlink -f "$system")" ]]; then
     echo "== no other compiler to try (built with '$used')"
     return $rc
   fi
-  echo "== built with $used, killed by a signal: building again with $system"
+  echo "== built with $used, $reason: building again with $system"
   # CC is also nvcc's host compiler (-ccbin) under cpp_extension.
   local cc=/usr/bin/gcc
   [[ -x "$cc" ]] || cc="$system"
