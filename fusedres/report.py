@@ -60,7 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusedres
-from fusedres import reference, traffic
+from fusedres import _ext, reference, traffic
 
 __all__ = [
     "BOTTLENECK_TARGETS", "Config", "MEMORY_BOUND_TARGET", "MODEL_TARGETS", "ModelGroup",
@@ -930,6 +930,7 @@ def machine_info(device: torch.device) -> dict:
             "torch_threads": torch.get_num_threads(), "native_bf16": native_bf16()[1],
             "device": device.type,
             "malloc_keeps_freed_memory": _malloc_tuned,
+            "cpu_kernels": _cpu_kernel_build(),
             # Other processes' load when the job started (timings on a shared machine need it).
             "load_average": list(os.getloadavg())}
     info["device_name"] = (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -938,6 +939,14 @@ def machine_info(device: torch.device) -> dict:
         info["cuda"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version()
     return info
+
+
+def _cpu_kernel_build() -> Optional[str]:
+    """The build of fusedres's C++ CPU kernels in use ("AVX512", "AVX2", "DEFAULT"; docs/design.md
+    section 4), or None without the extension."""
+    if _ext._C is None:
+        return None
+    return _ext._C.build_info().split("cpu kernels in use: ", 1)[1].split(" ", 1)[0]
 
 
 def _cpu_model() -> str:
@@ -959,7 +968,8 @@ def _header(m: dict) -> str:
     return (f"{dev}{m['cpu_model']} ({m['cpu_count']} cores, {m['torch_threads']} torch "
             f"threads, load average {load} over 1/5/15 min, bf16 matrix instructions: "
             f"{m['native_bf16']}); torch {m['torch']}, triton {m['triton'] or '-'}, "
-            f"onnxruntime {m['onnxruntime'] or '-'}, fusedres {m['fusedres']}")
+            f"onnxruntime {m['onnxruntime'] or '-'}, fusedres {m['fusedres']} (CPU kernels "
+            f"{m.get('cpu_kernels') or '-'})")
 
 
 class _Progress:

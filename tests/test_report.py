@@ -89,6 +89,11 @@ def test_json_fields(tiny_report):
     assert {t["verdict"] for t in on_disk["targets"]} <= {"met", "missed", "unresolved"}
     text = report.format_table(rep)
     assert rep["machine"]["cpu_model"] in text and "| provider | median ms | spread |" in text
+    from fusedres._ext import _C
+    if _C is not None:  # the kernel build in use, as build_info names it, beside every figure
+        assert on_disk["machine"]["cpu_kernels"] in ("AVX512", "AVX2", "DEFAULT")
+        assert f"in use: {on_disk['machine']['cpu_kernels']} " in _C.build_info()
+        assert f"(CPU kernels {on_disk['machine']['cpu_kernels']})" in text
     assert "not a result" in text and "error check: every provider ok" in text
 
 
