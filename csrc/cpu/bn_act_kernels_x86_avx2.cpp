@@ -23,20 +23,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 #pragma GCC target("avx2,fma,f16c")
-// g++ does not define the ISA macros for a target pragma (gcc does); sleef.h, which ATen's AVX2
-// Vectorized includes, declares its AVX2 functions only under them.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+#include "cpu/target_isa_macros.h"
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 

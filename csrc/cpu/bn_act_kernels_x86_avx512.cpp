@@ -13,30 +13,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
-#ifndef __AVX512F__
-#define __AVX512F__ 1
-#endif
-#ifndef __AVX512BW__
-#define __AVX512BW__ 1
-#endif
-#ifndef __AVX512VL__
-#define __AVX512VL__ 1
-#endif
-#ifndef __AVX512DQ__
-#define __AVX512DQ__ 1
-#endif
+#define FUSEDRES_TARGET_AVX512
+#include "cpu/target_isa_macros.h"
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
 
