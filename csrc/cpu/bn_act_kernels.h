@@ -195,6 +195,26 @@ inline void run_stats(const T* p, int64_t n, double& mean, double& m2) {
   m2 = std::max(0.0, sq - sd * sd / static_cast<double>(n));
 }
 
+// Mean and biased variance of channel c of an NCHW tensor z [N, C, HW], in double: its N planes
+// in L1-sized runs (run_stats), merged in a fixed order.
+template <typename T>
+void channel_stats_nchw(const T* z, int64_t N, int64_t C, int64_t HW, int64_t c, double& mean,
+                        double& var) {
+  const int64_t tile = tile_elems<T>();
+  double count = 0, m2 = 0;
+  mean = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const T* plane = z + (n * C + c) * HW;
+    for (int64_t t0 = 0; t0 < HW; t0 += tile) {
+      const int64_t len = std::min(tile, HW - t0);
+      double tmean, tm2;
+      run_stats(plane + t0, len, tmean, tm2);
+      math::welford_merge<double>(count, mean, m2, static_cast<double>(len), tmean, tm2);
+    }
+  }
+  var = m2 / count;
+}
+
 template <typename T>
 void bn_stats_nchw(const StatsParams& p) {
   using acc_t = typename Io<T>::acc_t;
@@ -202,21 +222,12 @@ void bn_stats_nchw(const StatsParams& p) {
   const T* z = static_cast<const T*>(p.z);
   acc_t* mean_out = static_cast<acc_t*>(p.mean);
   acc_t* var_out = static_cast<acc_t*>(p.var);
-  const int64_t tile = tile_elems<T>();
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      double count = 0, mean = 0, m2 = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        const T* plane = z + (n * C + c) * HW;
-        for (int64_t t0 = 0; t0 < HW; t0 += tile) {
-          const int64_t len = std::min(tile, HW - t0);
-          double tmean, tm2;
-          run_stats(plane + t0, len, tmean, tm2);
-          math::welford_merge<double>(count, mean, m2, static_cast<double>(len), tmean, tm2);
-        }
-      }
+      double mean, var;
+      channel_stats_nchw(z, N, C, HW, c, mean, var);
       mean_out[c] = static_cast<acc_t>(mean);
-      var_out[c] = static_cast<acc_t>(m2 / count);
+      var_out[c] = static_cast<acc_t>(var);
     }
   });
 }
@@ -530,21 +541,12 @@ void bn_train_fwd_nchw(const TrainFwdParams& p) {
   const T* z = static_cast<const T*>(p.z);
   const T* res = static_cast<const T*>(p.residual);
   T* y = static_cast<T*>(p.y);
-  const int64_t tile = tile_elems<T>();
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      double count = 0, mean = 0, m2 = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        const T* plane = z + (n * C + c) * HW;
-        for (int64_t t0 = 0; t0 < HW; t0 += tile) {
-          const int64_t len = std::min(tile, HW - t0);
-          double tmean, tm2;
-          run_stats(plane + t0, len, tmean, tm2);
-          math::welford_merge<double>(count, mean, m2, static_cast<double>(len), tmean, tm2);
-        }
-      }
+      double mean, var;
+      channel_stats_nchw(z, N, C, HW, c, mean, var);
       acc_t s, t;
-      train_channel_coefficients<acc_t>(p, c, mean, m2 / count, s, t);
+      train_channel_coefficients<acc_t>(p, c, mean, var, s, t);
       const Vec vs(s), vt(t);
       for (int64_t n = 0; n < N; ++n) {
         const int64_t off = (n * C + c) * HW;
