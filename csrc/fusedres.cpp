@@ -43,6 +43,7 @@
 #include "common/checks.h"
 #include "cpu/gemm_conv.h"
 #include "cpu/kernels.h"
+#include "state_watch.h"
 #include "unit_ops.h"
 
 namespace fusedres {
@@ -328,6 +329,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("kernel_size"), pybind11::arg("stride"), pybind11::arg("padding"),
         pybind11::arg("dilation"),
         "[N*Ho*Wo, kh*kw*C] columns of a channels_last x, (tap, channel) order (csrc/cpu/gemm_conv.h).");
+  fusedres::register_state_watch(m);
 }
 
 // ============================================================================================

@@ -10,6 +10,8 @@ this so shown to matter).
 """
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -239,6 +241,28 @@ def test_hooks_see_what_eager_shows_them(backend, where):
     torch.testing.assert_close(kept, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("where", HOOK_PLACES)
+def test_hooks_added_after_the_model_plan_run(backend, where):
+    """A hook registered once the model runs from its plan (and its state watch) runs in the next
+    call and is shown what eager's hook is shown."""
+    fused, eager = _models("resnet18", backend, torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fused(x)
+        fused(x)  # from the plan
+    seen = []
+    handle, (layer, index, kind) = _hook(where, fused, seen)
+    try:
+        with torch.no_grad():
+            fused(x)
+    finally:
+        handle.remove()
+    assert seen, "the hook did not run"
+    expected = _eager_tensor(eager, x, layer, index, kind)
+    torch.testing.assert_close(seen[0], expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("where", HOOK_PLACES)
 def test_hooks_would_see_overwritten_tensors_without_the_guard(monkeypatch, where):
     """The hook test above can fail: with the guard forced open, the model runs its blocks
@@ -303,13 +327,19 @@ def _model_change(fused, eager, x, what):
                 m.layer4[1].bn2.running_mean.add_(1.0)
         elif what == "maxpool_stride":
             fused.maxpool.stride = eager.maxpool.stride = 1
+        elif what == "stem_weight_replaced":
+            for m in (fused, eager):
+                m.conv1.weight = torch.nn.Parameter(m.conv1.weight.detach() * -1.5)
+        elif what == "layer3_bn_train":
+            for m in (fused, eager):
+                m.layer3[0].bn2.train()  # batch statistics, still under no_grad
         elif what == "batch_size":
             return torch.randn(3, *x.shape[1:])
     return x
 
 
 MODEL_CHANGES = ["stem_weight_in_place", "stem_bn_eps", "replaced_block", "layer4_bn_in_place",
-                 "maxpool_stride", "batch_size"]
+                 "maxpool_stride", "stem_weight_replaced", "layer3_bn_train", "batch_size"]
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
@@ -371,3 +401,46 @@ def test_model_plan_follows_clear_fold_cache_after_a_data_edit():
         fold.clear_fold_cache()
         after = fused(x)
     _assert_matches_eager(after, eager, x)
+
+
+def test_model_plan_watch_skips_the_key_until_something_changes(monkeypatch):
+    """Once the model plan exists, calls read no key (the plan's state watch answers) until
+    something the key reads changes; then one call reads it, and the next ones again none."""
+    if not fusedres.available_backends()["cpu"][0]:
+        pytest.skip("the cpu backend is unusable here")
+    fused, eager = _models("resnet18", "cpu", torch.channels_last)
+    x = torch.randn(2, 3, 32, 32)
+    keys = []
+    real_key = FusedResNet._inference_key
+    monkeypatch.setattr(FusedResNet, "_inference_key",
+                        lambda self, x: keys.append(1) or real_key(self, x))
+    with torch.no_grad():
+        for _ in range(3):
+            fused(x)
+        assert len(keys) == 1
+        fused.eval()  # rebinds every module's training flag to the same value
+        fused(x)
+        assert len(keys) == 1
+        for m in (fused, eager):
+            m.layer1[0].conv1.weight.add_(0.5)
+        out = fused(x)
+        assert len(keys) == 2
+        assert torch.equal(fused(x), out)
+        assert len(keys) == 2
+    _assert_matches_eager(out, eager, x)
+
+
+def test_model_plan_does_not_keep_its_model_alive():
+    """The plan cache is weak-keyed by the model; the plan's state watch holds the model's
+    ``__dict__``, never the model, so a dropped model is freed."""
+    if not fusedres.available_backends()["cpu"][0]:
+        pytest.skip("the cpu backend is unusable here")
+    from fusedres.models import resnet as resnet_module
+    fused, _ = _models("resnet18", "cpu", torch.channels_last)
+    with torch.no_grad():
+        fused(torch.randn(2, 3, 32, 32))
+    assert resnet_module._MODEL_PLANS[fused].watch is not None
+    model = weakref.ref(fused)
+    del fused
+    gc.collect()
+    assert model() is None

@@ -15,7 +15,7 @@ from typing import Iterable, NamedTuple, Optional, Union
 import torch
 import torch.nn as nn
 
-from fusedres import reference
+from fusedres import _ext, reference
 from fusedres.backend import current_backend_name
 from fusedres.fusability import is_frozen_norm
 from fusedres.modules import (FusedBasicBlock, FusedBottleneck, block_forward_with_plan,
@@ -61,6 +61,14 @@ class FusedResNet(reference.ResNet):
                            name="ResNet.conv1")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(x) is torch.Tensor and not torch.is_grad_enabled():
+            plan = _MODEL_PLANS.get(self)
+            if plan is not None and plan.watch is not None:
+                # Nothing the plan's key reads has changed since it last matched: the key would
+                # match again (the watch is its cheaper stand-in; the key below remains the rule).
+                x_inside = self._activation_layout(x)
+                if plan.unchanged_for(self, x_inside):
+                    return self._head(plan.run(x_inside, self.maxpool))
         stays_inside = type(x) is torch.Tensor and self._activations_stay_inside()
         inference = stays_inside and not torch.is_grad_enabled()
         if inference:
@@ -70,6 +78,8 @@ class FusedResNet(reference.ResNet):
             if plan is not None and plan.key == key:
                 # The same signatures and module state as a call that passed check_chain and
                 # made these plans: neither can tell anything new.
+                if plan.watch is None or not plan.watch.unchanged():
+                    _MODEL_PLANS[self] = plan = plan._replace(watch=self._state_watch())
                 return self._head(plan.run(x, self.maxpool))
         check_chain(x, [("conv1", self.conv1), ("bn1", self.bn1), ("relu", self.relu),
                         ("maxpool", self.maxpool), ("layer1", self.layer1),
@@ -89,8 +99,29 @@ class FusedResNet(reference.ResNet):
                 x, block_plan = block_forward_with_plan(block, x, x_is_dead=True)
                 block_plans.append(block_plan)
         if key is not None and stem_plan is not None and None not in block_plans:
-            _MODEL_PLANS[self] = _ModelPlan(key, stem_plan, tuple(block_plans))
+            _MODEL_PLANS[self] = _ModelPlan(key, stem_plan, tuple(block_plans), type(self),
+                                            self._state_watch())
         return self._head(x)
+
+    def _state_watch(self):
+        """A ``fusedres._C.StateWatch`` of everything the inference key reads (every module up to
+        the pooled features: its ``__dict__``, containers, forward hooks, and tensors), or None
+        without the extension. The model's own ``__dict__`` is watched without the model: a
+        plan, the value of a weak-keyed cache, must not hold its key."""
+        watch_type = getattr(_ext._C, "StateWatch", None)
+        if watch_type is None:
+            return None
+        inside = [m for name, child in self._modules.items() if name not in _HEAD
+                  for m in child.modules()]
+        owned = [(m, m.__dict__) for m in inside]
+        dicts = [self.__dict__]
+        tensors = []
+        for m in [self] + inside:
+            dicts += [m._parameters, m._buffers, m._modules, m._forward_hooks,
+                      m._forward_pre_hooks]
+            tensors += [t for t in (*m._parameters.values(), *m._buffers.values())
+                        if isinstance(t, torch.Tensor)]
+        return watch_type(owned, dicts, tensors)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.avgpool(x), 1))
@@ -147,11 +178,26 @@ class FusedResNet(reference.ResNet):
 
 class _ModelPlan(NamedTuple):
     """A FusedResNet's inference up to the pooled features, as its last call ran it: the stem's
-    plan and every block's, under :meth:`FusedResNet._inference_key`."""
+    plan and every block's, under :meth:`FusedResNet._inference_key`; and a watch of the state
+    that key was read from, valid while nothing it watches changed (csrc/state_watch.h), so that
+    a call need not read the key again."""
 
     key: tuple
     stem: InferencePlan
     blocks: tuple  # BlockPlan per block, in order
+    model_type: type
+    watch: object  # fusedres._C.StateWatch, or None
+
+    def unchanged_for(self, model: "FusedResNet", x: torch.Tensor) -> bool:
+        """Whether the key would still match for ``model`` on x (already in the activation
+        layout): no global hook, not traced, the same input signature, backend choice and
+        autocast state, the model's class, and every watched object unchanged."""
+        nn_module = nn.modules.module
+        return (not (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+                and type(model) is self.model_type and not torch.compiler.is_compiling()
+                and input_signature(x) == self.key[0]
+                and plan_context(model.backend, x.device.type) == self.key[1]
+                and self.watch.unchanged())
 
     def run(self, x: torch.Tensor, pool: nn.Module) -> torch.Tensor:
         x = inference_max_pool(pool, self.stem.run(x, None))
@@ -163,6 +209,8 @@ class _ModelPlan(NamedTuple):
 # model -> its _ModelPlan. Weak keys, as every plan cache: a plan dies with its model.
 _MODEL_PLANS: "weakref.WeakKeyDictionary[nn.Module, _ModelPlan]" = weakref.WeakKeyDictionary()
 fold.clear_with_fold_cache(_MODEL_PLANS)
+# FusedResNet's children that run after the plan, as ordinary modules.
+_HEAD = ("avgpool", "fc")
 # nn.MaxPool2d's geometry, read in one C call.
 _POOL_GEOMETRY = operator.attrgetter("kernel_size", "stride", "padding", "dilation",
                                      "return_indices", "ceil_mode")

@@ -1,0 +1,130 @@
+#include "state_watch.h"
+
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <vector>
+
+namespace fusedres {
+namespace {
+
+namespace py = pybind11;
+
+// A watched dict, its entries, and its owner where it is the owner's `__dict__` (which could be
+// replaced wholesale, or the owner's class; a module's containers only through the __dict__'s
+// entries).
+struct DictSnapshot {
+  py::object owner;  // None: the dict is watched for its entries only
+  PyTypeObject* owner_type;
+  py::dict dict;
+  std::vector<py::object> keys, values;  // strong references: no id is reused while watched
+};
+
+struct TensorSnapshot {
+  py::object object;
+  PyTypeObject* type;
+  int64_t version;
+  const void* data;
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype;
+  at::Device device;
+};
+
+bool same_entries(const DictSnapshot& s) {
+  if (!s.owner.is_none()) {
+    if (Py_TYPE(s.owner.ptr()) != s.owner_type) return false;
+    PyObject* current = PyObject_GenericGetDict(s.owner.ptr(), nullptr);
+    if (current == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    const bool same_dict = current == s.dict.ptr();
+    Py_DECREF(current);
+    if (!same_dict) return false;
+  }
+  if (PyDict_Size(s.dict.ptr()) != static_cast<Py_ssize_t>(s.keys.size())) return false;
+  Py_ssize_t pos = 0;
+  PyObject *key, *value;
+  for (size_t i = 0; PyDict_Next(s.dict.ptr(), &pos, &key, &value); ++i) {
+    if (key != s.keys[i].ptr() || value != s.values[i].ptr()) return false;
+  }
+  return true;
+}
+
+// The start of t's memory, or null where it has none to show (no storage, or access refused).
+const void* data_of(const at::Tensor& t) {
+  if (!t.has_storage()) return nullptr;
+  try {
+    return t.unsafeGetTensorImpl()->data();
+  } catch (const c10::Error&) {
+    return nullptr;
+  }
+}
+
+bool same_tensor(const TensorSnapshot& s) {
+  if (Py_TYPE(s.object.ptr()) != s.type) return false;
+  const at::Tensor& t = THPVariable_Unpack(s.object.ptr());
+  if (t.is_inference()) return false;  // no version counter: nothing to compare
+  return t._version() == s.version && data_of(t) == s.data &&
+         t.sizes() == at::IntArrayRef(s.sizes) && t.strides() == at::IntArrayRef(s.strides) &&
+         t.scalar_type() == s.dtype && t.device() == s.device;
+}
+
+class StateWatch {
+ public:
+  // owned_dicts: [(owner, dict)], the dict being owner.__dict__; dicts: more dicts (a module's
+  // containers); tensors: the tensors whose contents and metadata the plan depends on.
+  StateWatch(const py::list& owned_dicts, const py::list& dicts, const py::list& tensors) {
+    for (const auto& item : owned_dicts) {
+      auto pair = item.cast<py::tuple>();
+      add_dict(pair[0], pair[1].cast<py::dict>());
+    }
+    for (const auto& item : dicts) add_dict(py::none(), item.cast<py::dict>());
+    for (const auto& item : tensors) {
+      py::object object = py::reinterpret_borrow<py::object>(item);
+      TORCH_CHECK(THPVariable_Check(object.ptr()), "StateWatch: tensors must hold tensors only");
+      const at::Tensor& t = THPVariable_Unpack(object.ptr());
+      TORCH_CHECK(!t.is_inference(), "StateWatch: an inference tensor has no version to watch");
+      tensors_.push_back(TensorSnapshot{object, Py_TYPE(object.ptr()), t._version(),
+                                        data_of(t), t.sizes().vec(),
+                                        t.strides().vec(), t.scalar_type(), t.device()});
+    }
+  }
+
+  bool unchanged() const {
+    for (const auto& s : dicts_) {
+      if (!same_entries(s)) return false;
+    }
+    for (const auto& s : tensors_) {
+      if (!same_tensor(s)) return false;
+    }
+    return true;
+  }
+
+ private:
+  void add_dict(py::object owner, py::dict dict) {
+    PyTypeObject* owner_type = Py_TYPE(owner.ptr());
+    DictSnapshot s{std::move(owner), owner_type, dict, {}, {}};
+    for (const auto& [key, value] : dict) {
+      s.keys.push_back(py::reinterpret_borrow<py::object>(key));
+      s.values.push_back(py::reinterpret_borrow<py::object>(value));
+    }
+    dicts_.push_back(std::move(s));
+  }
+
+  std::vector<DictSnapshot> dicts_;
+  std::vector<TensorSnapshot> tensors_;
+};
+
+}  // namespace
+
+void register_state_watch(pybind11::module& m) {
+  py::class_<StateWatch>(m, "StateWatch",
+                         "Identity snapshot of dicts and tensors (csrc/state_watch.h).")
+      .def(py::init<const py::list&, const py::list&, const py::list&>(),
+           py::arg("owned_dicts"), py::arg("dicts"), py::arg("tensors"))
+      .def("unchanged", &StateWatch::unchanged,
+           "Whether every watched dict holds the same entries (by identity, in order) and every "
+           "watched tensor the same type, version, storage, shape, strides, dtype and device.");
+}
+
+}  // namespace fusedres
