@@ -12,6 +12,8 @@ Providers, each called once per round in an order rotated from round to round (c
   FusedResNet.forward).
 - ``fused_out_of_place``: the same without the in-place writes (every block's output allocated).
 - ``fused_unit_plans``: per-unit plans only (no block plans), out of place.
+- ``fused_key_checked``: ``fused`` with the plan checked by its key on every call, as before
+  the state watch (a copy of the model, its plan made without a watch).
 - ``fused_cached_plan``: ``fused``'s whole-model plan run directly, without any check that it
   still holds (its state watch, and the key every unit's module state and tensor versions make
   where the watch reports a change); fused minus this is what the check costs. Valid, like the replay below, only while neither model nor input
@@ -119,8 +121,14 @@ def _providers(arch: str, batch: int, size: int, dtype: torch.dtype, with_compil
             with _autocast(dtype), torch.no_grad():
                 compiled(x)  # compiles here, with freezing in force
         providers["compile"] = lambda: compiled(x)
-    providers.update({"fused": lambda: fused(x), "fused_out_of_place": out_of_place,
-                      "fused_unit_plans": unit_plans,
+    key_checked_model = copy.deepcopy(fused)
+
+    def key_checked():
+        with mock.patch.object(FusedResNet, "_state_watch", lambda self: None):
+            return key_checked_model(x)
+
+    providers.update({"fused": lambda: fused(x), "fused_key_checked": key_checked,
+                      "fused_out_of_place": out_of_place, "fused_unit_plans": unit_plans,
                       "fused_cached_plan": _cached_plan(fused, x, dtype),
                       "onednn_replay": _onednn_replay(eager, x, dtype)})
     return providers
