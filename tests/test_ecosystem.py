@@ -132,6 +132,22 @@ def test_compile_resnet18_inductor():
     assert_models_close(fused, eager, rtol=1e-3, what="compiled resnet18")
 
 
+def test_compile_fullgraph_eval_after_an_eager_plan():
+    """A FusedResNet whose eager eval calls made its whole-model plan (and the plan's state
+    watch) still compiles with fullgraph=True: the traced forward leaves the plan alone."""
+    torch._dynamo.reset()
+    backend = "cpu" if fusedres.available_backends()["cpu"][0] else "torch_ops"
+    torch.manual_seed(0)
+    fused = fusedres.models.resnet18(num_classes=10, backend=backend).eval()
+    eager = fusedres.to_eager(copy.deepcopy(fused)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fused(x)
+        fused(x)  # from the plan
+        out = torch.compile(fused, fullgraph=True, backend="aot_eager")(x)
+        torch.testing.assert_close(out, eager(x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
 def test_export_eval_model(backend):
     """torch.export of an eval-mode fused model: the exported program gives the same logits."""

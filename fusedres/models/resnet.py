@@ -61,7 +61,8 @@ class FusedResNet(reference.ResNet):
                            name="ResNet.conv1")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if type(x) is torch.Tensor and not torch.is_grad_enabled():
+        if (type(x) is torch.Tensor and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
             plan = _MODEL_PLANS.get(self)
             if plan is not None and plan.watch is not None:
                 # Nothing the plan's key reads has changed since it last matched: the key would
@@ -190,12 +191,11 @@ class _ModelPlan(NamedTuple):
 
     def unchanged_for(self, model: "FusedResNet", x: torch.Tensor) -> bool:
         """Whether the key would still match for ``model`` on x (already in the activation
-        layout): no global hook, not traced, the same input signature, backend choice and
-        autocast state, the model's class, and every watched object unchanged."""
+        layout): no global hook, the same input signature, backend choice and autocast state,
+        the model's class, and every watched object unchanged."""
         nn_module = nn.modules.module
         return (not (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
-                and type(model) is self.model_type and not torch.compiler.is_compiling()
-                and input_signature(x) == self.key[0]
+                and type(model) is self.model_type and input_signature(x) == self.key[0]
                 and plan_context(model.backend, x.device.type) == self.key[1]
                 and self.watch.unchanged())
 
