@@ -16,8 +16,8 @@ Providers, each called once per round in an order rotated from round to round (c
   the state watch (a copy of the model, its plan made without a watch).
 - ``fused_cached_plan``: ``fused``'s whole-model plan run directly, without any check that it
   still holds (its state watch, and the key every unit's module state and tensor versions make
-  where the watch reports a change); fused minus this is what the check costs. Valid, like the replay below, only while neither model nor input
-  changes.
+  where the watch reports a change); fused minus this is what the check costs. Valid, like the
+  replay below, only while neither model nor input changes.
 - ``onednn_replay``: the floor for any Python composition of oneDNN's convolutions: inductor's
   call sequence replayed with no checks at all (BN folded, weights prepacked, the residual
   summed in place into the downsample's output or the block's input), built here for this one
@@ -135,8 +135,8 @@ def _providers(arch: str, batch: int, size: int, dtype: torch.dtype, with_compil
 
 
 def _cached_plan(fused: FusedResNet, x: torch.Tensor, dtype: torch.dtype):
-    """``fused``'s whole-model inference plan for x (made here by one call), run without its key
-    check, as FusedResNet.forward runs it once the key matches."""
+    """``fused``'s whole-model inference plan for x (made here by one call), run without any
+    check, as FusedResNet.forward runs it once its state watch or its key says it holds."""
     with _autocast(dtype), torch.no_grad():
         fused(x)
     plan = _MODEL_PLANS[fused]
