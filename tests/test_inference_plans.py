@@ -444,3 +444,28 @@ def test_model_plan_does_not_keep_its_model_alive():
     del fused
     gc.collect()
     assert model() is None
+
+
+def test_model_plan_watch_follows_the_global_backend(monkeypatch):
+    """A block without a backend of its own follows the global choice, which no watched module
+    holds: changing it makes the next call read the key again (and run the new backend)."""
+    if not fusedres.available_backends()["cpu"][0]:
+        pytest.skip("the cpu backend is unusable here")
+    fused, eager = _models("resnet18", "cpu", torch.channels_last)
+    fused.layer2[0].backend = None
+    x = torch.randn(2, 3, 32, 32)
+    keys = []
+    real_key = FusedResNet._inference_key
+    monkeypatch.setattr(FusedResNet, "_inference_key",
+                        lambda self, x: keys.append(1) or real_key(self, x))
+    try:
+        with torch.no_grad():
+            fused(x)
+            fused(x)
+            assert len(keys) == 1
+            fusedres.set_backend("torch_ops")
+            out = fused(x)
+            assert len(keys) == 2
+    finally:
+        fusedres.set_backend(None)
+    _assert_matches_eager(out, eager, x)

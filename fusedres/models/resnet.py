@@ -79,8 +79,9 @@ class FusedResNet(reference.ResNet):
             if plan is not None and plan.key == key:
                 # The same signatures and module state as a call that passed check_chain and
                 # made these plans: neither can tell anything new.
-                if plan.watch is None or not plan.watch.unchanged():
-                    _MODEL_PLANS[self] = plan = plan._replace(watch=self._state_watch())
+                # Only a call whose watch failed gets here: watch from now on.
+                _MODEL_PLANS[self] = plan = plan._replace(
+                    global_context=plan_context(None, x.device.type), watch=self._state_watch())
                 return self._head(plan.run(x, self.maxpool))
         check_chain(x, [("conv1", self.conv1), ("bn1", self.bn1), ("relu", self.relu),
                         ("maxpool", self.maxpool), ("layer1", self.layer1),
@@ -101,6 +102,7 @@ class FusedResNet(reference.ResNet):
                 block_plans.append(block_plan)
         if key is not None and stem_plan is not None and None not in block_plans:
             _MODEL_PLANS[self] = _ModelPlan(key, stem_plan, tuple(block_plans), type(self),
+                                            plan_context(None, x.device.type),
                                             self._state_watch())
         return self._head(x)
 
@@ -187,16 +189,22 @@ class _ModelPlan(NamedTuple):
     stem: InferencePlan
     blocks: tuple  # BlockPlan per block, in order
     model_type: type
+    global_context: tuple  # plan_context(None, ...): what blocks without a backend of their own use
     watch: object  # fusedres._C.StateWatch, or None
 
     def unchanged_for(self, model: "FusedResNet", x: torch.Tensor) -> bool:
         """Whether the key would still match for ``model`` on x (already in the activation
-        layout): no global hook, the same input signature, backend choice and autocast state,
-        the model's class, and every watched object unchanged."""
+        layout): no global hook, the same input signature, the same backend choices (the
+        model's and the global one) and autocast state, the model's class and stem, and every
+        watched object unchanged."""
         nn_module = nn.modules.module
+        model_type = type(model)
+        device_type = x.device.type
         return (not (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
-                and type(model) is self.model_type and input_signature(x) == self.key[0]
-                and plan_context(model.backend, x.device.type) == self.key[1]
+                and model_type is self.model_type and model_type.stem is FusedResNet.stem
+                and input_signature(x) == self.key[0]
+                and plan_context(model.backend, device_type) == self.key[1]
+                and plan_context(None, device_type) == self.global_context
                 and self.watch.unchanged())
 
     def run(self, x: torch.Tensor, pool: nn.Module) -> torch.Tensor:
