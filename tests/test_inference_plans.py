@@ -403,6 +403,15 @@ def test_model_plan_follows_clear_fold_cache_after_a_data_edit():
     _assert_matches_eager(after, eager, x)
 
 
+def _count_key_reads(monkeypatch) -> list:
+    """A list that gets an entry each time a FusedResNet reads its inference key."""
+    keys = []
+    real_key = FusedResNet._inference_key
+    monkeypatch.setattr(FusedResNet, "_inference_key",
+                        lambda self, x: keys.append(1) or real_key(self, x))
+    return keys
+
+
 def test_model_plan_watch_skips_the_key_until_something_changes(monkeypatch):
     """Once the model plan exists, calls read no key (the plan's state watch answers) until
     something the key reads changes; then one call reads it, and the next ones again none."""
@@ -410,10 +419,7 @@ def test_model_plan_watch_skips_the_key_until_something_changes(monkeypatch):
         pytest.skip("the cpu backend is unusable here")
     fused, eager = _models("resnet18", "cpu", torch.channels_last)
     x = torch.randn(2, 3, 32, 32)
-    keys = []
-    real_key = FusedResNet._inference_key
-    monkeypatch.setattr(FusedResNet, "_inference_key",
-                        lambda self, x: keys.append(1) or real_key(self, x))
+    keys = _count_key_reads(monkeypatch)
     with torch.no_grad():
         for _ in range(3):
             fused(x)
@@ -454,10 +460,7 @@ def test_model_plan_watch_follows_the_global_backend(monkeypatch):
     fused, eager = _models("resnet18", "cpu", torch.channels_last)
     fused.layer2[0].backend = None
     x = torch.randn(2, 3, 32, 32)
-    keys = []
-    real_key = FusedResNet._inference_key
-    monkeypatch.setattr(FusedResNet, "_inference_key",
-                        lambda self, x: keys.append(1) or real_key(self, x))
+    keys = _count_key_reads(monkeypatch)
     try:
         with torch.no_grad():
             fused(x)

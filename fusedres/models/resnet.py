@@ -79,9 +79,11 @@ class FusedResNet(reference.ResNet):
             if plan is not None and plan.key == key:
                 # The same signatures and module state as a call that passed check_chain and
                 # made these plans: neither can tell anything new.
-                # Only a call whose watch failed gets here: watch from now on.
-                _MODEL_PLANS[self] = plan = plan._replace(
-                    global_context=plan_context(None, x.device.type), watch=self._state_watch())
+                # Only a call whose watch failed (or that has none) gets here: watch from now on.
+                watch = self._state_watch()
+                if watch is not None:
+                    _MODEL_PLANS[self] = plan = plan._replace(
+                        global_context=plan_context(None, x.device.type), watch=watch)
                 return self._head(plan.run(x, self.maxpool))
         check_chain(x, [("conv1", self.conv1), ("bn1", self.bn1), ("relu", self.relu),
                         ("maxpool", self.maxpool), ("layer1", self.layer1),
