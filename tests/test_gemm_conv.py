@@ -169,6 +169,44 @@ def test_unit_on_the_gemm_path(gemm_switch, gemm, dtype, shape, training, has_re
     assert got["dx"].is_contiguous(memory_format=torch.channels_last)
 
 
+def _profiled(fn):
+    """``fn()`` and the names of every op it dispatched (C++ calls inside the unit ops too)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = fn()
+    return result, {event.name for event in prof.events()}
+
+
+# torch.backends.mkldnn.flags sets oneDNN's TF32 switch too, which warns on a CPU-only torch.
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "mkldnn_disabled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_matrix_products_of_the_gemm_path(gemm_switch, onednn, dtype):
+    """float32 products run oneDNN's matmul (mkldnn::_linear_pointwise: MKL's sgemm, what
+    at::mm runs, is slower on these shapes) unless oneDNN is disabled, then at::mm; bfloat16
+    runs at::mm (oneDNN's matmul inside ATen). Forward, data and weight gradients follow the
+    oracle either way."""
+    if onednn and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch is built without oneDNN")
+    gemm_switch(True)
+    shape = GEMM_SHAPES[0]
+    n, cin, h, w, cout, k, stride, padding, dilation = shape
+    eager, fused, oracle = _units(shape, dtype, True, torch.channels_last)
+    x = _cl(n, cin, h, w, dtype=dtype)
+    assert _applies(x, fused.conv.weight, stride, padding, dilation)
+    dy64 = away_from_kink(torch.randn(n, cout, h, w, dtype=dtype).double(), oracle, x.double(),
+                          None, dtype)
+    with torch.backends.mkldnn.flags(enabled=onednn):
+        got, names = _profiled(lambda: run(fused, x, None, dy64.to(dtype)))
+    linear = dtype == torch.float32 and onednn
+    assert ("mkldnn::_linear_pointwise" in names) == linear, sorted(names)
+    assert ("aten::mm" in names) != linear, sorted(names)
+    ref = run(eager, x, None, dy64.to(dtype))
+    exact = run(oracle, x.double(), None, dy64)
+    assert got.keys() == exact.keys()
+    for key in exact:
+        assert_oracle_close(got[key].double(), ref[key].double(), exact[key], name=key)
+
+
 
 
 # Inference (no gradients, frozen statistics) convolves output maps of at most 16 pixels, and
