@@ -46,7 +46,7 @@ import fusedres
 from fusedres import modules
 from fusedres.models.resnet import _MODEL_PLANS, FusedResNet, _ModelPlan
 from fusedres.report import keep_freed_memory, machine_info
-from interleaved_recompute import median_interval
+from _stats import median_interval
 
 
 def _onednn_replay(eager: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype):

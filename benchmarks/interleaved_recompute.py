@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import statistics
 import time
@@ -31,6 +30,8 @@ import torch.nn.functional as F
 import fusedres
 from fusedres import FusedBasicBlock, FusedBottleneck
 from fusedres.report import machine_info
+
+from _stats import median_interval
 
 CONFIGS = {
     "fp32-nchw": (torch.float32, torch.contiguous_format),
@@ -57,17 +58,6 @@ def make_step(model, x, target, dtype):
         opt.zero_grad(set_to_none=True)
 
     return step
-
-
-def median_interval(values: list, z: float = 1.96) -> tuple[float, float]:
-    """A distribution-free ~95% confidence interval of the median of ``values``: the order
-    statistics ranked ``n/2 -+ z*sqrt(n)/2`` (the binomial's normal approximation)."""
-    ordered = sorted(values)
-    n = len(ordered)
-    half_width = z * n ** 0.5 / 2
-    low = max(0, int(n / 2 - half_width))
-    high = min(n - 1, math.ceil(n / 2 + half_width) - 1)
-    return ordered[low], ordered[high]
 
 
 def measure(args, config: str) -> dict:
