@@ -14,6 +14,8 @@ Providers, each called once per round in an order rotated from round to round (c
 - ``fused_unit_plans``: per-unit plans only (no block plans), out of place.
 - ``fused_key_checked``: ``fused`` with the plan checked by its key on every call, as before
   the state watch (a copy of the model, its plan made without a watch).
+- ``fused_no_winograd``: ``fused`` (a copy) with its float32 3x3s on oneDNN's convolution
+  instead of Winograd's F(2x2, 3x3) (fusedres/backends/extension.py); bfloat16 is the same.
 - ``fused_cached_plan``: ``fused``'s whole-model plan run directly, without any check that it
   still holds (its state watch, and the key every unit's module state and tensor versions make
   where the watch reports a change); fused minus this is what the check costs. Valid, like the
@@ -44,6 +46,7 @@ import torch
 
 import fusedres
 from fusedres import modules
+from fusedres.backends import extension
 from fusedres.models.resnet import _MODEL_PLANS, FusedResNet, _ModelPlan
 from fusedres.report import keep_freed_memory, machine_info
 from _stats import median_interval
@@ -127,7 +130,14 @@ def _providers(arch: str, batch: int, size: int, dtype: torch.dtype, with_compil
         with mock.patch.object(FusedResNet, "_state_watch", lambda self: None):
             return key_checked_model(x)
 
-    providers.update({"fused": lambda: fused(x), "fused_key_checked": key_checked,
+    no_winograd_model = copy.deepcopy(fused)
+
+    def no_winograd():
+        with mock.patch.object(extension, "_WINOGRAD", False):
+            return no_winograd_model(x)
+
+    providers.update({"fused": lambda: fused(x), "fused_no_winograd": no_winograd,
+                      "fused_key_checked": key_checked,
                       "fused_out_of_place": out_of_place, "fused_unit_plans": unit_plans,
                       "fused_cached_plan": _cached_plan(fused, x, dtype),
                       "onednn_replay": _onednn_replay(eager, x, dtype)})

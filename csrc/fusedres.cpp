@@ -42,6 +42,7 @@
 
 #include "common/checks.h"
 #include "cpu/gemm_conv.h"
+#include "cpu/winograd_conv.h"
 #include "cpu/kernels.h"
 #include "state_watch.h"
 #include "unit_ops.h"
@@ -329,6 +330,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("kernel_size"), pybind11::arg("stride"), pybind11::arg("padding"),
         pybind11::arg("dilation"),
         "[N*Ho*Wo, kh*kw*C] columns of a channels_last x, (tap, channel) order (csrc/cpu/gemm_conv.h).");
+  m.def("cpu_winograd_weight", &fusedres::cpu::winograd_weight, pybind11::arg("weight"),
+        "[16*Cout, Cin, 1, 1] Winograd F(2x2, 3x3) transform of a float32 [Cout, Cin, 3, 3] "
+        "weight, a 16-group 1x1 convolution's weight (csrc/cpu/winograd_conv.h).");
+  m.def("cpu_winograd_input", &fusedres::cpu::winograd_input, pybind11::arg("x"),
+        "[1, 16*C, T, 1] channels_last Winograd F(2x2, 3x3) input transform of float32 x.");
+  m.def("cpu_winograd_output", &fusedres::cpu::winograd_output, pybind11::arg("m"),
+        pybind11::arg("bias"), pybind11::arg("residual"), pybind11::arg("relu"),
+        pybind11::arg("n"), pybind11::arg("h"), pybind11::arg("w"),
+        "act(output transform of the products m + bias (+ residual)): y [n, Cout, h, w] "
+        "channels_last float32.");
   fusedres::register_state_watch(m);
 }
 

@@ -1,0 +1,40 @@
+// The CPU backend's float32 inference 3x3 convolution (stride 1, padding 1) as Winograd's
+// F(2x2, 3x3) (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016).
+//
+// Each 2x2 block of outputs ("tile", T = N*ceil(H/2)*ceil(W/2) of them) reads a 4x4 input patch
+// d; with the weight transformed once, U = G g G^T (4x4 per output/input channel pair), the tile
+// is Y = A^T [sum over input channels of U . (B^T d B)] A. The channel sum, at each of the 16
+// positions p of the 4x4 transform, is a matrix product V[p] [T, Cin] @ U[p]^T [Cin, Cout]: 16
+// multiplies per 4 outputs where the direct convolution has 36, 2.25x fewer, plus the two
+// transforms, passes over memory. The 16 products run as one oneDNN convolution, 1x1 with 16
+// groups, over V laid out [T][16][Cin] (a [1, 16*Cin, T, 1] channels_last tensor) with U
+// prepacked once (fusedres/backends/extension.py, which also says where it applies and why):
+// oneDNN ran them 1.3-1.7x faster so than as 16 matrix products. The output transform applies
+// the folded BatchNorm's bias, the residual and the ReLU as it writes y.
+// Rounding: the transforms' coefficients are 0, +-1 and +-1/2, exact in float32; the relative
+// error against float64 was 1.2-1.7x the direct float32 convolution's on ResNet's layer1-3 shapes.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace fusedres {
+namespace cpu {
+
+// [16*Cout, Cin, 1, 1] float32, the grouped convolution's weight: group p holds U[p] [Cout, Cin]
+// = (G g G^T)[i][j], p = 4*i + j, for weight g [Cout, Cin, 3, 3] (any layout, float32).
+at::Tensor winograd_weight(const at::Tensor& weight);
+
+// V [1, 16*C, T, 1] channels_last (memory [T][16][C]) of x [N, C, H, W] float32, any layout.
+at::Tensor winograd_input(const at::Tensor& x);
+
+// y [n, Cout, h, w] channels_last float32 = act(A^T m A + bias (+ residual)) from the products
+// m [1, 16*Cout, T, 1] channels_last; bias [Cout] float32; residual [n, Cout, h, w] float32
+// (any layout) or none; act ReLU when relu.
+at::Tensor winograd_output(const at::Tensor& m, const at::Tensor& bias,
+                           const std::optional<at::Tensor>& residual, bool relu, int64_t n,
+                           int64_t h, int64_t w);
+
+}  // namespace cpu
+}  // namespace fusedres

@@ -1,0 +1,188 @@
+"""The cpu backend's float32 inference 3x3s as Winograd F(2x2, 3x3) (csrc/cpu/winograd_conv.h).
+
+The kernel against the float64 oracle on awkward geometries (odd and one-pixel maps, odd channel
+counts, N=1, every layout of x and residual, ReLU and residual on and off), its argument
+checks, and the inference units and whole models that take it (fusedres/backends/extension.py),
+with the fold following every parameter change.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import CPU_FUSED_BACKENDS, assert_oracle_close
+import fusedres
+from fusedres import reference
+from fusedres._ext import _C
+from fusedres.backends import extension
+from test_gemm_conv import _cl, _units
+
+pytestmark = list(CPU_FUSED_BACKENDS[1].marks)
+
+# Winograd's G: the weight transform U = G g G^T.
+_G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]],
+                  dtype=torch.float64)
+
+
+def test_weight_transform():
+    """Group p = 4i + j of the [16*Cout, Cin, 1, 1] weight is (G g G^T)[i, j] [Cout, Cin],
+    rounded once from float64."""
+    g = torch.randn(6, 5, 3, 3, dtype=torch.float64)
+    expected = torch.einsum("ik,ockl,jl->ijoc", _G, g, _G).reshape(16 * 6, 5, 1, 1).float()
+    for layout in (torch.contiguous_format, torch.channels_last):
+        u = _C.cpu_winograd_weight(g.float().contiguous(memory_format=layout))
+        assert u.shape == (96, 5, 1, 1) and u.is_contiguous()
+        torch.testing.assert_close(u, expected, rtol=2e-7, atol=1e-7)
+
+
+def _winograd(x, g, bias, residual, relu):
+    """The kernel's three steps as the inference runner takes them, the products through
+    ATen's grouped convolution (the runner's is oneDNN's with the weight prepacked)."""
+    v = _C.cpu_winograd_input(x)
+    m = F.conv2d(v, _C.cpu_winograd_weight(g), groups=16).contiguous(
+        memory_format=torch.channels_last)
+    return _C.cpu_winograd_output(m, bias, residual, relu, x.shape[0], x.shape[2], x.shape[3])
+
+
+# (N, Cin, Cout, H, W)
+SHAPES = [
+    (2, 8, 16, 6, 6),    # even map: whole tiles
+    (2, 5, 7, 5, 3),     # odd H and W, odd channels: the last tiles half outside
+    (1, 16, 8, 1, 1),    # one pixel: its tile reads padding but for the centre
+    (3, 3, 4, 1, 7),     # H of 1
+    (2, 17, 33, 9, 2),   # more output than input channels, W of 2
+    (1, 1, 1, 3, 3),     # one channel
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("x_layout", ["channels_last", "contiguous", "strided_view"])
+@pytest.mark.parametrize("has_residual", [True, False], ids=["res", "nores"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+def test_conv_against_the_oracle(shape, x_layout, has_residual, relu):
+    n, cin, cout, h, w = shape
+    x64 = torch.randn(n, cin, h, w, dtype=torch.float64)
+    g64 = torch.randn(cout, cin, 3, 3, dtype=torch.float64) / (3 * cin ** 0.5)
+    bias64 = torch.randn(cout, dtype=torch.float64)
+    res64 = torch.randn(n, cout, h, w, dtype=torch.float64) if has_residual else None
+    x = x64.float()
+    if x_layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif x_layout == "strided_view":
+        x = torch.cat([x, x], dim=3)[..., ::2]  # every other column: a non-dense view
+    res = None if res64 is None else res64.float().contiguous(memory_format=torch.channels_last)
+
+    def direct(x, g, bias, res):
+        z = F.conv2d(x, g, bias, padding=1)
+        z = z if res is None else z + res
+        return z.relu() if relu else z
+
+    y = _winograd(x, g64.float(), bias64.float(), res, relu)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
+    eager = direct(x, g64.float(), bias64.float(), res)
+    assert_oracle_close(y, eager, direct(x64, g64, bias64, res64), name="y")
+
+
+def test_argument_errors_name_the_argument():
+    x, g, bias = _cl(2, 4, 5, 5), torch.randn(6, 4, 3, 3), torch.randn(6)
+    m = F.conv2d(_C.cpu_winograd_input(x), _C.cpu_winograd_weight(g), groups=16).contiguous(
+        memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="x must be a float32 CPU tensor"):
+        _C.cpu_winograd_input(x.bfloat16())
+    with pytest.raises(RuntimeError, match=r"weight must be \[Cout, Cin, 3, 3\]"):
+        _C.cpu_winograd_weight(torch.randn(6, 4, 1, 1))
+    with pytest.raises(RuntimeError, match=r"m must be the products \[1, 16\*Cout, 24, 1\]"):
+        _C.cpu_winograd_output(m, bias, None, True, 2, 7, 5)  # H of 7: 4 tile rows, not 3
+    with pytest.raises(RuntimeError, match=r"bias must be \[6\]"):
+        _C.cpu_winograd_output(m, torch.randn(5), None, True, 2, 5, 5)
+    with pytest.raises(RuntimeError, match=r"residual must be \[2, 6, 5, 5\]"):
+        _C.cpu_winograd_output(m, bias, torch.randn(2, 6, 5, 4), True, 2, 5, 5)
+    assert _C.cpu_winograd_output(m, bias, None, True, 2, 5, 5).shape == (2, 6, 5, 5)
+
+
+@pytest.fixture
+def winograd_calls(monkeypatch):
+    """Counts the kernel's calls (its output transforms); the size rule admits any unit inside."""
+    monkeypatch.setattr(extension, "_WINOGRAD_MIN_CHANNELS", 1)
+    calls = []
+    output_transform = _C.cpu_winograd_output
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return output_transform(*args)
+
+    monkeypatch.setattr(_C, "cpu_winograd_output", counting)
+    return calls
+
+
+@pytest.mark.parametrize("has_residual", [True, False], ids=["res", "nores"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+def test_inference_unit_follows_its_parameters(winograd_calls, has_residual, relu):
+    """An eval unit without gradients runs the kernel on the folded weight and bias; changing
+    the conv weight, gamma, beta or a running statistic changes the output as the oracle's."""
+    shape = (2, 12, 7, 7, 10, 3, 1, 1, 1)
+    eager, fused, oracle = _units(shape, torch.float32, relu, torch.channels_last)
+    for m in (eager, fused, oracle):
+        m.eval()
+    x = _cl(2, 12, 7, 7)
+    res = _cl(2, 10, 7, 7) if has_residual else None
+    changes = [lambda m: None, lambda m: m.conv.weight.mul_(-0.5),
+               lambda m: m.bn.weight.add_(0.3), lambda m: m.bn.bias.sub_(0.2),
+               lambda m: m.bn.running_mean.add_(0.7), lambda m: m.bn.running_var.mul_(2.0)]
+    before = None
+    with torch.no_grad():
+        for change in changes:
+            for m in (eager, fused, oracle):
+                change(m)
+            got = fused(x, res)
+            exact = oracle(x.double(), None if res is None else res.double())
+            assert_oracle_close(got, eager(x, res), exact, name="y")
+            assert got.is_contiguous(memory_format=torch.channels_last)
+            if before is not None:
+                assert not torch.equal(got, before)
+            before = got
+    assert len(winograd_calls) == len(changes)
+
+
+def test_rule(monkeypatch):
+    """Float32 channels_last 3x3s with stride 1, padding 1, no dilation or groups, enough
+    channels and a transform within the cache budget; bfloat16, other geometries, few channels
+    and large maps take oneDNN's convolution."""
+    conv = fusedres.backend.ConvParams((1, 1), (1, 1), (1, 1), 1)
+    c = extension._WINOGRAD_MIN_CHANNELS
+    x, w = _cl(8, c, 28, 28), torch.randn(c, c, 3, 3)
+    assert extension._convolves_by_winograd(x, w, conv)
+    assert not extension._convolves_by_winograd(x.bfloat16(), w.bfloat16(), conv)
+    assert not extension._convolves_by_winograd(x, torch.randn(c, c, 1, 1), conv)
+    for other in (fusedres.backend.ConvParams((2, 2), (1, 1), (1, 1), 1),
+                  fusedres.backend.ConvParams((1, 1), (2, 2), (2, 2), 1),
+                  fusedres.backend.ConvParams((1, 1), (1, 1), (1, 1), 2)):
+        assert not extension._convolves_by_winograd(x, w, other)
+    assert not extension._convolves_by_winograd(x, torch.randn(c // 2, c, 3, 3), conv)
+    # 16 values per channel and 2x2 block: 64 channels at 56x56, batch 8, is 25 MiB.
+    assert 16 * 8 * 28 * 28 * c * 4 > extension._WINOGRAD_MAX_TRANSFORM_BYTES
+    assert not extension._convolves_by_winograd(_cl(8, c, 56, 56), w, conv)
+    monkeypatch.setattr(extension, "_WINOGRAD", False)
+    assert not extension._convolves_by_winograd(x, w, conv)
+
+
+def test_resnet18_eval_through_winograd(winograd_calls, monkeypatch):
+    """A float32 channels_last resnet18 in eval, every stride-1 3x3 through the kernel, against
+    eager and the float64 oracle."""
+    monkeypatch.setattr(extension, "_MATMUL_REPEATING_COLUMNS", False)  # AMX: not layer3-4
+    torch.manual_seed(0)
+    model = fusedres.models.resnet18(backend="cpu").eval().to(memory_format=torch.channels_last)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    eager = fusedres.to_eager(copy.deepcopy(model))
+    x = _cl(2, 3, 64, 64)
+    with torch.no_grad():
+        got = model(x)
+        expected = eager(x)
+        exact = reference.upcast(eager)(x.double())
+    assert len(winograd_calls) == 13  # 16 3x3s, less the three with stride 2
+    assert_oracle_close(got, expected, exact, name="logits")
