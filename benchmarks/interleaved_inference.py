@@ -46,7 +46,7 @@ import torch
 
 import fusedres
 from fusedres import modules
-from fusedres.backends import extension
+from fusedres._ext import _C
 from fusedres.models.resnet import _MODEL_PLANS, FusedResNet, _ModelPlan
 from fusedres.report import keep_freed_memory, machine_info
 from _stats import median_interval
@@ -133,8 +133,12 @@ def _providers(arch: str, batch: int, size: int, dtype: torch.dtype, with_compil
     no_winograd_model = copy.deepcopy(fused)
 
     def no_winograd():
-        with mock.patch.object(extension, "_WINOGRAD", False):
+        before = _C.cpu_winograd()
+        _C.set_cpu_winograd(False)  # read when its plan is built
+        try:
             return no_winograd_model(x)
+        finally:
+            _C.set_cpu_winograd(before)
 
     providers.update({"fused": lambda: fused(x), "fused_no_winograd": no_winograd,
                       "fused_key_checked": key_checked,

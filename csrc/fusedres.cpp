@@ -330,6 +330,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("kernel_size"), pybind11::arg("stride"), pybind11::arg("padding"),
         pybind11::arg("dilation"),
         "[N*Ho*Wo, kh*kw*C] columns of a channels_last x, (tap, channel) order (csrc/cpu/gemm_conv.h).");
+  m.def("set_cpu_winograd", &fusedres::cpu::set_winograd_enabled, pybind11::arg("enabled"),
+        "Whether the cpu backend's float32 3x3s may run as Winograd F(2x2, 3x3) "
+        "in inference (csrc/cpu/winograd_conv.h); on unless FUSEDRES_CPU_WINOGRAD=0 at load. "
+        "Read when an inference plan is built.");
+  m.def("cpu_winograd", &fusedres::cpu::winograd_enabled,
+        "Whether the cpu backend's Winograd convolutions are on.");
+  m.def("cpu_winograd_applies", &fusedres::cpu::winograd_applies, pybind11::arg("x"),
+        pybind11::arg("weight"), pybind11::arg("stride"), pybind11::arg("padding"),
+        pybind11::arg("dilation"), pybind11::arg("groups"),
+        "Whether the cpu backend convolves x with weight as Winograd F(2x2, 3x3).");
   m.def("cpu_winograd_weight", &fusedres::cpu::winograd_weight, pybind11::arg("weight"),
         "[16*Cout, Cin, 1, 1] Winograd F(2x2, 3x3) transform of a float32 [Cout, Cin, 3, 3] "
         "weight, a 16-group 1x1 convolution's weight (csrc/cpu/winograd_conv.h).");

@@ -45,6 +45,9 @@ def info_lines() -> list[str]:
         lines.append("  inference matrix products: "
                      + ("every small map (AMX)" if extension._MATMUL_REPEATING_COLUMNS else
                         "small maps whose columns hold each input pixel once (no AMX)"))
+        lines.append("cpu backend's Winograd F(2x2, 3x3) convolutions (float32 inference 3x3s; "
+                     "csrc/cpu/winograd_conv.h): "
+                     + ("on" if _ext._C.cpu_winograd() else "off"))
     else:
         lines.append(f"extension fusedres._C: {_ext.EXTENSION_ERROR}")
     if _ext.BUILD_INFO:

@@ -1,12 +1,15 @@
 """The cpu backend's float32 inference 3x3s as Winograd F(2x2, 3x3) (csrc/cpu/winograd_conv.h).
 
-The kernel against the float64 oracle on awkward geometries (odd and one-pixel maps, odd channel
-counts, N=1, every layout of x and residual, ReLU and residual on and off), its argument
-checks, and the inference units and whole models that take it (fusedres/backends/extension.py),
-with the fold following every parameter change.
+The transforms against the float64 oracle on awkward geometries (odd and one-pixel maps, odd
+channel counts, N=1, every layout of x and residual, ReLU and residual on and off), their
+argument checks, the rule, and the inference units and whole models that take it
+(fusedres/backends/extension.py), with the fold following every parameter change.
 """
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -103,9 +106,17 @@ def test_argument_errors_name_the_argument():
 
 
 @pytest.fixture
-def winograd_calls(monkeypatch):
-    """Counts the kernel's calls (its output transforms); the size rule admits any unit inside."""
-    monkeypatch.setattr(extension, "_WINOGRAD_MIN_CHANNELS", 1)
+def winograd_switch():
+    """Sets the path on or off for one test and restores the process's setting after it."""
+    before = _C.cpu_winograd()
+    yield _C.set_cpu_winograd
+    _C.set_cpu_winograd(before)
+
+
+@pytest.fixture
+def winograd_calls(monkeypatch, winograd_switch):
+    """Counts the inference kernel's calls (its output transforms), the path on."""
+    winograd_switch(True)
     calls = []
     output_transform = _C.cpu_winograd_output
 
@@ -122,12 +133,12 @@ def winograd_calls(monkeypatch):
 def test_inference_unit_follows_its_parameters(winograd_calls, has_residual, relu):
     """An eval unit without gradients runs the kernel on the folded weight and bias; changing
     the conv weight, gamma, beta or a running statistic changes the output as the oracle's."""
-    shape = (2, 12, 7, 7, 10, 3, 1, 1, 1)
+    shape = (2, 64, 7, 7, 72, 3, 1, 1, 1)
     eager, fused, oracle = _units(shape, torch.float32, relu, torch.channels_last)
     for m in (eager, fused, oracle):
         m.eval()
-    x = _cl(2, 12, 7, 7)
-    res = _cl(2, 10, 7, 7) if has_residual else None
+    x = _cl(2, 64, 7, 7)
+    res = _cl(2, 72, 7, 7) if has_residual else None
     changes = [lambda m: None, lambda m: m.conv.weight.mul_(-0.5),
                lambda m: m.bn.weight.add_(0.3), lambda m: m.bn.bias.sub_(0.2),
                lambda m: m.bn.running_mean.add_(0.7), lambda m: m.bn.running_var.mul_(2.0)]
@@ -146,25 +157,34 @@ def test_inference_unit_follows_its_parameters(winograd_calls, has_residual, rel
     assert len(winograd_calls) == len(changes)
 
 
-def test_rule(monkeypatch):
-    """Float32 channels_last 3x3s with stride 1, padding 1, no dilation or groups, enough
-    channels and a transform within the cache budget; bfloat16, other geometries, few channels
-    and large maps take oneDNN's convolution."""
+def _applies(x, weight, stride=1, padding=1, dilation=1, groups=1):
+    return _C.cpu_winograd_applies(x, weight, [stride] * 2, [padding] * 2, [dilation] * 2, groups)
+
+
+def test_rule(winograd_switch):
+    """Float32 channels_last 3x3s with stride 1, padding 1, no dilation or groups, 64 channels
+    or more and the larger transformed tensor within 16 MiB; bfloat16, NCHW, other geometries,
+    fewer channels and large maps take oneDNN's convolution; the switch turns it off."""
+    winograd_switch(True)
+    x, w = _cl(8, 64, 28, 28), torch.randn(64, 64, 3, 3)
+    assert _applies(x, w)
+    assert _applies(x, w.contiguous(memory_format=torch.channels_last))
+    assert not _applies(x.bfloat16(), w.bfloat16())
+    assert not _applies(x.contiguous(), w)
+    assert not _applies(x, torch.randn(64, 64, 1, 1), padding=0)
+    assert not _applies(x, w, stride=2)
+    assert not _applies(x, w, padding=2, dilation=2)
+    assert not _applies(x, torch.randn(64, 32, 3, 3), groups=2)
+    assert not _applies(_cl(8, 32, 28, 28), torch.randn(64, 32, 3, 3))  # 32 input channels
+    # 16 values per channel and 2x2 block: 64 channels at 56x56, batch 8, is 25 MiB; the
+    # products have Cout channels.
+    assert not _applies(_cl(8, 64, 56, 56), w)
+    assert _applies(_cl(8, 64, 28, 28), torch.randn(128, 64, 3, 3))        # 12.5 MiB
+    assert not _applies(_cl(8, 64, 28, 28), torch.randn(192, 64, 3, 3))    # 18.4 MiB
     conv = fusedres.backend.ConvParams((1, 1), (1, 1), (1, 1), 1)
-    c = extension._WINOGRAD_MIN_CHANNELS
-    x, w = _cl(8, c, 28, 28), torch.randn(c, c, 3, 3)
     assert extension._convolves_by_winograd(x, w, conv)
-    assert not extension._convolves_by_winograd(x.bfloat16(), w.bfloat16(), conv)
-    assert not extension._convolves_by_winograd(x, torch.randn(c, c, 1, 1), conv)
-    for other in (fusedres.backend.ConvParams((2, 2), (1, 1), (1, 1), 1),
-                  fusedres.backend.ConvParams((1, 1), (2, 2), (2, 2), 1),
-                  fusedres.backend.ConvParams((1, 1), (1, 1), (1, 1), 2)):
-        assert not extension._convolves_by_winograd(x, w, other)
-    assert not extension._convolves_by_winograd(x, torch.randn(c // 2, c, 3, 3), conv)
-    # 16 values per channel and 2x2 block: 64 channels at 56x56, batch 8, is 25 MiB.
-    assert 16 * 8 * 28 * 28 * c * 4 > extension._WINOGRAD_MAX_TRANSFORM_BYTES
-    assert not extension._convolves_by_winograd(_cl(8, c, 56, 56), w, conv)
-    monkeypatch.setattr(extension, "_WINOGRAD", False)
+    winograd_switch(False)
+    assert not _applies(x, w)
     assert not extension._convolves_by_winograd(x, w, conv)
 
 
@@ -186,3 +206,14 @@ def test_resnet18_eval_through_winograd(winograd_calls, monkeypatch):
         exact = reference.upcast(eager)(x.double())
     assert len(winograd_calls) == 13  # 16 3x3s, less the three with stride 2
     assert_oracle_close(got, expected, exact, name="logits")
+
+
+@pytest.mark.parametrize("env, expected", [(None, "on"), ("0", "off"), ("1", "on")])
+def test_environment_variable_sets_the_path_at_load(env, expected):
+    environ = {k: v for k, v in os.environ.items() if k != "FUSEDRES_CPU_WINOGRAD"}
+    if env is not None:
+        environ["FUSEDRES_CPU_WINOGRAD"] = env
+    out = subprocess.run([sys.executable, "-m", "fusedres.info"], capture_output=True, text=True,
+                         check=True, env=environ).stdout
+    assert ("Winograd F(2x2, 3x3) convolutions (float32 inference 3x3s; "
+            f"csrc/cpu/winograd_conv.h): {expected}") in out

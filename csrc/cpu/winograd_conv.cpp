@@ -5,7 +5,12 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
+#include <string>
+
+#include "common/checks.h"
 
 namespace fusedres {
 namespace cpu {
@@ -79,7 +84,8 @@ void input_transform(const float* x, float* v, const Tiles& tiles, int64_t chann
 }
 
 // y's 2x2 block of tile t = A^T m A from the products m[t][p][c], then + bias (+ residual),
-// ReLU; blocks past the map's edge (odd H or W) are not written.
+// ReLU (bias and residual may be null); blocks past the map's edge (odd H or W) are not
+// written.
 void output_transform(const float* m, const float* bias,
                       const float* residual, float* y, const Tiles& tiles, int64_t channels,
                       bool relu) {
@@ -116,7 +122,8 @@ void output_transform(const float* m, const float* bias,
             const int64_t col = 2 * tx + j;
             if (col >= tiles.w) break;
             for (int64_t c = 0; c < cb; ++c) {
-              out[c] = (j == 0 ? s0[c] + s1[c] + s2[c] : s1[c] - s2[c] - s3[c]) + bias[c0 + c];
+              out[c] = (j == 0 ? s0[c] + s1[c] + s2[c] : s1[c] - s2[c] - s3[c]) +
+                       (bias != nullptr ? bias[c0 + c] : 0.0f);
             }
             const int64_t pixel = ((n * tiles.h + row) * tiles.w + col) * channels + c0;
             if (residual != nullptr) {
@@ -138,27 +145,58 @@ void check_float32_cpu(const at::Tensor& t, const char* name) {
               " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
 }
 
+std::atomic<bool>& enabled_flag() {
+  static std::atomic<bool> flag{[] {
+    const char* env = std::getenv("FUSEDRES_CPU_WINOGRAD");
+    return env == nullptr || std::string(env) != "0";
+  }()};
+  return flag;
+}
+
 }  // namespace
 
 at::Tensor winograd_weight(const at::Tensor& weight) {
   check_float32_cpu(weight, "weight");
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
               "winograd_weight: weight must be [Cout, Cin, 3, 3], got ", weight.sizes());
+  const at::Tensor w = weight.contiguous();
+  const int64_t cout = w.size(0), cin = w.size(1);
+  at::Tensor u = at::empty({kTaps * cout, cin, 1, 1}, w.options());
+  const float* src = w.data_ptr<float>();
+  float* dst = u.data_ptr<float>();
   // G g G^T in float64, rounded once: G's 1/2s are exact, its sums of three taps are not.
-  const at::Tensor g = at::tensor({1.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5, -0.5, 0.5, 0.0, 0.0, 1.0},
-                                  weight.options().dtype(at::kDouble))
-                           .view({4, 3});
-  const at::Tensor u = at::matmul(at::matmul(g, weight.to(at::kDouble)), g.t());  // [Co, Ci, 4, 4]
-  return u.permute({2, 3, 0, 1})
-      .reshape({kTaps * weight.size(0), weight.size(1), 1, 1})
-      .to(at::kFloat)
-      .contiguous();
+  at::parallel_for(0, cout, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      for (int64_t i = 0; i < cin; ++i) {
+        const float* g = src + (o * cin + i) * 9;
+        double tap[3][3];
+        for (int r = 0; r < 3; ++r) {
+          for (int c = 0; c < 3; ++c) tap[r][c] = g[3 * r + c];
+        }
+        double gg[4][3];  // G g: rows g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2
+        for (int j = 0; j < 3; ++j) {
+          gg[0][j] = tap[0][j];
+          gg[1][j] = 0.5 * (tap[0][j] + tap[1][j] + tap[2][j]);
+          gg[2][j] = 0.5 * (tap[0][j] - tap[1][j] + tap[2][j]);
+          gg[3][j] = tap[2][j];
+        }
+        for (int r = 0; r < 4; ++r) {  // (G g) G^T, the same along each row
+          const double row[4] = {gg[r][0], 0.5 * (gg[r][0] + gg[r][1] + gg[r][2]),
+                                 0.5 * (gg[r][0] - gg[r][1] + gg[r][2]), gg[r][2]};
+          for (int c = 0; c < 4; ++c) {
+            dst[((4 * r + c) * cout + o) * cin + i] = static_cast<float>(row[c]);
+          }
+        }
+      }
+    }
+  });
+  return u;
 }
 
 at::Tensor winograd_input(const at::Tensor& x) {
   check_float32_cpu(x, "x");
-  TORCH_CHECK(x.dim() == 4 && x.numel() > 0, "winograd_input: x must be a non-empty [N, C, H, W], got ",
-              x.sizes());
+  TORCH_CHECK(x.dim() == 4 && x.numel() > 0,
+              "winograd_input: x must be a non-empty [N, C, H, W], got ", x.sizes());
   const Tiles tiles{x.size(0), x.size(2), x.size(3), (x.size(2) + 1) / 2, (x.size(3) + 1) / 2};
   const int64_t channels = x.size(1);
   const at::Tensor x_cl = x.contiguous(c10::MemoryFormat::ChannelsLast);
@@ -199,6 +237,28 @@ at::Tensor winograd_output(const at::Tensor& m, const at::Tensor& bias,
                    residual_cl.defined() ? residual_cl.data_ptr<float>() : nullptr,
                    y.data_ptr<float>(), tiles, cout, relu);
   return y;
+}
+
+void set_winograd_enabled(bool enabled) { enabled_flag().store(enabled); }
+
+bool winograd_enabled() { return enabled_flag().load(); }
+
+bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  if (!winograd_enabled() || groups != 1 || !x.device().is_cpu() ||
+      x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat) {
+    return false;
+  }
+  if (weight.size(2) != 3 || weight.size(3) != 3 || stride != at::IntArrayRef({1, 1}) ||
+      padding != at::IntArrayRef({1, 1}) || dilation != at::IntArrayRef({1, 1})) {
+    return false;
+  }
+  if (checks::unit_memory_format(x) != c10::MemoryFormat::ChannelsLast) return false;
+  const int64_t cin = weight.size(1), cout = weight.size(0);
+  const int64_t blocks = x.size(0) * ((x.size(2) + 1) / 2) * ((x.size(3) + 1) / 2);
+  const int64_t widest_transform = kTaps * blocks * std::max(cin, cout) * int64_t{sizeof(float)};
+  return x.size(1) == cin && std::min(cin, cout) >= kWinogradMinChannels &&
+         widest_transform <= kWinogradMaxTransformBytes;
 }
 
 }  // namespace cpu

@@ -22,6 +22,27 @@
 namespace fusedres {
 namespace cpu {
 
+// Where inference takes it: float32 CPU, x channels_last, a 3x3 with stride 1, padding 1, no
+// dilation or groups, both channel counts at least kWinogradMinChannels and the larger of the
+// two transformed tensors (16 values per 2x2 block and channel: x's input channels, the
+// products' output channels) within kWinogradMaxTransformBytes, and the switch on
+// (FUSEDRES_CPU_WINOGRAD=0 at load turns it off). Training keeps the direct convolution: run
+// there too (z by Winograd, dx as the Winograd convolution of dz with the weight rotated and
+// transposed, dweight by ATen), the whole resnet18 / resnet50 float32 training step was 0.89x /
+// 0.93x as fast (AMD EPYC, 14-20 alternating steps): the 16 products without a prepacked weight
+// and the transforms' fresh buffers among a training step's allocations cost more than the
+// multiplies saved.
+// On a 2-core AMD EPYC (Zen 4), batch 8, exploratory medians of 30 calls against oneDNN's
+// prepacked fused convolution: 64 channels at 28x28 1.14x, 128 at 14x14 1.49x, 256 at 7x7
+// 1.28x, 512 at 4x4 1.42x, 64-512 channels at 2x2-14x14 1.12-1.55x; 64 at 56x56 (a 25 MiB
+// transform) 0.87x, where the transforms outgrow the cache.
+constexpr int64_t kWinogradMinChannels = 64;
+constexpr int64_t kWinogradMaxTransformBytes = int64_t{16} << 20;
+bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+void set_winograd_enabled(bool enabled);
+bool winograd_enabled();
+
 // [16*Cout, Cin, 1, 1] float32, the grouped convolution's weight: group p holds U[p] [Cout, Cin]
 // = (G g G^T)[i][j], p = 4*i + j, for weight g [Cout, Cin, 3, 3] (any layout, float32).
 at::Tensor winograd_weight(const at::Tensor& weight);

@@ -263,30 +263,12 @@ def _matmul_runner(conv_module, x, weight, gamma, beta, running_mean, running_va
     return run
 
 
-# Float32 inference 3x3s with stride 1 and padding 1 run as Winograd's F(2x2, 3x3)
-# (csrc/cpu/winograd_conv.h: 2.25x fewer multiplies, two passes over memory more) where both
-# channel counts are at least _WINOGRAD_MIN_CHANNELS and the input transform (16 values per
-# input channel and 2x2 output block) stays within _WINOGRAD_MAX_TRANSFORM_BYTES. On a 2-core
-# AMD EPYC (Zen 4), against oneDNN's prepacked fused convolution, batch 8 (exploratory medians
-# of 30 calls): 64 channels at 28x28 1.14x, 128 at 14x14 1.49x, 256 at 7x7 1.28x, 512 at 4x4
-# 1.42x, 64-512 channels at 2x2-14x14 1.12-1.55x; 64 at 56x56 (a 25 MiB transform) 0.87x, where
-# the transforms outgrow the cache. Read when a plan is built; benchmarks switch it off to
-# compare (README).
-_WINOGRAD = True
-_WINOGRAD_MIN_CHANNELS = 64
-_WINOGRAD_MAX_TRANSFORM_BYTES = 16 << 20
-
-
 def _convolves_by_winograd(x: torch.Tensor, weight: torch.Tensor, conv: ConvParams) -> bool:
-    """Whether the cpu backend's inference convolves channels_last x [N, C, H, W] with weight
-    [Cout, C, kh, kw] by Winograd's F(2x2, 3x3) (``_WINOGRAD`` and the size rule above)."""
-    n, c, h, w = x.shape
-    transform_bytes = 16 * n * ((h + 1) // 2) * ((w + 1) // 2) * c * x.element_size()
-    return (_WINOGRAD and x.dtype == torch.float32 and conv.groups == 1
-            and tuple(weight.shape[2:]) == (3, 3) and tuple(conv.stride) == (1, 1)
-            and tuple(conv.padding) == (1, 1) and tuple(conv.dilation) == (1, 1)
-            and min(weight.shape[0], c) >= _WINOGRAD_MIN_CHANNELS
-            and transform_bytes <= _WINOGRAD_MAX_TRANSFORM_BYTES)
+    """Whether the cpu backend's inference convolves channels_last x with weight as Winograd's
+    F(2x2, 3x3): float32 3x3s with stride 1 and padding 1, 64 channels or more, the transforms
+    within the cache (csrc/cpu/winograd_conv.h has the rule and its measurements; the unit ops'
+    training convolutions follow the same one). Read when a plan is built."""
+    return _ext._C.cpu_winograd_applies(x, weight, *fold.geometry_lists(conv))
 
 
 def _winograd_runner(conv_module, x, weight, gamma, beta, running_mean, running_var,
