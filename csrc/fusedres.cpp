@@ -42,8 +42,8 @@
 
 #include "common/checks.h"
 #include "cpu/gemm_conv.h"
-#include "cpu/winograd_conv.h"
 #include "cpu/kernels.h"
+#include "cpu/winograd_conv.h"
 #include "state_watch.h"
 #include "unit_ops.h"
 

@@ -266,8 +266,8 @@ def _matmul_runner(conv_module, x, weight, gamma, beta, running_mean, running_va
 def _convolves_by_winograd(x: torch.Tensor, weight: torch.Tensor, conv: ConvParams) -> bool:
     """Whether the cpu backend's inference convolves channels_last x with weight as Winograd's
     F(2x2, 3x3): float32 3x3s with stride 1 and padding 1, 64 channels or more, the transforms
-    within the cache (csrc/cpu/winograd_conv.h has the rule and its measurements; the unit ops'
-    training convolutions follow the same one). Read when a plan is built."""
+    within the cache, the switch on (csrc/cpu/winograd_conv.h has the rule and its
+    measurements). Read when a plan is built."""
     return _ext._C.cpu_winograd_applies(x, weight, *fold.geometry_lists(conv))
 
 
