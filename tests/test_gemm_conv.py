@@ -379,12 +379,17 @@ def test_weight_gradient_comes_in_the_weight_layout(gemm_switch, backend, gemm, 
     assert unit.conv.weight.grad.is_contiguous()
 
 
+def info_with(variable: str, value) -> str:
+    """``python -m fusedres.info``'s output in a fresh process with the environment variable
+    set to ``value`` (unset for None)."""
+    environ = {k: v for k, v in os.environ.items() if k != variable}
+    if value is not None:
+        environ[variable] = value
+    return subprocess.run([sys.executable, "-m", "fusedres.info"], capture_output=True,
+                          text=True, check=True, env=environ).stdout
+
+
 @pytest.mark.parametrize("env, expected", [(None, "on"), ("0", "off"), ("1", "on")])
 def test_environment_variable_sets_the_path_at_load(env, expected):
-    environ = {k: v for k, v in os.environ.items() if k != "FUSEDRES_CPU_GEMM_CONV"}
-    if env is not None:
-        environ["FUSEDRES_CPU_GEMM_CONV"] = env
-    out = subprocess.run([sys.executable, "-m", "fusedres.info"], capture_output=True, text=True,
-                         check=True, env=environ).stdout
     assert ("GEMM convolutions (with gradients, and small maps in inference; "
-            f"csrc/cpu/gemm_conv.h): {expected}") in out
+            f"csrc/cpu/gemm_conv.h): {expected}") in info_with("FUSEDRES_CPU_GEMM_CONV", env)

@@ -7,9 +7,6 @@ argument checks, the rule, and the inference units and whole models that take it
 """
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +17,7 @@ import fusedres
 from fusedres import reference
 from fusedres._ext import _C
 from fusedres.backends import extension
-from test_gemm_conv import _cl, _units
+from test_gemm_conv import _cl, _units, info_with
 
 pytestmark = list(CPU_FUSED_BACKENDS[1].marks)
 
@@ -210,10 +207,5 @@ def test_resnet18_eval_through_winograd(winograd_calls, monkeypatch):
 
 @pytest.mark.parametrize("env, expected", [(None, "on"), ("0", "off"), ("1", "on")])
 def test_environment_variable_sets_the_path_at_load(env, expected):
-    environ = {k: v for k, v in os.environ.items() if k != "FUSEDRES_CPU_WINOGRAD"}
-    if env is not None:
-        environ["FUSEDRES_CPU_WINOGRAD"] = env
-    out = subprocess.run([sys.executable, "-m", "fusedres.info"], capture_output=True, text=True,
-                         check=True, env=environ).stdout
     assert ("Winograd F(2x2, 3x3) convolutions (float32 inference 3x3s; "
-            f"csrc/cpu/winograd_conv.h): {expected}") in out
+            f"csrc/cpu/winograd_conv.h): {expected}") in info_with("FUSEDRES_CPU_WINOGRAD", env)

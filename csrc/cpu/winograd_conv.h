@@ -29,9 +29,7 @@ namespace cpu {
 // (FUSEDRES_CPU_WINOGRAD=0 at load turns it off). Training keeps the direct convolution: run
 // there too (z by Winograd, dx as the Winograd convolution of dz with the weight rotated and
 // transposed, dweight by ATen), the whole resnet18 / resnet50 float32 training step was 0.89x /
-// 0.93x as fast (AMD EPYC, 14-20 alternating steps): the 16 products without a prepacked weight
-// and the transforms' fresh buffers among a training step's allocations cost more than the
-// multiplies saved.
+// 0.93x as fast (AMD EPYC, 14-20 alternating steps; docs/design.md section 4).
 // On a 2-core AMD EPYC (Zen 4), batch 8, exploratory medians of 30 calls against oneDNN's
 // prepacked fused convolution: 64 channels at 28x28 1.14x, 128 at 14x14 1.49x, 256 at 7x7
 // 1.28x, 512 at 4x4 1.42x, 64-512 channels at 2x2-14x14 1.12-1.55x; 64 at 56x56 (a 25 MiB
