@@ -1,5 +1,7 @@
 """A training unit (conv -> BN -> ReLU, forward and backward) at every ResNet-50 convolution
-geometry, on the cpu backend with and without its GEMM convolutions, beside eager's modules.
+geometry, on the cpu backend with and without its GEMM convolutions, beside eager's modules; and
+an eval unit (no gradients) at every stride-1 3x3 of ResNet-18/50, with and without its float32
+Winograd convolutions (csrc/cpu/winograd_conv.h).
 
 The cpu backend runs a unit's convolution as one GEMM where the weights outweigh the activations
 (csrc/cpu/gemm_conv.h: every 1x1, and at most 2*Cout output rows; in float32 without AMX at most
@@ -11,6 +13,9 @@ Providers, timed in the same rounds (conftest.Interleaved): ``eager`` (``nn.Conv
 ``nn.BatchNorm2d`` + ``nn.ReLU``), ``cpu_onednn`` (FusedConvBNReLU on ``cpu`` with the GEMM path
 off: ATen's convolution, as eager's) and ``cpu`` (as shipped). extra_info ``gemm_path``: whether
 the rule takes the GEMM path for the case.
+
+Eval providers: ``eager`` (the modules in eval, no_grad), ``cpu_direct`` (FusedConvBNReLU on
+``cpu`` with Winograd off: oneDNN's prepacked fused convolution) and ``cpu`` (as shipped).
 
     pytest benchmarks/test_bench_cpu_conv.py --benchmark-only
 """
@@ -43,10 +48,14 @@ GEOMETRIES = [
 BATCH = 8
 
 
-def _providers() -> list:
+# (C, H, W) of the stride-1 3x3s (C in and out) of ResNet-18/50 at batch 8, 112x112.
+EVAL_3X3 = [(64, 28, 28), (128, 14, 14), (256, 7, 7), (512, 4, 4)]
+
+
+def _providers(fused_names=("cpu_onednn", "cpu")) -> list:
     params = [pytest.param("eager", id="eager")]
     ok, why = provider_status(make_provider("cpu"), DEVICE)
-    for name in ("cpu_onednn", "cpu"):
+    for name in fused_names:
         marks = () if ok and DEVICE.type == "cpu" else pytest.mark.skip(
             reason=f"the cpu backend runs here only on the CPU with the extension: {why}")
         params.append(pytest.param(name, id=name, marks=marks))
@@ -76,16 +85,40 @@ def _step_fn(provider: str, geometry: tuple, dtype: torch.dtype):
 
 
 @contextlib.contextmanager
-def _gemm_conv(enabled: bool):
-    """The cpu backend's GEMM path on or off inside, restored after."""
+def _switch(name: str, enabled: bool):
+    """The cpu backend's switch ``_C.set_<name>`` on or off inside, restored after."""
     from fusedres._ext import _C
 
-    before = _C.cpu_gemm_conv()
-    _C.set_cpu_gemm_conv(enabled)
+    before = getattr(_C, name)()
+    getattr(_C, f"set_{name}")(enabled)
     try:
         yield
     finally:
-        _C.set_cpu_gemm_conv(before)
+        getattr(_C, f"set_{name}")(before)
+
+
+def _gemm_conv(enabled: bool):
+    return _switch("cpu_gemm_conv", enabled)
+
+
+def _eval_fn(provider: str, shape: tuple):
+    """One float32 eval forward (no gradients) of a 3x3 unit per call; a fused unit's plan is
+    built on its first call, with Winograd as the provider says."""
+    c, h, w = shape
+    torch.manual_seed(0)
+    if provider == "eager":
+        unit = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+    else:
+        unit = FusedConvBNReLU(c, c, 3, 1, backend="cpu")
+    unit = unit.to(memory_format=torch.channels_last).eval()
+    x = torch.randn(BATCH, c, h, w).contiguous(memory_format=torch.channels_last)
+
+    def forward():
+        with torch.no_grad(), (contextlib.nullcontext() if provider == "eager"
+                               else _switch("cpu_winograd", provider == "cpu")):
+            unit(x)
+
+    return forward
 
 
 @pytest.mark.parametrize("provider", _providers())
@@ -109,4 +142,25 @@ def test_cpu_conv_unit(benchmark, request, interleaved, geometry, dtype, provide
         weight = torch.empty(cout, cin, k, k, dtype=dt)
         info["gemm_path"] = provider == "cpu" and _C.cpu_gemm_conv_applies(
             x, weight, [stride] * 2, [k // 2] * 2, [1, 1], 1)
+    publish(benchmark, info)
+
+
+@pytest.mark.parametrize("provider", _providers(("cpu_direct", "cpu")))
+@pytest.mark.parametrize("shape", EVAL_3X3, ids=lambda s: "x".join(map(str, s)))
+def test_cpu_conv_unit_eval(benchmark, request, interleaved, shape, provider):
+    if DEVICE.type != "cpu":
+        pytest.skip("the cpu backend's convolutions: CPU only")
+    c, h, w = shape
+    benchmark.group = f"cpu 3x3 unit eval float32 {BATCH}x{c}x{h}x{w}"
+    first_call_s = interleave_functions(
+        request, benchmark, interleaved, lambda name: _eval_fn(name, shape),
+        n_rounds=rounds(20), n_warmup=warmup(3))
+    info = {"provider": provider, "dtype": "float32", "shape": shape, "batch": BATCH,
+            "first_call_s": first_call_s}
+    if provider != "eager":
+        from fusedres._ext import _C
+
+        x = torch.empty(BATCH, c, h, w).contiguous(memory_format=torch.channels_last)
+        info["winograd"] = provider == "cpu" and _C.cpu_winograd_applies(
+            x, torch.empty(c, c, 3, 3), [1, 1], [1, 1], [1, 1], 1)
     publish(benchmark, info)
