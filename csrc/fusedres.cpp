@@ -347,9 +347,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "[1, 16*C, T, 1] channels_last Winograd F(2x2, 3x3) input transform of float32 x.");
   m.def("cpu_winograd_output", &fusedres::cpu::winograd_output, pybind11::arg("m"),
         pybind11::arg("bias"), pybind11::arg("residual"), pybind11::arg("relu"),
-        pybind11::arg("n"), pybind11::arg("h"), pybind11::arg("w"),
-        "act(output transform of the products m + bias (+ residual)): y [n, Cout, h, w] "
-        "channels_last float32.");
+        pybind11::arg("out"),
+        "Writes act(output transform of the products m + bias (+ residual)) into out "
+        "[N, Cout, H, W], dense channels_last float32.");
+  m.attr("CPU_WINOGRAD_CHUNK_BYTES") = fusedres::cpu::kWinogradChunkBytes;
+  m.def("cpu_winograd_image_bytes", &fusedres::cpu::winograd_image_bytes, pybind11::arg("h"),
+        pybind11::arg("w"), pybind11::arg("channels"),
+        "Bytes of one image's Winograd transform of an h x w map with this many channels.");
   fusedres::register_state_watch(m);
 }
 

@@ -43,7 +43,10 @@ def _winograd(x, g, bias, residual, relu):
     v = _C.cpu_winograd_input(x)
     m = F.conv2d(v, _C.cpu_winograd_weight(g), groups=16).contiguous(
         memory_format=torch.channels_last)
-    return _C.cpu_winograd_output(m, bias, residual, relu, x.shape[0], x.shape[2], x.shape[3])
+    y = torch.full((x.shape[0], g.shape[0], *x.shape[2:]), float("nan")).contiguous(
+        memory_format=torch.channels_last)
+    _C.cpu_winograd_output(m, bias, residual, relu, y)
+    return y
 
 
 # (N, Cin, Cout, H, W)
@@ -89,17 +92,21 @@ def test_argument_errors_name_the_argument():
     x, g, bias = _cl(2, 4, 5, 5), torch.randn(6, 4, 3, 3), torch.randn(6)
     m = F.conv2d(_C.cpu_winograd_input(x), _C.cpu_winograd_weight(g), groups=16).contiguous(
         memory_format=torch.channels_last)
+    out = _cl(2, 6, 5, 5)
     with pytest.raises(RuntimeError, match="x must be a float32 CPU tensor"):
         _C.cpu_winograd_input(x.bfloat16())
     with pytest.raises(RuntimeError, match=r"weight must be \[Cout, Cin, 3, 3\]"):
         _C.cpu_winograd_weight(torch.randn(6, 4, 1, 1))
-    with pytest.raises(RuntimeError, match=r"m must be the products \[1, 16\*Cout, 24, 1\]"):
-        _C.cpu_winograd_output(m, bias, None, True, 2, 7, 5)  # H of 7: 4 tile rows, not 3
+    with pytest.raises(RuntimeError, match=r"m must be the products \[1, 96, 24, 1\]"):
+        _C.cpu_winograd_output(m, bias, None, True, _cl(2, 6, 7, 5))  # 4 tile rows, not 3
     with pytest.raises(RuntimeError, match=r"bias must be \[6\]"):
-        _C.cpu_winograd_output(m, torch.randn(5), None, True, 2, 5, 5)
+        _C.cpu_winograd_output(m, torch.randn(5), None, True, out)
     with pytest.raises(RuntimeError, match=r"residual must be \[2, 6, 5, 5\]"):
-        _C.cpu_winograd_output(m, bias, torch.randn(2, 6, 5, 4), True, 2, 5, 5)
-    assert _C.cpu_winograd_output(m, bias, None, True, 2, 5, 5).shape == (2, 6, 5, 5)
+        _C.cpu_winograd_output(m, bias, torch.randn(2, 6, 5, 4), True, out)
+    with pytest.raises(RuntimeError, match="out must be a non-empty dense channels_last"):
+        _C.cpu_winograd_output(m, bias, None, True, torch.empty(2, 6, 5, 5))
+    _C.cpu_winograd_output(m, bias, None, True, out)
+    assert not out.isnan().any()
 
 
 @pytest.fixture
@@ -160,8 +167,9 @@ def _applies(x, weight, stride=1, padding=1, dilation=1, groups=1):
 
 def test_rule(winograd_switch):
     """Float32 channels_last 3x3s with stride 1, padding 1, no dilation or groups, 64 channels
-    or more and the larger transformed tensor within 16 MiB; bfloat16, NCHW, other geometries,
-    fewer channels and large maps take oneDNN's convolution; the switch turns it off."""
+    or more and one image's larger transformed tensor within 16 MiB; bfloat16, NCHW, other
+    geometries, fewer channels and larger maps take oneDNN's convolution; the switch turns it
+    off."""
     winograd_switch(True)
     x, w = _cl(8, 64, 28, 28), torch.randn(64, 64, 3, 3)
     assert _applies(x, w)
@@ -173,16 +181,34 @@ def test_rule(winograd_switch):
     assert not _applies(x, w, padding=2, dilation=2)
     assert not _applies(x, torch.randn(64, 32, 3, 3), groups=2)
     assert not _applies(_cl(8, 32, 28, 28), torch.randn(64, 32, 3, 3))  # 32 input channels
-    # 16 values per channel and 2x2 block: 64 channels at 56x56, batch 8, is 25 MiB; the
-    # products have Cout channels.
-    assert not _applies(_cl(8, 64, 56, 56), w)
-    assert _applies(_cl(8, 64, 28, 28), torch.randn(128, 64, 3, 3))        # 12.5 MiB
-    assert not _applies(_cl(8, 64, 28, 28), torch.randn(192, 64, 3, 3))    # 18.4 MiB
+    # 16 values per channel and 2x2 block, per image: 64 channels at 56x56 is 3 MiB; 256 at
+    # 112x112 is 49 MiB; the products have Cout channels.
+    assert _C.cpu_winograd_image_bytes(56, 56, 64) == 16 * 28 * 28 * 64 * 4
+    assert _applies(_cl(8, 64, 56, 56), w)
+    assert not _applies(_cl(1, 256, 112, 112), torch.randn(256, 256, 3, 3))
+    assert not _applies(_cl(1, 64, 112, 112), torch.randn(256, 64, 3, 3))
     conv = fusedres.backend.ConvParams((1, 1), (1, 1), (1, 1), 1)
     assert extension._convolves_by_winograd(x, w, conv)
     winograd_switch(False)
     assert not _applies(x, w)
     assert not extension._convolves_by_winograd(x, w, conv)
+
+
+@pytest.mark.parametrize("n, h, chunks", [(8, 28, 4), (8, 14, 1), (3, 56, 3), (5, 28, 3)])
+def test_inference_in_chunks_of_images(winograd_calls, n, h, chunks):
+    """The runner transforms the batch in chunks of images within the cache budget (2 MiB: two
+    64-channel 28x28 images, all of 14x14, one of 56x56; a last, smaller chunk too), every
+    image's output against eager and the oracle."""
+    shape = (n, 64, h, h, 64, 3, 1, 1, 1)
+    eager, fused, oracle = _units(shape, torch.float32, True, torch.channels_last)
+    for m in (eager, fused, oracle):
+        m.eval()
+    x, res = _cl(n, 64, h, h), _cl(n, 64, h, h)
+    with torch.no_grad():
+        got = fused(x, res)
+        assert_oracle_close(got, eager(x, res), oracle(x.double(), res.double()), name="y")
+    assert len(winograd_calls) == chunks
+    assert got.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_resnet18_eval_through_winograd(winograd_calls, monkeypatch):

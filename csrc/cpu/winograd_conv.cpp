@@ -206,37 +206,40 @@ at::Tensor winograd_input(const at::Tensor& x) {
   return v;
 }
 
-at::Tensor winograd_output(const at::Tensor& m, const at::Tensor& bias,
-                           const std::optional<at::Tensor>& residual, bool relu, int64_t n,
-                           int64_t h, int64_t w) {
+void winograd_output(const at::Tensor& m, const at::Tensor& bias,
+                     const std::optional<at::Tensor>& residual, bool relu, const at::Tensor& out) {
   check_float32_cpu(m, "m");
   check_float32_cpu(bias, "bias");
-  TORCH_CHECK(n > 0 && h > 0 && w > 0, "winograd_output: the output size must be positive, got ",
-              n, "x", h, "x", w);
+  check_float32_cpu(out, "out");
+  TORCH_CHECK(out.dim() == 4 && out.numel() > 0 &&
+                  out.is_contiguous(c10::MemoryFormat::ChannelsLast),
+              "winograd_output: out must be a non-empty dense channels_last [N, Cout, H, W], got ",
+              out.sizes(), " with strides ", out.strides());
+  const int64_t n = out.size(0), cout = out.size(1), h = out.size(2), w = out.size(3);
   const Tiles tiles{n, h, w, (h + 1) / 2, (w + 1) / 2};
-  TORCH_CHECK(m.dim() == 4 && m.size(0) == 1 && m.size(1) % kTaps == 0 &&
+  TORCH_CHECK(m.dim() == 4 && m.size(0) == 1 && m.size(1) == kTaps * cout &&
                   m.size(2) == tiles.count() && m.size(3) == 1 &&
                   m.is_contiguous(c10::MemoryFormat::ChannelsLast),
-              "winograd_output: m must be the products [1, 16*Cout, ", tiles.count(),
-              ", 1] in channels_last for a ", n, "x", h, "x", w, " output, got ", m.sizes(),
+              "winograd_output: m must be the products [1, ", kTaps * cout, ", ", tiles.count(),
+              ", 1] in channels_last for out of size ", out.sizes(), ", got ", m.sizes(),
               " with strides ", m.strides());
-  const int64_t cout = m.size(1) / kTaps;
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == cout, "winograd_output: bias must be [", cout,
               "], got ", bias.sizes());
   at::Tensor residual_cl;
   if (residual.has_value()) {
     check_float32_cpu(*residual, "residual");
-    TORCH_CHECK(residual->sizes() == at::IntArrayRef({n, cout, h, w}),
-                "winograd_output: residual must be [", n, ", ", cout, ", ", h, ", ", w,
-                "], got ", residual->sizes());
+    TORCH_CHECK(residual->sizes() == out.sizes(), "winograd_output: residual must be ",
+                out.sizes(), ", got ", residual->sizes());
     residual_cl = residual->contiguous(c10::MemoryFormat::ChannelsLast);
   }
   const at::Tensor b = bias.contiguous();
-  at::Tensor y = at::empty({n, cout, h, w}, m.options().memory_format(c10::MemoryFormat::ChannelsLast));
   output_transform(m.data_ptr<float>(), b.data_ptr<float>(),
                    residual_cl.defined() ? residual_cl.data_ptr<float>() : nullptr,
-                   y.data_ptr<float>(), tiles, cout, relu);
-  return y;
+                   out.data_ptr<float>(), tiles, cout, relu);
+}
+
+int64_t winograd_image_bytes(int64_t h, int64_t w, int64_t channels) {
+  return kTaps * ((h + 1) / 2) * ((w + 1) / 2) * channels * int64_t{sizeof(float)};
 }
 
 void set_winograd_enabled(bool enabled) { enabled_flag().store(enabled); }
@@ -255,10 +258,9 @@ bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, at::IntArra
   }
   if (checks::unit_memory_format(x) != c10::MemoryFormat::ChannelsLast) return false;
   const int64_t cin = weight.size(1), cout = weight.size(0);
-  const int64_t blocks = x.size(0) * ((x.size(2) + 1) / 2) * ((x.size(3) + 1) / 2);
-  const int64_t widest_transform = kTaps * blocks * std::max(cin, cout) * int64_t{sizeof(float)};
   return x.size(1) == cin && std::min(cin, cout) >= kWinogradMinChannels &&
-         widest_transform <= kWinogradMaxTransformBytes;
+         winograd_image_bytes(x.size(2), x.size(3), std::max(cin, cout)) <=
+             kWinogradMaxImageBytes;
 }
 
 }  // namespace cpu

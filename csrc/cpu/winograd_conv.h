@@ -23,19 +23,25 @@ namespace fusedres {
 namespace cpu {
 
 // Where inference takes it: float32 CPU, x channels_last, a 3x3 with stride 1, padding 1, no
-// dilation or groups, both channel counts at least kWinogradMinChannels and the larger of the
-// two transformed tensors (16 values per 2x2 block and channel: x's input channels, the
-// products' output channels) within kWinogradMaxTransformBytes, and the switch on
-// (FUSEDRES_CPU_WINOGRAD=0 at load turns it off). Training keeps the direct convolution: run
-// there too (z by Winograd, dx as the Winograd convolution of dz with the weight rotated and
-// transposed, dweight by ATen), the whole resnet18 / resnet50 float32 training step was 0.89x /
-// 0.93x as fast (AMD EPYC, 14-20 alternating steps; docs/design.md section 4).
-// On a 2-core AMD EPYC (Zen 4), batch 8, exploratory medians of 30 calls against oneDNN's
-// prepacked fused convolution: 64 channels at 28x28 1.14x, 128 at 14x14 1.49x, 256 at 7x7
-// 1.28x, 512 at 4x4 1.42x, 64-512 channels at 2x2-14x14 1.12-1.55x; 64 at 56x56 (a 25 MiB
-// transform) 0.87x, where the transforms outgrow the cache.
+// dilation or groups, both channel counts at least kWinogradMinChannels, one image's larger
+// transformed tensor (16 values per 2x2 block and channel: x's input channels, the products'
+// output channels; winograd_image_bytes) within kWinogradMaxImageBytes, and the switch on
+// (FUSEDRES_CPU_WINOGRAD=0 at load turns it off). The runner transforms and multiplies the batch
+// in chunks of images whose transform stays within kWinogradChunkBytes, so that the transformed
+// tensors stay in the cache between the three steps. On a 2-core AMD EPYC (Zen 4), batch 8,
+// against oneDNN's prepacked fused convolution (exploratory medians of 30 calls): 64 channels at
+// 28x28 0.99x with the whole batch at once, 1.27x in chunks of 2 images (a 1.6 MiB transform);
+// 64 at 56x56 0.86x whole, 1.26x one image at a time; 128 at 28x28 1.20x whole, 1.50x in chunks
+// of 1-2; 128 at 14x14 1.55x whole, 1.52x in chunks of 4; 256 at 7x7 1.28x, 512 at 4x4 1.42x,
+// 64-512 channels at 2x2-14x14 1.12-1.55x whole.
+// Training keeps the direct convolution: run there too (z by Winograd, dx as the Winograd
+// convolution of dz with the weight rotated and transposed, dweight by ATen), the whole resnet18
+// / resnet50 float32 training step was 0.89x / 0.93x as fast (AMD EPYC, 14-20 alternating steps;
+// docs/design.md section 4).
 constexpr int64_t kWinogradMinChannels = 64;
-constexpr int64_t kWinogradMaxTransformBytes = int64_t{16} << 20;
+constexpr int64_t kWinogradMaxImageBytes = int64_t{16} << 20;
+constexpr int64_t kWinogradChunkBytes = int64_t{2} << 20;
+int64_t winograd_image_bytes(int64_t h, int64_t w, int64_t channels);
 bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 void set_winograd_enabled(bool enabled);
@@ -48,12 +54,11 @@ at::Tensor winograd_weight(const at::Tensor& weight);
 // V [1, 16*C, T, 1] channels_last (memory [T][16][C]) of x [N, C, H, W] float32, any layout.
 at::Tensor winograd_input(const at::Tensor& x);
 
-// y [n, Cout, h, w] channels_last float32 = act(A^T m A + bias (+ residual)) from the products
-// m [1, 16*Cout, T, 1] channels_last; bias [Cout] float32; residual [n, Cout, h, w] float32
+// out [N, Cout, H, W] (dense channels_last float32, written) = act(A^T m A + bias (+ residual))
+// from the products m [1, 16*Cout, T, 1] channels_last; bias [Cout] float32; residual like out
 // (any layout) or none; act ReLU when relu.
-at::Tensor winograd_output(const at::Tensor& m, const at::Tensor& bias,
-                           const std::optional<at::Tensor>& residual, bool relu, int64_t n,
-                           int64_t h, int64_t w);
+void winograd_output(const at::Tensor& m, const at::Tensor& bias,
+                     const std::optional<at::Tensor>& residual, bool relu, const at::Tensor& out);
 
 }  // namespace cpu
 }  // namespace fusedres

@@ -273,14 +273,19 @@ def _convolves_by_winograd(x: torch.Tensor, weight: torch.Tensor, conv: ConvPara
 
 def _winograd_runner(conv_module, x, weight, gamma, beta, running_mean, running_var,
                      relu: bool, eps: float):
-    """The inference runner of Winograd's F(2x2, 3x3) (csrc/cpu/winograd_conv.h): input
-    transform, the 16 products as one prepacked 16-group 1x1 oneDNN convolution, output transform
-    with bias, residual and ReLU. The folded weight is transformed and prepacked once per
-    parameter version."""
+    """The inference runner of Winograd's F(2x2, 3x3) (csrc/cpu/winograd_conv.h): per chunk of
+    images whose transform stays within ``CPU_WINOGRAD_CHUNK_BYTES`` (so it stays in the cache
+    between the steps), input transform, the 16 products as one prepacked 16-group 1x1 oneDNN
+    convolution, output transform with bias, residual and ReLU into that chunk of y. The folded
+    weight is transformed and prepacked once per parameter version."""
     n, cin, h, w = x.shape
-    tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
+    cout = weight.shape[0]
+    image_bytes = _ext._C.cpu_winograd_image_bytes(h, w, max(cin, cout))
+    chunk = max(1, min(n, _ext._C.CPU_WINOGRAD_CHUNK_BYTES // image_bytes))
+    tiles = chunk * ((h + 1) // 2) * ((w + 1) // 2)
 
     def prepare(folded_weight, bias):
+        # oneDNN's blocked layout is chosen for the first chunk's size and holds for any other.
         u = torch.ops.mkldnn._reorder_convolution_weight(
             _ext._C.cpu_winograd_weight(folded_weight), [0, 0], [1, 1], [1, 1], 16,
             [1, 16 * cin, tiles, 1])
@@ -291,9 +296,14 @@ def _winograd_runner(conv_module, x, weight, gamma, beta, running_mean, running_
     products = torch.ops.mkldnn._convolution_pointwise
 
     def run(x, residual, residual_is_dead):
-        m = products.default(_ext._C.cpu_winograd_input(x), f.weight, None, [0, 0], [1, 1],
-                             [1, 1], 16, "none", [], "")
-        return _ext._C.cpu_winograd_output(m, f.bias, residual, relu, n, h, w)
+        y = torch.empty((n, cout, h, w), dtype=x.dtype, memory_format=torch.channels_last)
+        for start in range(0, n, chunk):
+            part = slice(start, start + chunk)
+            m = products.default(_ext._C.cpu_winograd_input(x[part]), f.weight, None, [0, 0],
+                                 [1, 1], [1, 1], 16, "none", [], "")
+            _ext._C.cpu_winograd_output(m, f.bias, None if residual is None else residual[part],
+                                        relu, y[part])
+        return y
     return run
 
 
