@@ -8,9 +8,9 @@
 // multiplies per 4 outputs where the direct convolution has 36, 2.25x fewer, plus the two
 // transforms, passes over memory. The 16 products run as one oneDNN convolution, 1x1 with 16
 // groups, over V laid out [T][16][Cin] (a [1, 16*Cin, T, 1] channels_last tensor) with U
-// prepacked once (fusedres/backends/extension.py, which also says where it applies and why):
-// oneDNN ran them 1.3-1.7x faster so than as 16 matrix products. The output transform applies
-// the folded BatchNorm's bias, the residual and the ReLU as it writes y.
+// prepacked once (the runner: fusedres/backends/extension.py): oneDNN ran them 1.16-1.5x
+// faster so than as 16 matrix products. The output transform applies the folded BatchNorm's
+// bias, the residual and the ReLU as it writes y.
 // Rounding: the transforms' coefficients are 0, +-1 and +-1/2, exact in float32; the relative
 // error against float64 was 1.2-1.7x the direct float32 convolution's on ResNet's layer1-3 shapes.
 #pragma once
@@ -33,7 +33,8 @@ namespace cpu {
 // 28x28 0.99x with the whole batch at once, 1.27x in chunks of 2 images (a 1.6 MiB transform);
 // 64 at 56x56 0.86x whole, 1.26x one image at a time; 128 at 28x28 1.20x whole, 1.50x in chunks
 // of 1-2; 128 at 14x14 1.55x whole, 1.52x in chunks of 4; 256 at 7x7 1.28x, 512 at 4x4 1.42x,
-// 64-512 channels at 2x2-14x14 1.12-1.55x whole.
+// 64-512 channels at 2x2-14x14 1.12-1.55x whole. kWinogradMaxImageBytes bounds what was
+// measured (one image of 64 channels at 56x56 is 3 MiB), it is not a measured limit.
 // Training keeps the direct convolution: run there too (z by Winograd, dx as the Winograd
 // convolution of dz with the weight rotated and transposed, dweight by ATen), the whole resnet18
 // / resnet50 float32 training step was 0.89x / 0.93x as fast (AMD EPYC, 14-20 alternating steps;
