@@ -13,6 +13,7 @@ A FusedResNet trains channels_last inside whatever its input's layout, so that t
 to NCHW users too.
 """
 
+import copy
 import os
 import subprocess
 import sys
@@ -393,3 +394,27 @@ def info_with(variable: str, value) -> str:
 def test_environment_variable_sets_the_path_at_load(env, expected):
     assert ("GEMM convolutions (with gradients, and small maps in inference; "
             f"csrc/cpu/gemm_conv.h): {expected}") in info_with("FUSEDRES_CPU_GEMM_CONV", env)
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inference_honours_onednn_disabled(dtype):
+    """An eval resnet18 whose plans are built with oneDNN disabled calls no oneDNN op of its own
+    (the fold, the prepacked convolutions, the matrix products and Winograd all call
+    torch.ops.mkldnn directly, past ATen's own check of the switch); its logits follow eager
+    and the oracle."""
+    torch.manual_seed(0)
+    model = fusedres.models.resnet18(backend="cpu").eval().to(memory_format=torch.channels_last)
+    for bn in model.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            randomize_bn(bn)
+    eager = fusedres.to_eager(copy.deepcopy(model))
+    x = _cl(2, 3, 64, 64)
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+    with torch.backends.mkldnn.flags(enabled=False), torch.no_grad(), autocast:
+        model(x)  # builds the plans
+        got, names = _profiled(lambda: model(x))
+        expected = eager(x)
+    assert not [n for n in names if n.startswith("mkldnn::")], sorted(names)
+    exact = reference.upcast(eager)(x.double())
+    assert_oracle_close(got.double(), expected.double(), exact, name="logits")

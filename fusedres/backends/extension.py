@@ -77,6 +77,10 @@ class CpuBackend(ExtensionBackend):
 
     @staticmethod
     def _onednn_takes(dtype: torch.dtype) -> bool:
+        # The runners call torch.ops.mkldnn directly, past ATen's check of the user's switch
+        # (torch.backends.mkldnn.flags(enabled=False)): read it here, when a plan is built.
+        if not torch.backends.mkldnn.enabled:
+            return False
         if dtype == torch.float32:
             return torch.backends.mkldnn.is_available()
         if dtype == torch.bfloat16:
