@@ -231,6 +231,37 @@ def test_resnet18_eval_through_winograd(winograd_calls, monkeypatch):
     assert_oracle_close(got, expected, exact, name="logits")
 
 
+def test_block_output_written_into_its_dead_residual(winograd_switch, monkeypatch):
+    """In a planned resnet18 eval, the last unit of each block without downsample (a Winograd
+    3x3 with the block's input as residual, which the plan marks dead) writes y into the
+    residual's memory; logits still match eager and the oracle, and the caller's input is
+    untouched. (With a downsample, the downsample's unit adds the main path's output.)"""
+    winograd_switch(True)
+    monkeypatch.setattr(extension, "_MATMUL_REPEATING_COLUMNS", False)  # AMX: not layer3-4
+    torch.manual_seed(0)
+    model = fusedres.models.resnet18(backend="cpu").eval().to(memory_format=torch.channels_last)
+    eager = fusedres.to_eager(copy.deepcopy(model))
+    x = _cl(2, 3, 64, 64)
+    kept = x.clone()
+    writes = []  # per call with a residual: whether out is the residual's memory
+    output_transform = _C.cpu_winograd_output
+
+    def spy(m, bias, residual, relu, out):
+        if residual is not None:
+            writes.append(out.data_ptr() == residual.data_ptr())
+        return output_transform(m, bias, residual, relu, out)
+
+    with torch.no_grad():
+        model(x)  # builds the plans
+        monkeypatch.setattr(_C, "cpu_winograd_output", spy)
+        got = model(x)
+        expected = eager(x)
+        exact = reference.upcast(eager)(x.double())
+    assert writes == [True] * 5  # 8 blocks, 3 of them with a downsample
+    assert torch.equal(x, kept)
+    assert_oracle_close(got, expected, exact, name="logits")
+
+
 @pytest.mark.parametrize("env, expected", [(None, "on"), ("0", "off"), ("1", "on")])
 def test_environment_variable_sets_the_path_at_load(env, expected):
     assert ("Winograd F(2x2, 3x3) convolutions (float32 inference 3x3s; "

@@ -280,8 +280,9 @@ def _winograd_runner(conv_module, x, weight, gamma, beta, running_mean, running_
     """The inference runner of Winograd's F(2x2, 3x3) (csrc/cpu/winograd_conv.h): per chunk of
     images whose transform stays within ``CPU_WINOGRAD_CHUNK_BYTES`` (so it stays in the cache
     between the steps), input transform, the 16 products as one prepacked 16-group 1x1 oneDNN
-    convolution, output transform with bias, residual and ReLU into that chunk of y. The folded
-    weight is transformed and prepacked once per parameter version."""
+    convolution, output transform with bias, residual and ReLU into that chunk of y (the
+    residual's own memory where the caller says it is dead). The folded weight is transformed
+    and prepacked once per parameter version."""
     n, cin, h, w = x.shape
     cout = weight.shape[0]
     image_bytes = _ext._C.cpu_winograd_image_bytes(h, w, max(cin, cout))
@@ -300,7 +301,13 @@ def _winograd_runner(conv_module, x, weight, gamma, beta, running_mean, running_
     products = torch.ops.mkldnn._convolution_pointwise
 
     def run(x, residual, residual_is_dead):
-        y = torch.empty((n, cout, h, w), dtype=x.dtype, memory_format=torch.channels_last)
+        if (residual is not None and residual_is_dead
+                and residual.is_contiguous(memory_format=torch.channels_last)):
+            # Each output transform reads a residual element before it writes y's there, and
+            # no chunk reads another's: y can take the dead residual's memory.
+            y = residual
+        else:
+            y = torch.empty((n, cout, h, w), dtype=x.dtype, memory_format=torch.channels_last)
         for start in range(0, n, chunk):
             part = slice(start, start + chunk)
             m = products.default(_ext._C.cpu_winograd_input(x[part]), f.weight, None, [0, 0],
