@@ -28,12 +28,14 @@ int build_index(std::string name) {
   return -1;
 }
 
+}  // namespace
+
 // ATen's own choice of instruction set (honours ATEN_CPU_CAPABILITY=default|avx2|avx512), so the
 // CPU kernels follow the same switch as PyTorch's: the AVX512 build where ATen runs AVX512, the
 // AVX2 build where it runs AVX2. FUSEDRES_CPU_KERNELS=default|avx2 caps this build alone below
 // that (an A/B of the kernel builds under the same ATen, or a way around a build that misbehaves
 // on some CPU or compiler); it never raises the choice above ATen's.
-const KernelTable& kernels() {
+const KernelTable& active_kernels() {
   static const KernelTable* table = [] {
     int level = std::max(build_index(at::get_cpu_capability()), 0);
     if (const char* env = std::getenv("FUSEDRES_CPU_KERNELS")) {
@@ -52,13 +54,15 @@ const KernelTable& kernels() {
   return *table;
 }
 
+namespace {
+
 Geometry geometry(const at::Tensor& t, c10::MemoryFormat fmt) {
   return {t.size(0), t.size(1), t.size(2) * t.size(3), fmt == c10::MemoryFormat::ChannelsLast};
 }
 
 }  // namespace
 
-std::string kernel_variant() { return kernels().name; }
+std::string kernel_variant() { return active_kernels().name; }
 
 std::string compiled_variants() {
   std::string variants = "DEFAULT";
@@ -81,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& z) {
   at::Tensor var = at::empty({C}, z.options().dtype(sdt));
   StatsParams p{geometry(zc, fmt), zc.const_data_ptr(), mean.mutable_data_ptr(),
                 var.mutable_data_ptr()};
-  kernels().bn_stats(p, z.scalar_type());
+  active_kernels().bn_stats(p, z.scalar_type());
   return {mean, var};
 }
 
@@ -98,7 +102,7 @@ at::Tensor bn_act_fwd(const at::Tensor& z, const at::Tensor& scale, const at::Te
   const at::Tensor sc = scale.contiguous(), sh = shift.contiguous();
   FwdParams p{geometry(zc, fmt), zc.const_data_ptr(), sc.const_data_ptr(), sh.const_data_ptr(),
               has_res ? res.const_data_ptr() : nullptr, y.mutable_data_ptr(), relu};
-  kernels().bn_act_fwd(p, z.scalar_type());
+  active_kernels().bn_act_fwd(p, z.scalar_type());
   return y;
 }
 
@@ -131,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_fwd(
                    mean.mutable_data_ptr(),
                    var.mutable_data_ptr(),
                    invstd.mutable_data_ptr()};
-  kernels().bn_train_fwd(p, z.scalar_type());
+  active_kernels().bn_train_fwd(p, z.scalar_type());
   return {y, mean, var, invstd};
 }
 
@@ -149,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_fwd_mask(const at::Tensor& z, const at
   FwdParams p{geometry(zc, fmt), zc.const_data_ptr(), sc.const_data_ptr(), sh.const_data_ptr(),
               has_res ? res.const_data_ptr() : nullptr, y.mutable_data_ptr(), true,
               mask.mutable_data_ptr<uint8_t>()};
-  kernels().bn_act_fwd(p, z.scalar_type());
+  active_kernels().bn_act_fwd(p, z.scalar_type());
   return {y, mask};
 }
 
@@ -192,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_gated(
               relu,
               training,
               maskc.defined() ? maskc.const_data_ptr<uint8_t>() : nullptr};
-  kernels().bn_act_bwd(p, z.scalar_type());
+  active_kernels().bn_act_bwd(p, z.scalar_type());
   return {dz, dweight, dbias, dres};
 }
 
@@ -260,7 +264,7 @@ at::Tensor max_pool2d(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntA
   MaxPoolParams p{x.size(0), x.size(1), x.size(2), x.size(3), out[0], out[1],
                   kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1],
                   dilation[0], dilation[1], xc.const_data_ptr(), y.mutable_data_ptr()};
-  kernels().max_pool(p, dtype);
+  active_kernels().max_pool(p, dtype);
   return y;
 }
 

@@ -5,6 +5,7 @@
 
 #include "cpu/bn_act_kernels.h"
 #include "cpu/pool_kernels.h"
+#include "cpu/winograd_kernels.h"
 
 namespace fusedres {
 namespace cpu {
@@ -12,7 +13,9 @@ namespace cpu {
 const KernelTable* kernel_table_default() {
   static constexpr KernelTable table{"DEFAULT", &DEFAULT::bn_stats_kernel,
                                      &DEFAULT::bn_act_fwd_kernel, &DEFAULT::bn_act_bwd_kernel,
-                                     &DEFAULT::bn_train_fwd_kernel, &DEFAULT::max_pool_kernel};
+                                     &DEFAULT::bn_train_fwd_kernel, &DEFAULT::max_pool_kernel,
+                                     &DEFAULT::winograd_input_kernel,
+                                     &DEFAULT::winograd_output_kernel};
   return &table;
 }
 

@@ -29,6 +29,7 @@
 
 #include "cpu/bn_act_kernels.h"
 #include "cpu/pool_kernels.h"
+#include "cpu/winograd_kernels.h"
 #else
 #include "cpu/kernels.h"
 #endif
@@ -40,7 +41,9 @@ const KernelTable* kernel_table_avx2() {
 #if defined(FUSEDRES_HAVE_AVX2_KERNELS)
   static constexpr KernelTable table{"AVX2", &AVX2::bn_stats_kernel, &AVX2::bn_act_fwd_kernel,
                                      &AVX2::bn_act_bwd_kernel,
-                                     &AVX2::bn_train_fwd_kernel, &AVX2::max_pool_kernel};
+                                     &AVX2::bn_train_fwd_kernel, &AVX2::max_pool_kernel,
+                                     &AVX2::winograd_input_kernel,
+                                     &AVX2::winograd_output_kernel};
   return &table;
 #else
   return nullptr;

@@ -20,6 +20,7 @@
 
 #include "cpu/bn_act_kernels.h"
 #include "cpu/pool_kernels.h"
+#include "cpu/winograd_kernels.h"
 #else
 #include "cpu/kernels.h"
 #endif
@@ -31,7 +32,9 @@ const KernelTable* kernel_table_avx512() {
 #if defined(FUSEDRES_HAVE_AVX512_KERNELS)
   static constexpr KernelTable table{"AVX512", &AVX512::bn_stats_kernel,
                                      &AVX512::bn_act_fwd_kernel, &AVX512::bn_act_bwd_kernel,
-                                     &AVX512::bn_train_fwd_kernel, &AVX512::max_pool_kernel};
+                                     &AVX512::bn_train_fwd_kernel, &AVX512::max_pool_kernel,
+                                     &AVX512::winograd_input_kernel,
+                                     &AVX512::winograd_output_kernel};
   return &table;
 #else
   return nullptr;

@@ -138,6 +138,23 @@ struct MaxPoolParams {
   void* y;        // act, written
 };
 
+// The Winograd F(2x2, 3x3) transforms (csrc/cpu/winograd_conv.h), float32: x and y dense NHWC
+// [n, h, w, channels]; v and m [tiles][16][channels], tiles = n * th * tw in (image, tile row,
+// tile column) order, th = ceil(h / 2), tw = ceil(w / 2).
+struct WinogradInputParams {
+  int64_t n, h, w, th, tw, channels;
+  const float* x;  // read
+  float* v;        // written: B^T d B of each tile's 4x4 patch d (zeros outside the map)
+};
+struct WinogradOutputParams {
+  int64_t n, h, w, th, tw, channels;
+  const float* m;         // read: the products
+  const float* bias;      // [channels], read; nullptr for none
+  const float* residual;  // like y, read; nullptr for none (may be y itself)
+  float* y;               // written: act(A^T m A + bias + residual), act ReLU when relu
+  bool relu;
+};
+
 struct KernelTable {
   const char* name;
   void (*bn_stats)(const StatsParams&, c10::ScalarType act_dtype);
@@ -145,6 +162,8 @@ struct KernelTable {
   void (*bn_act_bwd)(const BwdParams&, c10::ScalarType act_dtype);
   void (*bn_train_fwd)(const TrainFwdParams&, c10::ScalarType act_dtype);
   void (*max_pool)(const MaxPoolParams&, c10::ScalarType act_dtype);
+  void (*winograd_input)(const WinogradInputParams&);
+  void (*winograd_output)(const WinogradOutputParams&);
 };
 
 // Defined by the per-capability translation units; the AVX2 and AVX512 ones return nullptr where
@@ -152,6 +171,9 @@ struct KernelTable {
 const KernelTable* kernel_table_default();
 const KernelTable* kernel_table_avx2();
 const KernelTable* kernel_table_avx512();
+
+// The build in use: ATen's instruction set, capped by FUSEDRES_CPU_KERNELS (bn_act_cpu.cpp).
+const KernelTable& active_kernels();
 
 }  // namespace cpu
 }  // namespace fusedres

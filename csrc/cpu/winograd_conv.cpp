@@ -4,141 +4,18 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "common/checks.h"
+#include "cpu/kernels.h"
 
 namespace fusedres {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTaps = 16;        // 4x4 transform positions
-constexpr int64_t kChannelBlock = 16;  // channels a tile transforms at once: one cache line
-
-struct Tiles {
-  int64_t n, h, w, th, tw;
-  int64_t count() const { return n * th * tw; }
-};
-
-// V[t][p][c] = (B^T d B)[p] of tile t's 4x4 patch d of x (NHWC, zero outside the map).
-void input_transform(const float* x, float* v, const Tiles& tiles, int64_t channels) {
-  const int64_t count = tiles.count();
-  at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
-    std::array<float, kTaps * kChannelBlock> d;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / (tiles.th * tiles.tw);
-      const int64_t ty = t / tiles.tw % tiles.th, tx = t % tiles.tw;
-      for (int64_t c0 = 0; c0 < channels; c0 += kChannelBlock) {
-        const int64_t cb = std::min(kChannelBlock, channels - c0);
-        for (int64_t i = 0; i < 4; ++i) {
-          const int64_t row = 2 * ty - 1 + i;
-          for (int64_t j = 0; j < 4; ++j) {
-            const int64_t col = 2 * tx - 1 + j;
-            float* dst = d.data() + (4 * i + j) * kChannelBlock;
-            if (row < 0 || row >= tiles.h || col < 0 || col >= tiles.w) {
-              std::fill(dst, dst + cb, 0.0f);
-            } else {
-              std::memcpy(dst, x + ((n * tiles.h + row) * tiles.w + col) * channels + c0,
-                          cb * sizeof(float));
-            }
-          }
-        }
-        // B^T d: rows (d0 - d2, d1 + d2, d2 - d1, d1 - d3), then the same along columns.
-        std::array<float, kTaps * kChannelBlock> r;
-        for (int64_t j = 0; j < 4; ++j) {
-          const float* d0 = d.data() + j * kChannelBlock;
-          const float* d1 = d0 + 4 * kChannelBlock;
-          const float* d2 = d0 + 8 * kChannelBlock;
-          const float* d3 = d0 + 12 * kChannelBlock;
-          float* r0 = r.data() + j * kChannelBlock;
-          for (int64_t c = 0; c < cb; ++c) {
-            r0[c] = d0[c] - d2[c];
-            r0[c + 4 * kChannelBlock] = d1[c] + d2[c];
-            r0[c + 8 * kChannelBlock] = d2[c] - d1[c];
-            r0[c + 12 * kChannelBlock] = d1[c] - d3[c];
-          }
-        }
-        for (int64_t i = 0; i < 4; ++i) {
-          const float* r0 = r.data() + 4 * i * kChannelBlock;
-          const float* r1 = r0 + kChannelBlock;
-          const float* r2 = r0 + 2 * kChannelBlock;
-          const float* r3 = r0 + 3 * kChannelBlock;
-          float* v0 = v + (t * kTaps + 4 * i) * channels + c0;
-          float* v1 = v0 + channels;
-          float* v2 = v1 + channels;
-          float* v3 = v2 + channels;
-          for (int64_t c = 0; c < cb; ++c) {
-            v0[c] = r0[c] - r2[c];
-            v1[c] = r1[c] + r2[c];
-            v2[c] = r2[c] - r1[c];
-            v3[c] = r1[c] - r3[c];
-          }
-        }
-      }
-    }
-  });
-}
-
-// y's 2x2 block of tile t = A^T m A from the products m[t][p][c], then + bias (+ residual),
-// ReLU (bias and residual may be null); blocks past the map's edge (odd H or W) are not
-// written.
-void output_transform(const float* m, const float* bias,
-                      const float* residual, float* y, const Tiles& tiles, int64_t channels,
-                      bool relu) {
-  at::parallel_for(0, tiles.count(), 16, [&](int64_t begin, int64_t end) {
-    std::array<float, 8 * kChannelBlock> s;  // A^T m: 2 rows x 4 columns
-    std::array<float, kChannelBlock> out;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / (tiles.th * tiles.tw);
-      const int64_t ty = t / tiles.tw % tiles.th, tx = t % tiles.tw;
-      for (int64_t c0 = 0; c0 < channels; c0 += kChannelBlock) {
-        const int64_t cb = std::min(kChannelBlock, channels - c0);
-        const float* tile = m + t * kTaps * channels + c0;
-        // A^T rows: (m0 + m1 + m2, m1 - m2 - m3) down each column j.
-        for (int64_t j = 0; j < 4; ++j) {
-          const float* m0 = tile + j * channels;
-          const float* m1 = m0 + 4 * channels;
-          const float* m2 = m0 + 8 * channels;
-          const float* m3 = m0 + 12 * channels;
-          float* s0 = s.data() + j * kChannelBlock;
-          float* s1 = s0 + 4 * kChannelBlock;
-          for (int64_t c = 0; c < cb; ++c) {
-            s0[c] = m0[c] + m1[c] + m2[c];
-            s1[c] = m1[c] - m2[c] - m3[c];
-          }
-        }
-        for (int64_t i = 0; i < 2; ++i) {
-          const int64_t row = 2 * ty + i;
-          if (row >= tiles.h) break;
-          const float* s0 = s.data() + 4 * i * kChannelBlock;
-          const float* s1 = s0 + kChannelBlock;
-          const float* s2 = s0 + 2 * kChannelBlock;
-          const float* s3 = s0 + 3 * kChannelBlock;
-          for (int64_t j = 0; j < 2; ++j) {
-            const int64_t col = 2 * tx + j;
-            if (col >= tiles.w) break;
-            for (int64_t c = 0; c < cb; ++c) {
-              out[c] = (j == 0 ? s0[c] + s1[c] + s2[c] : s1[c] - s2[c] - s3[c]) +
-                       (bias != nullptr ? bias[c0 + c] : 0.0f);
-            }
-            const int64_t pixel = ((n * tiles.h + row) * tiles.w + col) * channels + c0;
-            if (residual != nullptr) {
-              for (int64_t c = 0; c < cb; ++c) out[c] += residual[pixel + c];
-            }
-            if (relu) {
-              for (int64_t c = 0; c < cb; ++c) out[c] = std::max(out[c], 0.0f);
-            }
-            std::memcpy(y + pixel, out.data(), cb * sizeof(float));
-          }
-        }
-      }
-    }
-  });
-}
+constexpr int64_t kTaps = 16;  // 4x4 transform positions
 
 void check_float32_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "winograd: ", name,
@@ -197,12 +74,13 @@ at::Tensor winograd_input(const at::Tensor& x) {
   check_float32_cpu(x, "x");
   TORCH_CHECK(x.dim() == 4 && x.numel() > 0,
               "winograd_input: x must be a non-empty [N, C, H, W], got ", x.sizes());
-  const Tiles tiles{x.size(0), x.size(2), x.size(3), (x.size(2) + 1) / 2, (x.size(3) + 1) / 2};
+  const int64_t th = (x.size(2) + 1) / 2, tw = (x.size(3) + 1) / 2;
   const int64_t channels = x.size(1);
   const at::Tensor x_cl = x.contiguous(c10::MemoryFormat::ChannelsLast);
-  at::Tensor v = at::empty({1, kTaps * channels, tiles.count(), 1},
+  at::Tensor v = at::empty({1, kTaps * channels, x.size(0) * th * tw, 1},
                            x.options().memory_format(c10::MemoryFormat::ChannelsLast));
-  input_transform(x_cl.data_ptr<float>(), v.data_ptr<float>(), tiles, channels);
+  active_kernels().winograd_input({x.size(0), x.size(2), x.size(3), th, tw, channels,
+                                   x_cl.data_ptr<float>(), v.data_ptr<float>()});
   return v;
 }
 
@@ -216,11 +94,11 @@ void winograd_output(const at::Tensor& m, const at::Tensor& bias,
               "winograd_output: out must be a non-empty dense channels_last [N, Cout, H, W], got ",
               out.sizes(), " with strides ", out.strides());
   const int64_t n = out.size(0), cout = out.size(1), h = out.size(2), w = out.size(3);
-  const Tiles tiles{n, h, w, (h + 1) / 2, (w + 1) / 2};
+  const int64_t th = (h + 1) / 2, tw = (w + 1) / 2;
   TORCH_CHECK(m.dim() == 4 && m.size(0) == 1 && m.size(1) == kTaps * cout &&
-                  m.size(2) == tiles.count() && m.size(3) == 1 &&
+                  m.size(2) == n * th * tw && m.size(3) == 1 &&
                   m.is_contiguous(c10::MemoryFormat::ChannelsLast),
-              "winograd_output: m must be the products [1, ", kTaps * cout, ", ", tiles.count(),
+              "winograd_output: m must be the products [1, ", kTaps * cout, ", ", n * th * tw,
               ", 1] in channels_last for out of size ", out.sizes(), ", got ", m.sizes(),
               " with strides ", m.strides());
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == cout, "winograd_output: bias must be [", cout,
@@ -233,9 +111,10 @@ void winograd_output(const at::Tensor& m, const at::Tensor& bias,
     residual_cl = residual->contiguous(c10::MemoryFormat::ChannelsLast);
   }
   const at::Tensor b = bias.contiguous();
-  output_transform(m.data_ptr<float>(), b.data_ptr<float>(),
-                   residual_cl.defined() ? residual_cl.data_ptr<float>() : nullptr,
-                   out.data_ptr<float>(), tiles, cout, relu);
+  active_kernels().winograd_output(
+      {n, h, w, th, tw, cout, m.data_ptr<float>(), b.data_ptr<float>(),
+       residual_cl.defined() ? residual_cl.data_ptr<float>() : nullptr, out.data_ptr<float>(),
+       relu});
 }
 
 int64_t winograd_image_bytes(int64_t h, int64_t w, int64_t channels) {
