@@ -37,13 +37,15 @@ from torch.profiler import ProfilerActivity, profile
 import fusedres
 from fusedres.report import keep_freed_memory, machine_info, make_eval_step, make_train_step
 
-# Op names (substrings) per category. An op counts where its outermost categorised caller does
-# (a copy inside convolution_backward is the convolution's), and anything under the optimizer's
-# step or zero_grad is the optimizer's.
+# Op names per category: substrings, then exact names (the residual adds: a substring "aten::add"
+# would take the classifier's addmm too). An op counts where its outermost categorised caller
+# does (a copy inside convolution_backward is the convolution's), and anything under the
+# optimizer's step or zero_grad is the optimizer's.
 _CATEGORIES = (
-    ("convolution", ("convolution",)),
-    ("removed by fusion", ("batch_norm", "relu", "threshold_backward", "clamp_min", "aten::add")),
-    ("copies and casts", ("copy_", "_to_copy")),
+    ("convolution", ("convolution",), ()),
+    ("removed by fusion", ("batch_norm", "relu", "threshold_backward", "clamp_min"),
+     ("aten::add", "aten::add_")),
+    ("copies and casts", ("copy_", "_to_copy"), ()),
 )
 _OPTIMIZER_SCOPES = ("Optimizer.step", "Optimizer.zero_grad")
 
@@ -53,8 +55,8 @@ def _category(event) -> str:
     while event is not None:
         if event.name.startswith(_OPTIMIZER_SCOPES):
             return "optimizer"
-        for name, patterns in _CATEGORIES:
-            if any(p in event.name for p in patterns):
+        for name, substrings, names in _CATEGORIES:
+            if event.name in names or any(p in event.name for p in substrings):
                 found = name
                 break
         event = event.cpu_parent
