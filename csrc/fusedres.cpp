@@ -11,6 +11,10 @@
 //             dilation, groups, relu, eps) -> y
 //   unit_backward(dy, x, weight, y?, z?, mean, invstd, gamma?, stride, padding, dilation, groups,
 //                 relu, training, output_mask[5]) -> (dx, dweight, dgamma, dbeta, dresidual)
+// The block-level op's backward (fusedres/ops/block.py) over those ops, one call per block:
+//   block_backward(dy, x, y, weights[], gammas?[], betas?[], zs?[], means[], invstds[],
+//                  geometry[7 per unit], relus[], downsample, needs[1 + 3 per unit])
+//       -> (dx, grads[3 per unit])        unit_ops.h has the arguments
 // BatchNorm primitives (fusedres.reference holds the exact math; fusedres/ops/library.py the fake
 // kernels of every op):
 //   bn_stats(z) -> (mean, var)                per-channel mean and biased variance over N, H, W
@@ -215,6 +219,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unit_back
                         geometry(stride, padding, dilation, groups), relu, training, output_mask);
 }
 
+template <const unit::DeviceOps& Dev>
+std::tuple<at::Tensor, std::vector<at::Tensor>> block_backward_impl(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y, at::TensorList weights,
+    const c10::List<unit::OptTensor>& gammas, const c10::List<unit::OptTensor>& betas,
+    const c10::List<unit::OptTensor>& zs, at::TensorList means, at::TensorList invstds,
+    at::IntArrayRef geometry, const c10::List<bool>& relus, bool downsample,
+    const c10::List<bool>& needs) {
+  return unit::block_backward(Dev, dy, x, y, weights, gammas, betas, zs, means, invstds, geometry,
+                              relus, downsample, needs);
+}
+
 bool cuda_kernels_built() {
 #ifdef FUSEDRES_WITH_CUDA
   return true;
@@ -265,6 +280,10 @@ TORCH_LIBRARY(fusedres, m) {
       "Tensor invstd, Tensor? gamma, int[2] stride, int[2] padding, int[2] dilation, int groups, "
       "bool relu, bool training, bool[5] output_mask) "
       "-> (Tensor dx, Tensor dweight, Tensor dgamma, Tensor dbeta, Tensor dresidual)");
+  m.def(
+      "block_backward(Tensor dy, Tensor x, Tensor y, Tensor[] weights, Tensor?[] gammas, "
+      "Tensor?[] betas, Tensor?[] zs, Tensor[] means, Tensor[] invstds, int[] geometry, "
+      "bool[] relus, bool downsample, bool[] needs) -> (Tensor dx, Tensor[] grads)");
   m.def("bn_stats(Tensor z) -> (Tensor mean, Tensor var)");
   m.def("bn_act_fwd(Tensor z, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> Tensor");
   m.def(
@@ -287,6 +306,7 @@ TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
   m.impl("unit_train", &fusedres::unit_train_impl<fusedres::kCpuUnitOps>);
   m.impl("unit_eval", &fusedres::unit_eval_impl<fusedres::kCpuUnitOps>);
   m.impl("unit_backward", &fusedres::unit_backward_impl<fusedres::kCpuUnitOps>);
+  m.impl("block_backward", &fusedres::block_backward_impl<fusedres::kCpuUnitOps>);
   m.impl("bn_stats", &fusedres::bn_stats_cpu);
   m.impl("bn_act_fwd", &fusedres::bn_act_fwd_cpu);
   m.impl("bn_act_bwd", &fusedres::bn_act_bwd_cpu);
@@ -690,6 +710,7 @@ TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
   m.impl("unit_train", &fusedres::unit_train_impl<fusedres::kCudaUnitOps>);
   m.impl("unit_eval", &fusedres::unit_eval_impl<fusedres::kCudaUnitOps>);
   m.impl("unit_backward", &fusedres::unit_backward_impl<fusedres::kCudaUnitOps>);
+  m.impl("block_backward", &fusedres::block_backward_impl<fusedres::kCudaUnitOps>);
   m.impl("bn_stats", &fusedres::bn_stats_cuda);
   m.impl("bn_act_fwd", &fusedres::bn_act_fwd_cuda);
   m.impl("bn_act_bwd", &fusedres::bn_act_bwd_cuda);

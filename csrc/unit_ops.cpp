@@ -227,6 +227,120 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 }
 
 // ============================================================================================
+// Block backward
+// ============================================================================================
+
+namespace {
+
+// The training forward's y = act(z*scale + shift) of an inner unit, from what the block op kept,
+// computed as fusedres/ops/block.py's bn_act_coefficients and its backend's bn_act_fwd do.
+at::Tensor rebuild_activation(const at::Tensor& z, const OptTensor& gamma, const OptTensor& beta,
+                              const at::Tensor& mean, const at::Tensor& invstd, bool relu) {
+  static const auto apply =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fusedres::bn_act_fwd", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const OptTensor&, bool)>();
+  const at::Tensor scale = present(gamma) ? gamma->to(invstd.scalar_type()) * invstd : invstd;
+  const at::Tensor shift =
+      present(beta) ? beta->to(mean.scalar_type()) - mean * scale : -mean * scale;
+  return apply.call(z, scale, shift, c10::nullopt, relu);
+}
+
+// A parameter's gradient in the parameter's dtype (dgamma and dbeta come in the statistics
+// dtype), or a [0] placeholder where it was not asked for.
+at::Tensor in_dtype_of(const at::Tensor& grad, const OptTensor& param, bool wanted) {
+  if (!wanted) return absent(grad);
+  return grad.scalar_type() == param->scalar_type() ? grad : grad.to(param->scalar_type());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> block_backward(
+    const DeviceOps& dev, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
+    at::TensorList weights, const c10::List<OptTensor>& gammas,
+    const c10::List<OptTensor>& betas, const c10::List<OptTensor>& zs, at::TensorList means,
+    at::TensorList invstds, at::IntArrayRef geometry, const c10::List<bool>& relus,
+    bool downsample, const c10::List<bool>& needs) {
+  constexpr const char* op = "fusedres::block_backward";
+  check_device(dev, op, "dy", dy);
+  const int64_t m = static_cast<int64_t>(weights.size());
+  const int64_t n = m - (downsample ? 1 : 0);  // units of the main chain
+  TORCH_CHECK(n >= 1 && static_cast<int64_t>(gammas.size()) == m &&
+                  static_cast<int64_t>(betas.size()) == m && static_cast<int64_t>(zs.size()) == m &&
+                  static_cast<int64_t>(means.size()) == m &&
+                  static_cast<int64_t>(invstds.size()) == m &&
+                  static_cast<int64_t>(geometry.size()) == 7 * m &&
+                  static_cast<int64_t>(relus.size()) == m &&
+                  static_cast<int64_t>(needs.size()) == 1 + 3 * m,
+              op, ": expected one weight, gamma, beta, z, mean, invstd, relu, 7 geometry values "
+              "and 3 needs per unit (and needs[0] for x), got ", m, " weights");
+  auto geo = [&](int64_t k) {
+    return ConvGeometry{geometry.slice(7 * k, 2), geometry.slice(7 * k + 2, 2),
+                        geometry.slice(7 * k + 4, 2), geometry[7 * k + 6]};
+  };
+  auto need = [&](int64_t k, int64_t i) { return static_cast<bool>(needs.get(1 + 3 * k + i)); };
+  const bool need_x = needs.get(0);
+  // before[k]: whether x or any unit before k takes a gradient, so unit k's dx is needed.
+  std::vector<bool> before{need_x};
+  for (int64_t k = 0; k < n; ++k) {
+    before.push_back(before.back() || need(k, 0) || need(k, 1) || need(k, 2));
+  }
+  const bool need_ds = downsample && (need(n, 0) || need(n, 1) || need(n, 2));
+  const bool need_residual = need_x || need_ds;
+
+  // Placeholders, each its own tensor (op outputs may not alias), for the gradients not computed.
+  std::vector<at::Tensor> grads;
+  grads.reserve(3 * m);
+  for (int64_t i = 0; i < 3 * m; ++i) grads.push_back(absent(dy));
+  auto keep_grads = [&](int64_t k, const std::array<bool, 5>& mask, const at::Tensor& dw,
+                        const at::Tensor& dgamma, const at::Tensor& dbeta) {
+    grads[3 * k] = in_dtype_of(dw, weights[k], mask[1]);
+    grads[3 * k + 1] = in_dtype_of(dgamma, gammas.get(k), mask[2]);
+    grads[3 * k + 2] = in_dtype_of(dbeta, betas.get(k), mask[3]);
+  };
+  OptTensor z_first = zs.get(0);
+  at::Tensor grad = dy, y_k = y, dresidual;
+  for (int64_t k = n - 1; k >= 0; --k) {
+    at::Tensor x_k = x;
+    if (k > 0) {
+      if (k == 1 && !present(z_first)) z_first = convolution(dev, x, weights[0], geo(0));
+      const OptTensor z_prev = k == 1 ? z_first : zs.get(k - 1);
+      x_k = rebuild_activation(*z_prev, gammas.get(k - 1), betas.get(k - 1), means[k - 1],
+                               invstds[k - 1], relus.get(k - 1));
+    }
+    const bool relu = relus.get(k);
+    const std::array<bool, 5> mask{before[k], need(k, 0),
+                                   need(k, 1) && present(gammas.get(k)),
+                                   need(k, 2) && present(betas.get(k)),
+                                   k == n - 1 && need_residual};
+    auto [dx, dw, dgamma, dbeta, dres] =
+        backward(dev, grad, x_k, weights[k], relu ? OptTensor(y_k) : OptTensor(),
+                 k == 0 ? z_first : zs.get(k), means[k], invstds[k], gammas.get(k), geo(k), relu,
+                 /*training=*/true, mask);
+    keep_grads(k, mask, dw, dgamma, dbeta);
+    if (k == n - 1) dresidual = dres;
+    if (!before[k]) break;  // nothing before this unit takes a gradient
+    // The rebuilt x_k is y_{k-1}: unit k-1's ReLU mask; the one before is dropped here.
+    grad = dx;
+    y_k = x_k;
+  }
+  // grad is unit 0's dx wherever x takes a gradient (the loop then ran to k = 0).
+  if (downsample && need_residual) {
+    const std::array<bool, 5> mask{need_x, need(n, 0), need(n, 1) && present(gammas.get(n)),
+                                   need(n, 2) && present(betas.get(n)), false};
+    auto [dx_ds, dw, dgamma, dbeta, unused] =
+        backward(dev, dresidual, x, weights[n], OptTensor(), zs.get(n), means[n], invstds[n],
+                 gammas.get(n), geo(n), /*relu=*/false, /*training=*/true, mask);
+    keep_grads(n, mask, dw, dgamma, dbeta);
+    if (need_x) grad.add_(dx_ds);  // conv1's fresh input gradient: no new block-sized tensor
+  } else if (need_x) {
+    grad.add_(dresidual);
+  }
+  return {need_x ? grad : absent(dy), std::move(grads)};
+}
+
+// ============================================================================================
 // Autograd
 // ============================================================================================
 

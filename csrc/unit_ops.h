@@ -19,6 +19,7 @@
 
 #include <array>
 #include <tuple>
+#include <vector>
 
 namespace fusedres {
 namespace unit {
@@ -98,6 +99,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const OptTensor& y, const OptTensor& z, const at::Tensor& mean, const at::Tensor& invstd,
     const OptTensor& gamma, const ConvGeometry& geo, bool relu, bool training,
     std::array<bool, 5> output_mask);
+
+// fusedres::block_backward: the backward of the block-level op (fusedres/ops/block.py, whose
+// Python loop over the unit ops this is, for the backends whose unit ops are these) in one call,
+// so that a block's backward costs one dispatcher call instead of a Python loop of ~10 per block.
+// weights, gammas, betas, zs, means and invstds hold the main chain's units in order, then the
+// downsample unit's where downsample; zs[0] may be absent (recompute="conv1": convolved again
+// from x); geometry has 7 values per unit (stride, padding, dilation pairs, groups); needs is
+// (x, then weight, gamma, beta per unit). Returns dx (a [0] placeholder unless needs[0]) and
+// (dweight, dgamma, dbeta) per unit, each in its tensor's dtype or a [0] placeholder.
+std::tuple<at::Tensor, std::vector<at::Tensor>> block_backward(
+    const DeviceOps& dev, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
+    at::TensorList weights, const c10::List<OptTensor>& gammas,
+    const c10::List<OptTensor>& betas, const c10::List<OptTensor>& zs, at::TensorList means,
+    at::TensorList invstds, at::IntArrayRef geometry, const c10::List<bool>& relus,
+    bool downsample, const c10::List<bool>& needs);
 
 // The Autograd kernels of fusedres::unit_train and fusedres::unit_eval (unit_ops.cpp).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unit_train_autograd(

@@ -140,6 +140,10 @@ class BlockOps(NamedTuple):
             backward's rebuild reuses; with scale_prev and shift_prev None, z_prev is a plain
             input (the block's first unit).
             Without it the block runs ``train`` on each unit's output in turn.
+        block_backward: None, or the block's whole backward as one op with the schema of
+            ``fusedres::block_backward`` (csrc/unit_ops.h): what the block op's Python loop over
+            ``backward`` and ``bn_act_fwd`` computes (:func:`fusedres.ops.block.backward_units`),
+            in one call; not used with ``train_from_z``.
     """
 
     train: Callable
@@ -147,6 +151,7 @@ class BlockOps(NamedTuple):
     bn_act_fwd: Callable
     conv: Callable
     train_from_z: Optional[Callable] = None
+    block_backward: Optional[Callable] = None
 
 
 class Backend:

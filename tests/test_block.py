@@ -681,3 +681,60 @@ def test_block_ops_hook_of_each_backend():
         pytest.skip("neither the cpu nor the triton backend is usable here")
     for name in usable:
         assert isinstance(get_backend(name).block_ops(), BlockOps), name
+
+
+# -- the C++ block backward -------------------------------------------------------------------
+
+def _freeze(block, frozen):
+    """Turns off the gradients ``frozen`` names; returns whether the input takes one."""
+    off = {"none": [], "input": [], "conv1": [block.conv1], "unit1": [block.conv1, block.bn1],
+           "downsample": [block.downsample] if block.downsample is not None else [],
+           "all-but-last-bn": [block]}[frozen]
+    for sub in off:
+        sub.requires_grad_(False)
+    if frozen == "all-but-last-bn":
+        last_bn = block.bn3 if isinstance(block, FusedBottleneck) else block.bn2
+        last_bn.requires_grad_(True)
+    return frozen not in ("input", "all-but-last-bn")
+
+
+@pytest.mark.parametrize("case,mode", [("basic-s2-downsample", "bn_act"),
+                                       ("bottleneck-identity", "bn_act"),
+                                       ("bottleneck-s2-downsample", "bn_act"),
+                                       ("bottleneck-s2-downsample", "conv1"),
+                                       ("resnext-groups", "conv1")])
+@pytest.mark.parametrize("frozen", ["none", "input", "conv1", "unit1", "downsample",
+                                    "all-but-last-bn"])
+def test_block_backward_op_equals_the_python_loop(monkeypatch, case, mode, frozen):
+    """The cpu backend's fusedres::block_backward (the block's backward in one C++ call)
+    returns bitwise what the block op's Python loop over the same unit ops returns (the loop
+    the other backends run, and the op's fake), for each subset of gradients; [0] placeholders
+    where none is wanted."""
+    if not get_backend("cpu").availability()[0]:
+        pytest.skip("the cpu backend is not usable here")
+    cpu = type(get_backend("cpu"))
+    real_ops = cpu.block_ops
+    compared = []
+
+    def checked(*args):
+        dx, grads = torch.ops.fusedres.block_backward.default(*args)
+        dy, x, y, weights, gammas, betas, zs, means, invstds, geometry, relus, ds, needs = args
+        units = [(geometry[i:i + 2], geometry[i + 2:i + 4], geometry[i + 4:i + 6], geometry[i + 6])
+                 for i in range(0, len(geometry), 7)]
+        loop_ops = real_ops(get_backend("cpu"))._replace(block_backward=None)
+        want_dx, want = block_op.backward_units(loop_ops, dy, x, y, weights, gammas, betas, zs,
+                                                means, invstds, units, relus, ds, needs)
+        assert (want_dx is None) == (not needs[0]) and len(grads) == len(want)
+        assert torch.equal(dx, want_dx) if needs[0] else dx.shape == (0,)
+        for got, expected in zip(grads, want):
+            assert (got.shape == (0,)) if expected is None else torch.equal(got, expected)
+        compared.append(needs)
+        return dx, grads
+
+    monkeypatch.setattr(cpu, "block_ops",
+                        lambda self: real_ops(self)._replace(block_backward=checked))
+    fused, _ = make_pair(case, "cpu", recompute=mode)
+    x = make_input(case, channels_last=True).requires_grad_(_freeze(fused, frozen))
+    y = fused(x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)))
+    assert len(compared) == 1 and sum(compared[0]) > 0

@@ -176,6 +176,44 @@ def test_opcheck_unit_backward(namespace, fmt, training, mask):
     torch.library.opcheck(ns.unit_backward.default, args)
 
 
+def _block_backward_args(fmt, affine, recompute_conv1, needs):
+    """A Bottleneck with a strided downsample, run through unit_train: the arguments its
+    block_backward gets (x [2, 8, 6, 5] -> y [2, 16, 3, 3])."""
+    x = torch.randn(2, 8, 6, 5).contiguous(memory_format=fmt)
+    shapes = [(4, 8, 1, 1), (4, 4, 3, 3), (16, 4, 1, 1), (16, 8, 1, 1)]
+    geometry = [((1, 1), (0, 0), (1, 1), 1), ((2, 2), (1, 1), (1, 1), 1),
+                ((1, 1), (0, 0), (1, 1), 1), ((2, 2), (0, 0), (1, 1), 1)]
+    relus = [True, True, True, False]
+    weights = [torch.randn(s) * 0.3 for s in shapes]
+    gammas = [torch.rand(s[0]) + 0.5 if affine else None for s in shapes]
+    betas = [torch.randn(s[0]) if affine else None for s in shapes]
+    ds = ops.unit_train(x, weights[3], gammas[3], betas[3], None, None, None, None,
+                        *geometry[3], False, 0.1, 1e-5)
+    h, zs, means, invstds = x, [], [], []
+    for k in range(3):
+        h, z, mean, invstd = ops.unit_train(h, weights[k], gammas[k], betas[k],
+                                            ds[0] if k == 2 else None, None, None, None,
+                                            *geometry[k], True, 0.1, 1e-5)
+        zs.append(z)
+        means.append(mean)
+        invstds.append(invstd)
+    if recompute_conv1:
+        zs[0] = None
+    flat = [v for g in geometry for v in (*g[0], *g[1], *g[2], g[3])]
+    return (torch.randn_like(h), x, h, weights, gammas, betas, zs + [ds[1]], means + [ds[2]],
+            invstds + [ds[3]], flat, relus, True, list(needs))
+
+
+@pytest.mark.parametrize("needs", [[True] * 13, [False, True, False, False] + [False] * 9],
+                         ids=["all", "conv1-weight-only"])
+@pytest.mark.parametrize("recompute_conv1", [False, True], ids=["z1", "recompute-z1"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@PARAMS
+def test_opcheck_block_backward(fmt, affine, recompute_conv1, needs):
+    args = _block_backward_args(fmt, affine, recompute_conv1, needs)
+    torch.library.opcheck(ops.block_backward.default, args)
+
+
 def test_unit_schemas_agree():
     """The C++ ops and the Python backends' ops have one contract: the same schemas."""
     for name, schema in unit_schema.SCHEMAS.items():
@@ -228,6 +266,8 @@ def _cuda_redispatch_args():
         "unit_train": (x, w, v, v, None, None, None, None, *geometry, True, 0.1, 1e-5),
         "unit_eval": (x, w, v, v, None, v, v, *geometry, True, 1e-5),
         "unit_backward": (z, x, w, z, z, v, v, v, *geometry, True, True, [True] * 5),
+        "block_backward": (z, x, z, [w], [v], [v], [z], [v], [v], [1, 1, 0, 0, 1, 1, 1], [True],
+                           False, [True] * 4),
         "bn_stats": (z,),
         "bn_act_fwd": (z, v, v, None, True),
         "bn_act_bwd": (z, z, z, v, v, v, True, True, True),
@@ -251,6 +291,7 @@ def test_every_op_has_a_cuda_kernel_that_rejects_cpu_tensors():
     cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     for name in names:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedres::{name}", "CUDA"), name
-        arg = {"unit_train": "x", "unit_eval": "x", "unit_backward": "dy"}.get(name, "z")
+        arg = {"unit_train": "x", "unit_eval": "x", "unit_backward": "dy",
+               "block_backward": "dy"}.get(name, "z")
         with pytest.raises(RuntimeError, match=f"fusedres::{name}: the CUDA implementation got {arg} on cpu"):
             getattr(ops, name).default.redispatch(cuda_only, *args[name])

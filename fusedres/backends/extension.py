@@ -59,7 +59,7 @@ class ExtensionBackend(Backend):
     def block_ops(self) -> BlockOps:
         ops = torch.ops.fusedres
         return BlockOps(ops.unit_train.default, ops.unit_backward.default, ops.bn_act_fwd.default,
-                        _convolution)
+                        _convolution, block_backward=ops.block_backward.default)
 
 
 def _convolution(x, weight, stride, padding, dilation, groups):

@@ -8,9 +8,11 @@ keeps the block input, each unit's z and batch statistics (mean, invstd), and th
 output (its ReLU mask). Backward rebuilds y_k = act(z_k*scale_k + shift_k) (scale = gamma*invstd,
 shift = beta - mean*scale) with the backend's ``bn_act_fwd`` right before conv_{k+1}'s backward,
 the first consumer of y_k as that convolution's input (its weight gradient), reuses it for unit
-k's ReLU mask, and calls ``unit_backward`` unit by unit. The downsample branch (1x1 conv + BN, no
-ReLU) is a unit of the same op. Per Bottleneck eager keeps z1, y1, z2, y2, z3 and y3 (12 x planes
-channels at the output resolution); this op keeps 10 of them.
+k's ReLU mask, and calls ``unit_backward`` unit by unit (:func:`backward_units`; on backends with
+``BlockOps.block_backward``, ``cpu`` and ``cuda``, the same loop runs as one C++ op). The
+downsample branch (1x1 conv + BN, no ReLU) is a unit of the same op. Per Bottleneck eager keeps
+z1, y1, z2, y2, z3 and y3 (12 x planes channels at the output resolution); this op keeps 10 of
+them.
 
 Recomputation modes (a block's ``recompute`` attribute, else ``FUSEDRES_BLOCK_RECOMPUTE``):
 
@@ -44,8 +46,8 @@ from fusedres.backend import BlockOps, get_backend, memory_format_of, resolve
 from fusedres.fusability import unfusable_reason
 from fusedres.ops.unit import _autocast_dtype, _check_norm, check_unit_inputs, uses_batch_stats
 
-__all__ = ["DOUBLE_BACKWARD_ERROR", "RECOMPUTE_ENV", "RECOMPUTE_MODES", "Unit", "block_train",
-           "bn_act_coefficients", "recompute_mode"]
+__all__ = ["DOUBLE_BACKWARD_ERROR", "RECOMPUTE_ENV", "RECOMPUTE_MODES", "Unit", "backward_units",
+           "block_train", "bn_act_coefficients", "recompute_mode"]
 
 RECOMPUTE_ENV = "FUSEDRES_BLOCK_RECOMPUTE"
 RECOMPUTE_MODES = ("off", "bn_act", "conv1")
@@ -213,73 +215,124 @@ class _BlockFunction(torch.autograd.Function):
         x, y_last = saved[:2]
         weights, gammas, betas = saved[2:2 + m], saved[2 + m:2 + 2 * m], saved[2 + 2 * m:2 + 3 * m]
         rest = saved[2 + 3 * m:]
-        zs, means, invstds = list(rest[:n]), rest[n:2 * n], rest[2 * n:3 * n]
-        z_ds, mean_ds, invstd_ds = rest[3 * n:3 * n + 3]
+        zs, means, invstds = list(rest[:n]), list(rest[n:2 * n]), list(rest[2 * n:3 * n])
+        if spec.downsample:
+            zs.append(rest[3 * n])
+            means.append(rest[3 * n + 1])
+            invstds.append(rest[3 * n + 2])
         coefficients = rest[3 * n + 3:]  # F3's (scale, shift) per inner unit, else none
-
-        needs = ctx.needs_input_grad  # (spec, x, then _PER_UNIT per unit)
-
-        def need(k: int, i: int) -> bool:
-            return needs[2 + _PER_UNIT * k + i]
-
-        # Whether anything at or before unit k (or x, or the downsample, through the residual)
-        # takes a gradient: unit k's dx is needed when something before it does.
-        before = [needs[1]]
-        for k in range(n):
-            before.append(before[-1] or need(k, 0) or need(k, 1) or need(k, 2))
-        need_ds = spec.downsample and any(need(n, i) for i in range(3))
-        need_res = needs[1] or need_ds
-
-        grads: list = [None] * (_PER_UNIT * m)
-        y_k = y_last
-        for k in reversed(range(n)):
-            u = spec.units[k]
-            if k > 0:
-                if k == 1 and zs[0] is None:
-                    zs[0] = ops.conv(x, weights[0], spec.units[0].stride, spec.units[0].padding,
-                                     spec.units[0].dilation, spec.units[0].groups)
-                if coefficients:
-                    scale, shift = coefficients[2 * (k - 1):2 * k]
-                else:
-                    scale, shift = bn_act_coefficients(gammas[k - 1], betas[k - 1],
-                                                       means[k - 1], invstds[k - 1])
-                x_k = _rebuild(ops, zs[k - 1], scale, shift, spec.units[k - 1].relu)
-            else:
-                x_k = x
-            mask = [before[k], need(k, 0), need(k, 1) and gammas[k] is not None,
-                    need(k, 2) and betas[k] is not None, k == n - 1 and need_res]
-            dx, dw, dgamma, dbeta, dres_k = ops.backward(
-                dy, x_k, weights[k], y_k if u.relu else None, zs[k], means[k], invstds[k],
-                gammas[k], u.stride, u.padding, u.dilation, u.groups, u.relu, True, mask)
-            grads[_PER_UNIT * k:_PER_UNIT * k + 3] = _cast(
-                (dw, dgamma, dbeta), mask[1:4], (weights[k], gammas[k], betas[k]))
-            if k == n - 1:
-                dres = dres_k
-            if not before[k]:
-                break  # nothing before this unit takes a gradient
-            # y_k is dropped here: its only other use, conv_{k+1}'s backward, has run.
-            dy, y_k, zs[k] = dx, x_k, None
-        dx = dy if needs[1] else None
-        if spec.downsample and (needs[1] or need_ds):
-            u = spec.units[n]
-            mask = [needs[1], need(n, 0), need(n, 1) and gammas[n] is not None,
-                    need(n, 2) and betas[n] is not None, False]
-            dx_ds, dw, dgamma, dbeta, _ = ops.backward(
-                dres, x, weights[n], None, z_ds, mean_ds, invstd_ds, gammas[n], u.stride,
-                u.padding, u.dilation, u.groups, False, True, mask)
-            grads[_PER_UNIT * n:_PER_UNIT * n + 3] = _cast(
-                (dw, dgamma, dbeta), mask[1:4], (weights[n], gammas[n], betas[n]))
-            if needs[1]:
-                dx.add_(dx_ds)  # dx is conv1's fresh input gradient: no new block-sized tensor
-        elif needs[1]:
-            dx.add_(dres)
+        # (x, then weight, gamma, beta per unit) of needs_input_grad's (spec, x, then _PER_UNIT
+        # per unit).
+        needs = [ctx.needs_input_grad[1]] + [
+            ctx.needs_input_grad[2 + _PER_UNIT * k + i] for k in range(m) for i in range(3)]
+        if ops.block_backward is not None and not coefficients:
+            geometry = [v for u in spec.units
+                        for v in (*u.stride, *u.padding, *u.dilation, u.groups)]
+            dx, unit_grads = ops.block_backward(
+                dy, x, y_last, weights, gammas, betas, zs, means, invstds, geometry,
+                [u.relu for u in spec.units], spec.downsample, needs)
+            # [0] placeholders where a gradient was not asked for.
+            dx = dx if needs[0] else None
+            unit_grads = [g if need else None for g, need in zip(unit_grads, needs[1:])]
+        else:
+            dx, unit_grads = backward_units(
+                ops, dy, x, y_last, weights, gammas, betas, zs, means, invstds,
+                [(u.stride, u.padding, u.dilation, u.groups) for u in spec.units],
+                [u.relu for u in spec.units], spec.downsample, needs, coefficients)
+        grads: list = []
+        for k in range(m):
+            grads += unit_grads[3 * k:3 * k + 3] + [None] * (_PER_UNIT - 3)
         return (None, dx, *grads)
+
+
+def backward_units(ops: BlockOps, dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                   weights: Sequence[torch.Tensor], gammas: Sequence[Optional[torch.Tensor]],
+                   betas: Sequence[Optional[torch.Tensor]], zs: Sequence[Optional[torch.Tensor]],
+                   means: Sequence[torch.Tensor], invstds: Sequence[torch.Tensor],
+                   geometry: Sequence[tuple], relus: Sequence[bool], downsample: bool,
+                   needs: Sequence[bool], coefficients: Sequence[torch.Tensor] = ()
+                   ) -> tuple[Optional[torch.Tensor], list]:
+    """The block op's backward, unit by unit over the backend's ``backward`` and ``bn_act_fwd``
+    ops (the ``fusedres::block_backward`` op computes the same in C++; this is also its fake).
+
+    Args:
+        dy: [N, C, Ho, Wo] gradient of the block output y (the last unit's ReLU mask).
+        x: [N, Cin, H, W] the block input.
+        weights, gammas, betas, zs, means, invstds: per unit, the main chain in order, then the
+            downsample unit where ``downsample``; gammas and betas None without affine, zs[0]
+            None where conv1 is convolved again from x.
+        geometry: per unit, (stride, padding, dilation, groups).
+        relus: per unit, whether it ends in ReLU.
+        needs: whether x, then each unit's weight, gamma and beta take a gradient.
+        coefficients: F3's (scale, shift) per inner unit, or none (computed from the statistics).
+
+    Returns:
+        (dx or None, [dweight, dgamma, dbeta] per unit, None where not needed), each gradient in
+        its tensor's dtype.
+    """
+    m = len(weights)
+    n = m - downsample
+    zs = list(zs)
+
+    def need(k: int, i: int) -> bool:
+        return needs[1 + 3 * k + i]
+
+    # Whether anything at or before unit k (or x, or the downsample, through the residual)
+    # takes a gradient: unit k's dx is needed when something before it does.
+    before = [needs[0]]
+    for k in range(n):
+        before.append(before[-1] or need(k, 0) or need(k, 1) or need(k, 2))
+    need_ds = downsample and any(need(n, i) for i in range(3))
+    need_res = needs[0] or need_ds
+
+    grads: list = [None] * (3 * m)
+    y_k = y
+    for k in reversed(range(n)):
+        if k > 0:
+            if k == 1 and zs[0] is None:
+                zs[0] = ops.conv(x, weights[0], *geometry[0])
+            if coefficients:
+                scale, shift = coefficients[2 * (k - 1):2 * k]
+            else:
+                scale, shift = bn_act_coefficients(gammas[k - 1], betas[k - 1],
+                                                   means[k - 1], invstds[k - 1])
+            x_k = _rebuild(ops, zs[k - 1], scale, shift, relus[k - 1])
+        else:
+            x_k = x
+        mask = [before[k], need(k, 0), need(k, 1) and gammas[k] is not None,
+                need(k, 2) and betas[k] is not None, k == n - 1 and need_res]
+        dx, dw, dgamma, dbeta, dres_k = ops.backward(
+            dy, x_k, weights[k], y_k if relus[k] else None, zs[k], means[k], invstds[k],
+            gammas[k], *geometry[k], relus[k], True, mask)
+        grads[3 * k:3 * k + 3] = _cast((dw, dgamma, dbeta), mask[1:4],
+                                       (weights[k], gammas[k], betas[k]))
+        if k == n - 1:
+            dres = dres_k
+        if not before[k]:
+            break  # nothing before this unit takes a gradient
+        # y_k is dropped here: its only other use, conv_{k+1}'s backward, has run.
+        dy, y_k, zs[k] = dx, x_k, None
+    dx = dy if needs[0] else None
+    if downsample and (needs[0] or need_ds):
+        mask = [needs[0], need(n, 0), need(n, 1) and gammas[n] is not None,
+                need(n, 2) and betas[n] is not None, False]
+        dx_ds, dw, dgamma, dbeta, _ = ops.backward(
+            dres, x, weights[n], None, zs[n], means[n], invstds[n], gammas[n], *geometry[n],
+            False, True, mask)
+        grads[3 * n:3 * n + 3] = _cast((dw, dgamma, dbeta), mask[1:4],
+                                       (weights[n], gammas[n], betas[n]))
+        if needs[0]:
+            dx.add_(dx_ds)  # dx is conv1's fresh input gradient: no new block-sized tensor
+    elif needs[0]:
+        dx.add_(dres)
+    return dx, grads
 
 
 def _cast(grads: Sequence[torch.Tensor], mask: Sequence[bool], like: Sequence) -> list:
     """The op's gradients with None where not asked for ([0] placeholders), each in the dtype
     of its tensor (dgamma/dbeta come in the statistics dtype)."""
-    return [g.to(t.dtype) if need else None for g, need, t in zip(grads, mask, like)]
+    return [(g if g.dtype == t.dtype else g.to(t.dtype)) if need else None
+            for g, need, t in zip(grads, mask, like)]
 
 
 def _fits(unit: Unit) -> bool:

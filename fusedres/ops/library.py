@@ -2,7 +2,8 @@
 
 The unit-level ops (``unit_train``, ``unit_eval``, ``unit_backward``) take their fakes from
 :mod:`fusedres.ops.unit_schema`, which every backend's unit ops share; the BatchNorm primitives'
-fakes are here.
+fakes are here, and ``block_backward``'s, which runs the block op's Python loop
+(:func:`fusedres.ops.block.backward_units`) over the unit ops' fakes.
 
 They let ``torch.compile`` and ``torch.export`` trace through the ops without running them: each
 returns empty tensors with the shapes, dtypes and strides the real kernels produce. They are
@@ -34,8 +35,9 @@ from typing import Optional
 import torch
 
 from fusedres import _ext
-from fusedres.backend import memory_format_of
+from fusedres.backend import BlockOps, memory_format_of
 from fusedres.ops import unit_schema
+from fusedres.ops.block import backward_units
 from fusedres.ops.pool import max_pool_output_hw
 from fusedres.reference import stats_dtype
 
@@ -129,6 +131,21 @@ def _max_pool2d_fake(x: torch.Tensor, kernel_size, stride, padding, dilation, ce
                        memory_format=torch.channels_last)
 
 
+def _block_backward_fake(dy, x, y, weights, gammas, betas, zs, means, invstds, geometry, relus,
+                         downsample, needs):
+    """The block op's Python loop over the unit ops' fakes: the C++ op runs the same ops."""
+    ops = torch.ops.fusedres
+    block_ops = BlockOps(ops.unit_train.default, ops.unit_backward.default,
+                         ops.bn_act_fwd.default, unit_schema.ATEN_LAYOUT.z)
+    per_unit = [(geometry[i:i + 2], geometry[i + 2:i + 4], geometry[i + 4:i + 6], geometry[i + 6])
+                for i in range(0, len(geometry), 7)]
+    dx, grads = backward_units(block_ops, dy, x, y, weights, gammas, betas, zs, means, invstds,
+                               per_unit, relus, downsample, needs)
+    # The op's [0] placeholders where a gradient is not asked for.
+    return (dy.new_empty((0,)) if dx is None else dx,
+            [dy.new_empty((0,)) if g is None else g for g in grads])
+
+
 def _register() -> bool:
     if not _ext.extension_loaded():
         return False
@@ -144,6 +161,8 @@ def _register() -> bool:
         torch.library.register_fake("fusedres::bn_act_bwd_mask")(_bn_act_bwd_mask_fake)
     if hasattr(torch.ops.fusedres, "max_pool2d"):
         torch.library.register_fake("fusedres::max_pool2d")(_max_pool2d_fake)
+    if hasattr(torch.ops.fusedres, "block_backward"):
+        torch.library.register_fake("fusedres::block_backward")(_block_backward_fake)
     return True
 
 
