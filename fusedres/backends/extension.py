@@ -18,6 +18,7 @@ same post-ops (docs/design.md section 4).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -31,6 +32,7 @@ class ExtensionBackend(Backend):
     def __init__(self, name: str, device_type: str):
         self.name = name
         self.device_types = (device_type,)
+        self._block_ops: Optional[BlockOps] = None
 
     def availability(self):
         if not _ext.extension_loaded():
@@ -57,9 +59,13 @@ class ExtensionBackend(Backend):
             conv.padding, conv.dilation, conv.groups, relu, eps)
 
     def block_ops(self) -> BlockOps:
-        ops = torch.ops.fusedres
-        return BlockOps(ops.unit_train.default, ops.unit_backward.default, ops.bn_act_fwd.default,
-                        _convolution, block_backward=ops.block_backward.default)
+        # Made once: each block's forward and backward asks, and the lookups cost microseconds.
+        if self._block_ops is None:
+            ops = torch.ops.fusedres
+            self._block_ops = BlockOps(ops.unit_train.default, ops.unit_backward.default,
+                                       ops.bn_act_fwd.default, _convolution,
+                                       block_backward=ops.block_backward.default)
+        return self._block_ops
 
 
 def _convolution(x, weight, stride, padding, dilation, groups):

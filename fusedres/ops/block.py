@@ -36,6 +36,7 @@ downsample, no gradient wanted) blocks keep the per-unit path.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple, Optional, Sequence
 
@@ -167,7 +168,7 @@ class _BlockFunction(torch.autograd.Function):
         ops = get_backend(spec.backend).block_ops()
         units = [tensors[i:i + _PER_UNIT] for i in range(0, len(tensors), _PER_UNIT)]
         n = len(units) - spec.downsample
-        identity, ds_saved = x, (None, None, None)
+        identity, ds_saved = x, []
         if spec.downsample:
             identity, *ds_saved = _unit_train(ops, x, units[n], spec.units[n], None)
         h, zs, means, invstds = x, [], [], []
@@ -198,7 +199,12 @@ class _BlockFunction(torch.autograd.Function):
         weights = [t[0] for t in units]
         gammas = [t[1] for t in units]
         betas = [t[2] for t in units]
-        ctx.save_for_backward(x, h, *weights, *gammas, *betas, *zs, *means, *invstds, *ds_saved,
+        # Per unit, the main chain's then the downsample's: the lists backward passes on.
+        if spec.downsample:
+            zs.append(ds_saved[0])
+            means.append(ds_saved[1])
+            invstds.append(ds_saved[2])
+        ctx.save_for_backward(x, h, *weights, *gammas, *betas, *zs, *means, *invstds,
                               *coefficients)
         ctx.spec = spec
         return h
@@ -210,39 +216,46 @@ class _BlockFunction(torch.autograd.Function):
         spec: _BlockSpec = ctx.spec
         ops = get_backend(spec.backend).block_ops()
         m = len(spec.units)
-        n = m - spec.downsample
         saved = ctx.saved_tensors
         x, y_last = saved[:2]
-        weights, gammas, betas = saved[2:2 + m], saved[2 + m:2 + 2 * m], saved[2 + 2 * m:2 + 3 * m]
-        rest = saved[2 + 3 * m:]
-        zs, means, invstds = list(rest[:n]), list(rest[n:2 * n]), list(rest[2 * n:3 * n])
-        if spec.downsample:
-            zs.append(rest[3 * n])
-            means.append(rest[3 * n + 1])
-            invstds.append(rest[3 * n + 2])
-        coefficients = rest[3 * n + 3:]  # F3's (scale, shift) per inner unit, else none
-        # (x, then weight, gamma, beta per unit) of needs_input_grad's (spec, x, then _PER_UNIT
-        # per unit).
-        needs = [ctx.needs_input_grad[1]] + [
-            ctx.needs_input_grad[2 + _PER_UNIT * k + i] for k in range(m) for i in range(3)]
+        # weights, gammas, betas, zs, means, invstds: m each.
+        lists = [saved[2 + i * m:2 + (i + 1) * m] for i in range(6)]
+        coefficients = saved[2 + 6 * m:]  # F3's (scale, shift) per inner unit, else none
+        const = _backward_constants(spec)
+        needs = [ctx.needs_input_grad[i] for i in const.needs_index]
         if ops.block_backward is not None and not coefficients:
-            geometry = [v for u in spec.units
-                        for v in (*u.stride, *u.padding, *u.dilation, u.groups)]
-            dx, unit_grads = ops.block_backward(
-                dy, x, y_last, weights, gammas, betas, zs, means, invstds, geometry,
-                [u.relu for u in spec.units], spec.downsample, needs)
+            dx, unit_grads = ops.block_backward(dy, x, y_last, *lists, const.geometry,
+                                                const.relus, spec.downsample, needs)
             # [0] placeholders where a gradient was not asked for.
             dx = dx if needs[0] else None
             unit_grads = [g if need else None for g, need in zip(unit_grads, needs[1:])]
         else:
-            dx, unit_grads = backward_units(
-                ops, dy, x, y_last, weights, gammas, betas, zs, means, invstds,
-                [(u.stride, u.padding, u.dilation, u.groups) for u in spec.units],
-                [u.relu for u in spec.units], spec.downsample, needs, coefficients)
-        grads: list = []
-        for k in range(m):
-            grads += unit_grads[3 * k:3 * k + 3] + [None] * (_PER_UNIT - 3)
-        return (None, dx, *grads)
+            dx, unit_grads = backward_units(ops, dy, x, y_last, *lists, const.unit_geometry,
+                                            const.relus, spec.downsample, needs, coefficients)
+        # _PER_UNIT gradients per unit: the weight's, gamma's and beta's, then the buffers' None.
+        padding = [None] * (_PER_UNIT - 3)
+        return (None, dx, *[g for k in range(m) for g in (*unit_grads[3 * k:3 * k + 3],
+                                                           *padding)])
+
+
+class _BackwardConstants(NamedTuple):
+    """What a block's backward passes on that depends only on its _BlockSpec."""
+
+    needs_index: tuple  # into needs_input_grad: x, then weight, gamma, beta per unit
+    geometry: list  # fusedres::block_backward's: stride, padding, dilation, groups per unit
+    unit_geometry: list  # backward_units': (stride, padding, dilation, groups) per unit
+    relus: list
+
+
+@functools.lru_cache(maxsize=256)
+def _backward_constants(spec: _BlockSpec) -> _BackwardConstants:
+    m = len(spec.units)
+    # needs_input_grad is (spec, x, then _PER_UNIT per unit: weight, gamma, beta, buffers).
+    index = (1,) + tuple(2 + _PER_UNIT * k + i for k in range(m) for i in range(3))
+    return _BackwardConstants(
+        index, [v for u in spec.units for v in (*u.stride, *u.padding, *u.dilation, u.groups)],
+        [(u.stride, u.padding, u.dilation, u.groups) for u in spec.units],
+        [u.relu for u in spec.units])
 
 
 def backward_units(ops: BlockOps, dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
