@@ -233,9 +233,9 @@ class _BlockFunction(torch.autograd.Function):
             dx, unit_grads = backward_units(ops, dy, x, y_last, *lists, const.unit_geometry,
                                             const.relus, spec.downsample, needs, coefficients)
         # _PER_UNIT gradients per unit: the weight's, gamma's and beta's, then the buffers' None.
-        padding = [None] * (_PER_UNIT - 3)
+        buffer_grads = [None] * (_PER_UNIT - 3)
         return (None, dx, *[g for k in range(m) for g in (*unit_grads[3 * k:3 * k + 3],
-                                                           *padding)])
+                                                           *buffer_grads)])
 
 
 class _BackwardConstants(NamedTuple):
