@@ -248,9 +248,9 @@ at::Tensor rebuild_activation(const at::Tensor& z, const OptTensor& gamma, const
 }
 
 // A parameter's gradient in the parameter's dtype (dgamma and dbeta come in the statistics
-// dtype), or a [0] placeholder where it was not asked for.
+// dtype), or undefined where it was not asked for.
 at::Tensor in_dtype_of(const at::Tensor& grad, const OptTensor& param, bool wanted) {
-  if (!wanted) return absent(grad);
+  if (!wanted) return at::Tensor();
   return grad.scalar_type() == param->scalar_type() ? grad : grad.to(param->scalar_type());
 }
 
@@ -289,10 +289,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> block_backward(
   const bool need_ds = downsample && (need(n, 0) || need(n, 1) || need(n, 2));
   const bool need_residual = need_x || need_ds;
 
-  // Placeholders, each its own tensor (op outputs may not alias), for the gradients not computed.
-  std::vector<at::Tensor> grads;
-  grads.reserve(3 * m);
-  for (int64_t i = 0; i < 3 * m; ++i) grads.push_back(absent(dy));
+  std::vector<at::Tensor> grads(3 * m);  // undefined until computed, placeholders at the end
   auto keep_grads = [&](int64_t k, const std::array<bool, 5>& mask, const at::Tensor& dw,
                         const at::Tensor& dgamma, const at::Tensor& dbeta) {
     grads[3 * k] = in_dtype_of(dw, weights[k], mask[1]);
@@ -336,6 +333,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> block_backward(
     if (need_x) grad.add_(dx_ds);  // conv1's fresh input gradient: no new block-sized tensor
   } else if (need_x) {
     grad.add_(dresidual);
+  }
+  // Placeholders, each its own tensor (op outputs may not alias), for the gradients not computed.
+  for (at::Tensor& g : grads) {
+    if (!g.defined()) g = absent(dy);
   }
   return {need_x ? grad : absent(dy), std::move(grads)};
 }
