@@ -719,11 +719,10 @@ def test_block_backward_op_equals_the_python_loop(monkeypatch, case, mode, froze
     def checked(*args):
         dx, grads = torch.ops.fusedres.block_backward.default(*args)
         dy, x, y, weights, gammas, betas, zs, means, invstds, geometry, relus, ds, needs = args
-        units = [(geometry[i:i + 2], geometry[i + 2:i + 4], geometry[i + 4:i + 6], geometry[i + 6])
-                 for i in range(0, len(geometry), 7)]
         loop_ops = real_ops(get_backend("cpu"))._replace(block_backward=None)
         want_dx, want = block_op.backward_units(loop_ops, dy, x, y, weights, gammas, betas, zs,
-                                                means, invstds, units, relus, ds, needs)
+                                                means, invstds, block_op.unit_geometry(geometry),
+                                                relus, ds, needs)
         assert (want_dx is None) == (not needs[0]) and len(grads) == len(want)
         assert torch.equal(dx, want_dx) if needs[0] else dx.shape == (0,)
         for got, expected in zip(grads, want):

@@ -48,7 +48,7 @@ from fusedres.fusability import unfusable_reason
 from fusedres.ops.unit import _autocast_dtype, _check_norm, check_unit_inputs, uses_batch_stats
 
 __all__ = ["DOUBLE_BACKWARD_ERROR", "RECOMPUTE_ENV", "RECOMPUTE_MODES", "Unit", "backward_units",
-           "block_train", "bn_act_coefficients", "recompute_mode"]
+           "block_train", "bn_act_coefficients", "recompute_mode", "unit_geometry"]
 
 RECOMPUTE_ENV = "FUSEDRES_BLOCK_RECOMPUTE"
 RECOMPUTE_MODES = ("off", "bn_act", "conv1")
@@ -256,6 +256,13 @@ def _backward_constants(spec: _BlockSpec) -> _BackwardConstants:
         index, [v for u in spec.units for v in (*u.stride, *u.padding, *u.dilation, u.groups)],
         [(u.stride, u.padding, u.dilation, u.groups) for u in spec.units],
         [u.relu for u in spec.units])
+
+
+def unit_geometry(geometry: Sequence[int]) -> list:
+    """(stride, padding, dilation, groups) per unit from ``fusedres::block_backward``'s flat
+    geometry (7 values per unit), as :func:`backward_units` takes it."""
+    return [(geometry[i:i + 2], geometry[i + 2:i + 4], geometry[i + 4:i + 6], geometry[i + 6])
+            for i in range(0, len(geometry), 7)]
 
 
 def backward_units(ops: BlockOps, dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor,

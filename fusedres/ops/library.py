@@ -37,7 +37,7 @@ import torch
 from fusedres import _ext
 from fusedres.backend import BlockOps, memory_format_of
 from fusedres.ops import unit_schema
-from fusedres.ops.block import backward_units
+from fusedres.ops.block import backward_units, unit_geometry
 from fusedres.ops.pool import max_pool_output_hw
 from fusedres.reference import stats_dtype
 
@@ -137,10 +137,8 @@ def _block_backward_fake(dy, x, y, weights, gammas, betas, zs, means, invstds, g
     ops = torch.ops.fusedres
     block_ops = BlockOps(ops.unit_train.default, ops.unit_backward.default,
                          ops.bn_act_fwd.default, unit_schema.ATEN_LAYOUT.z)
-    per_unit = [(geometry[i:i + 2], geometry[i + 2:i + 4], geometry[i + 4:i + 6], geometry[i + 6])
-                for i in range(0, len(geometry), 7)]
     dx, grads = backward_units(block_ops, dy, x, y, weights, gammas, betas, zs, means, invstds,
-                               per_unit, relus, downsample, needs)
+                               unit_geometry(geometry), relus, downsample, needs)
     # The op's [0] placeholders where a gradient is not asked for.
     return (dy.new_empty((0,)) if dx is None else dx,
             [dy.new_empty((0,)) if g is None else g for g in grads])
