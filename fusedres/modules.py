@@ -6,8 +6,9 @@ checkpoints are torchvision's. Only ``forward`` differs. In training, a block ru
 block-level op (:mod:`fusedres.ops.block`) that keeps no activation feeding only the next
 convolution (y1, y2) and rebuilds it in backward; elsewhere (eval, frozen BatchNorm, a custom
 downsample, ``recompute="off"``) each conv + BN (+ add) + ReLU chain runs as one fused unit
-(:func:`fusedres.ops.conv_bn_act`). With autograd off a block's repeated calls run from its
-inference plan (its units' plans under one key, docs/design.md section 4). A norm layer other
+(:func:`fusedres.ops.conv_bn_act`). A block's repeated calls run from a plan its last call made:
+with autograd off its inference plan (its units' plans under one key), in training its call of
+the block-level op, checked once (docs/design.md section 4). A norm layer other
 than nn.BatchNorm2d (SyncBatchNorm, GroupNorm, ...) keeps its eager semantics inside the same
 block.
 """
@@ -24,10 +25,10 @@ from fusedres import reference
 from fusedres.backend import current_backend_name, explicit_padding
 from fusedres.fusability import is_frozen_norm
 from fusedres.ops import fold
-from fusedres.ops.block import Unit, block_train, recompute_mode
+from fusedres.ops.block import BlockCall, Unit, prepare_block_train, recompute_mode
 from fusedres.ops.unit import (InferencePlan, conv_bn_act, conv_bn_act_with_plan,
                                conv_output_shape, input_signature, plan_context, single_value_error,
-                               unit_state_key, uses_batch_stats)
+                               unit_state_key, unit_train_key, uses_batch_stats)
 
 __all__ = ["FusedConvBNReLU", "FusedBasicBlock", "FusedBottleneck"]
 
@@ -81,11 +82,12 @@ def _check_block(block: nn.Module, x: torch.Tensor, units: list, name: str) -> N
                          f"or the resolution needs a matching downsample")
 
 
-def _block_op(block: nn.Module, x: torch.Tensor, units: list, name: str) -> Optional[torch.Tensor]:
-    """The block through the block-level op, or None where it does not apply (see
-    :func:`fusedres.ops.block.block_train`). units: ``[(unit name, conv, bn), ...]``."""
+def _block_call(block: nn.Module, x: torch.Tensor, units: list,
+                name: str) -> Optional[BlockCall]:
+    """The block's call of the block-level op, checked, or None where the op does not apply
+    (see :func:`fusedres.ops.block.prepare_block_train`). units: ``[(unit name, conv, bn), ...]``."""
     if not torch.is_grad_enabled():
-        return None  # block_train's first condition, before its arguments are built
+        return None  # prepare_block_train's first condition, before its arguments are built
     ds = block.downsample
     if ds is not None and not _is_conv_bn_pair(ds):
         return None  # a custom downsample runs as the module it is
@@ -95,7 +97,61 @@ def _block_op(block: nn.Module, x: torch.Tensor, units: list, name: str) -> Opti
     chain = [Unit(f"{name}.{unit_name}", conv, bn, True) for unit_name, conv, bn in units]
     downsample = None if ds is None else Unit(f"{name}.downsample", ds[0], ds[1], False)
     # Blocks made by fusedres.convert bypass __init__ and carry no recompute attribute.
-    return block_train(x, chain, downsample, block.backend, getattr(block, "recompute", None))
+    return prepare_block_train(x, chain, downsample, block.backend,
+                               getattr(block, "recompute", None))
+
+
+class BlockTrainPlan(NamedTuple):
+    """A block's training call of the block-level op, as a call that passed every check
+    prepared it, under a key of everything those checks and the preparation read
+    (:func:`block_train_key`)."""
+
+    key: tuple
+    call: BlockCall
+    modules: tuple  # the modules the key names by id, held so that no id is reused meanwhile
+
+
+# block -> its BlockTrainPlan. Weak keys: a plan dies with its block.
+# No fold.clear_with_fold_cache: a training call derives nothing from the tensors' values.
+_TRAIN_PLANS: "weakref.WeakKeyDictionary[nn.Module, BlockTrainPlan]" = weakref.WeakKeyDictionary()
+
+
+def block_train_key(block: nn.Module, units: list, x: torch.Tensor
+                    ) -> Optional[tuple[tuple, tuple]]:
+    """The key of a block's training plan for input x, with the modules it names by id; None
+    where no plan applies (a graph being traced, a tensor subclass, a custom downsample, modules
+    a unit key cannot describe, a backend or recompute setting the checked path must report).
+
+    It holds x's shape, dtype, device and requires_grad, the backend in force and the autocast
+    state, the recompute mode, and each unit's :func:`~fusedres.ops.unit.unit_train_key`: all
+    that the block's checks and :func:`fusedres.ops.block.prepare_block_train` read. Call it
+    with autograd on.
+
+    Args:
+        block: a FusedBasicBlock or FusedBottleneck.
+        units: its ``[(unit name, conv, bn), ...]``.
+        x: the block input.
+    """
+    if type(x) is not torch.Tensor or torch.compiler.is_compiling():
+        return None
+    ds = block._modules.get("downsample")  # None: no downsample (set as a plain attribute)
+    modules = [ds]
+    try:
+        key = [type(block), x.shape, x.dtype, x.device, x.requires_grad,
+               plan_context(block.backend, x.device.type),
+               recompute_mode(getattr(block, "recompute", None)), id(ds)]
+    except (ValueError, RuntimeError):
+        return None  # an unknown backend or recompute setting: the checked path names it
+    if ds is not None:
+        if type(ds) is not nn.Sequential or len(ds._modules) != 2:
+            return None
+        ds_conv, ds_bn = ds._modules.values()
+        modules += [ds_conv, ds_bn]
+        key += [id(ds_conv), id(ds_bn), unit_train_key(ds_conv, ds_bn)]
+    for _, conv, bn in units:
+        modules += [conv, bn]
+        key += [id(conv), id(bn), unit_train_key(conv, bn)]
+    return None if None in key else (tuple(key), tuple(modules))
 
 
 class BlockPlan(NamedTuple):
@@ -184,6 +240,14 @@ def block_forward_with_plan(block: nn.Module, x: torch.Tensor,
     :func:`block_state_key` is unchanged may run the plan directly."""
     name = type(block).__name__
     units = _units(block)
+    train_key = None
+    if torch.is_grad_enabled():
+        train_key = block_train_key(block, units, x)
+        if train_key is not None:
+            train_plan = _TRAIN_PLANS.get(block)
+            if train_plan is not None and train_plan.key == train_key[0]:
+                # The same signature and module state as a call that passed every check.
+                return train_plan.call.run(x), None
     state = None if type(x) is not torch.Tensor else block_state_key(block, units, x.device.type)
     key = None if state is None else (input_signature(x),) + state
     if key is not None:
@@ -191,8 +255,11 @@ def block_forward_with_plan(block: nn.Module, x: torch.Tensor,
         if plan is not None and plan.key == key:
             return plan.run(x, x_is_dead), plan
     _check_block(block, x, units, name)
-    out = _block_op(block, x, units, name)
-    if out is not None:
+    call = _block_call(block, x, units, name)
+    if call is not None:
+        out = call.run(x)
+        if train_key is not None:
+            _TRAIN_PLANS[block] = BlockTrainPlan(train_key[0], call, train_key[1])
         return out, None
     ds = block.downsample
     ds_plan = None

@@ -47,8 +47,9 @@ from fusedres.backend import BlockOps, get_backend, memory_format_of, resolve
 from fusedres.fusability import unfusable_reason
 from fusedres.ops.unit import _autocast_dtype, _check_norm, check_unit_inputs, uses_batch_stats
 
-__all__ = ["DOUBLE_BACKWARD_ERROR", "RECOMPUTE_ENV", "RECOMPUTE_MODES", "Unit", "backward_units",
-           "block_train", "bn_act_coefficients", "recompute_mode", "unit_geometry"]
+__all__ = ["DOUBLE_BACKWARD_ERROR", "RECOMPUTE_ENV", "RECOMPUTE_MODES", "BlockCall", "Unit",
+           "backward_units", "bn_act_coefficients", "prepare_block_train", "recompute_mode",
+           "unit_geometry"]
 
 RECOMPUTE_ENV = "FUSEDRES_BLOCK_RECOMPUTE"
 RECOMPUTE_MODES = ("off", "bn_act", "conv1")
@@ -360,13 +361,44 @@ def _fits(unit: Unit) -> bool:
     return unfusable_reason(unit.conv, unit.bn) is None and uses_batch_stats(unit.bn)
 
 
-def block_train(x: torch.Tensor, units: Sequence[Unit], downsample: Optional[Unit],
-                backend: Optional[str], recompute: Optional[str]) -> Optional[torch.Tensor]:
-    """The block's training forward through the block-level op, or None where it does not apply.
+class BlockCall(NamedTuple):
+    """A block's training forward as :func:`prepare_block_train` decided it, for one kind of
+    call: the op's constants and the tensors it reads (the modules' own, the convolution weights
+    in their parameter dtype).
+
+    Attributes:
+        spec: the autograd Function's non-tensor arguments.
+        cast: the dtype autocast runs the convolutions in (x and the weights are cast to it on
+            every call: the weights change between steps), or None without autocast.
+        tensors: ``_PER_UNIT`` per unit of ``spec.units``: weight, gamma, beta, running_mean,
+            running_var, num_batches_tracked (None where the module has none or does not
+            track them).
+    """
+
+    spec: _BlockSpec
+    cast: Optional[torch.dtype]
+    tensors: tuple
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The block output [N, Cout, Ho, Wo] for x [N, Cin, H, W] of the signature the call was
+        prepared for; updates the running statistics in place."""
+        cast, tensors = self.cast, self.tensors
+        if cast is not None:
+            # What autocast does to the eager units: convolution operands in the autocast dtype,
+            # BatchNorm parameters and statistics left in float32.
+            x = x.to(cast)
+            tensors = [t.to(cast) if i % _PER_UNIT == 0 else t for i, t in enumerate(tensors)]
+        return _BlockFunction.apply(self.spec, x, *tensors)
+
+
+def prepare_block_train(x: torch.Tensor, units: Sequence[Unit], downsample: Optional[Unit],
+                        backend: Optional[str], recompute: Optional[str]) -> Optional[BlockCall]:
+    """Checks a block's training forward and prepares its call of the block-level op, or returns
+    None where the op does not apply.
 
     Call it after the block's own pre-check (``fusedres.modules``), which covers the inner
     units; None means the caller runs the per-unit path, which has the same semantics unit by
-    unit. On the op's path every check runs before any running statistic changes.
+    unit. Nothing runs here: every check is done before any running statistic changes.
 
     Args:
         x: the block input [N, Cin, H, W].
@@ -377,8 +409,8 @@ def block_train(x: torch.Tensor, units: Sequence[Unit], downsample: Optional[Uni
         recompute: the block's ``recompute`` attribute (see :func:`recompute_mode`).
 
     Returns:
-        The block output [N, Cout, Ho, Wo] in x's dtype (the autocast dtype under autocast), or
-        None.
+        The call; its ``run(x)`` returns the block output [N, Cout, Ho, Wo] in x's dtype (the
+        autocast dtype under autocast). None where the op does not apply.
     """
     mode = recompute_mode(recompute)
     # Cheapest first: an inference forward (no grad) returns here, before the fusability checks.
@@ -413,10 +445,7 @@ def block_train(x: torch.Tensor, units: Sequence[Unit], downsample: Optional[Uni
     for u in chain:
         conv, bn = u.conv, u.bn
         track = bn.training and bn.track_running_stats
-        # What autocast does to the eager units: convolution operands in the autocast dtype,
-        # BatchNorm parameters and statistics left in float32.
-        weight = conv.weight if autocast is None else conv.weight.to(dtype)
-        tensors += [weight, bn.weight, bn.bias, bn.running_mean if track else None,
+        tensors += [conv.weight, bn.weight, bn.bias, bn.running_mean if track else None,
                     bn.running_var if track else None, bn.num_batches_tracked if track else None]
         specs.append(_UnitSpec(tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation),
                                conv.groups, u.relu, bn.momentum, bn.eps))
@@ -424,7 +453,7 @@ def block_train(x: torch.Tensor, units: Sequence[Unit], downsample: Optional[Uni
     conv1_1x1 = tuple(units[0].conv.kernel_size) == (1, 1) and len(units) > 1
     spec = _BlockSpec(be.name, tuple(specs), downsample is not None,
                       mode == "conv1" and conv1_1x1)
-    return _BlockFunction.apply(spec, x if autocast is None else x.to(dtype), *tensors)
+    return BlockCall(spec, None if autocast is None else dtype, tuple(tensors))
 
 
 def _params(u: Unit):

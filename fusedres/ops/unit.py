@@ -43,7 +43,7 @@ from fusedres.ops import fold
 
 __all__ = ["InferencePlan", "check_unit_inputs", "conv_bn_act", "conv_bn_act_with_plan",
            "conv_output_shape", "input_signature", "plan_context", "single_value_error",
-           "unit_state_key", "uses_batch_stats"]
+           "unit_state_key", "unit_train_key", "uses_batch_stats"]
 
 
 def conv_output_shape(shape: Sequence[int], conv: nn.Conv2d) -> torch.Size:
@@ -312,6 +312,29 @@ _CONV_GEOMETRY = operator.attrgetter("in_channels", "out_channels", "kernel_size
                                      "padding", "dilation", "groups", "padding_mode")
 
 
+def _unit_members(conv: nn.Module, bn: nn.Module) -> Optional[tuple]:
+    """(weight, bias, gamma, beta, running_mean, running_var) of a unit whose modules a plan key
+    can describe (exactly nn.Conv2d and nn.BatchNorm2d or a FrozenBatchNorm2d), read from
+    ``_parameters``/``_buffers``; None for other modules."""
+    if (type(conv) is not nn.Conv2d
+            or not (type(bn) is nn.BatchNorm2d or type(bn).__name__ == "FrozenBatchNorm2d")):
+        return None
+    conv_params, bn_params, bn_buffers = conv._parameters, bn._parameters, bn._buffers
+    weight = conv_params.get("weight")
+    if weight is None:
+        return None  # a weight that is no parameter (set as a plain attribute)
+    gamma, beta = bn_params.get("weight"), bn_params.get("bias")
+    return (weight, conv_params.get("bias"),
+            bn_buffers.get("weight") if gamma is None else gamma,
+            bn_buffers.get("bias") if beta is None else beta,
+            bn_buffers.get("running_mean"), bn_buffers.get("running_var"))
+
+
+def _hooked(conv: nn.Module, bn: nn.Module) -> bool:
+    return bool(conv._forward_hooks or conv._forward_pre_hooks or bn._forward_hooks
+                or bn._forward_pre_hooks)
+
+
 def unit_state_key(conv: nn.Module, bn: nn.Module, relu: bool) -> Optional[tuple]:
     """Everything about the unit's modules that an inference plan depends on: their types,
     geometry, eps, training flag and hooks, their tensors' identities, versions, shapes, dtypes
@@ -326,24 +349,32 @@ def unit_state_key(conv: nn.Module, bn: nn.Module, relu: bool) -> Optional[tuple
     in-place change (an optimizer step, a state_dict load, a running-statistics update) bumps
     them. A tensor without a version counter (made under torch.inference_mode) gives None.
     """
-    if (type(conv) is not nn.Conv2d
-            or not (type(bn) is nn.BatchNorm2d or type(bn).__name__ == "FrozenBatchNorm2d")):
+    members = _unit_members(conv, bn)
+    if members is None:
         return None
-    conv_params, bn_params, bn_buffers = conv._parameters, bn._parameters, bn._buffers
-    weight = conv_params.get("weight")
-    if weight is None:
-        return None  # a weight that is no parameter (set as a plain attribute)
-    gamma, beta = bn_params.get("weight"), bn_params.get("bias")
-    members = (weight, conv_params.get("bias"),
-               bn_buffers.get("weight") if gamma is None else gamma,
-               bn_buffers.get("bias") if beta is None else beta,
-               bn_buffers.get("running_mean"), bn_buffers.get("running_var"))
-    hooked = bool(conv._forward_hooks or conv._forward_pre_hooks or bn._forward_hooks
-                  or bn._forward_pre_hooks)
     try:
         tensors = tuple(None if t is None else (type(t), id(t), t._version, t.shape, t.dtype,
                                                 t.device) for t in members)
     except RuntimeError:  # an inference tensor has no version counter
         return None
-    return (relu, hooked, _CONV_GEOMETRY(conv), type(bn), bn.eps, bn.training,
+    return (relu, _hooked(conv, bn), _CONV_GEOMETRY(conv), type(bn), bn.eps, bn.training,
             getattr(bn, "track_running_stats", None), getattr(bn, "num_features", None), tensors)
+
+
+def unit_train_key(conv: nn.Module, bn: nn.Module) -> Optional[tuple]:
+    """Everything about a unit's modules that a block's training call depends on
+    (:class:`fusedres.ops.block.BlockCall`): :func:`unit_state_key`'s module state without the
+    versions (a training call reads the tensors' values when it runs, and every step changes
+    them), with BatchNorm's momentum, ``num_batches_tracked`` and each tensor's
+    ``requires_grad``; None where the modules are of kinds it cannot describe, or where the
+    norm is not an nn.BatchNorm2d (only those train with batch statistics)."""
+    if type(bn) is not nn.BatchNorm2d:
+        return None
+    members = _unit_members(conv, bn)
+    if members is None:
+        return None
+    members += (bn._buffers.get("num_batches_tracked"),)
+    tensors = tuple(None if t is None else (type(t), id(t), t.shape, t.dtype, t.device,
+                                            t.requires_grad) for t in members)
+    return (_hooked(conv, bn), _CONV_GEOMETRY(conv), bn.eps, bn.momentum, bn.training,
+            bn.track_running_stats, bn.num_features, tensors)
