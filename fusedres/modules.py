@@ -241,7 +241,9 @@ def block_forward_with_plan(block: nn.Module, x: torch.Tensor,
     name = type(block).__name__
     units = _units(block)
     train_key = None
-    if torch.is_grad_enabled():
+    # Frozen or running statistics (frozen-BN fine-tuning) never take the block op: no key then.
+    if torch.is_grad_enabled() and all(isinstance(bn, nn.BatchNorm2d) and uses_batch_stats(bn)
+                                       for _, _, bn in units):
         train_key = block_train_key(block, units, x)
         if train_key is not None:
             train_plan = _TRAIN_PLANS.get(block)

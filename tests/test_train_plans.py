@@ -1,13 +1,14 @@
-"""Block training plans (fusedres.modules): once a fused block's training call has passed every
-check, a repeated call with the same signature and module state runs the block-level op from
-the call it prepared, skipping the checks (docs/design.md section 4).
+"""Plans with autograd on (fusedres.modules, fusedres.ops.unit): once a fused block's training
+call, or a unit's call with autograd on (training, frozen-BN fine-tuning), has passed every
+check, a repeated call with the same signature and module state runs the op from the call it
+prepared, skipping the checks (docs/design.md section 4).
 
-These tests change each thing the plan's key holds, on a block that has a plan and on a twin
-whose plan is dropped before every call (the checked path, itself tested against the float64
-oracle in tests/test_block.py), and require the two to agree bitwise: outputs, gradients,
-running statistics and the path taken. They also check that a repeated call skips the checks,
-that a call the checks refuse still fails before any running statistic changes, and that a plan
-does not keep its block alive.
+These tests change each thing a plan's key holds, on a block or unit that has a plan and on a
+twin whose plan is dropped before every call (the checked path, itself tested against the
+float64 oracle in tests/test_block.py and tests/test_unit.py), and require the two to agree
+bitwise (outputs, gradients, running statistics) and to take the same path. They also check that
+a repeated call skips the checks, that a call the checks refuse still fails before any running
+statistic changes, and that a plan does not keep its block alive.
 """
 
 import copy
@@ -19,10 +20,11 @@ import torch
 import torch.nn as nn
 
 from conftest import CPU_FUSED_BACKENDS
-from test_block import make_input, make_pair
+from test_block import FrozenBatchNorm2d, make_input, make_pair
 import fusedres
 from fusedres import modules
 from fusedres.ops import block as block_op
+from fusedres.ops import unit as unit_module
 
 F64 = torch.float64
 
@@ -238,3 +240,168 @@ def test_model_training_steps_run_from_plans_and_match_the_checked_path(backend,
     assert not any(b in modules._TRAIN_PLANS for b in train(checked))
     expected = checked.state_dict()
     assert all(torch.equal(value, expected[k]) for k, value in planned.state_dict().items())
+
+
+# -- units: conv_bn_act's plan with autograd on --------------------------------------------------
+
+def _unit(kind, backend, dtype):
+    """A FusedConvBNReLU (3x3, 6 -> 8 channels) training with batch statistics, or with a
+    FrozenBatchNorm2d of eps 0.0 as COCO checkpoints have it (frozen-BN fine-tuning: running
+    statistics, gradients for the rest)."""
+    torch.manual_seed(0)
+    unit = fusedres.FusedConvBNReLU(6, 8, backend=backend).to(dtype).train()
+    if kind == "frozen":
+        unit.bn = FrozenBatchNorm2d(8).to(dtype)
+        unit.bn.eps = 0.0
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean"):
+            getattr(unit.bn, name).uniform_(-0.5, 0.5)
+        unit.bn.running_var.uniform_(0.5, 1.5)
+    return unit
+
+
+def _unit_step(unit, x, residual, checked=False, x_grad=True, autocast=False):
+    """Forward + backward of a fixed output gradient; the checked path when ``checked``.
+    The residual (or None) takes a gradient where it requires one."""
+    if checked:
+        unit_module._GRAD_PLANS.pop(unit.conv, None)
+    x = x.detach().clone().requires_grad_(x_grad)
+    if residual is not None:
+        residual = residual.detach().clone().requires_grad_(residual.requires_grad)
+    unit.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        y = unit(x, residual)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=F64)
+    if y.requires_grad:
+        y.backward(dy.to(y.dtype))
+    out = {"y": y.detach(), "dx": x.grad, "dresidual": None if residual is None else residual.grad}
+    out.update({f"grad {n}": p.grad for n, p in unit.named_parameters() if p.grad is not None})
+    out.update({n: b.clone() for n, b in unit.named_buffers()})
+    return out
+
+
+def _unit_change(unit, what):
+    """Changes one thing the unit plan's key holds, in the modules."""
+    with torch.no_grad():
+        if what == "momentum":
+            unit.bn.momentum = 0.5
+        elif what == "eps":
+            unit.bn.eps = 0.25
+        elif what == "eps_type":
+            unit.bn.eps = 0  # equal to 0.0, but an int: no longer a FrozenBatchNorm2d
+        elif what == "bn_eval":
+            unit.bn.eval()
+        elif what == "frozen_child":
+            unit.bn.act = nn.Identity()  # a child: no longer a plain FrozenBatchNorm2d
+        elif what == "frozen_parameter":
+            unit.bn.scale = nn.Parameter(torch.ones(1, dtype=unit.bn.running_mean.dtype))
+        elif what == "replaced_weight":
+            unit.conv.weight = nn.Parameter(unit.conv.weight.detach() * -2.0)
+        elif what == "weights_frozen":
+            unit.requires_grad_(False)
+        elif what == "hook":
+            unit.conv.register_forward_hook(lambda m, args, out: None)
+        elif what == "float32":
+            unit.float()
+
+
+_COMMON_UNIT_CHANGES = ["eps", "replaced_weight", "weights_frozen", "hook", "float32", "residual",
+                        "batch_size", "autocast", "global_backend", "no_gradient_anywhere",
+                        "x_no_grad", "residual_no_grad"]
+#: (kind, change): nn.BatchNorm2d's own settings, and what makes a FrozenBatchNorm2d one.
+UNIT_CHANGES = ([("batch_stats", w) for w in ["momentum", "bn_eval"] + _COMMON_UNIT_CHANGES]
+                + [("frozen", w) for w in ["eps_type", "frozen_child", "frozen_parameter"]
+                   + _COMMON_UNIT_CHANGES])
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("kind,what", UNIT_CHANGES)
+def test_unit_plan_follows_what_its_key_holds(backend, kind, what, monkeypatch):
+    dtype = torch.float32 if what == "autocast" else F64  # autocast leaves float64 alone
+    planned = _unit(kind, backend, dtype)
+    # Gradient flags: with the parameters frozen, x's or the residual's alone decides.
+    if what in ("x_no_grad", "residual_no_grad"):
+        planned.requires_grad_(False)
+    checked = copy.deepcopy(planned)
+    x = torch.randn(2, 6, 5, 5, dtype=dtype)
+    residual = None
+    if what == "residual_no_grad":
+        residual = torch.randn(2, 8, 5, 5, dtype=dtype).requires_grad_()
+    x_grad = what not in ("no_gradient_anywhere", "residual_no_grad")
+    for _ in range(2):
+        _assert_same(_unit_step(planned, x, residual, x_grad=x_grad),
+                     _unit_step(checked, x, residual, checked=True, x_grad=x_grad))
+    assert planned.conv in unit_module._GRAD_PLANS
+    for unit in (planned, checked):
+        _unit_change(unit, what)
+    if what == "residual":
+        residual = torch.randn(2, 8, 5, 5, dtype=dtype)
+    elif what == "residual_no_grad":
+        residual = residual.detach()
+    elif what == "batch_size":
+        x = torch.randn(3, 6, 5, 5, dtype=dtype)
+    elif what == "float32":
+        x = x.float()
+    elif what == "global_backend":
+        planned.backend = checked.backend = None
+        fusedres.set_backend("eager")  # reset by conftest's autouse fixture
+    elif what == "no_gradient_anywhere":
+        planned.requires_grad_(False)
+        checked.requires_grad_(False)
+    x_grad = x_grad and what != "x_no_grad"
+    # Which backend methods each call runs (none on the eager composition).
+    be_type = type(fusedres.get_backend(backend))
+    ops = {False: [], True: []}
+    results = {False: [], True: []}
+    for is_checked in (False, True):
+        for method in ("unit_train", "unit_eval", "infer_runner"):
+            monkeypatch.setattr(be_type, method,
+                                _recorded(ops[is_checked], method, getattr(be_type, method)))
+        unit = checked if is_checked else planned
+        for _ in range(2):
+            results[is_checked].append(_unit_step(unit, x, residual, checked=is_checked,
+                                                  x_grad=x_grad, autocast=what == "autocast"))
+        monkeypatch.undo()
+    for got, expected in zip(results[False], results[True]):
+        _assert_same(got, expected)
+    assert ops[False] == ops[True]
+    # What the change does, so that a plan that ignored it would have been caught.
+    if kind == "frozen" and what in ("no_gradient_anywhere", "x_no_grad", "residual_no_grad"):
+        assert ops[False][0] == "infer_runner"  # nothing to differentiate: the folded inference
+    else:
+        path = {"bn_eval": "unit_eval", "eps_type": None, "frozen_child": None,
+                "frozen_parameter": None, "hook": None, "global_backend": None}.get(
+                    what, "unit_train" if kind == "batch_stats" else "unit_eval")
+        assert ops[False] == ([] if path is None else [path] * 2)
+    if what == "autocast":
+        assert results[False][0]["y"].dtype == torch.bfloat16
+
+
+def _recorded(log, name, original):
+    """A backend method that logs its name, then runs ``original``."""
+    def method(self, *args, **kwargs):
+        log.append(name)
+        return original(self, *args, **kwargs)
+    return method
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("what", ["residual_shape", "negative_eps", "wrong_channels"])
+def test_refused_unit_call_after_a_plan_changes_no_state(backend, what):
+    unit = _unit("batch_stats", backend, torch.float32)
+    x = torch.randn(2, 6, 5, 5)
+    for _ in range(2):
+        _unit_step(unit, x, None)
+    assert unit.conv in unit_module._GRAD_PLANS
+    residual, message = None, "channels"
+    if what == "residual_shape":
+        residual, message = torch.randn(2, 8, 4, 5), "residual has shape"
+    elif what == "negative_eps":
+        unit.bn.eps, message = -1.0, "eps must be positive"
+    else:
+        x = torch.randn(2, 7, 5, 5)
+    state = {k: v.clone() for k, v in unit.state_dict().items()}
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        unit(x.requires_grad_(), residual)
+    after = unit.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state)

@@ -22,6 +22,11 @@ state; the backend in force), and a call with the same key runs the plan directl
 let a plan keep its folded weights (:mod:`fusedres.ops.fold`) without checking them per call: any
 in-place change of a parameter or statistic misses the key and makes a new plan. A fused block
 keeps its units' plans under one key of its own (:mod:`fusedres.modules`).
+
+Calls with autograd on (training, frozen-BN fine-tuning) repeat too, and are kept the same way:
+the ``unit_train`` or ``unit_eval`` call bound to the unit's tensors, under a key without the
+versions (:func:`unit_train_key`: such a call reads the tensors' values when it runs) but with
+every tensor's requires_grad, which decides between that call and the folded inference.
 """
 
 from __future__ import annotations
@@ -182,6 +187,12 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
         plan = _INFERENCE_PLANS.get(conv)
         if plan is not None and plan.key == plan_key:
             return plan.run(x, residual)
+    grad_key = None if plan_key is not None else _grad_plan_key(x, conv, bn, residual, relu,
+                                                                backend)
+    if grad_key is not None:
+        grad_plan = _GRAD_PLANS.get(conv)
+        if grad_plan is not None and grad_plan.key == grad_key:
+            return grad_plan.run(x, residual)
     check_unit_inputs(x, conv, bn, residual, name)
     autocast = (torch.get_autocast_dtype(x.device.type)
                 if torch.is_autocast_enabled(x.device.type) else None)
@@ -192,44 +203,67 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
         # nn.BatchNorm2d on an empty batch returns it, leaves the running statistics alone and
         # still counts the batch; the eager composition is that behaviour exactly.
         return reference.unit_forward(x, conv, bn, residual, relu)
-    weight = conv.weight
-    if autocast is not None:
-        # What autocast does to the eager unit: conv input and weight in the autocast dtype,
-        # BatchNorm parameters and statistics in float32, the output in the autocast dtype.
-        # (Inference takes the weight as it is: its fold casts it once per parameter version.)
-        dtype = _autocast_dtype(x.dtype, autocast)
-        x = x.to(dtype)
-        if residual is not None:
-            residual = residual.to(dtype)
+    # What autocast does to the eager unit: conv input and weight in the autocast dtype,
+    # BatchNorm parameters and statistics in float32, the output in the autocast dtype.
+    # (Inference takes the weight as it is: its fold casts it once per parameter version.)
+    cast = None if autocast is None else _autocast_dtype(x.dtype, autocast)
     pads = explicit_padding(x, conv)
     # Beyond-half-span padding on the CPU is done explicitly (oneDNN crashes on some such
     # geometries): the op convolves the padded input with padding 0, F.pad's backward crops dx.
-    x_conv = x if pads is None else F.pad(x, pads)
     params = ConvParams(conv.stride, conv.padding if pads is None else (0, 0), conv.dilation,
                         conv.groups)
-    gamma, beta = bn.weight, bn.bias
+    weight, gamma, beta = conv.weight, bn.weight, bn.bias
     infer = not (_wants_grad(x, weight, gamma, beta, residual) or torch.compiler.is_compiling())
     if infer and not uses_batch_stats(bn):
+        if cast is not None:
+            x = x.to(cast)
+            residual = None if residual is None else residual.to(cast)
+        x_conv = x if pads is None else F.pad(x, pads)
         runner = be.infer_runner(conv, x_conv, weight, gamma, beta, residual, bn.running_mean,
                                  bn.running_var, params, relu, bn.eps)
         plan = InferencePlan(plan_key, runner if pads is None else _padding_first(runner, pads),
-                             None if autocast is None else x.dtype)
+                             cast)
         if plan_key is not None:
             _INFERENCE_PLANS[conv] = plan
         return plan.run(x, residual)
-    weight = weight.to(x.dtype)
-    x = x_conv
+    run = _unit_runner(be, weight, bn, params, pads, relu, cast)
+    if grad_key is not None:
+        _GRAD_PLANS[conv] = _GradPlan(grad_key, run)
+    return run(x, residual)
+
+
+def _unit_runner(be, weight: torch.Tensor, bn: nn.Module, params: ConvParams,
+                 pads: Optional[tuple[int, int, int, int]], relu: bool,
+                 cast: Optional[torch.dtype]) -> Callable:
+    """``run(x, residual) -> y``: the unit's ``unit_train`` (batch statistics) or ``unit_eval``
+    (running statistics, a gradient wanted) op with its modules' tensors and settings bound;
+    it casts x and the residual under autocast and pads x explicitly where ``pads`` says so."""
+    gamma, beta = bn.weight, bn.bias
     if uses_batch_stats(bn):
         track = bn.training and bn.track_running_stats
-        return be.unit_train(x, weight, gamma, beta, residual,
-                             bn.running_mean if track else None,
-                             bn.running_var if track else None,
-                             bn.num_batches_tracked if track else None,
-                             params, relu, bn.momentum, bn.eps)
-    # Frozen statistics with something to differentiate (frozen-BN fine-tuning), or a graph
-    # being traced (the fold cache's version checks are host logic): one traceable op.
-    return be.unit_eval(x, weight, gamma, beta, residual, bn.running_mean, bn.running_var,
-                        params, relu, bn.eps)
+        buffers = ((bn.running_mean, bn.running_var, bn.num_batches_tracked) if track
+                   else (None, None, None))
+        momentum, eps = bn.momentum, bn.eps
+
+        def op(x, w, residual):
+            return be.unit_train(x, w, gamma, beta, residual, *buffers, params, relu, momentum,
+                                 eps)
+    else:
+        # Frozen statistics with something to differentiate (frozen-BN fine-tuning), or a graph
+        # being traced (the fold cache's version checks are host logic): one traceable op.
+        running_mean, running_var, eps = bn.running_mean, bn.running_var, bn.eps
+
+        def op(x, w, residual):
+            return be.unit_eval(x, w, gamma, beta, residual, running_mean, running_var, params,
+                                relu, eps)
+
+    def run(x, residual):
+        if cast is not None:
+            x = x.to(cast)
+            residual = None if residual is None else residual.to(cast)
+        w = weight.to(x.dtype)
+        return op(x if pads is None else F.pad(x, pads), w, residual)
+    return run
 
 
 def _padding_first(runner: Callable, pads: tuple[int, int, int, int]) -> Callable:
@@ -268,6 +302,44 @@ class InferencePlan(NamedTuple):
 _INFERENCE_PLANS: "weakref.WeakKeyDictionary[nn.Module, InferencePlan]" = (
     weakref.WeakKeyDictionary())
 fold.clear_with_fold_cache(_INFERENCE_PLANS)
+
+
+class _GradPlan(NamedTuple):
+    """A unit's call with autograd on (training, or frozen statistics with a gradient wanted),
+    as a call that passed every check made it (:func:`_unit_runner`), under
+    :func:`_grad_plan_key`."""
+
+    key: tuple
+    run: Callable
+
+
+# conv module -> its _GradPlan. Weak keys; no fold.clear_with_fold_cache: the call derives
+# nothing from the tensors' values.
+_GRAD_PLANS: "weakref.WeakKeyDictionary[nn.Module, _GradPlan]" = weakref.WeakKeyDictionary()
+
+
+def _grad_signature(t: torch.Tensor) -> tuple:
+    return t.shape, t.dtype, t.device, t.requires_grad
+
+
+def _grad_plan_key(x, conv, bn, residual, relu: bool, backend: Optional[str]) -> Optional[tuple]:
+    """The key of :func:`conv_bn_act`'s plan with autograd on: everything its checks and its
+    choice of op read (x's and the residual's shape, dtype, device and requires_grad, the backend
+    in force and autocast, :func:`unit_train_key`), or None where no plan applies (autograd
+    off, a graph being traced, tensor subclasses, modules the key cannot describe, a backend
+    setting the checked path must report)."""
+    if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or type(x) is not torch.Tensor
+            or (residual is not None and type(residual) is not torch.Tensor)):
+        return None
+    state = unit_train_key(conv, bn)
+    if state is None:
+        return None
+    try:
+        context = plan_context(backend, x.device.type)
+    except (ValueError, RuntimeError):
+        return None  # an unknown backend name: the checked path names it
+    return (_grad_signature(x), None if residual is None else _grad_signature(residual), relu,
+            context, id(bn), state)
 
 
 def conv_bn_act_with_plan(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
@@ -362,19 +434,20 @@ def unit_state_key(conv: nn.Module, bn: nn.Module, relu: bool) -> Optional[tuple
 
 
 def unit_train_key(conv: nn.Module, bn: nn.Module) -> Optional[tuple]:
-    """Everything about a unit's modules that a block's training call depends on
-    (:class:`fusedres.ops.block.BlockCall`): :func:`unit_state_key`'s module state without the
-    versions (a training call reads the tensors' values when it runs, and every step changes
-    them), with BatchNorm's momentum, ``num_batches_tracked`` and each tensor's
-    ``requires_grad``; None where the modules are of kinds it cannot describe, or where the
-    norm is not an nn.BatchNorm2d (only those train with batch statistics)."""
-    if type(bn) is not nn.BatchNorm2d:
-        return None
+    """Everything about a unit's modules that a call with autograd on depends on (a block's
+    :class:`fusedres.ops.block.BlockCall`, a unit's plan in :func:`conv_bn_act`):
+    :func:`unit_state_key`'s module state without the versions (such a call reads the tensors'
+    values when it runs, and every step changes them), with BatchNorm's momentum,
+    ``num_batches_tracked``, each tensor's ``requires_grad``, and the counts of the norm's
+    parameters and children (a FrozenBatchNorm2d is recognised by them); None where the modules
+    are of kinds it cannot describe."""
     members = _unit_members(conv, bn)
     if members is None:
         return None
     members += (bn._buffers.get("num_batches_tracked"),)
     tensors = tuple(None if t is None else (type(t), id(t), t.shape, t.dtype, t.device,
                                             t.requires_grad) for t in members)
-    return (_hooked(conv, bn), _CONV_GEOMETRY(conv), bn.eps, bn.momentum, bn.training,
-            bn.track_running_stats, bn.num_features, tensors)
+    eps = getattr(bn, "eps", None)
+    return (_hooked(conv, bn), _CONV_GEOMETRY(conv), type(bn), type(eps), eps,
+            getattr(bn, "momentum", None), bn.training, getattr(bn, "track_running_stats", None),
+            getattr(bn, "num_features", None), len(bn._parameters), len(bn._modules), tensors)
