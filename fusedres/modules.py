@@ -35,8 +35,13 @@ __all__ = ["FusedConvBNReLU", "FusedBasicBlock", "FusedBottleneck"]
 
 def _is_conv_bn_pair(ds: Optional[nn.Module]) -> bool:
     """torchvision's downsample: Sequential(conv, norm); conv_bn_act decides whether it fuses."""
-    return (isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d)
-            and (isinstance(ds[1], nn.BatchNorm2d) or is_frozen_norm(ds[1])))
+    if not (isinstance(ds, nn.Sequential) and len(ds) == 2):
+        return False
+    # Its _modules directly: Sequential's indexing costs a few microseconds, and a block asks
+    # this up to four times per call.
+    conv, norm = ds._modules.values()
+    return (isinstance(conv, nn.Conv2d)
+            and (isinstance(norm, nn.BatchNorm2d) or is_frozen_norm(norm)))
 
 
 def _check_block(block: nn.Module, x: torch.Tensor, units: list, name: str) -> None:
