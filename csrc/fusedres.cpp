@@ -346,6 +346,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("weight"), pybind11::arg("stride"), pybind11::arg("padding"),
         pybind11::arg("dilation"), pybind11::arg("groups"),
         "Whether a cpu unit op convolves x with weight through the GEMM path.");
+  m.def("cpu_gemm_conv_forward", &fusedres::cpu::gemm_conv_forward, pybind11::arg("x"),
+        pybind11::arg("weight"), pybind11::arg("stride"), pybind11::arg("padding"),
+        pybind11::arg("dilation"),
+        "The GEMM path's convolution (channels_last z) where cpu_gemm_conv_applies says it "
+        "applies: what a cpu unit op computes.");
   m.def("cpu_im2col_rows", &fusedres::cpu::im2col_rows, pybind11::arg("x"),
         pybind11::arg("kernel_size"), pybind11::arg("stride"), pybind11::arg("padding"),
         pybind11::arg("dilation"),

@@ -311,6 +311,25 @@ def test_inference_matrix_product_follows_parameter_changes(gemm_switch, monkeyp
         assert not torch.equal(got, before)
 
 
+@pytest.mark.parametrize("gemm", [True, False], ids=["gemm", "aten"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_block_recomputes_the_units_convolution(gemm_switch, shape, dtype, gemm):
+    """The convolution the block op's Python loop recomputes a Bottleneck's conv1 with
+    (BlockOps.conv) is bitwise unit_train's z, on the GEMM path or off it: the C++ block
+    backward recomputes with the unit ops' own convolution, and the two must agree."""
+    gemm_switch(gemm)
+    n, cin, h, w, cout, k, stride, padding, dilation = shape
+    x = _cl(n, cin, h, w, dtype=dtype)
+    weight = torch.randn(cout, cin, k, k, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    assert _applies(x, weight, stride, padding, dilation) == gemm
+    geometry = ([stride] * 2, [padding] * 2, [dilation] * 2, 1)
+    z = torch.ops.fusedres.unit_train(x, weight, None, None, None, None, None, None, *geometry,
+                                      False, 0.1, 1e-5)[1]
+    conv = extension.CpuBackend().block_ops().conv
+    assert torch.equal(conv(x, weight, *geometry), z)
+
+
 @pytest.mark.parametrize("weight_layout", [torch.channels_last, torch.contiguous_format],
                          ids=["cl_weight", "nchw_weight"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -69,10 +69,14 @@ class ExtensionBackend(Backend):
 
 
 def _convolution(x, weight, stride, padding, dilation, groups):
-    """The unit ops' convolution (csrc/unit_ops.cpp): ATen's, in channels_last on CUDA."""
+    """The unit ops' convolution (csrc/unit_ops.cpp): the cpu backend's GEMM path where it
+    applies (csrc/cpu/gemm_conv.h), else ATen's, in channels_last on CUDA."""
+    stride, padding, dilation = list(stride), list(padding), list(dilation)
+    if _ext._C.cpu_gemm_conv_applies(x, weight, stride, padding, dilation, groups):
+        return _ext._C.cpu_gemm_conv_forward(x, weight, stride, padding, dilation)
     return torch.ops.aten.convolution.default(
-        unit_schema.ATEN_LAYOUT.conv_input(x), weight, None, list(stride), list(padding),
-        list(dilation), False, [0, 0], groups)
+        unit_schema.ATEN_LAYOUT.conv_input(x), weight, None, stride, padding, dilation, False,
+        [0, 0], groups)
 
 
 class CpuBackend(ExtensionBackend):
