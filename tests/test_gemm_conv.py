@@ -91,7 +91,7 @@ def test_applies_to_channels_last_float32_and_bfloat16_without_groups(gemm_switc
 
 def test_float32_rule_without_amx(gemm_switch):
     """Without AMX, float32 takes the path only with at most Cout/4 output rows (ResNet-50's
-    layer4 at batch 8, 112x112) or for an unpadded 1x1 with at most 2*max(Cin, Cout) rows
+    layer4 at batch 8, 112x112) or for an unpadded 1x1 with at most max(Cin, Cout)/2 rows
     (layer3's 1x1s); bfloat16 keeps the rule above. Set at load from the CPU."""
     gemm_switch(True)
     assert _C.cpu_gemm_conv_float32_amx_rule() is True  # the fixture's
@@ -101,11 +101,12 @@ def test_float32_rule_without_amx(gemm_switch):
     assert _applies(_cl(8, 512, 4, 4), layer4_3x3, padding=1)        # 128 rows <= 512/4
     assert _applies(_cl(8, 512, 7, 7), layer4_3x3, stride=2, padding=1)
     assert not _applies(_cl(8, 256, 7, 7), torch.randn(256, 256, 3, 3), padding=1)  # layer3
-    assert _applies(_cl(8, 256, 7, 7), torch.randn(1024, 256, 1, 1))      # 392 rows <= 2*1024
-    assert _applies(_cl(8, 1024, 7, 7), torch.randn(256, 1024, 1, 1))     # 392 rows <= 2*1024
+    assert _applies(_cl(8, 256, 7, 7), torch.randn(1024, 256, 1, 1))      # 392 rows <= 1024/2
+    assert _applies(_cl(8, 1024, 7, 7), torch.randn(256, 1024, 1, 1))     # 392 rows <= 1024/2
     assert _applies(_cl(8, 512, 14, 14), torch.randn(1024, 512, 1, 1), stride=2)  # downsample
     assert not _applies(_cl(8, 256, 7, 7), torch.randn(1024, 256, 1, 1), padding=1)  # padded
-    assert not _applies(_cl(8, 512, 14, 14), torch.randn(128, 512, 1, 1))  # 1568 > 2*512
+    assert not _applies(_cl(8, 256, 14, 14), torch.randn(1024, 256, 1, 1))  # 1568 > 1024/2
+    assert not _applies(_cl(8, 512, 14, 14), torch.randn(128, 512, 1, 1))   # layer2's 1x1
     assert not _applies(_cl(8, 64, 28, 28), torch.randn(256, 64, 1, 1))   # layer1's 1x1
     assert _applies(_cl(8, 64, 28, 28).bfloat16(), torch.randn(256, 64, 1, 1).bfloat16())
     assert _applies(_cl(8, 256, 7, 7).bfloat16(), torch.randn(256, 256, 3, 3).bfloat16(),

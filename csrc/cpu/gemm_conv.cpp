@@ -205,14 +205,14 @@ bool gemm_conv_applies(const at::Tensor& x, const at::Tensor& weight, at::IntArr
     // Measured on a 2-core AMD EPYC (Zen 4, no AMX), training units of ResNet-50 at batch 8,
     // 112x112: oneDNN's float32 convolution beat the GEMM in layers 1-2 (1x1s 0.85-0.98x) and on
     // layer3's 3x3 (0.82x); the GEMM won in layer4, where N*Ho*Wo <= Cout/4 (1.0-1.6x), and on
-    // the unpadded 1x1s with at most twice their larger channel count of rows (layer3's, 392
-    // rows at 7x7: 1024->256 forward 0.94 against 1.05 ms, backward 2.0 against 2.5 ms; the
-    // whole float32 training step 1.022x [1.014, 1.027] as fast, 80 rounds alternating with the
-    // build without it). Taking layer2's 1x1s as well (1568 rows at 14x14) changed nothing
-    // (1.002x [0.990, 1.009]). Its bfloat16 follows the rule below (layers 3-4 1.2-2.5x, layers
-    // 1-2 0.92-1.08x).
+    // the unpadded 1x1s with at most half their larger channel count of rows (layer3's, 392
+    // rows at 7x7: forward and backward together 1.12-1.30x with cold caches; the whole
+    // float32 training step 1.022x [1.014, 1.027] as fast, 80 rounds alternating with the
+    // build without it). With 1568 rows they lost or drew (1024 channels at 14x14: 0.89-1.03x
+    // per convolution; layer2's 512 at 14x14 in the whole step: 1.002x [0.990, 1.009]). Its
+    // bfloat16 follows the rule below (layers 3-4 1.2-2.5x, layers 1-2 0.92-1.08x).
     if (s.kh == 1 && s.kw == 1 && s.ph == 0 && s.pw == 0 &&
-        s.m() <= 2 * std::max(s.c, weight.size(0))) {
+        2 * s.m() <= std::max(s.c, weight.size(0))) {
       return true;
     }
     return 4 * s.m() <= weight.size(0);

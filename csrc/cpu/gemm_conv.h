@@ -28,7 +28,7 @@ namespace cpu {
 // layout), and either a 1x1 without padding or a convolution with at most 2*Cout output rows
 // (N*Ho*Wo), where the weight outweighs the activations; float32 on a CPU without AMX (see
 // set_gemm_conv_float32_amx_rule) only with at most Cout/4 output rows, or for an unpadded 1x1
-// with at most 2*max(Cin, Cout) of them. The arguments have been checked.
+// with at most max(Cin, Cout)/2 of them. The arguments have been checked.
 bool gemm_conv_applies(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
