@@ -148,6 +148,15 @@ def _cpu_backend_param():
 CPU_FUSED_BACKENDS = ["torch_ops", _cpu_backend_param()]
 
 
+def onednn_takes(dtype: torch.dtype) -> bool:
+    """Whether the cpu backend's inference hands ``dtype`` to oneDNN on this CPU (folded
+    convolutions, matrix products). oneDNN runs bfloat16 only with AVX512 or AMX: on an AVX2 CPU
+    (an AMD EPYC Zen 3, for one) bfloat16 inference falls back to the unfolded op, ATen's
+    convolution and the BN kernel, as eager's bfloat16 convolution falls back to ATen's own."""
+    from fusedres.backends.extension import CpuBackend
+    return CpuBackend._onednn_takes(dtype)
+
+
 def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Max |actual - expected| over entries where the expected value is finite."""
     a, e = actual.detach().double(), expected.detach().double()

@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import CPU_FUSED_BACKENDS, assert_oracle_close
+from conftest import CPU_FUSED_BACKENDS, assert_oracle_close, onednn_takes
 import fusedres
 from fusedres import FusedConvBNReLU, reference
 from fusedres import _ext
@@ -268,7 +268,8 @@ def test_inference_of_small_maps_as_a_matrix_product(gemm_switch, repeating_colu
                                                      shape, matmul_amx, matmul_no_amx,
                                                      has_residual, relu):
     """Eval without gradients: the small maps (with the switch on) run oneDNN's linear, never
-    its convolution, and every unit follows the oracle, channels_last out."""
+    its convolution, and every unit follows the oracle, channels_last out. Where oneDNN does not
+    take the dtype, neither runs: the unfolded op does."""
     gemm_switch(gemm)
     n, cin, h, w, cout, k, stride, padding, dilation = shape
     eager, fused, oracle = _units(shape, dtype, relu, torch.channels_last)
@@ -284,9 +285,12 @@ def test_inference_of_small_maps_as_a_matrix_product(gemm_switch, repeating_colu
         expected = eager(x, res)
         exact = oracle(x.double(), None if res is None else res.double())
     linear = "mkldnn::_linear_pointwise" in recorder.names
+    onednn_convolution = "mkldnn::_convolution_pointwise" in recorder.names
     matmul = matmul_amx if repeating_columns else matmul_no_amx
-    assert linear == (gemm and matmul), sorted(recorder.names)
-    assert linear != ("mkldnn::_convolution_pointwise" in recorder.names), sorted(recorder.names)
+    onednn = onednn_takes(dtype)
+    assert linear == (onednn and gemm and matmul), sorted(recorder.names)
+    assert (linear or onednn_convolution) == onednn, sorted(recorder.names)
+    assert not (linear and onednn_convolution), sorted(recorder.names)
     assert_oracle_close(got, expected, exact, name="y")
     if ho * wo > 1:
         assert got.is_contiguous(memory_format=torch.channels_last)
