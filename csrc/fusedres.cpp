@@ -342,6 +342,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "by the narrower one measured without (false; csrc/cpu/gemm_conv.h); set at load.");
   m.def("cpu_gemm_conv_float32_amx_rule", &fusedres::cpu::gemm_conv_float32_amx_rule,
         "Which float32 rule the cpu backend's GEMM path follows (true: the AMX one).");
+  m.def("set_cpu_gemm_conv_bfloat16", &fusedres::cpu::set_gemm_conv_bfloat16,
+        pybind11::arg("enabled"),
+        "Whether bfloat16 convolutions may take the GEMM path: where oneDNN runs bfloat16 "
+        "(csrc/cpu/gemm_conv.h); set at load.");
+  m.def("cpu_gemm_conv_bfloat16", &fusedres::cpu::gemm_conv_bfloat16,
+        "Whether bfloat16 convolutions may take the cpu backend's GEMM path.");
   m.def("cpu_gemm_conv_applies", &fusedres::cpu::gemm_conv_applies, pybind11::arg("x"),
         pybind11::arg("weight"), pybind11::arg("stride"), pybind11::arg("padding"),
         pybind11::arg("dilation"), pybind11::arg("groups"),

@@ -55,6 +55,10 @@ def _cpu_has_amx() -> bool:
 CPU_HAS_AMX = _cpu_has_amx()
 if _C is not None and hasattr(_C, "set_cpu_gemm_conv_float32_amx_rule"):  # else stale: rebuild
     _C.set_cpu_gemm_conv_float32_amx_rule(CPU_HAS_AMX)
+if _C is not None and hasattr(_C, "set_cpu_gemm_conv_bfloat16"):
+    # oneDNN runs bfloat16 only with AVX512 or AMX; elsewhere the GEMM path's bfloat16 products
+    # would run in ATen's generic loops (csrc/cpu/gemm_conv.h).
+    _C.set_cpu_gemm_conv_bfloat16(bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 try:
     from fusedres._build_info import BUILD_INFO

@@ -42,6 +42,10 @@ def info_lines() -> list[str]:
                      + ("the AMX one (1x1s, at most 2*Cout output rows)"
                         if _ext._C.cpu_gemm_conv_float32_amx_rule() else
                         "without AMX (at most Cout/4 output rows)"))
+        lines.append("  bfloat16: " + ("on (oneDNN runs bfloat16 here)"
+                                       if _ext._C.cpu_gemm_conv_bfloat16() else
+                                       "off (this CPU's oneDNN runs no bfloat16: ATen's "
+                                       "convolution, as eager's)"))
         lines.append("  inference matrix products: "
                      + ("every small map (AMX)" if extension._MATMUL_REPEATING_COLUMNS else
                         "small maps whose columns hold each input pixel once (no AMX)"))

@@ -49,13 +49,15 @@ GEMM_SHAPES = [
 
 @pytest.fixture
 def gemm_switch():
-    """Sets the path on or off for one test and restores the process's setting after it; the
-    float32 rule is the AMX one (the widest) inside, on any CPU."""
-    before, amx_rule_before = _C.cpu_gemm_conv(), _C.cpu_gemm_conv_float32_amx_rule()
+    """Sets the path on or off for one test and restores the process's settings after it; the
+    float32 rule is the AMX one (the widest) inside, and bfloat16 takes the path, on any CPU."""
+    before = (_C.cpu_gemm_conv(), _C.cpu_gemm_conv_float32_amx_rule(), _C.cpu_gemm_conv_bfloat16())
     _C.set_cpu_gemm_conv_float32_amx_rule(True)
+    _C.set_cpu_gemm_conv_bfloat16(True)
     yield _C.set_cpu_gemm_conv
-    _C.set_cpu_gemm_conv(before)
-    _C.set_cpu_gemm_conv_float32_amx_rule(amx_rule_before)
+    _C.set_cpu_gemm_conv(before[0])
+    _C.set_cpu_gemm_conv_float32_amx_rule(before[1])
+    _C.set_cpu_gemm_conv_bfloat16(before[2])
 
 
 def _applies(x, weight, stride=1, padding=0, dilation=1, groups=1):
@@ -124,6 +126,22 @@ def test_float32_rule_follows_the_cpu():
                           "print(_C.cpu_gemm_conv_float32_amx_rule())"],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(_ext.CPU_HAS_AMX)
+
+
+def test_bfloat16_only_where_onednn_runs_it(gemm_switch):
+    """bfloat16 takes the path only where this CPU's oneDNN runs bfloat16 (at::mm's matmul);
+    on an AVX2 CPU it stays on ATen's convolution, float32 unchanged. Set at load."""
+    gemm_switch(True)
+    x, w1 = _cl(2, 16, 4, 4), torch.randn(32, 16, 1, 1)
+    assert _applies(x.bfloat16(), w1.bfloat16())  # the fixture's: on, whatever the CPU
+    _C.set_cpu_gemm_conv_bfloat16(False)
+    assert not _applies(x.bfloat16(), w1.bfloat16())
+    assert _applies(x, w1)
+    out = subprocess.run([sys.executable, "-c", "import torch; from fusedres._ext import _C; "
+                          "print(_C.cpu_gemm_conv_bfloat16(), "
+                          "torch.ops.mkldnn._is_mkldnn_bf16_supported())"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == out[1], out
 
 
 def _units(shape, dtype, relu, weight_layout):

@@ -32,6 +32,12 @@ std::atomic<bool>& float32_amx_rule_flag() {
   return flag;
 }
 
+// Set at load (fusedres/_ext.py) to whether this CPU's oneDNN runs bfloat16; true until then.
+std::atomic<bool>& bfloat16_flag() {
+  static std::atomic<bool> flag{true};
+  return flag;
+}
+
 // oneDNN's matmul as registered for inductor's CPU linear (mkldnn::_linear_pointwise), where this
 // torch has it and oneDNN is enabled. at::mm sends float32 to MKL's sgemm, which this library's
 // GEMM shapes run at 0.75-0.91x oneDNN's speed on a 2-core AMD EPYC (Zen 4; forward, data and
@@ -189,11 +195,19 @@ void set_gemm_conv_float32_amx_rule(bool amx_rule) { float32_amx_rule_flag().sto
 
 bool gemm_conv_float32_amx_rule() { return float32_amx_rule_flag().load(); }
 
+void set_gemm_conv_bfloat16(bool enabled) { bfloat16_flag().store(enabled); }
+
+bool gemm_conv_bfloat16() { return bfloat16_flag().load(); }
+
 bool gemm_conv_applies(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   if (!gemm_conv_enabled() || groups != 1 || !x.device().is_cpu()) return false;
   const auto dtype = x.scalar_type();
   if ((dtype != at::kFloat && dtype != at::kBFloat16) || weight.scalar_type() != dtype) return false;
+  // Without oneDNN's bfloat16 (an AVX2 CPU: AMD EPYC Zen 3) at::mm runs bfloat16 in ATen's
+  // generic loops: there resnet18's bfloat16 training step took 4.3-4.7 s on this path against
+  // 2.9-3.0 s on ATen's convolution (eager's 2.9 s; single runs of 4 steps).
+  if (dtype == at::kBFloat16 && !gemm_conv_bfloat16()) return false;
   const Shape s = shape_of(x, weight, stride, padding, dilation);
   // A dense one-pixel map (fusedres.backend.one_pixel_map) is channels_last memory too: the late
   // stages of small images (layer4 at 32x32) would otherwise reorder their weights every call.

@@ -28,7 +28,8 @@ namespace cpu {
 // layout), and either a 1x1 without padding or a convolution with at most 2*Cout output rows
 // (N*Ho*Wo), where the weight outweighs the activations; float32 on a CPU without AMX (see
 // set_gemm_conv_float32_amx_rule) only with at most Cout/4 output rows, or for an unpadded 1x1
-// with at most max(Cin, Cout)/2 of them. The arguments have been checked.
+// with at most max(Cin, Cout)/2 of them; bfloat16 only where oneDNN runs it (see
+// set_gemm_conv_bfloat16). The arguments have been checked.
 bool gemm_conv_applies(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
@@ -62,6 +63,13 @@ bool gemm_conv_enabled();
 // from the CPU's flags; tests set both.
 void set_gemm_conv_float32_amx_rule(bool amx_rule);
 bool gemm_conv_float32_amx_rule();
+
+// Whether bfloat16 takes the path: where this CPU's oneDNN runs bfloat16 (AVX512 or AMX), whose
+// matmul at::mm calls; elsewhere at::mm's bfloat16 is ATen's generic loop, slower than ATen's
+// convolution. fusedres/_ext.py sets it at load (torch.ops.mkldnn._is_mkldnn_bf16_supported);
+// tests set both.
+void set_gemm_conv_bfloat16(bool enabled);
+bool gemm_conv_bfloat16();
 
 }  // namespace cpu
 }  // namespace fusedres
