@@ -28,7 +28,7 @@ from fusedres.ops import fold
 from fusedres.ops.block import BlockCall, Unit, prepare_block_train, recompute_mode
 from fusedres.ops.unit import (InferencePlan, conv_bn_act, conv_bn_act_with_plan,
                                conv_output_shape, input_signature, plan_context, single_value_error,
-                               unit_state_key, unit_train_key, uses_batch_stats)
+                               state_watch, unit_state_key, unit_train_key, uses_batch_stats)
 
 __all__ = ["FusedConvBNReLU", "FusedBasicBlock", "FusedBottleneck"]
 
@@ -166,11 +166,24 @@ class BlockPlan(NamedTuple):
     signature and so every unit plan's key.
 
     With a downsample the residual add and the ReLU belong to the downsample's unit, as in
-    :func:`block_forward_with_plan`'s inference order: the last main unit has neither."""
+    :func:`block_forward_with_plan`'s inference order: the last main unit has neither.
+
+    Once its key has matched a second time it also holds a watch of the state that key was read
+    from (csrc/state_watch.h), so that later calls need not read the key while nothing it
+    watches changed."""
 
     key: tuple
     downsample: Optional[InferencePlan]  # None: the identity
     units: tuple  # the main path's InferencePlans, in order
+    watch: object = None  # fusedres._C.StateWatch, or None
+
+    def unchanged_for(self, block: nn.Module, x: torch.Tensor) -> bool:
+        """Whether the key would still match for ``block`` on x: the same block class, input
+        signature, backend choice and autocast state (:func:`block_state_key`'s order), and
+        every watched object unchanged."""
+        return (type(block) is self.key[1] and input_signature(x) == self.key[0]
+                and plan_context(block.backend, x.device.type) == self.key[2]
+                and self.watch.unchanged())
 
     def run(self, x: torch.Tensor, x_is_dead: bool) -> torch.Tensor:
         out = x
@@ -255,12 +268,22 @@ def block_forward_with_plan(block: nn.Module, x: torch.Tensor,
             if train_plan is not None and train_plan.key == train_key[0]:
                 # The same signature and module state as a call that passed every check.
                 return train_plan.call.run(x), None
+    plan = None
+    if (type(x) is torch.Tensor and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
+        plan = _BLOCK_PLANS.get(block)
+        if plan is not None and plan.watch is not None and plan.unchanged_for(block, x):
+            # Nothing the plan's key reads has changed since it last matched.
+            return plan.run(x, x_is_dead), plan
     state = None if type(x) is not torch.Tensor else block_state_key(block, units, x.device.type)
     key = None if state is None else (input_signature(x),) + state
-    if key is not None:
-        plan = _BLOCK_PLANS.get(block)
-        if plan is not None and plan.key == key:
-            return plan.run(x, x_is_dead), plan
+    if plan is not None and plan.key == key:
+        # Watch from this second match on (a FusedResNet's own plan makes its blocks' plans
+        # once and runs them past this function: no watch for those).
+        watch = state_watch(block, list(block.modules())[1:])
+        if watch is not None:
+            _BLOCK_PLANS[block] = plan = plan._replace(watch=watch)
+        return plan.run(x, x_is_dead), plan
     _check_block(block, x, units, name)
     call = _block_call(block, x, units, name)
     if call is not None:

@@ -18,7 +18,7 @@ import torch
 
 from conftest import CPU_FUSED_BACKENDS, assert_oracle_close
 import fusedres
-from fusedres import FusedBasicBlock, FusedBottleneck, reference
+from fusedres import FusedBasicBlock, FusedBottleneck, modules, reference
 from fusedres.models.resnet import FusedResNet
 from fusedres.ops import unit as unit_module
 
@@ -98,7 +98,8 @@ def test_block_plan_follows_what_its_key_holds(backend, kind, what):
     try:
         with torch.no_grad():
             before = block(x)
-            assert torch.equal(block(x), before)  # from the plan now
+            assert torch.equal(block(x), before)  # from the plan now (its key matched)
+            assert torch.equal(block(x), before)  # from the plan (its state watch answered)
             x = _block_change(block, x, what)
             if what == "global_backend":
                 fusedres.set_backend("torch_ops")
@@ -434,6 +435,59 @@ def test_model_plan_watch_skips_the_key_until_something_changes(monkeypatch):
         assert torch.equal(fused(x), out)
         assert len(keys) == 2
     _assert_matches_eager(out, eager, x)
+
+
+def _count_block_key_reads(monkeypatch) -> list:
+    """A list that gets an entry each time a block reads its inference key."""
+    keys = []
+    real_key = modules.block_state_key
+    monkeypatch.setattr(modules, "block_state_key", lambda *a: keys.append(1) or real_key(*a))
+    return keys
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "basic"])
+def test_block_plan_watch_skips_the_key_until_something_changes(monkeypatch, kind):
+    """A block called on its own (a detection backbone's, outside a FusedResNet's plan) reads its
+    key in its first two calls (plan made, key matched: the watch starts), then none until
+    something the key reads changes; then two calls read it again, and the next ones none."""
+    if not fusedres.available_backends()["cpu"][0]:
+        pytest.skip("the cpu backend is unusable here")
+    block = _block(kind, "cpu")
+    eager = _eager_block(block)
+    x = torch.randn(2, 16, 8, 8)
+    keys = _count_block_key_reads(monkeypatch)
+    with torch.no_grad():
+        first = block(x)
+        assert torch.equal(block(x), first)
+        assert len(keys) == 2
+        for _ in range(3):
+            assert torch.equal(block(x), first)
+        assert len(keys) == 2
+        for m in (block, eager):
+            m.conv1.weight.mul_(-2.0)
+        out = block(x)
+        assert torch.equal(block(x), out)
+        assert len(keys) == 4
+        assert torch.equal(block(x), out)
+        assert len(keys) == 4
+        assert not torch.allclose(out, first, rtol=1e-3, atol=1e-3), "changed nothing"
+    _assert_matches_eager(out, eager, x)
+
+
+def test_block_plan_does_not_keep_its_block_alive():
+    """The block plan's state watch holds the block's ``__dict__`` and its children, never the
+    block, so a dropped block is freed (its plan cache is weak-keyed)."""
+    if not fusedres.available_backends()["cpu"][0]:
+        pytest.skip("the cpu backend is unusable here")
+    block = _block("bottleneck", "cpu")
+    with torch.no_grad():
+        for _ in range(2):
+            block(torch.randn(2, 16, 8, 8))
+    assert modules._BLOCK_PLANS[block].watch is not None
+    ref = weakref.ref(block)
+    del block
+    gc.collect()
+    assert ref() is None
 
 
 def test_model_plan_does_not_keep_its_model_alive():

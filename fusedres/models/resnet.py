@@ -15,7 +15,7 @@ from typing import Iterable, NamedTuple, Optional, Union
 import torch
 import torch.nn as nn
 
-from fusedres import _ext, reference
+from fusedres import reference
 from fusedres.backend import current_backend_name
 from fusedres.fusability import is_frozen_norm
 from fusedres.modules import (FusedBasicBlock, FusedBottleneck, block_forward_with_plan,
@@ -23,7 +23,7 @@ from fusedres.modules import (FusedBasicBlock, FusedBottleneck, block_forward_wi
 from fusedres.ops import fold
 from fusedres.ops.pool import inference_max_pool, max_pool_geometry, max_pool_output_hw
 from fusedres.ops.unit import (InferencePlan, conv_bn_act, conv_bn_act_with_plan, input_signature,
-                               plan_context, single_value_error, unit_state_key,
+                               plan_context, single_value_error, state_watch, unit_state_key,
                                uses_batch_stats)
 
 __all__ = [
@@ -109,24 +109,10 @@ class FusedResNet(reference.ResNet):
         return self._head(x)
 
     def _state_watch(self):
-        """A ``fusedres._C.StateWatch`` of everything the inference key reads (every module up to
-        the pooled features: its ``__dict__``, containers, forward hooks, and tensors), or None
-        without the extension. The model's own ``__dict__`` is watched without the model: a
-        plan, the value of a weak-keyed cache, must not hold its key."""
-        watch_type = getattr(_ext._C, "StateWatch", None)
-        if watch_type is None:
-            return None
-        inside = [m for name, child in self._modules.items() if name not in _HEAD
-                  for m in child.modules()]
-        owned = [(m, m.__dict__) for m in inside]
-        dicts = [self.__dict__]
-        tensors = []
-        for m in [self] + inside:
-            dicts += [m._parameters, m._buffers, m._modules, m._forward_hooks,
-                      m._forward_pre_hooks]
-            tensors += [t for t in (*m._parameters.values(), *m._buffers.values())
-                        if isinstance(t, torch.Tensor)]
-        return watch_type(owned, dicts, tensors)
+        """A state watch (:func:`fusedres.ops.unit.state_watch`) of every module up to the
+        pooled features, or None without the extension."""
+        return state_watch(self, [m for name, child in self._modules.items() if name not in _HEAD
+                                  for m in child.modules()])
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.avgpool(x), 1))

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fusedres import reference
+from fusedres import _ext, reference
 from fusedres.backend import (ConvParams, conv_output_hw, current_backend_name, explicit_padding,
                               resolve)
 from fusedres.fusability import is_frozen_norm, unfusable_reason
@@ -369,6 +369,29 @@ def _inference_plan_key(x, conv, bn, residual, relu: bool, backend: Optional[str
     state = unit_state_key(conv, bn, relu)
     return None if state is None else (input_signature(x), input_signature(residual),
                                        plan_context(backend, x.device.type), state)
+
+
+def state_watch(root: nn.Module, descendants: Sequence[nn.Module]):
+    """A ``fusedres._C.StateWatch`` (csrc/state_watch.h) of everything an inference plan's key
+    reads from ``root`` and its ``descendants`` (their ``__dict__``, containers, forward hooks
+    and tensors), or None without the extension. ``root``'s own ``__dict__`` is watched without
+    ``root``: a plan, the value of a cache weak-keyed by root, must not hold its key.
+
+    Args:
+        root: the module the plan belongs to (a FusedResNet, a block).
+        descendants: the modules below it whose state the key reads.
+    """
+    watch_type = getattr(_ext._C, "StateWatch", None)
+    if watch_type is None:
+        return None
+    owned = [(m, m.__dict__) for m in descendants]
+    dicts = [root.__dict__]
+    tensors = []
+    for m in (root, *descendants):
+        dicts += [m._parameters, m._buffers, m._modules, m._forward_hooks, m._forward_pre_hooks]
+        tensors += [t for t in (*m._parameters.values(), *m._buffers.values())
+                    if isinstance(t, torch.Tensor)]
+    return watch_type(owned, dicts, tensors)
 
 
 def plan_context(backend: Optional[str], device_type: str) -> tuple:
