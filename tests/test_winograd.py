@@ -137,12 +137,12 @@ def winograd_calls(monkeypatch, winograd_switch):
 def test_inference_unit_follows_its_parameters(winograd_calls, has_residual, relu):
     """An eval unit without gradients runs the kernel on the folded weight and bias; changing
     the conv weight, gamma, beta or a running statistic changes the output as the oracle's."""
-    shape = (2, 64, 7, 7, 72, 3, 1, 1, 1)
+    shape = (2, 64, 16, 16, 72, 3, 1, 1, 1)
     eager, fused, oracle = _units(shape, torch.float32, relu, torch.channels_last)
     for m in (eager, fused, oracle):
         m.eval()
-    x = _cl(2, 64, 7, 7)
-    res = _cl(2, 72, 7, 7) if has_residual else None
+    x = _cl(2, 64, 16, 16)
+    res = _cl(2, 72, 16, 16) if has_residual else None
     changes = [lambda m: None, lambda m: m.conv.weight.mul_(-0.5),
                lambda m: m.bn.weight.add_(0.3), lambda m: m.bn.bias.sub_(0.2),
                lambda m: m.bn.running_mean.add_(0.7), lambda m: m.bn.running_var.mul_(2.0)]
@@ -167,9 +167,9 @@ def _applies(x, weight, stride=1, padding=1, dilation=1, groups=1):
 
 def test_rule(winograd_switch):
     """Float32 channels_last 3x3s with stride 1, padding 1, no dilation or groups, 64 channels
-    or more and one image's larger transformed tensor within 16 MiB; bfloat16, NCHW, other
-    geometries, fewer channels and larger maps take oneDNN's convolution; the switch turns it
-    off."""
+    or more, at least 2^19 tiles * Cin * Cout and one image's larger transformed tensor within
+    16 MiB; bfloat16, NCHW, other geometries, fewer channels, less work and larger maps take
+    oneDNN's convolution; the switch turns it off."""
     winograd_switch(True)
     x, w = _cl(8, 64, 28, 28), torch.randn(64, 64, 3, 3)
     assert _applies(x, w)
@@ -181,6 +181,12 @@ def test_rule(winograd_switch):
     assert not _applies(x, w, padding=2, dilation=2)
     assert not _applies(x, torch.randn(64, 32, 3, 3), groups=2)
     assert not _applies(_cl(8, 32, 28, 28), torch.randn(64, 32, 3, 3))  # 32 input channels
+    # Tiles (2x2 output blocks) * Cin * Cout: 2 * 8 * 8 * 64 * 64 = 2^19 (resnet18's every
+    # stage at batch 2, 64x64), half of it at batch 1; 1 * 2 * 2 * 512 * 512 = 2^20.
+    assert _applies(_cl(2, 64, 16, 16), w)
+    assert not _applies(_cl(1, 64, 16, 16), w)
+    assert not _applies(_cl(1, 128, 7, 7), torch.randn(128, 128, 3, 3))  # 16 * 128 * 128
+    assert _applies(_cl(1, 512, 4, 4), torch.randn(512, 512, 3, 3))
     # 16 values per channel and 2x2 block, per image: 64 channels at 56x56 is 3 MiB; 256 at
     # 112x112 is 49 MiB; the products have Cout channels.
     assert _C.cpu_winograd_image_bytes(56, 56, 64) == 16 * 28 * 28 * 64 * 4

@@ -137,7 +137,9 @@ bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, at::IntArra
   }
   if (checks::unit_memory_format(x) != c10::MemoryFormat::ChannelsLast) return false;
   const int64_t cin = weight.size(1), cout = weight.size(0);
+  const int64_t tiles = x.size(0) * ((x.size(2) + 1) / 2) * ((x.size(3) + 1) / 2);
   return x.size(1) == cin && std::min(cin, cout) >= kWinogradMinChannels &&
+         tiles * cin * cout >= kWinogradMinWork &&
          winograd_image_bytes(x.size(2), x.size(3), std::max(cin, cout)) <=
              kWinogradMaxImageBytes;
 }

@@ -23,7 +23,11 @@ namespace fusedres {
 namespace cpu {
 
 // Where inference takes it: float32 CPU, x channels_last, a 3x3 with stride 1, padding 1, no
-// dilation or groups, both channel counts at least kWinogradMinChannels, one image's larger
+// dilation or groups, both channel counts at least kWinogradMinChannels, at least
+// kWinogradMinWork tiles * Cin * Cout (on small work its three calls cost more than its 2.25x
+// fewer multiplies save: per eval unit against the direct convolution, AMD EPYC Zen 3,
+// exploratory medians of 15 rounds, 0.70-0.98x with 0.26M or less (64-256 channels at 2x2 to
+// 16x16, batch 1), 1.04x and 1.19x at 0.8M, 0.98-1.42x from 1M up), one image's larger
 // transformed tensor (16 values per 2x2 block and channel: x's input channels, the products'
 // output channels; winograd_image_bytes) within kWinogradMaxImageBytes, and the switch on
 // (FUSEDRES_CPU_WINOGRAD=0 at load turns it off). The runner transforms and multiplies the batch
@@ -41,6 +45,7 @@ namespace cpu {
 // and eager's resnet18 step 0.94-0.97x as fast with this file's chunked, vectorised transforms
 // (docs/design.md section 4, which also has why F(4x4, 3x3) and bfloat16 are not used).
 constexpr int64_t kWinogradMinChannels = 64;
+constexpr int64_t kWinogradMinWork = int64_t{1} << 19;
 constexpr int64_t kWinogradMaxImageBytes = int64_t{16} << 20;
 constexpr int64_t kWinogradChunkBytes = int64_t{2} << 20;
 int64_t winograd_image_bytes(int64_t h, int64_t w, int64_t channels);
