@@ -41,7 +41,8 @@ def info_lines() -> list[str]:
         lines.append("  float32 training rule: "
                      + ("the AMX one (1x1s, at most 2*Cout output rows)"
                         if _ext._C.cpu_gemm_conv_float32_amx_rule() else
-                        "without AMX (at most Cout/4 output rows)"))
+                        "without AMX (at most Cout/4 output rows, or an unpadded 1x1 with at "
+                        "most max(Cin, Cout)/2)"))
         lines.append("  bfloat16: " + ("on (oneDNN runs bfloat16 here)"
                                        if _ext._C.cpu_gemm_conv_bfloat16() else
                                        "off (this CPU's oneDNN runs no bfloat16: ATen's "

@@ -4,8 +4,9 @@ it against the float64 oracle, with the path on and off.
 The path runs a unit's convolution, data gradient and weight gradient as matrix products over an
 im2col of the input (x itself for a 1x1); it applies to float32 and bfloat16 channels_last inputs
 without groups, for every 1x1 without padding and for convolutions with at most 2*Cout output
-rows (N*Ho*Wo); in float32 on a CPU without AMX only with at most Cout/4 output rows (the tests
-set the AMX rule, the widest, except where they test that one). The unit cases below are the
+rows (N*Ho*Wo); in float32 on a CPU without AMX only with at most Cout/4 output rows or for an
+unpadded 1x1 with at most max(Cin, Cout)/2, and bfloat16 only where oneDNN runs it (the tests set
+the AMX rule, the widest, and bfloat16 on, except where they test those). The unit cases below are the
 geometries it takes, awkward ones included (stride 2 with odd H and W, dilation, padding wider
 than the kernel's half, H or W of 1, N=1, odd channel counts), each checked with the tolerance
 rule on y, every gradient and the running statistics.
