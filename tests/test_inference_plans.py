@@ -474,20 +474,30 @@ def test_block_plan_watch_skips_the_key_until_something_changes(monkeypatch, kin
     _assert_matches_eager(out, eager, x)
 
 
+def _assert_freed_once_dropped(make_called, plans):
+    """The module ``make_called()`` returns has a plan with a state watch in ``plans`` (a
+    weak-keyed cache), and dropping the last reference to the module frees it."""
+    module = make_called()
+    assert plans[module].watch is not None
+    ref = weakref.ref(module)
+    del module
+    gc.collect()
+    assert ref() is None
+
+
 def test_block_plan_does_not_keep_its_block_alive():
     """The block plan's state watch holds the block's ``__dict__`` and its children, never the
     block, so a dropped block is freed (its plan cache is weak-keyed)."""
     if not fusedres.available_backends()["cpu"][0]:
         pytest.skip("the cpu backend is unusable here")
-    block = _block("bottleneck", "cpu")
-    with torch.no_grad():
-        for _ in range(2):
-            block(torch.randn(2, 16, 8, 8))
-    assert modules._BLOCK_PLANS[block].watch is not None
-    ref = weakref.ref(block)
-    del block
-    gc.collect()
-    assert ref() is None
+
+    def called_block():
+        block = _block("bottleneck", "cpu")
+        with torch.no_grad():
+            for _ in range(2):
+                block(torch.randn(2, 16, 8, 8))
+        return block
+    _assert_freed_once_dropped(called_block, modules._BLOCK_PLANS)
 
 
 def test_model_plan_does_not_keep_its_model_alive():
@@ -496,14 +506,13 @@ def test_model_plan_does_not_keep_its_model_alive():
     if not fusedres.available_backends()["cpu"][0]:
         pytest.skip("the cpu backend is unusable here")
     from fusedres.models import resnet as resnet_module
-    fused, _ = _models("resnet18", "cpu", torch.channels_last)
-    with torch.no_grad():
-        fused(torch.randn(2, 3, 32, 32))
-    assert resnet_module._MODEL_PLANS[fused].watch is not None
-    model = weakref.ref(fused)
-    del fused
-    gc.collect()
-    assert model() is None
+
+    def called_model():
+        fused, _ = _models("resnet18", "cpu", torch.channels_last)
+        with torch.no_grad():
+            fused(torch.randn(2, 3, 32, 32))
+        return fused
+    _assert_freed_once_dropped(called_model, resnet_module._MODEL_PLANS)
 
 
 def test_model_plan_watch_follows_the_global_backend(monkeypatch):
