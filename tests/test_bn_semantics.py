@@ -21,7 +21,9 @@ What nn does with eps (torch 2.13, ``torch.nn.functional.batch_norm``; checked b
 any eps; the forward raises ``ValueError("batch_norm eps must be positive during training, but
 got ...")`` whenever batch statistics are used (training, or eval without running statistics) and
 eps <= 0, and ``ValueError("batch_norm eps must be non-negative, but got ...")`` in eval with eps
-< 0; eval with eps == 0 and running statistics works. nn raises *after* its module has added 1
+< 0; eval with eps == 0 and running statistics works. torch 2.11 raises ``ValueError("batch_norm
+eps must be positive, but got ...")`` for every eps <= 0, eval with running statistics too; the
+fused modules ask the installed torch which rule it has. nn raises *after* its module has added 1
 to num_batches_tracked (``_BatchNorm.forward`` counts the batch before calling
 ``F.batch_norm``), so the stricter "untouched" rule here is fusedres' own promise, not nn's.
 """
@@ -36,6 +38,7 @@ import torch
 import torch.nn as nn
 
 import fusedres
+from fusedres.ops.unit import nn_takes_zero_eps_with_running_stats
 from conftest import CPU_FUSED_BACKENDS, assert_oracle_close
 
 
@@ -294,10 +297,16 @@ def expect_nn_outcome(backend, conv, bn, x):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_affine_without_bias_like_nn(backend, dtype, training):
     """nn.BatchNorm2d(C, bias=False): a learnable gamma and no beta. A real unit (3x3 conv,
-    residual, ReLU) must match nn: output, dx, dW, dgamma, dresidual and the statistics."""
+    residual, ReLU) must match nn: output, dx, dW, dgamma, dresidual and the statistics. torch
+    2.11's BatchNorm2d takes no ``bias`` argument; there the same module is made by hand, with
+    its bias parameter set to None (what ``bias=False`` registers)."""
     torch.manual_seed(3)
     conv = nn.Conv2d(5, 6, 3, padding=1, bias=False, dtype=dtype)
-    bn = nn.BatchNorm2d(6, bias=False, dtype=dtype)
+    try:
+        bn = nn.BatchNorm2d(6, bias=False, dtype=dtype)
+    except TypeError:
+        bn = nn.BatchNorm2d(6, dtype=dtype)
+        bn.bias = None
     assert bn.affine and bn.bias is None
     randomize_bn(bn, torch.Generator().manual_seed(4))
     x = torch.randn(3, 5, 7, 6, dtype=dtype)
@@ -307,18 +316,27 @@ def test_affine_without_bias_like_nn(backend, dtype, training):
 
 def test_nn_eps_contract():
     """What nn.BatchNorm2d does with eps <= 0 in torch as installed (the module docstring): the
-    eps tests below take nn's behaviour as their expectation, this pins it down."""
+    eps tests below take nn's behaviour as their expectation, this pins it down. Batch
+    statistics need eps > 0 in every supported torch; running statistics take eps = 0 from
+    torch 2.13 on, where torch 2.11 refused every eps <= 0 (what
+    ``nn_takes_zero_eps_with_running_stats`` reports, and the fused modules follow)."""
     x = torch.randn(2, 3, 4, 4)
+    zero_eps_with_running_stats = nn_takes_zero_eps_with_running_stats()
+    training_words = " during training" if zero_eps_with_running_stats else ", but got"
     for eps in (0.0, -1.0):
         bn = nn.BatchNorm2d(3, eps=eps)              # construction accepts any eps
-        with pytest.raises(ValueError, match=r"eps must be positive during training"):
+        with pytest.raises(ValueError, match=rf"eps must be positive{training_words}"):
             bn.train()(x)
         assert int(bn.num_batches_tracked) == 1      # nn counted the failing batch
-        with pytest.raises(ValueError, match=r"eps must be positive during training"):
+        with pytest.raises(ValueError, match=r"eps must be positive"):
             nn.BatchNorm2d(3, eps=eps, track_running_stats=False).eval()(x)
-    with pytest.raises(ValueError, match=r"eps must be non-negative"):
+    with pytest.raises(ValueError, match=r"eps must be (non-negative|positive)"):
         nn.BatchNorm2d(3, eps=-1.0).eval()(x)
-    assert torch.isfinite(nn.BatchNorm2d(3, eps=0.0).eval()(x)).all()
+    if zero_eps_with_running_stats:
+        assert torch.isfinite(nn.BatchNorm2d(3, eps=0.0).eval()(x)).all()
+    else:
+        with pytest.raises(ValueError, match=r"eps must be positive, but got 0.0"):
+            nn.BatchNorm2d(3, eps=0.0).eval()(x)
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
