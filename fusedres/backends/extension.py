@@ -151,9 +151,16 @@ class CpuBackend(ExtensionBackend):
             return run
         unary = "relu" if relu else None
         sum_into = torch.ops.mkldnn._convolution_pointwise_.binary
+        one_pixel_output = conv_output_hw(x.shape[2:], weight.shape[2:], conv.stride,
+                                          conv.padding, conv.dilation) == (1, 1)
 
         def run_add(x, residual, residual_is_dead):
             residual = residual.contiguous(memory_format=torch.channels_last)
+            if one_pixel_output and not residual_is_dead:
+                # torch 2.11's out-of-place form refuses a one-pixel residual beside prepacked
+                # weights ("could not create a memory"); its sum post-op takes it. The copy is
+                # N * Cout values.
+                residual, residual_is_dead = residual.clone(), True
             if residual_is_dead:
                 # oneDNN's sum post-op: y accumulates into the residual's memory.
                 return sum_into(residual, x, f.weight, f.bias, padding, stride, dilation, groups,
