@@ -1130,13 +1130,16 @@ def model_targets(report: dict) -> list:
     """Every fused provider's ratios against :data:`MODEL_TARGETS` (targets for the CPU: none
     on a GPU); nothing is asserted.
 
-    A target is ``met`` when the ratio's whole interquartile range clears it, ``missed`` when
-    the whole range falls short, else ``unresolved``.
+    A target is ``met`` when the ratio is a result (:func:`compare`) and its whole
+    interquartile range clears it, ``missed`` when it is a result and the whole range falls
+    short, else ``unresolved`` (a run of one round is no evidence either way).
 
     Returns:
         Rows ``{"group", "provider", "what", "ratio", "verdict"}``.
     """
     def verdict(c, target):
+        if not c["result"]:
+            return "unresolved"
         return "met" if c["lo"] >= target else "missed" if c["hi"] < target else "unresolved"
 
     if report["machine"]["device"] != "cpu":
@@ -1211,7 +1214,7 @@ def format_table(report: dict) -> str:
         lines += [f"  {w}" for w in report["warnings"]]
     if report.get("targets"):
         lines += ["", f"targets (issue 13; measured on {m['device_name']}, not asserted; met = "
-                      "the whole interquartile range clears it):"]
+                      "a result whose whole interquartile range clears it):"]
         lines += [f"  {t['verdict']:10s} {t['group']} {t['provider']} {t['what']}: "
                   f"{_fmt_ratio(t['ratio'])}" for t in report["targets"]]
     failed = [f"{g['arch']} {g['dtype']} {g['mode']} {r['provider']}"

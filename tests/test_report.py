@@ -281,9 +281,14 @@ def test_warnings_and_targets():
                compile_name="compile"),
         _group("eval", "bfloat16", [_row("eager_cl", "eager", None),
                                     _row("cpu_cl", "cpu", _ratio(1.3, 1.2, 1.4))],
-               baseline="eager_cl")]}
+               baseline="eager_cl"),
+        # One round: a ratio clear of the target, but no result, so no verdict either way.
+        _group("eval", "float32", [_row("eager_cl", "eager", None),
+                                   _row("cpu_cl", "cpu", _ratio(7.5, 7.5, 7.5, False))],
+               baseline="eager_cl", rounds=1)]}
     warnings = report.warnings_of(rep)
-    assert len(warnings) == 1 and warnings[0].startswith("resnet50 float32 train: not a result")
+    assert len(warnings) == 2 and warnings[0].startswith("resnet50 float32 train: not a result")
+    assert warnings[1].startswith("resnet50 float32 eval: not a result (fewer than 3 rounds")
     assert "eager vs compile 1.00x [0.90-1.10] ?" in warnings[0]
     assert "cpu vs compile 1.05x [0.98-1.10] ?" in warnings[0]
     assert "cpu vs eager" not in warnings[0]  # 1.12-1.3: a result
@@ -292,7 +297,8 @@ def test_warnings_and_targets():
     assert verdicts == {
         ("resnet50 float32 train", "cpu", "vs eager >= 1.1x"): "met",
         ("resnet50 float32 train", "cpu", "vs torch.compile > 1x"): "unresolved",
-        ("resnet50 bfloat16 eval", "cpu_cl", "vs eager >= 1.5x"): "missed"}
+        ("resnet50 bfloat16 eval", "cpu_cl", "vs eager >= 1.5x"): "missed",
+        ("resnet50 float32 eval", "cpu_cl", "vs eager >= 1.5x"): "unresolved"}
     # The targets are for the 2-core CPU machine, not for a GPU.
     assert report.model_targets(dict(rep, machine={"device": "cuda"})) == []
 
