@@ -16,7 +16,7 @@ eval: outputs, gradients and running statistics. Then one test per defect that r
   (the README: "A call that fails leaves the running statistics untouched");
 - double backward (gradient penalties) works and matches nn in float64.
 
-What nn does with eps (torch 2.13, ``torch.nn.functional.batch_norm``; checked by
+What nn does with eps (torch 2.12 on, ``torch.nn.functional.batch_norm``; checked by
 ``test_nn_eps_contract`` so that a torch upgrade that changes it is noticed): construction accepts
 any eps; the forward raises ``ValueError("batch_norm eps must be positive during training, but
 got ...")`` whenever batch statistics are used (training, or eval without running statistics) and
@@ -318,7 +318,7 @@ def test_nn_eps_contract():
     """What nn.BatchNorm2d does with eps <= 0 in torch as installed (the module docstring): the
     eps tests below take nn's behaviour as their expectation, this pins it down. Batch
     statistics need eps > 0 in every supported torch; running statistics take eps = 0 from
-    torch 2.13 on, where torch 2.11 refused every eps <= 0 (what
+    torch 2.12 on, where torch 2.11 refused every eps <= 0 (what
     ``nn_takes_zero_eps_with_running_stats`` reports, and the fused modules follow)."""
     x = torch.randn(2, 3, 4, 4)
     zero_eps_with_running_stats = nn_takes_zero_eps_with_running_stats()

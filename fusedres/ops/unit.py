@@ -74,7 +74,7 @@ def single_value_error(out_size: Sequence[int]) -> ValueError:
 @functools.cache
 def nn_takes_zero_eps_with_running_stats() -> bool:
     """Whether this torch's ``F.batch_norm`` accepts eps = 0 when it normalises with running
-    statistics: torch 2.11 refuses every eps <= 0, torch 2.13 only with batch statistics. Asked
+    statistics: torch 2.11 refuses every eps <= 0, torch 2.12 on only with batch statistics. Asked
     of nn itself, once, so that the fused modules refuse what the installed torch's do."""
     try:
         F.batch_norm(torch.zeros(1, 1, 1, 1), torch.zeros(1), torch.ones(1), training=False,
@@ -89,7 +89,7 @@ def _check_norm(x: torch.Tensor, bn: nn.Module, channels: int, name: str) -> Non
     it has counted the batch)."""
     eps = bn.eps
     # nn.BatchNorm2d's rule and words: batch statistics need eps > 0, running ones eps >= 0
-    # (eps > 0 too before torch 2.13; a frozen norm is no nn.BatchNorm2d and takes eps = 0).
+    # (eps > 0 too before torch 2.12; a frozen norm is no nn.BatchNorm2d and takes eps = 0).
     if not (isinstance(eps, (int, float)) and math.isfinite(eps)):
         raise ValueError(f"{name}: batch_norm eps must be a number, got {eps!r}")
     if uses_batch_stats(bn) and eps <= 0:
