@@ -328,9 +328,10 @@ def test_nn_eps_contract():
         with pytest.raises(ValueError, match=rf"eps must be positive{training_words}"):
             bn.train()(x)
         assert int(bn.num_batches_tracked) == 1      # nn counted the failing batch
-        with pytest.raises(ValueError, match=r"eps must be positive"):
+        with pytest.raises(ValueError, match=rf"eps must be positive{training_words}"):
             nn.BatchNorm2d(3, eps=eps, track_running_stats=False).eval()(x)
-    with pytest.raises(ValueError, match=r"eps must be (non-negative|positive)"):
+    running_words = "non-negative" if zero_eps_with_running_stats else "positive, but got"
+    with pytest.raises(ValueError, match=rf"eps must be {running_words}"):
         nn.BatchNorm2d(3, eps=-1.0).eval()(x)
     if zero_eps_with_running_stats:
         assert torch.isfinite(nn.BatchNorm2d(3, eps=0.0).eval()(x)).all()
