@@ -45,6 +45,7 @@
 #include <string>
 
 #include "common/checks.h"
+#include "cpu/conv_precision.h"
 #include "cpu/gemm_conv.h"
 #include "cpu/kernels.h"
 #include "cpu/winograd_conv.h"
@@ -175,7 +176,7 @@ at::Tensor eval_bn_cpu(const at::Tensor& z, const unit::BnState& bn,
 const unit::DeviceOps kCpuUnitOps{&train_bn_cpu, &eval_bn_cpu, &cpu::bn_act_bwd,
                                   c10::DeviceType::CPU, "CPU", /*channels_last_conv=*/false,
                                   &cpu::gemm_conv_applies, &cpu::gemm_conv_forward,
-                                  &cpu::gemm_conv_backward};
+                                  &cpu::gemm_conv_backward, &cpu::conv_in_float32};
 
 unit::ConvGeometry geometry(at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups) {
@@ -348,6 +349,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(csrc/cpu/gemm_conv.h); set at load.");
   m.def("cpu_gemm_conv_bfloat16", &fusedres::cpu::gemm_conv_bfloat16,
         "Whether bfloat16 convolutions may take the cpu backend's GEMM path.");
+  m.def("set_cpu_conv_in_float32", &fusedres::cpu::set_conv_in_float32,
+        pybind11::arg("bfloat16"), pybind11::arg("float16"),
+        "Whether the cpu backend's unit ops convolve bfloat16 / float16 in float32, each result "
+        "rounded once (csrc/cpu/conv_precision.h); set at load: where oneDNN runs no such kernels.");
+  m.def("cpu_conv_in_float32",
+        [](bool bfloat16) {
+          return fusedres::cpu::conv_in_float32(bfloat16 ? at::kBFloat16 : at::kHalf);
+        },
+        pybind11::arg("bfloat16"),
+        "Whether the cpu backend convolves bfloat16 (true) or float16 (false) in float32.");
   m.def("cpu_gemm_conv_applies", &fusedres::cpu::gemm_conv_applies, pybind11::arg("x"),
         pybind11::arg("weight"), pybind11::arg("stride"), pybind11::arg("padding"),
         pybind11::arg("dilation"), pybind11::arg("groups"),
@@ -712,7 +723,7 @@ at::Tensor eval_bn_cuda(const at::Tensor& z, const unit::BnState& bn,
 
 const unit::DeviceOps kCudaUnitOps{&train_bn_cuda, &eval_bn_cuda, &bn_act_bwd_cuda,
                                    c10::DeviceType::CUDA, "CUDA", /*channels_last_conv=*/true,
-                                   nullptr, nullptr, nullptr};
+                                   nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
 }  // namespace fusedres

@@ -56,10 +56,20 @@ bool device_conv_applies(const DeviceOps& dev, const at::Tensor& x, const at::Te
          dev.conv_applies(x, weight, geo.stride, geo.padding, geo.dilation, geo.groups);
 }
 
+bool widens(const DeviceOps& dev, const at::Tensor& x) {
+  return dev.conv_in_float32 != nullptr && dev.conv_in_float32(x.scalar_type());
+}
+
 at::Tensor convolution(const DeviceOps& dev, const at::Tensor& x, const at::Tensor& weight,
                        const ConvGeometry& geo) {
   if (device_conv_applies(dev, x, weight, geo)) {
     return dev.conv_forward(x, weight, geo.stride, geo.padding, geo.dilation);
+  }
+  if (widens(dev, x)) {
+    return at::convolution(conv_input(dev, x).to(at::kFloat), weight.to(at::kFloat),
+                           c10::nullopt, geo.stride, geo.padding, geo.dilation,
+                           /*transposed=*/false, /*output_padding=*/{0, 0}, geo.groups)
+        .to(x.scalar_type());
   }
   return at::convolution(conv_input(dev, x), weight, c10::nullopt, geo.stride, geo.padding,
                          geo.dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, geo.groups);
@@ -215,10 +225,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       std::tie(dx, dw) = dev.conv_backward(dz, x, weight, geo.stride, geo.padding, geo.dilation,
                                            output_mask[0], output_mask[1]);
     } else {
+      const bool wide = widens(dev, x);
+      auto in_float32 = [&](const at::Tensor& t) { return wide ? t.to(at::kFloat) : t; };
       std::tie(dx, dw, std::ignore) = at::convolution_backward(
-          dz, conv_input(dev, x), weight, c10::nullopt, geo.stride, geo.padding, geo.dilation,
-          /*transposed=*/false, /*output_padding=*/{0, 0}, geo.groups,
-          {output_mask[0], output_mask[1], false});
+          in_float32(dz), in_float32(conv_input(dev, x)), in_float32(weight), c10::nullopt,
+          geo.stride, geo.padding, geo.dilation, /*transposed=*/false,
+          /*output_padding=*/{0, 0}, geo.groups, {output_mask[0], output_mask[1], false});
+      if (wide && dx.defined()) dx = dx.to(x.scalar_type());
+      if (wide && dw.defined()) dw = dw.to(weight.scalar_type());
     }
   }
   return {output_mask[0] ? dx : absent(dy), output_mask[1] ? strided_like(dw, weight) : absent(dy),

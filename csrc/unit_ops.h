@@ -74,6 +74,10 @@ struct DeviceOps {
   std::tuple<at::Tensor, at::Tensor> (*conv_backward)(
       const at::Tensor& dz, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
       at::IntArrayRef padding, at::IntArrayRef dilation, bool need_dx, bool need_dweight);
+  // Whether ATen's convolution of this dtype runs in float32, the results rounded back once
+  // (the CPU's reduced-precision convolutions without oneDNN kernels, csrc/cpu/conv_precision.h);
+  // nullptr: in the dtype itself always.
+  bool (*conv_in_float32)(at::ScalarType dtype);
 };
 
 // Checks every argument of a unit op before anything runs or mutates, with messages naming the

@@ -59,6 +59,11 @@ if _C is not None and hasattr(_C, "set_cpu_gemm_conv_bfloat16"):
     # oneDNN runs bfloat16 only with AVX512 or AMX; elsewhere the GEMM path's bfloat16 products
     # would run in ATen's generic loops (csrc/cpu/gemm_conv.h).
     _C.set_cpu_gemm_conv_bfloat16(bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+if _C is not None and hasattr(_C, "set_cpu_conv_in_float32"):
+    # Without oneDNN's kernels for a dtype ATen's convolution of it runs generic code, about 15x
+    # slower than float32: the unit ops convolve it in float32 (csrc/cpu/conv_precision.h).
+    _C.set_cpu_conv_in_float32(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                               not torch.ops.mkldnn._is_mkldnn_fp16_supported())
 
 try:
     from fusedres._build_info import BUILD_INFO

@@ -50,6 +50,10 @@ def info_lines() -> list[str]:
         lines.append("  inference matrix products: "
                      + ("every small map (AMX)" if extension._MATMUL_REPEATING_COLUMNS else
                         "small maps whose columns hold each input pixel once (no AMX)"))
+        widened = [name for name, bf16 in (("bfloat16", True), ("float16", False))
+                   if _ext._C.cpu_conv_in_float32(bf16)]
+        lines.append("cpu backend's convolutions computed in float32 (no oneDNN kernels for the "
+                     "dtype here; csrc/cpu/conv_precision.h): " + (", ".join(widened) or "none"))
         lines.append("cpu backend's Winograd F(2x2, 3x3) convolutions (float32 inference 3x3s; "
                      "csrc/cpu/winograd_conv.h): "
                      + ("on" if _ext._C.cpu_winograd() else "off"))

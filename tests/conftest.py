@@ -149,12 +149,13 @@ CPU_FUSED_BACKENDS = ["torch_ops", _cpu_backend_param()]
 
 
 def onednn_takes(dtype: torch.dtype) -> bool:
-    """Whether the cpu backend's inference hands ``dtype`` to oneDNN on this CPU (folded
+    """Whether the cpu backend's inference hands ``dtype``'s units to oneDNN on this CPU (folded
     convolutions, matrix products). oneDNN runs bfloat16 only with AVX512 or AMX: on an AVX2 CPU
-    (an AMD EPYC Zen 3, for one) bfloat16 inference falls back to the unfolded op, ATen's
-    convolution and the BN kernel, as eager's bfloat16 convolution falls back to ATen's own."""
-    from fusedres.backends.extension import CpuBackend
-    return CpuBackend._onednn_takes(dtype)
+    (an AMD EPYC Zen 3, for one) a bfloat16 unit runs its float32 plan on widened values
+    instead (csrc/cpu/conv_precision.h), and falls back to the unfolded op where that switch is
+    off, as eager's bfloat16 convolution falls back to ATen's own code."""
+    from fusedres.backends.extension import CpuBackend, _convolves_in_float32
+    return CpuBackend._onednn_takes(torch.float32 if _convolves_in_float32(dtype) else dtype)
 
 
 def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

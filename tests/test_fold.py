@@ -135,8 +135,8 @@ def test_a_computed_weight_is_never_cached(monkeypatch):
 def test_one_pixel_map_runs_the_folded_convolution(monkeypatch, residual, dtype):
     """[N, C, 1, 1] in and out (layer4 of a 32x32 image) is both layouts at once: it takes the
     folded oneDNN convolution with the residual add, as channels_last activations do, and is
-    right; before, it fell back to the unfolded op (as bfloat16 still does where oneDNN does not
-    take it)."""
+    right; before, it fell back to the unfolded op (as bfloat16 still does where oneDNN takes
+    neither it nor, widened, float32: conftest.onednn_takes)."""
     if not fusedres.available_backends()["cpu"][0]:
         pytest.skip("the cpu backend is not built")
     folds = []

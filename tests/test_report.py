@@ -273,7 +273,7 @@ def _ratio(ratio, lo, hi, result=True):
 
 
 def test_warnings_and_targets():
-    rep = {"machine": {"device": "cpu"}, "groups": [
+    rep = {"machine": {"device": "cpu", "native_bf16_found": True}, "groups": [
         _group("train", "float32", [
             _row("eager", "eager", None, _ratio(1.0, 0.9, 1.1, False)),
             _row("compile", "eager", _ratio(1.0, 0.9, 1.1, False), None),
@@ -301,6 +301,10 @@ def test_warnings_and_targets():
         ("resnet50 float32 eval", "cpu_cl", "vs eager >= 1.5x"): "unresolved"}
     # The targets are for the 2-core CPU machine, not for a GPU.
     assert report.model_targets(dict(rep, machine={"device": "cuda"})) == []
+    # The bfloat16 ones only where the CPU has native bf16 matrix instructions.
+    without = {(t["group"], t["provider"], t["what"]) for t in report.model_targets(
+        dict(rep, machine={"device": "cpu", "native_bf16_found": False}))}
+    assert without == set(verdicts) - {("resnet50 bfloat16 eval", "cpu_cl", "vs eager >= 1.5x")}
 
 
 # -- timing and memory ---------------------------------------------------------------------------

@@ -106,6 +106,9 @@ class CpuBackend(ExtensionBackend):
 
     def infer_runner(self, conv_module, x, weight, gamma, beta, residual, running_mean,
                      running_var, conv: ConvParams, relu, eps):
+        if _convolves_in_float32(x.dtype) and self._onednn_takes(torch.float32):
+            return self._float32_runner(conv_module, x, weight, gamma, beta, residual,
+                                        running_mean, running_var, conv, relu, eps)
         # A one-pixel map is channels_last memory too: without it, the late stages of small
         # images (32x32) fell back to the unfolded op, the residual add not taken.
         channels_last = (memory_format_of(x) == torch.channels_last
@@ -168,6 +171,32 @@ class CpuBackend(ExtensionBackend):
             return pointwise.binary(x, residual, f.weight, f.bias, padding, stride, dilation,
                                     groups, "add", None, unary, [], "")
         return run_add
+
+    def _float32_runner(self, conv_module, x, weight, gamma, beta, residual, running_mean,
+                        running_var, conv: ConvParams, relu, eps):
+        """A bfloat16 or float16 unit where this CPU's oneDNN has no kernels for the dtype
+        (csrc/cpu/conv_precision.h): the float32 runner of the same unit (folded, prepacked, its
+        matrix product or Winograd path) on x and the residual widened, y rounded once back."""
+        dtype = x.dtype
+
+        def widened(t):
+            return None if t is None else torch.empty_like(t, dtype=torch.float32)
+
+        inner = self.infer_runner(conv_module, widened(x), weight, gamma, beta, widened(residual),
+                                  running_mean, running_var, conv, relu, eps)
+
+        def run(x, residual, residual_is_dead):
+            # The widened residual is a copy of the caller's: the float32 runner may sum into it.
+            return inner(x.float(), None if residual is None else residual.float(),
+                         residual is not None).to(dtype)
+        return run
+
+
+def _convolves_in_float32(dtype: torch.dtype) -> bool:
+    """Whether the cpu backend convolves ``dtype`` in float32 (csrc/cpu/conv_precision.h; set at
+    load where this CPU's oneDNN runs no bfloat16 or float16)."""
+    return (dtype in (torch.bfloat16, torch.float16)
+            and _ext._C.cpu_conv_in_float32(dtype == torch.bfloat16))
 
 
 # Output maps of at most this many pixels convolve faster as one matrix product over the input's
