@@ -2,10 +2,11 @@
 channels_last from end to end.
 
 Casts are counted over one training step (forward, backward) and one inference forward, as the
-ATen ops that copy between dtypes (``aten::_to_copy``, ``aten::copy_``) that a TorchDispatchMode
-sees: those called from Python and from inside composite ops, not those inside a C++ kernel of
-fusedres's unit ops (the mode is off while it runs the op it intercepted), of a fused ResNet and
-of the eager model with the same weights. Where this CPU's oneDNN runs no bfloat16 the cpu
+``aten::copy_`` calls between two dtypes that torch.profiler records (every ``_to_copy`` to a
+new dtype ends in one), wherever they are called: from Python, inside composite ops, or inside
+a C++ kernel of fusedres's unit ops, of a fused ResNet and of the eager model with the same
+weights. (A TorchDispatchMode, which counted before, sees no call inside a C++ kernel: the mode
+is off while the op it intercepted runs.) Where this CPU's oneDNN runs no bfloat16 the cpu
 backend convolves bfloat16 in float32 (csrc/cpu/conv_precision.h, tests/test_conv_precision.py):
 by design that adds casts, so the count runs with that switch off and again with it on.
 """
@@ -14,7 +15,7 @@ by design that adds casts, so the count runs with that switch off and again with
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.profiler import ProfilerActivity, profile
 
 from conftest import CPU_FUSED_BACKENDS, onednn_takes
 import fusedres
@@ -22,28 +23,13 @@ from fusedres import reference
 from fusedres._ext import _C
 from fusedres.ops import fold
 
-class _CastCounter(TorchDispatchMode):
-    """Counts the ATen ops that convert a tensor to another dtype (``_to_copy`` with a new
-    dtype, ``copy_`` between dtypes), from Python or from inside any C++ op."""
-
-    def __init__(self):
-        super().__init__()
-        self.casts = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.aten._to_copy.default:
-            dtype = kwargs.get("dtype")
-            self.casts += int(dtype is not None and dtype != args[0].dtype)
-        elif func is torch.ops.aten.copy_.default:
-            self.casts += int(args[0].dtype != args[1].dtype)
-        return func(*args, **kwargs)
-
 
 def _cast_count(fn) -> int:
-    with _CastCounter() as counter:
+    """Calls fn once; the ``aten::copy_`` calls whose destination and source dtypes differ."""
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
-    return counter.casts
+    return sum(1 for e in prof.profiler.kineto_results.events()
+               if e.name() == "aten::copy_" and len(set(e.dtypes()[:2])) == 2)
 
 
 def _models(backend):
@@ -99,19 +85,28 @@ def test_no_casts_beyond_eager_autocast(backend, float32_convolutions):
 
 @pytest.mark.parametrize("backend", [b for b in CPU_FUSED_BACKENDS if b != "torch_ops"])
 def test_float32_convolutions_add_only_their_own_casts(backend, float32_convolutions):
-    """With bfloat16 convolved in float32, inference adds at most its own casts per unit: x and
-    the residual widened, y rounded back (training widens inside the C++ unit ops)."""
+    """With bfloat16 convolved in float32, each convolution adds at most its own casts: in
+    training x, the weight and z forward, dz, x, the weight, dx and dweight backward; in
+    inference x and the residual widened, y rounded back."""
     if not torch.backends.mkldnn.is_available():
         pytest.skip("oneDNN is not available: inference runs the unfolded op")
     float32_convolutions(True)
     fused, eager = _models(backend)
+    convolutions = sum(isinstance(m, torch.nn.Conv2d) for m in fused.modules())
+    residual_units = sum(isinstance(m, fusedres.FusedBasicBlock) for m in fused.modules())
     x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 10, (4,))
+    for model in (fused, eager):
+        model.train()
+        _train_step(model, x, target)()
+    train = {name: _cast_count(_train_step(m, x, target))
+             for name, m in (("fused", fused), ("eager", eager))}
+    assert train["fused"] > train["eager"], train  # the widening is seen: the count can fail
+    assert train["fused"] <= train["eager"] + 8 * convolutions, train
     for model in (fused, eager):
         model.eval()
         _infer(model, x)()
     infer = {name: _cast_count(_infer(m, x)) for name, m in (("fused", fused), ("eager", eager))}
-    convolutions = sum(isinstance(m, torch.nn.Conv2d) for m in fused.modules())
-    residual_units = sum(isinstance(m, fusedres.FusedBasicBlock) for m in fused.modules())
     assert infer["fused"] > infer["eager"], infer  # the widening is seen: the count can fail
     assert infer["fused"] <= infer["eager"] + 2 * convolutions + residual_units, infer
 
