@@ -62,14 +62,11 @@ bool widens(const DeviceOps& dev, const at::Tensor& x) {
 
 at::Tensor convolution(const DeviceOps& dev, const at::Tensor& x, const at::Tensor& weight,
                        const ConvGeometry& geo) {
+  if (widens(dev, x)) {  // the float32 convolution of the same values, by float32's rules
+    return convolution(dev, x.to(at::kFloat), weight.to(at::kFloat), geo).to(x.scalar_type());
+  }
   if (device_conv_applies(dev, x, weight, geo)) {
     return dev.conv_forward(x, weight, geo.stride, geo.padding, geo.dilation);
-  }
-  if (widens(dev, x)) {
-    return at::convolution(conv_input(dev, x).to(at::kFloat), weight.to(at::kFloat),
-                           c10::nullopt, geo.stride, geo.padding, geo.dilation,
-                           /*transposed=*/false, /*output_padding=*/{0, 0}, geo.groups)
-        .to(x.scalar_type());
   }
   return at::convolution(conv_input(dev, x), weight, c10::nullopt, geo.stride, geo.padding,
                          geo.dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, geo.groups);
@@ -221,19 +218,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
                       output_mask[4], training);
   at::Tensor dx, dw;
   if (output_mask[0] || output_mask[1]) {
-    if (device_conv_applies(dev, x, weight, geo)) {
-      std::tie(dx, dw) = dev.conv_backward(dz, x, weight, geo.stride, geo.padding, geo.dilation,
-                                           output_mask[0], output_mask[1]);
+    // Widened, the float32 convolution's gradients of the same values, by float32's rules.
+    const bool wide = widens(dev, x);
+    auto in_float32 = [&](const at::Tensor& t) { return wide ? t.to(at::kFloat) : t; };
+    const at::Tensor dz_c = in_float32(dz), x_c = in_float32(x), weight_c = in_float32(weight);
+    if (device_conv_applies(dev, x_c, weight_c, geo)) {
+      std::tie(dx, dw) = dev.conv_backward(dz_c, x_c, weight_c, geo.stride, geo.padding,
+                                           geo.dilation, output_mask[0], output_mask[1]);
     } else {
-      const bool wide = widens(dev, x);
-      auto in_float32 = [&](const at::Tensor& t) { return wide ? t.to(at::kFloat) : t; };
       std::tie(dx, dw, std::ignore) = at::convolution_backward(
-          in_float32(dz), in_float32(conv_input(dev, x)), in_float32(weight), c10::nullopt,
-          geo.stride, geo.padding, geo.dilation, /*transposed=*/false,
-          /*output_padding=*/{0, 0}, geo.groups, {output_mask[0], output_mask[1], false});
-      if (wide && dx.defined()) dx = dx.to(x.scalar_type());
-      if (wide && dw.defined()) dw = dw.to(weight.scalar_type());
+          dz_c, conv_input(dev, x_c), weight_c, c10::nullopt, geo.stride, geo.padding,
+          geo.dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, geo.groups,
+          {output_mask[0], output_mask[1], false});
     }
+    if (wide && dx.defined()) dx = dx.to(x.scalar_type());
+    if (wide && dw.defined()) dw = dw.to(weight.scalar_type());
   }
   return {output_mask[0] ? dx : absent(dy), output_mask[1] ? strided_like(dw, weight) : absent(dy),
           output_mask[2] ? dgamma : absent(dy), output_mask[3] ? dbeta : absent(dy),
