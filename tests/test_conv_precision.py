@@ -5,8 +5,9 @@ There ATen's own convolution of such a dtype runs generic code about 15x slower 
 the cpu backend widens x and the weight (exactly), convolves in float32 and rounds each result
 once. The tests set the switch both ways on any CPU and check the op's results bit for bit
 against the float32 unit op's (and inference's float32 plan) on the same values rounded once;
-with the switch off the convolution is ATen's in the dtype itself. Whole models under autocast are checked against the
-oracle by tests/test_autocast.py and the model tests, on whichever path this CPU takes.
+with the switch off the convolution is ATen's in the dtype itself. Whole models under autocast
+are checked against the oracle by tests/test_autocast.py and the model tests, on whichever path
+this CPU takes.
 """
 
 import subprocess
