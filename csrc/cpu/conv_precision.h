@@ -5,8 +5,9 @@
 // (im2col and its portable matrix product), about 15x slower than float32 there; float16 alike
 // without oneDNN's float16. Eager PyTorch under CPU autocast pays that on every convolution. The
 // cpu backend's unit ops convolve such a dtype in float32 instead: x, the weight (and in
-// backward dz) widened exactly, float32 accumulation as in any bfloat16 kernel, and each result
-// (z, dx, dweight) rounded once to the dtype, as a bfloat16 convolution rounds its float32 sums.
+// backward dz) widened exactly, then the float32 convolution by float32's rules (gemm_conv.h's
+// GEMM path where it applies, else ATen's), and each result (z, dx, dweight) rounded once to the
+// dtype, as a bfloat16 convolution rounds its float32 sums.
 // Inference folds and prepacks its weights in float32 the same way
 // (fusedres/backends/extension.py). docs/design.md section 4 has the measurements.
 #pragma once
