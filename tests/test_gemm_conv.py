@@ -209,8 +209,9 @@ def _profiled(fn):
 def test_matrix_products_of_the_gemm_path(gemm_switch, onednn, dtype):
     """float32 products run oneDNN's matmul (mkldnn::_linear_pointwise: MKL's sgemm, what
     at::mm runs, is slower on these shapes) unless oneDNN is disabled, then at::mm; bfloat16
-    runs at::mm (oneDNN's matmul inside ATen). Forward, data and weight gradients follow the
-    oracle either way."""
+    runs at::mm (oneDNN's matmul inside ATen), or float32's products where this CPU's oneDNN
+    runs no bfloat16 and the unit ops widen it (csrc/cpu/conv_precision.h). Forward, data and
+    weight gradients follow the oracle either way."""
     if onednn and not torch.backends.mkldnn.is_available():
         pytest.skip("this torch is built without oneDNN")
     gemm_switch(True)
@@ -223,7 +224,8 @@ def test_matrix_products_of_the_gemm_path(gemm_switch, onednn, dtype):
                           None, dtype)
     with torch.backends.mkldnn.flags(enabled=onednn):
         got, names = _profiled(lambda: run(fused, x, None, dy64.to(dtype)))
-    linear = dtype == torch.float32 and onednn
+    products_in_float32 = dtype == torch.float32 or _C.cpu_conv_in_float32(True)
+    linear = products_in_float32 and onednn
     assert ("mkldnn::_linear_pointwise" in names) == linear, sorted(names)
     assert ("aten::mm" in names) != linear, sorted(names)
     ref = run(eager, x, None, dy64.to(dtype))
