@@ -7,26 +7,20 @@ namespace fusedres {
 namespace cpu {
 namespace {
 
-std::atomic<bool>& bfloat16_flag() {
-  static std::atomic<bool> flag{false};
-  return flag;
-}
-
-std::atomic<bool>& float16_flag() {
-  static std::atomic<bool> flag{false};
-  return flag;
-}
+// Constant-initialised (no environment to read): set at load by fusedres/_ext.py.
+std::atomic<bool> bfloat16_in_float32{false};
+std::atomic<bool> float16_in_float32{false};
 
 }  // namespace
 
 void set_conv_in_float32(bool bfloat16, bool float16) {
-  bfloat16_flag().store(bfloat16);
-  float16_flag().store(float16);
+  bfloat16_in_float32.store(bfloat16);
+  float16_in_float32.store(float16);
 }
 
 bool conv_in_float32(at::ScalarType dtype) {
-  if (dtype == at::kBFloat16) return bfloat16_flag().load();
-  if (dtype == at::kHalf) return float16_flag().load();
+  if (dtype == at::kBFloat16) return bfloat16_in_float32.load();
+  if (dtype == at::kHalf) return float16_in_float32.load();
   return false;
 }
 
