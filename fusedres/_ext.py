@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from typing import Optional
 
 import torch
 
+from fusedres._sources import csrc_fingerprint
+
 _BUILD_HINT = "build it with `pip install -e . --no-build-isolation`"
+# Where a source checkout has them (an editable install, an in-place build); not in a wheel.
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+
+try:
+    from fusedres._build_info import BUILD_INFO
+except ImportError:
+    BUILD_INFO = {}
 
 
 def abi_mismatch(extension) -> Optional[str]:
@@ -28,16 +38,34 @@ def abi_mismatch(extension) -> Optional[str]:
             f"the process; re{_BUILD_HINT} (setup.py passes torch's ABI)")
 
 
-if importlib.util.find_spec("fusedres._C") is None:
-    _C = None
-    EXTENSION_ERROR = f"fusedres._C is not built; {_BUILD_HINT}"
-else:
+def stale_sources(build_info: dict, csrc: str = _CSRC) -> Optional[str]:
+    """Why fusedres._C must not be used if it was not built from the sources in ``csrc``, else
+    None.
+
+    setup.py records their fingerprint (fusedres._sources) once a build succeeds. A library
+    left from other sources (a `git pull` without a rebuild) would otherwise load and fail
+    later, at the first op or function it lacks, or run old kernels. Passes where there is
+    nothing to compare: no ``csrc`` folder (an installed wheel) or no record (a build by an
+    older setup.py).
+    """
+    built = build_info.get("sources")
+    if built is None or not os.path.isdir(csrc) or built == csrc_fingerprint(csrc):
+        return None
+    return (f"fusedres._C was not built from the sources in {csrc} (they changed since its "
+            f"build, or the last build did not finish); re{_BUILD_HINT}")
+
+
+_C = None
+# A library from other sources is not even loaded: loading registers its torch.ops.fusedres.*.
+EXTENSION_ERROR = (f"fusedres._C is not built; {_BUILD_HINT}"
+                   if importlib.util.find_spec("fusedres._C") is None
+                   else stale_sources(BUILD_INFO))
+if EXTENSION_ERROR is None:
     try:
         # Registers the torch.ops.fusedres.* kernels.
         _C = importlib.import_module("fusedres._C")
         EXTENSION_ERROR = abi_mismatch(_C)
     except ImportError as exc:  # e.g. built against another torch
-        _C = None
         EXTENSION_ERROR = f"fusedres._C could not be loaded ({exc}); re{_BUILD_HINT}"
     if EXTENSION_ERROR is not None:
         _C = None
@@ -64,11 +92,6 @@ if _C is not None and hasattr(_C, "set_cpu_conv_in_float32"):
     # slower than float32: the unit ops convolve it in float32 (csrc/cpu/conv_precision.h).
     _C.set_cpu_conv_in_float32(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
                                not torch.ops.mkldnn._is_mkldnn_fp16_supported())
-
-try:
-    from fusedres._build_info import BUILD_INFO
-except ImportError:
-    BUILD_INFO = {}
 
 
 def extension_loaded() -> bool:

@@ -9,6 +9,7 @@ import torch
 
 import fusedres
 from fusedres import _ext
+from fusedres._sources import csrc_fingerprint
 from fusedres.backend import BACKEND_NAMES, resolve
 
 
@@ -97,6 +98,69 @@ def test_an_extension_of_another_string_abi_is_refused():
     assert _ext.abi_mismatch(types.SimpleNamespace(glibcxx_use_cxx11_abi=torch_abi)) is None
     # a build that does not say (older ones, libc++) is taken as it is
     assert _ext.abi_mismatch(types.SimpleNamespace()) is None
+
+
+def test_an_extension_from_other_sources_is_refused(tmp_path):
+    """_ext.stale_sources compares setup.py's record with csrc/'s fingerprint: any change to a
+    source's bytes, name or set refuses the library; files the build does not read do not."""
+    csrc = tmp_path / "csrc"
+    (csrc / "cpu").mkdir(parents=True)
+    (csrc / "ops.cpp").write_text("int f() { return 1; }\n")
+    (csrc / "cpu" / "kernels.h").write_text("#pragma once\n")
+    record = {"sources": csrc_fingerprint(str(csrc))}
+    assert _ext.stale_sources(record, str(csrc)) is None
+
+    (csrc / "cpu" / "kernels.h").write_text("#pragma once  \n")
+    why = _ext.stale_sources(record, str(csrc))
+    assert why is not None and str(csrc) in why and "rebuild it with" in why
+    (csrc / "cpu" / "kernels.h").write_text("#pragma once\n")
+    assert _ext.stale_sources(record, str(csrc)) is None
+
+    (csrc / "new.cu").write_text("")
+    assert _ext.stale_sources(record, str(csrc)) is not None
+    (csrc / "new.cu").unlink()
+    (csrc / "ops.cpp").rename(csrc / "cpu" / "ops.cpp")
+    assert _ext.stale_sources(record, str(csrc)) is not None
+    (csrc / "cpu" / "ops.cpp").rename(csrc / "ops.cpp")
+    for not_built in ("notes.txt", "ops.cpp~", ".ops.cpp.swp"):
+        (csrc / not_built).write_text("x")
+    assert _ext.stale_sources(record, str(csrc)) is None
+
+    # setup.py's record until its build succeeds
+    assert _ext.stale_sources({"sources": "build not finished"}, str(csrc)) is not None
+    # nothing to compare: no record (an older setup.py), no csrc/ (an installed wheel)
+    assert _ext.stale_sources({}, str(csrc)) is None
+    assert _ext.stale_sources(record, str(tmp_path / "absent")) is None
+
+
+def test_the_build_records_the_sources_it_was_built_from():
+    if not _ext.extension_loaded():
+        pytest.skip(f"needs the extension: {_ext.EXTENSION_ERROR}")
+    assert _ext.BUILD_INFO["sources"] == csrc_fingerprint(_ext._CSRC)
+
+
+def test_a_library_from_other_sources_is_not_loaded():
+    """With csrc/ changed since the build (here: its fingerprint), the library is not loaded, so
+    that none of its ops are registered, and the backends say why and how to fix it."""
+    if not _ext.extension_loaded():
+        pytest.skip(f"needs the extension: {_ext.EXTENSION_ERROR}")
+    code = """
+import sys, types
+changed = types.ModuleType("fusedres._sources")
+changed.csrc_fingerprint = lambda csrc: "sources changed since the build"
+sys.modules["fusedres._sources"] = changed
+import torch, fusedres
+from fusedres import _ext
+assert _ext._C is None, "loaded"
+assert not hasattr(torch.ops.fusedres, "unit_train"), "ops registered"
+ok, why = fusedres.available_backends()["cpu"]
+assert not ok and why == _ext.EXTENSION_ERROR, (ok, why)
+print(why)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "fusedres._C was not built from the sources in" in out.stdout
+    assert "rebuild it with `pip install -e . --no-build-isolation`" in out.stdout
 
 
 def test_the_extension_is_built_with_torchs_string_abi():
