@@ -19,6 +19,10 @@ try:
     from fusedres._build_info import BUILD_INFO
 except ImportError:
     BUILD_INFO = {}
+try:
+    from fusedres._build_sources import SOURCES as BUILT_FROM
+except ImportError:
+    BUILT_FROM = None
 
 
 def abi_mismatch(extension) -> Optional[str]:
@@ -38,18 +42,17 @@ def abi_mismatch(extension) -> Optional[str]:
             f"the process; re{_BUILD_HINT} (setup.py passes torch's ABI)")
 
 
-def stale_sources(build_info: dict, csrc: str = _CSRC) -> Optional[str]:
+def stale_sources(built_from: Optional[str], csrc: str = _CSRC) -> Optional[str]:
     """Why fusedres._C must not be used if it was not built from the sources in ``csrc``, else
     None.
 
-    setup.py records their fingerprint (fusedres._sources) once a build succeeds. A library
-    left from other sources (a `git pull` without a rebuild) would otherwise load and fail
-    later, at the first op or function it lacks, or run old kernels. Passes where there is
-    nothing to compare: no ``csrc`` folder (an installed wheel) or no record (a build by an
-    older setup.py).
+    setup.py's build records their fingerprint (fusedres._sources) in
+    fusedres/_build_sources.py once it succeeds, ``built_from``. A library left from other
+    sources (a `git pull` without a rebuild) would otherwise load and fail later, at the first
+    op or function it lacks, or run old kernels. Passes where there is nothing to compare: no
+    ``csrc`` folder (an installed wheel) or no record (a build by an older setup.py).
     """
-    built = build_info.get("sources")
-    if built is None or not os.path.isdir(csrc) or built == csrc_fingerprint(csrc):
+    if built_from is None or not os.path.isdir(csrc) or built_from == csrc_fingerprint(csrc):
         return None
     return (f"fusedres._C was not built from the sources in {csrc} (they changed since its "
             f"build, or the last build did not finish); re{_BUILD_HINT}")
@@ -59,7 +62,7 @@ _C = None
 # A library from other sources is not even loaded: loading registers its torch.ops.fusedres.*.
 EXTENSION_ERROR = (f"fusedres._C is not built; {_BUILD_HINT}"
                    if importlib.util.find_spec("fusedres._C") is None
-                   else stale_sources(BUILD_INFO))
+                   else stale_sources(BUILT_FROM))
 if EXTENSION_ERROR is None:
     try:
         # Registers the torch.ops.fusedres.* kernels.

@@ -1,6 +1,6 @@
 """The fingerprint of the C++/CUDA sources (csrc/) that fusedres._C is built from.
 
-setup.py records it in fusedres/_build_info.py when it builds; fusedres._ext compares the record
+setup.py's build records it in fusedres/_build_sources.py; fusedres._ext compares the record
 with the sources beside the package at import, so that a library left from other sources (a
 `git pull` without a rebuild) is refused with the fix, instead of failing later at an op or
 function it lacks. Standard library only: setup.py loads this file by path, before torch's build.
@@ -13,6 +13,8 @@ import os
 
 # What the build compiles or includes; editors' backups and swap files beside them are not.
 SOURCE_SUFFIXES = (".cpp", ".h", ".hpp", ".cu", ".cuh")
+# The record while a build runs, and after it failed: no fingerprint equals it.
+UNFINISHED = "build not finished"
 
 
 def csrc_fingerprint(csrc: str) -> str:

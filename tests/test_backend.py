@@ -9,7 +9,7 @@ import torch
 
 import fusedres
 from fusedres import _ext
-from fusedres._sources import csrc_fingerprint
+from fusedres._sources import UNFINISHED, csrc_fingerprint
 from fusedres.backend import BACKEND_NAMES, resolve
 
 
@@ -107,7 +107,7 @@ def test_an_extension_from_other_sources_is_refused(tmp_path):
     (csrc / "cpu").mkdir(parents=True)
     (csrc / "ops.cpp").write_text("int f() { return 1; }\n")
     (csrc / "cpu" / "kernels.h").write_text("#pragma once\n")
-    record = {"sources": csrc_fingerprint(str(csrc))}
+    record = csrc_fingerprint(str(csrc))
     assert _ext.stale_sources(record, str(csrc)) is None
 
     (csrc / "cpu" / "kernels.h").write_text("#pragma once  \n")
@@ -127,16 +127,16 @@ def test_an_extension_from_other_sources_is_refused(tmp_path):
     assert _ext.stale_sources(record, str(csrc)) is None
 
     # setup.py's record until its build succeeds
-    assert _ext.stale_sources({"sources": "build not finished"}, str(csrc)) is not None
+    assert _ext.stale_sources(UNFINISHED, str(csrc)) is not None
     # nothing to compare: no record (an older setup.py), no csrc/ (an installed wheel)
-    assert _ext.stale_sources({}, str(csrc)) is None
+    assert _ext.stale_sources(None, str(csrc)) is None
     assert _ext.stale_sources(record, str(tmp_path / "absent")) is None
 
 
 def test_the_build_records_the_sources_it_was_built_from():
     if not _ext.extension_loaded():
         pytest.skip(f"needs the extension: {_ext.EXTENSION_ERROR}")
-    assert _ext.BUILD_INFO["sources"] == csrc_fingerprint(_ext._CSRC)
+    assert _ext.BUILT_FROM == csrc_fingerprint(_ext._CSRC)
 
 
 def test_a_library_from_other_sources_is_not_loaded():
