@@ -49,7 +49,6 @@ import torch.nn.functional as F
 import fusedres
 from _providers import DEVICE, GPU, interleave_functions, provider_params, rounds, warmup
 from conftest import record
-from fusedres import reference
 from fusedres.backend import ConvParams, conv_output_hw
 from fusedres.report import bn_ops
 
