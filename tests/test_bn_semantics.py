@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 import fusedres
-from fusedres.ops.unit import nn_takes_zero_eps_with_running_stats
+from fusedres.ops.unit import NN_TAKES_ZERO_EPS_WITH_RUNNING_STATS
 from conftest import CPU_FUSED_BACKENDS, assert_oracle_close
 
 
@@ -319,9 +319,9 @@ def test_nn_eps_contract():
     eps tests below take nn's behaviour as their expectation, this pins it down. Batch
     statistics need eps > 0 in every supported torch; running statistics take eps = 0 from
     torch 2.12 on, where torch 2.11 refused every eps <= 0 (what
-    ``nn_takes_zero_eps_with_running_stats`` reports, and the fused modules follow)."""
+    ``NN_TAKES_ZERO_EPS_WITH_RUNNING_STATS`` says, and the fused modules follow)."""
     x = torch.randn(2, 3, 4, 4)
-    zero_eps_with_running_stats = nn_takes_zero_eps_with_running_stats()
+    zero_eps_with_running_stats = NN_TAKES_ZERO_EPS_WITH_RUNNING_STATS
     training_words = " during training" if zero_eps_with_running_stats else ", but got"
     for eps in (0.0, -1.0):
         bn = nn.BatchNorm2d(3, eps=eps)              # construction accepts any eps

@@ -114,6 +114,42 @@ def test_compile_fullgraph_train_and_eval(backend, compiler):
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_compile_warns_nothing_about_fusedres(backend, mode, monkeypatch):
+    """torch.compile of a fused model raises no warning that points at fusedres's code. Dynamo
+    warns of every functools cache it traces through: one sat in the block op's backward, one in
+    the eps check of a unit with eps = 0 in eval (where this torch's nn takes it)."""
+    import warnings
+
+    from fusedres.ops.unit import NN_TAKES_ZERO_EPS_WITH_RUNNING_STATS
+
+    # Dynamo warns each message once per process: forget what earlier tests triggered.
+    monkeypatch.setattr(torch._dynamo.utils, "warn_once_cache", set(), raising=False)
+    torch._dynamo.reset()
+    fused, eager = fused_eager_pair(backend)
+    x = torch.randn(4, 3, 16, 16)
+    if mode == "eval":
+        fused.eval()
+        eager.eval()
+        for net in (fused, eager):
+            for m in net.modules():
+                if isinstance(m, nn.BatchNorm2d) and NN_TAKES_ZERO_EPS_WITH_RUNNING_STATS:
+                    m.eps = 0.0
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if mode == "train":
+            target = torch.randn(4, 5)
+            torch.testing.assert_close(train_step(compiled, x, target),
+                                       train_step(eager, x, target), rtol=1e-4, atol=1e-5)
+        else:
+            with torch.no_grad():
+                torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+    about_fusedres = [str(w.message) for w in caught
+                      if "fusedres" in str(w.message) or "fusedres" in w.filename]
+    assert not about_fusedres, about_fusedres
+
 @pytest.mark.slow
 def test_compile_resnet18_inductor():
     """The whole fused resnet18 (32x32, batch 2) under inductor, fullgraph, train fwd + bwd."""

@@ -36,7 +36,6 @@ downsample, no gradient wanted) blocks keep the per-unit path.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import NamedTuple, Optional, Sequence
 
@@ -158,14 +157,52 @@ def _rebuild(ops: BlockOps, z, scale, shift, relu: bool) -> torch.Tensor:
     return ops.bn_act_fwd(z, scale, shift, None, relu)
 
 
+class _BackwardConstants(NamedTuple):
+    """What a block's backward passes on that depends only on its _BlockSpec."""
+
+    needs_index: tuple  # into needs_input_grad: x, then weight, gamma, beta per unit
+    geometry: list  # fusedres::block_backward's: stride, padding, dilation, groups per unit
+    unit_geometry: list  # backward_units': (stride, padding, dilation, groups) per unit
+    relus: list
+
+
+# Looked up where a block is called, outside the autograd Function. A plain dict rather than
+# functools.lru_cache, which torch.compile traces through (and warns about); cleared when full,
+# since a spec holds momentum and eps, which a schedule may vary.
+_BACKWARD_CONSTANTS: dict = {}
+_BACKWARD_CONSTANTS_MAX = 256
+
+
+def _backward_constants(spec: _BlockSpec) -> _BackwardConstants:
+    const = _BACKWARD_CONSTANTS.get(spec)
+    if const is None:
+        if len(_BACKWARD_CONSTANTS) >= _BACKWARD_CONSTANTS_MAX:
+            _BACKWARD_CONSTANTS.clear()
+        const = _BACKWARD_CONSTANTS[spec] = _compute_backward_constants(spec)
+    return const
+
+
+def _compute_backward_constants(spec: _BlockSpec) -> _BackwardConstants:
+    m = len(spec.units)
+    # needs_input_grad is (spec, constants, x, then _PER_UNIT per unit: weight, gamma, beta,
+    # buffers).
+    index = (2,) + tuple(3 + _PER_UNIT * k + i for k in range(m) for i in range(3))
+    return _BackwardConstants(
+        index, [v for u in spec.units for v in (*u.stride, *u.padding, *u.dilation, u.groups)],
+        [(u.stride, u.padding, u.dilation, u.groups) for u in spec.units],
+        [u.relu for u in spec.units])
+
+
 class _BlockFunction(torch.autograd.Function):
     """The block's units forward and backward; see the module docstring.
 
-    ``apply(spec, x, *tensors)`` with ``_PER_UNIT`` tensors per unit of ``spec.units``.
+    ``apply(spec, _backward_constants(spec), x, *tensors)`` with ``_PER_UNIT`` tensors per unit
+    of ``spec.units``. The constants come in as an argument, looked up outside: torch.compile
+    traces forward and backward as a higher-order op, where a cache cannot be written.
     """
 
     @staticmethod
-    def forward(ctx, spec: _BlockSpec, x: torch.Tensor, *tensors):
+    def forward(ctx, spec: _BlockSpec, constants: _BackwardConstants, x: torch.Tensor, *tensors):
         ops = get_backend(spec.backend).block_ops()
         units = [tensors[i:i + _PER_UNIT] for i in range(0, len(tensors), _PER_UNIT)]
         n = len(units) - spec.downsample
@@ -208,6 +245,7 @@ class _BlockFunction(torch.autograd.Function):
         ctx.save_for_backward(x, h, *weights, *gammas, *betas, *zs, *means, *invstds,
                               *coefficients)
         ctx.spec = spec
+        ctx.constants = constants
         return h
 
     @staticmethod
@@ -222,7 +260,7 @@ class _BlockFunction(torch.autograd.Function):
         # weights, gammas, betas, zs, means, invstds: m each.
         lists = [saved[2 + i * m:2 + (i + 1) * m] for i in range(6)]
         coefficients = saved[2 + 6 * m:]  # F3's (scale, shift) per inner unit, else none
-        const = _backward_constants(spec)
+        const: _BackwardConstants = ctx.constants
         needs = [ctx.needs_input_grad[i] for i in const.needs_index]
         if ops.block_backward is not None and not coefficients:
             dx, unit_grads = ops.block_backward(dy, x, y_last, *lists, const.geometry,
@@ -235,28 +273,8 @@ class _BlockFunction(torch.autograd.Function):
                                             const.relus, spec.downsample, needs, coefficients)
         # _PER_UNIT gradients per unit: the weight's, gamma's and beta's, then the buffers' None.
         buffer_grads = [None] * (_PER_UNIT - 3)
-        return (None, dx, *[g for k in range(m) for g in (*unit_grads[3 * k:3 * k + 3],
+        return (None, None, dx, *[g for k in range(m) for g in (*unit_grads[3 * k:3 * k + 3],
                                                            *buffer_grads)])
-
-
-class _BackwardConstants(NamedTuple):
-    """What a block's backward passes on that depends only on its _BlockSpec."""
-
-    needs_index: tuple  # into needs_input_grad: x, then weight, gamma, beta per unit
-    geometry: list  # fusedres::block_backward's: stride, padding, dilation, groups per unit
-    unit_geometry: list  # backward_units': (stride, padding, dilation, groups) per unit
-    relus: list
-
-
-@functools.lru_cache(maxsize=256)
-def _backward_constants(spec: _BlockSpec) -> _BackwardConstants:
-    m = len(spec.units)
-    # needs_input_grad is (spec, x, then _PER_UNIT per unit: weight, gamma, beta, buffers).
-    index = (1,) + tuple(2 + _PER_UNIT * k + i for k in range(m) for i in range(3))
-    return _BackwardConstants(
-        index, [v for u in spec.units for v in (*u.stride, *u.padding, *u.dilation, u.groups)],
-        [(u.stride, u.padding, u.dilation, u.groups) for u in spec.units],
-        [u.relu for u in spec.units])
 
 
 def unit_geometry(geometry: Sequence[int]) -> list:
@@ -388,7 +406,7 @@ class BlockCall(NamedTuple):
             # BatchNorm parameters and statistics left in float32.
             x = x.to(cast)
             tensors = [t.to(cast) if i % _PER_UNIT == 0 else t for i, t in enumerate(tensors)]
-        return _BlockFunction.apply(self.spec, x, *tensors)
+        return _BlockFunction.apply(self.spec, _backward_constants(self.spec), x, *tensors)
 
 
 def prepare_block_train(x: torch.Tensor, units: Sequence[Unit], downsample: Optional[Unit],

@@ -31,7 +31,6 @@ every tensor's requires_grad, which decides between that call and the folded inf
 
 from __future__ import annotations
 
-import functools
 import math
 import operator
 import weakref
@@ -71,17 +70,20 @@ def single_value_error(out_size: Sequence[int]) -> ValueError:
                       f"{torch.Size(out_size)}")
 
 
-@functools.cache
-def nn_takes_zero_eps_with_running_stats() -> bool:
-    """Whether this torch's ``F.batch_norm`` accepts eps = 0 when it normalises with running
-    statistics: torch 2.11 refuses every eps <= 0, torch 2.12 on only with batch statistics. Asked
-    of nn itself, once, so that the fused modules refuse what the installed torch's do."""
+def _nn_takes_zero_eps_with_running_stats() -> bool:
     try:
         F.batch_norm(torch.zeros(1, 1, 1, 1), torch.zeros(1), torch.ones(1), training=False,
                      eps=0.0)
     except ValueError:
         return False
     return True
+
+
+#: Whether this torch's ``F.batch_norm`` accepts eps = 0 when it normalises with running
+#: statistics: torch 2.11 refuses every eps <= 0, torch 2.12 on only with batch statistics. Asked
+#: of nn itself, once at import (not in a cached function, which torch.compile would trace and
+#: warn about), so that the fused modules refuse what the installed torch's do.
+NN_TAKES_ZERO_EPS_WITH_RUNNING_STATS = _nn_takes_zero_eps_with_running_stats()
 
 
 def _check_norm(x: torch.Tensor, bn: nn.Module, channels: int, name: str) -> None:
@@ -96,7 +98,7 @@ def _check_norm(x: torch.Tensor, bn: nn.Module, channels: int, name: str) -> Non
         raise ValueError(f"{name}: batch_norm eps must be positive during training, got {eps}")
     if eps < 0:
         raise ValueError(f"{name}: batch_norm eps must be non-negative, got {eps}")
-    if eps == 0 and not is_frozen_norm(bn) and not nn_takes_zero_eps_with_running_stats():
+    if eps == 0 and not is_frozen_norm(bn) and not NN_TAKES_ZERO_EPS_WITH_RUNNING_STATS:
         raise ValueError(f"{name}: batch_norm eps must be positive, got {eps}")
     for pname in ("weight", "bias", "running_mean", "running_var"):
         t = getattr(bn, pname, None)
