@@ -23,6 +23,10 @@ struct TensorSnapshot {
   py::object object;
   PyTypeObject* type;
   int64_t version;
+  // A weak reference keeps the StorageImpl object (not its memory) allocated, so no later
+  // storage can take its address: a swap under `.data` is seen even where the new storage's
+  // memory lands where the old one's was.
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
   const void* data;
   std::vector<int64_t> sizes, strides;
   at::ScalarType dtype;
@@ -50,6 +54,12 @@ bool same_entries(const DictSnapshot& s) {
   return true;
 }
 
+c10::weak_intrusive_ptr<c10::StorageImpl> storage_of(const at::Tensor& t) {
+  return t.has_storage() ? t.storage().getWeakStorageImpl()
+                         : c10::weak_intrusive_ptr<c10::StorageImpl>(
+                               c10::intrusive_ptr<c10::StorageImpl>());
+}
+
 // The start of t's memory, or null where it has none to show (no storage, or access refused).
 const void* data_of(const at::Tensor& t) {
   if (!t.has_storage()) return nullptr;
@@ -64,7 +74,9 @@ bool same_tensor(const TensorSnapshot& s) {
   if (Py_TYPE(s.object.ptr()) != s.type) return false;
   const at::Tensor& t = THPVariable_Unpack(s.object.ptr());
   if (t.is_inference()) return false;  // no version counter: nothing to compare
-  return t._version() == s.version && data_of(t) == s.data &&
+  const c10::StorageImpl* storage = t.has_storage() ? t.storage().unsafeGetStorageImpl() : nullptr;
+  return t._version() == s.version && storage == s.storage._unsafe_get_target() &&
+         data_of(t) == s.data &&
          t.sizes() == at::IntArrayRef(s.sizes) && t.strides() == at::IntArrayRef(s.strides) &&
          t.scalar_type() == s.dtype && t.device() == s.device;
 }
@@ -85,7 +97,7 @@ class StateWatch {
       const at::Tensor& t = THPVariable_Unpack(object.ptr());
       TORCH_CHECK(!t.is_inference(), "StateWatch: an inference tensor has no version to watch");
       tensors_.push_back(TensorSnapshot{object, Py_TYPE(object.ptr()), t._version(),
-                                        data_of(t), t.sizes().vec(),
+                                        storage_of(t), data_of(t), t.sizes().vec(),
                                         t.strides().vec(), t.scalar_type(), t.device()});
     }
   }

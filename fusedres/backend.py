@@ -31,6 +31,7 @@ the input's device.
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -115,6 +116,21 @@ def in_memory_format_of(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     copy. t, x: [N, C, H, W].
     """
     return t.contiguous(memory_format=memory_format_of(x))
+
+
+def contents_key(t: torch.Tensor) -> tuple:
+    """What a cache of values computed from ``t`` compares to tell whether t still holds the
+    values it was computed from, for as long as the cache keeps t itself (or keys it by id while
+    t lives): t's version counter, which every in-place op bumps, and where its values live. A
+    swap under ``t.data = other`` keeps the version but moves t to other's storage, so the
+    storage is keyed too, by a weak reference: unlike its address, never equal to that of a
+    storage freed and then allocated again. Writes through ``t.data`` are seen by neither (as by
+    autograd's own checks); see :func:`fusedres.ops.fold.clear_fold_cache`.
+
+    Raises:
+        RuntimeError: for an inference tensor (it has no version counter).
+    """
+    return t._version, weakref.ref(t.untyped_storage()), t.storage_offset()
 
 
 class BlockOps(NamedTuple):

@@ -51,6 +51,16 @@ def _change(unit, what):
             getattr(unit.bn, what).mul_(1.7)
         elif what == "eps":
             unit.bn.eps = 0.3
+        elif what in ("conv_weight_data_swapped", "gamma_data_swapped",
+                      "running_var_data_swapped"):
+            # Same version, new storage: what model-surgery and pruning code does.
+            owner, name = {"conv_weight_data_swapped": (unit.conv, "weight"),
+                           "gamma_data_swapped": (unit.bn, "weight"),
+                           "running_var_data_swapped": (unit.bn, "running_var")}[what]
+            t = getattr(owner, name)
+            version = t._version
+            t.data = t.data * 1.7
+            assert t._version == version
         elif what == "load_state_dict":
             state = {k: v * 1.3 if v.is_floating_point() else v for k, v in unit.state_dict().items()}
             unit.load_state_dict(state)
@@ -67,6 +77,7 @@ def _change(unit, what):
 
 
 CHANGES = ["conv_weight", "gamma", "beta", "running_mean", "running_var", "eps",
+           "conv_weight_data_swapped", "gamma_data_swapped", "running_var_data_swapped",
            "load_state_dict", "training_forward", "optimizer_step"]
 
 

@@ -65,6 +65,8 @@ def _block_change(block, x, what):
             block.conv2.weight = torch.nn.Parameter(block.conv2.weight.detach() * -1.5)
         elif what == "conv1_weight_in_place":
             block.conv1.weight.mul_(-2.0)  # the fold cache follows the version counter
+        elif what == "conv1_weight_data_swapped":
+            block.conv1.weight.data = block.conv1.weight.data * -2.0  # same version, new storage
         elif what == "replaced_bn2":
             block.bn2 = _randomize_bn(torch.nn.BatchNorm2d(block.bn2.num_features))
         elif what == "last_bn_eps":
@@ -85,8 +87,9 @@ def _block_change(block, x, what):
     return x
 
 
-BLOCK_CHANGES = ["replaced_conv2_weight", "conv1_weight_in_place", "replaced_bn2", "last_bn_eps",
-                 "bn1_training", "conv2_hook", "batch_size", "layout", "dtype", "global_backend"]
+BLOCK_CHANGES = ["replaced_conv2_weight", "conv1_weight_in_place", "conv1_weight_data_swapped",
+                 "replaced_bn2", "last_bn_eps", "bn1_training", "conv2_hook", "batch_size",
+                 "layout", "dtype", "global_backend"]
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
@@ -104,8 +107,8 @@ def test_block_plan_follows_what_its_key_holds(backend, kind, what):
             if what == "global_backend":
                 fusedres.set_backend("torch_ops")
             after = block(x)
-        if what in ("replaced_conv2_weight", "conv1_weight_in_place", "replaced_bn2",
-                    "last_bn_eps", "bn1_training"):
+        if what in ("replaced_conv2_weight", "conv1_weight_in_place", "conv1_weight_data_swapped",
+                    "replaced_bn2", "last_bn_eps", "bn1_training"):
             assert not torch.allclose(after, before, rtol=1e-3, atol=1e-3), "changed nothing"
         assert after.is_contiguous(memory_format=torch.channels_last) == (what == "layout")
         eager = _eager_block(block)
@@ -326,6 +329,9 @@ def _model_change(fused, eager, x, what):
         elif what == "layer4_bn_in_place":
             for m in (fused, eager):
                 m.layer4[1].bn2.running_mean.add_(1.0)
+        elif what == "layer2_weight_data_swapped":
+            for m in (fused, eager):  # same version, new storage
+                m.layer2[0].conv2.weight.data = m.layer2[0].conv2.weight.data * -1.5
         elif what == "maxpool_stride":
             fused.maxpool.stride = eager.maxpool.stride = 1
         elif what == "stem_weight_replaced":
@@ -340,7 +346,8 @@ def _model_change(fused, eager, x, what):
 
 
 MODEL_CHANGES = ["stem_weight_in_place", "stem_bn_eps", "replaced_block", "layer4_bn_in_place",
-                 "maxpool_stride", "stem_weight_replaced", "layer3_bn_train", "batch_size"]
+                 "layer2_weight_data_swapped", "maxpool_stride", "stem_weight_replaced",
+                 "layer3_bn_train", "batch_size"]
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)

@@ -35,6 +35,12 @@ def _change(conv: nn.Conv2d, what: str) -> None:
             conv.weight.add_(1.0)
         elif what == "data_swapped":
             conv.weight.data = torch.zeros_like(conv.weight)
+        elif what == "data_swapped_same_memory":
+            # A new storage over the old one's memory, as an allocator may hand freed memory out
+            # again: only the storage's identity tells the two apart.
+            same_memory = torch.from_numpy(conv.weight.detach().numpy())
+            assert same_memory.data_ptr() == conv.weight.data_ptr()
+            conv.weight.data = same_memory
         elif what == "dtype":
             conv.double()
         elif what == "layout":
@@ -54,7 +60,8 @@ def _change(conv: nn.Conv2d, what: str) -> None:
 
 
 CHANGES = ["attribute_rebound", "attribute_added", "equal_value_rebound", "parameter_replaced",
-           "bias_removed", "weight_in_place", "data_swapped", "dtype", "layout", "forward_hook",
+           "bias_removed", "weight_in_place", "data_swapped", "data_swapped_same_memory", "dtype",
+           "layout", "forward_hook",
            "forward_pre_hook", "dict_replaced", "class_changed", "train"]
 
 

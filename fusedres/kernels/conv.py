@@ -40,7 +40,7 @@ import torch.utils.weak
 import triton
 import triton.language as tl
 
-from fusedres.backend import conv_output_hw
+from fusedres.backend import contents_key, conv_output_hw
 from fusedres.kernels._launch import (cdiv, cfg, interpreting, launch, new_output,
                                       on_tensor_device, row_bucket)
 
@@ -400,7 +400,7 @@ def prepared_weight(weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -
 
     if weight.is_inference():
         return convert()  # inference tensors have no version counter to key on
-    identity = (weight._version, weight.data_ptr(), weight.dtype, weight.shape, weight.stride())
+    identity = (*contents_key(weight), weight.dtype, weight.shape, weight.stride())
     with _PREPARED_LOCK:
         by_dtype = _PREPARED.get(weight)
         cached = by_dtype.get(dtype) if by_dtype is not None else None

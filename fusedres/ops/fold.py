@@ -9,9 +9,11 @@ convolution's epilogue), so the activation is written once and never re-read.
 Folding reads every weight once; it is cached per (conv, BatchNorm) pair and recomputed whenever
 the conv weight, gamma, beta, a running statistic or eps changes. Changes are seen through the
 tensors' version counters, which every in-place op and optimizer step bumps (and fusedres's own
-training ops bump for the running statistics). A weight the conv computes on each access (a
-parametrization) is folded on every call, never cached. An in-place write through ``.data`` bypasses the
-version counter, as it does for autograd's own checks: call :func:`clear_fold_cache` after one.
+training ops bump for the running statistics), and their storage, which a swap under
+``t.data = other`` changes (:func:`fusedres.backend.contents_key`). A weight the conv computes on
+each access (a parametrization) is folded on every call, never cached. An in-place write through
+``.data`` bypasses the version counter, as it does for autograd's own checks: call
+:func:`clear_fold_cache` after one.
 
 This is the no-gradient path. With gradients wanted, eval units run ``unit_eval``, which computes
 scale and shift inside the op and keeps exact gradients for x, the conv weight, gamma and beta.
@@ -25,7 +27,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from fusedres.backend import ConvParams
+from fusedres.backend import ConvParams, contents_key
 from fusedres.ops.python_unit import eval_coefficients
 
 __all__ = ["FoldedConv", "clear_fold_cache", "clear_with_fold_cache", "fold_conv_bn"]
@@ -75,7 +77,7 @@ def _version_key(tensors) -> Optional[tuple]:
             key.append(None)
             continue
         try:
-            key.append((id(t), t._version))
+            key.append((id(t), *contents_key(t)))
         except RuntimeError:  # an inference tensor has no version counter: do not cache
             return None
     return tuple(key)

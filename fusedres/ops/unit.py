@@ -41,8 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fusedres import _ext, reference
-from fusedres.backend import (ConvParams, conv_output_hw, current_backend_name, explicit_padding,
-                              resolve)
+from fusedres.backend import (ConvParams, contents_key, conv_output_hw, current_backend_name,
+                              explicit_padding, resolve)
 from fusedres.fusability import is_frozen_norm, unfusable_reason
 from fusedres.ops import fold
 
@@ -451,24 +451,25 @@ def _hooked(conv: nn.Module, bn: nn.Module) -> bool:
 
 def unit_state_key(conv: nn.Module, bn: nn.Module, relu: bool) -> Optional[tuple]:
     """Everything about the unit's modules that an inference plan depends on: their types,
-    geometry, eps, training flag and hooks, their tensors' identities, versions, shapes, dtypes
-    and devices; None where the modules are of kinds it cannot describe.
+    geometry, eps, training flag and hooks, their tensors' identities, versions, storages,
+    shapes, dtypes and devices; None where the modules are of kinds it cannot describe.
 
     The modules must be exactly nn.Conv2d and nn.BatchNorm2d (or a FrozenBatchNorm2d): a
     parametrized module computes its weight on every access, which a plan would freeze. Their
     tensors are read from ``_parameters``/``_buffers``, not through nn.Module.__getattr__ (about a
-    microsecond a call). A tensor's id stands for the same object only while the plan holds it;
-    ``.to()``/``.half()`` swap a parameter's data in place, so dtype and device are keyed too.
-    The versions make a plan's folded weights valid for as long as its key matches: every
-    in-place change (an optimizer step, a state_dict load, a running-statistics update) bumps
-    them. A tensor without a version counter (made under torch.inference_mode) gives None.
+    microsecond a call). A tensor's id stands for the same object only while the plan holds it.
+    The versions and storages (:func:`fusedres.backend.contents_key`) make a plan's folded
+    weights valid for as long as its key matches: every in-place change (an optimizer step, a
+    state_dict load, a running-statistics update) bumps the version, and a swap under ``.data``
+    (``.to()`` and ``.half()`` make one) changes the storage. A tensor without a version counter
+    (made under torch.inference_mode) gives None.
     """
     members = _unit_members(conv, bn)
     if members is None:
         return None
     try:
-        tensors = tuple(None if t is None else (type(t), id(t), t._version, t.shape, t.dtype,
-                                                t.device) for t in members)
+        tensors = tuple(None if t is None else (type(t), id(t), *contents_key(t), t.shape,
+                                                t.dtype, t.device) for t in members)
     except RuntimeError:  # an inference tensor has no version counter
         return None
     return (relu, _hooked(conv, bn), _CONV_GEOMETRY(conv), type(bn), bn.eps, bn.training,

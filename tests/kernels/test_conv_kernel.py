@@ -591,6 +591,15 @@ def test_weights_reach_the_kernel_channels_last_once_per_version(monkeypatch):
     w.data = torch.randn_like(w)
     conv.conv2d(x, w, *_args(geom))
     assert torch.equal(weights[-1], w.detach())
+    # A new storage at the old one's address, as an allocator may hand freed memory out again
+    # (here over the same memory, given new values behind torch's back): only the storage's
+    # identity tells.
+    same_memory = torch.from_numpy(w.detach().numpy())
+    assert same_memory.data_ptr() == w.data_ptr()
+    same_memory.numpy()[...] = torch.randn_like(w).numpy()
+    w.data = same_memory
+    conv.conv2d(x, w, *_args(geom))
+    assert torch.equal(weights[-1], w.detach())
 
 
 def test_channels_last_and_1x1_weights_pass_through_uncopied(monkeypatch):
