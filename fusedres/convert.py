@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from fusedres import reference
 from fusedres.backend import current_backend_name
-from fusedres.fusability import is_frozen_norm, unfusable_reason
+from fusedres.fusability import activation_reason, is_frozen_norm, unfusable_reason
 from fusedres.models.resnet import FusedResNet, check_chain
 from fusedres.modules import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU
 from fusedres.ops.unit import conv_bn_act
@@ -122,7 +122,7 @@ def _is_noop(module: Optional[nn.Module]) -> bool:
 
 
 def _is_relu(module: nn.Module) -> bool:
-    return type(module) is nn.ReLU and not (module._forward_hooks or module._forward_pre_hooks)
+    return activation_reason(module) is None
 
 
 def _block_layout(module: nn.Module) -> Optional[str]:
@@ -137,6 +137,11 @@ def _block_layout(module: nn.Module) -> Optional[str]:
     return None
 
 
+def _fused_block_reason(block: nn.Module) -> Optional[str]:
+    """Why a fused block runs eagerly as a whole (fusedres.modules.block_forward), or None."""
+    return activation_reason(block._modules.get("relu"), "activation relu")
+
+
 def _block_reason(module: nn.Module, layout: str) -> Optional[str]:
     """Why the block as a whole cannot become a fused block, or None."""
     name = type(module).__name__
@@ -147,8 +152,9 @@ def _block_reason(module: nn.Module, layout: str) -> Optional[str]:
             return f"unknown submodule {child!r} ({type(sub).__name__})"
     acts = [a for a in known if a.startswith(("act", "relu"))]
     for act in acts:
-        if not _is_relu(getattr(module, act)):
-            return f"activation {act} is {type(getattr(module, act)).__name__}"
+        reason = activation_reason(getattr(module, act), f"activation {act}")
+        if reason is not None:
+            return reason
     if layout == "timm":
         if getattr(module, "se", None) is not None:
             return f"attention: se is {type(module.se).__name__}"
@@ -422,7 +428,7 @@ def _units_of(name: str, module: nn.Module) -> list:
     fused = isinstance(module, (FusedBasicBlock, FusedBottleneck))
     layout = None if fused else _block_layout(module)
     if fused or layout is not None:
-        whole = None if fused else _block_reason(module, layout)
+        whole = _fused_block_reason(module) if fused else _block_reason(module, layout)
         units = [report(conv_name, whole, unfusable_reason(conv, norm), fused)
                  for conv_name, conv, norm in _block_pairs(module)]
         ds = module.downsample
@@ -433,8 +439,7 @@ def _units_of(name: str, module: nn.Module) -> list:
     if isinstance(module, FusedResNet) or (type(module).__name__ == "ResNet"
                                            and all(hasattr(module, a) for a in _RESNET_ATTRS)):
         fused = isinstance(module, FusedResNet)
-        whole = None if _is_relu(module.relu) else (
-            f"activation relu is {type(module.relu).__name__}")
+        whole = activation_reason(module.relu, "activation relu")
         return [report("conv1", whole, unfusable_reason(module.conv1, module.bn1), fused)]
     chain = (list(module.named_children()) if isinstance(module, FusedSequential)
              else _stem_chain(module))

@@ -9,8 +9,11 @@ run fused and why the others do not. The rule is exactly what the kernels implem
 - the norm is an ``nn.BatchNorm2d`` (batch statistics in training, running statistics in eval) or
   a FrozenBatchNorm2d (torchvision's, which timm re-exports, or any module of that name with its
   buffers: a fixed per-channel scale and shift, the eval fold);
-- neither module has forward hooks (the fused unit never calls their forward, so the hooks would
-  silently stop running).
+- neither module has forward hooks nor a ``forward`` set on the instance (the fused unit never
+  calls their forward, so either would silently stop running);
+- a block's or stem's activation is exactly ``nn.ReLU``, without hooks or an instance
+  ``forward`` (:func:`activation_reason`): the fused kernels apply ReLU whatever module sits
+  there, so a block whose activation was swapped (``block.relu = nn.SiLU()``) runs eagerly.
 
 Not fusable, and why: ``nn.SyncBatchNorm`` (statistics across processes), ``GroupNorm`` and the
 other norms, timm's ``BatchNormAct2d`` / ``FrozenBatchNormAct2d`` (their activation and drop
@@ -26,7 +29,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-__all__ = ["is_frozen_norm", "unfusable_reason"]
+__all__ = ["activation_reason", "forward_replaced", "is_frozen_norm", "unfusable_reason"]
 
 _FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
 
@@ -64,6 +67,30 @@ def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+def forward_replaced(module: nn.Module, *names: str) -> bool:
+    """Whether ``forward`` (or another of ``names``) was set on the instance, as tools that wrap
+    a module's forward in place do: calling the module runs that, not its class's."""
+    return any(name in module.__dict__ for name in ("forward",) + names)
+
+
+def activation_reason(act: Optional[nn.Module], name: str = "activation") -> Optional[str]:
+    """Why a block's or stem's activation module cannot be applied as the fused ReLU, or None
+    when it can: exactly ``nn.ReLU`` (``inplace`` either way), no forward hooks, no instance
+    ``forward``.
+
+    Args:
+        act: the module the eager forward calls as the activation (``block.relu``), or None.
+        name: what the reason calls it, e.g. ``"activation relu"``.
+    """
+    if type(act) is not nn.ReLU:
+        return f"{name} is {type(act).__name__}, not nn.ReLU"
+    if _hooked(act):
+        return f"{name} has forward hooks"
+    if forward_replaced(act):
+        return f"{name}'s forward is replaced on the instance"
+    return None
+
+
 def _conv_reason(conv: nn.Module) -> Optional[str]:
     if not isinstance(conv, nn.Conv2d):
         return f"conv is {type(conv).__name__}, not nn.Conv2d"
@@ -80,10 +107,14 @@ def _conv_reason(conv: nn.Module) -> Optional[str]:
         return f"padding={conv.padding!r}"
     if _hooked(conv):
         return "conv has forward hooks"
+    if forward_replaced(conv, "_conv_forward"):
+        return "conv's forward is replaced on the instance"
     return None
 
 
 def _norm_reason(norm: nn.Module) -> Optional[str]:
+    if forward_replaced(norm):
+        return "norm's forward is replaced on the instance"
     if is_frozen_norm(norm):
         return "norm has forward hooks" if _hooked(norm) else None
     name = type(norm).__name__

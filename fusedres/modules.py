@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from fusedres import reference
 from fusedres.backend import current_backend_name, explicit_padding
-from fusedres.fusability import is_frozen_norm
+from fusedres.fusability import activation_reason, is_frozen_norm
 from fusedres.ops import fold
 from fusedres.ops.block import BlockCall, Unit, prepare_block_train, recompute_mode
 from fusedres.ops.unit import (InferencePlan, conv_bn_act, conv_bn_act_with_plan,
@@ -205,14 +205,16 @@ fold.clear_with_fold_cache(_BLOCK_PLANS)
 def block_state_key(block: nn.Module, units: list, device_type: str) -> Optional[tuple]:
     """Everything about a block's modules its inference plan depends on (the plan's key without
     the input's signature), or None where no plan applies (autograd on, a graph being traced, a
-    custom downsample, modules a unit key cannot describe).
+    custom downsample, modules a unit key cannot describe, an activation other than the ReLU the
+    fused units apply).
 
     Args:
         block: a FusedBasicBlock or FusedBottleneck.
         units: its ``[(unit name, conv, bn), ...]``.
         device_type: the input's (its autocast state is part of the key).
     """
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if (torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or activation_reason(block._modules.get("relu")) is not None):
         return None
     ds = block._modules.get("downsample")  # None: no downsample (set as a plain attribute)
     key = [type(block), plan_context(block.backend, device_type), id(ds)]
@@ -256,6 +258,12 @@ def block_forward_with_plan(block: nn.Module, x: torch.Tensor,
     """:func:`block_forward`, and the inference plan the call ran from (made or reused), or None
     where it ran none. A caller that repeats the call with an input of the same signature while
     :func:`block_state_key` is unchanged may run the plan directly."""
+    if activation_reason(block._modules.get("relu")) is not None:
+        # The fused units apply ReLU whatever block.relu is: a swapped activation (or one with
+        # hooks) runs the block's eager forward, which calls it.
+        eager = (reference.Bottleneck if isinstance(block, reference.Bottleneck)
+                 else reference.BasicBlock)
+        return eager.forward(block, x), None
     name = type(block).__name__
     units = _units(block)
     train_key = None

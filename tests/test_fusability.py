@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fusedres.fusability import is_frozen_norm, unfusable_reason
+from fusedres.fusability import activation_reason, is_frozen_norm, unfusable_reason
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -114,6 +114,41 @@ def test_forward_hooks_keep_a_unit_eager(which, kind):
     hook.remove()
     assert unfusable_reason(conv, norm) is None
 
+
+
+@pytest.mark.parametrize("which,norm_kind", [("conv", "batch"), ("conv_forward_impl", "batch"),
+                                             ("norm", "batch"), ("norm", "frozen")])
+def test_a_forward_set_on_the_instance_keeps_a_unit_eager(which, norm_kind):
+    """Tools that wrap a module's forward in place set it on the instance: a fused unit would
+    not call it. (Which attribute: nn.Conv2d.forward calls _conv_forward.)"""
+    conv = _conv()
+    norm = nn.BatchNorm2d(8) if norm_kind == "batch" else FrozenBatchNorm2d(8)
+    module, attribute = {"conv": (conv, "forward"), "conv_forward_impl": (conv, "_conv_forward"),
+                         "norm": (norm, "forward")}[which]
+    setattr(module, attribute, getattr(module, attribute))  # the class's own, bound: same result
+    what = "conv" if module is conv else "norm"
+    assert unfusable_reason(conv, norm) == f"{what}'s forward is replaced on the instance"
+    delattr(module, attribute)
+    assert unfusable_reason(conv, norm) is None
+
+
+def test_activation_reason():
+    """A block's or stem's activation, which the fused kernels apply as ReLU."""
+    assert activation_reason(nn.ReLU()) is None
+    assert activation_reason(nn.ReLU(inplace=True)) is None
+    assert activation_reason(nn.SiLU()) == "activation is SiLU, not nn.ReLU"
+    assert activation_reason(None) == "activation is NoneType, not nn.ReLU"
+
+    class MyReLU(nn.ReLU):
+        pass
+
+    assert activation_reason(MyReLU()) == "activation is MyReLU, not nn.ReLU"
+    relu = nn.ReLU()
+    hook = relu.register_forward_hook(lambda *a: None)
+    assert activation_reason(relu) == "activation has forward hooks"
+    hook.remove()
+    relu.forward = relu.forward
+    assert activation_reason(relu) == "activation's forward is replaced on the instance"
 
 def test_fusability_imports_torch_only():
     """fusedres.ops imports it: it must not import torchvision, timm or the rest of fusedres."""

@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import types
 
 import pytest
 import torch
@@ -108,6 +109,107 @@ def test_block_matches_eager(backend, case, training, channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     _compare_models(fused, eager, x, training)
+
+
+# -- what the eager forward calls, swapped or wrapped after the model was built ---------------
+
+def _scaled_forward(scale):
+    """A forward to set on an instance (as tools that wrap a module's forward in place do): the
+    class's own, scaled."""
+    def forward(self, x):
+        return type(self).forward(self, x) * scale
+    return forward
+
+
+def _halved_stem(self, x):
+    return type(self).stem(self, x) * 0.5
+
+
+def _halve_output(module, args, out):
+    return out * 0.5
+
+
+def _swap(model, what):
+    """Changes what ``model``'s eager forward calls, the way users and tools do."""
+    if what == "block_activation":
+        model.layer2[0].relu = nn.SiLU()
+    elif what == "stem_activation":
+        model.relu = nn.Tanh()
+    elif what == "activation_hook":
+        model.layer3[1].relu.register_forward_hook(_halve_output)
+    elif what in ("conv_forward", "norm_forward", "block_forward", "stage_forward",
+                  "maxpool_forward"):
+        module = {"conv_forward": model.layer1[0].conv1, "norm_forward": model.layer3[0].bn2,
+                  "block_forward": model.layer2[1], "stage_forward": model.layer3,
+                  "maxpool_forward": model.maxpool}[what]
+        module.forward = types.MethodType(_scaled_forward(1.5), module)
+    elif what == "stem_forward":
+        model.stem = types.MethodType(_halved_stem, model)
+    else:
+        raise ValueError(what)
+
+
+SWAPS = ["block_activation", "stem_activation", "activation_hook", "conv_forward", "norm_forward",
+         "block_forward", "stage_forward", "maxpool_forward", "stem_forward"]
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("what", SWAPS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_model_follows_what_its_eager_forward_calls(backend, what, training):
+    """A fused model whose activation was swapped or hooked, or one of whose modules had its
+    forward set on the instance, after it had run (and, in eval, made its plans), computes what
+    the eager twin with the same change computes: the fused units apply ReLU and never call the
+    modules' forwards, so such a part runs eagerly (the fused path gave 10-130% errors)."""
+    fused = _randomize_bn(models.resnet18(backend=backend, num_classes=10)).train(training)
+    eager = to_eager(copy.deepcopy(fused))
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for _ in range(2):  # in eval the second call runs the whole-model plan
+            fused(x)
+    eager.load_state_dict(fused.state_dict())  # the statistics those calls updated in training
+    _swap(fused, what)
+    _swap(eager, what)
+    fused64, eager64 = copy.deepcopy(fused).double(), copy.deepcopy(eager).double()
+    with without_onednn():
+        if not training:
+            # Inference proper (no autograd: the plans' path), twice (the second from a plan).
+            with torch.no_grad():
+                expected, oracle = eager(x), reference.upcast(eager)(x.double())
+                for _ in range(2):
+                    assert_oracle_close(fused(x), expected, oracle, "inference output")
+        _compare_models(fused, eager, x, training, norm="rel_l2", gradients=False)
+        _compare_models(fused64, eager64, x.double(), training, norm="rel_l2")
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_block_with_a_swapped_activation_runs_eagerly(backend, kind, training):
+    """A fused block whose ``relu`` is another module runs its eager forward (which calls it),
+    and fusion_summary says why its units are not fused."""
+    eager_cls, fused_cls = {"basic": (reference.BasicBlock, FusedBasicBlock),
+                            "bottleneck": (reference.Bottleneck, FusedBottleneck)}[kind]
+    inplanes = 16 * eager_cls.expansion
+    eager = _randomize_bn(eager_cls(inplanes, 16))
+    fused = fused_cls(inplanes, 16, backend=backend)
+    fused.load_state_dict(eager.state_dict())
+    x = torch.randn(2, inplanes, 8, 9)
+    with torch.no_grad():
+        fused.train(training)(x)
+        fused(x)  # in eval, a plan made with the ReLU
+    eager.load_state_dict(fused.state_dict())  # the statistics those calls updated in training
+    fused.relu = nn.GELU()
+    eager.train(training).relu = nn.GELU()
+    if not training:
+        with torch.no_grad():
+            expected, oracle = eager(x), reference.upcast(eager)(x.double())
+            for _ in range(2):
+                assert_oracle_close(fused(x), expected, oracle, "inference output")
+    _compare_models(fused, eager, x, training)
+    summary = fusedres.fusion_summary(fused)
+    assert summary.fused == 0
+    assert summary.reasons() == {"activation relu is GELU, not nn.ReLU": len(summary.units)}
 
 
 MODEL_CASES = [("resnet18", 64), ("resnet50", 64), ("resnext50_32x4d", 64)]

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from fusedres import reference
 from fusedres.backend import current_backend_name
-from fusedres.fusability import is_frozen_norm
+from fusedres.fusability import activation_reason, forward_replaced, is_frozen_norm
 from fusedres.modules import (FusedBasicBlock, FusedBottleneck, block_forward_with_plan,
                               block_state_key)
 from fusedres.ops import fold
@@ -57,6 +57,8 @@ class FusedResNet(reference.ResNet):
         self.backend = None if backend is None else current_backend_name(backend)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
+        if activation_reason(self._modules.get("relu")) is not None:
+            return super().stem(x)  # a swapped activation (or one with hooks): eager, calling it
         return conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend,
                            name="ResNet.conv1")
 
@@ -148,20 +150,23 @@ class FusedResNet(reference.ResNet):
     def _activations_stay_inside(self) -> bool:
         """Whether no one but the next block can see a block's input or output: no hooks (a hook
         may keep the tensor it is shown) on the model, the stages, the blocks or the max pool,
-        nor global ones; the stem, max pool and stages of the kinds that make a new tensor; the
-        blocks fusedres's own (a subclass may keep its input)."""
+        nor global ones; the stem (with its ReLU), max pool and stages of the kinds that make a
+        new tensor; the blocks fusedres's own (a subclass, or a forward set on the instance, may
+        keep its input). Else the call runs through the modules, as nn's forward does."""
         nn_module = nn.modules.module
         if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
-                or type(self).stem is not FusedResNet.stem
-                or type(self.maxpool) not in (nn.MaxPool2d, nn.Identity)):
+                or type(self).stem is not FusedResNet.stem or forward_replaced(self, "stem")
+                or activation_reason(self._modules.get("relu")) is not None
+                or type(self.maxpool) not in (nn.MaxPool2d, nn.Identity)
+                or forward_replaced(self.maxpool)):
             return False
         modules = [self, self.maxpool]
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            if type(layer) is not nn.Sequential:
+            if type(layer) is not nn.Sequential or forward_replaced(layer):
                 return False
             modules.append(layer)
             for block in layer._modules.values():
-                if type(block) not in (FusedBasicBlock, FusedBottleneck):
+                if type(block) not in (FusedBasicBlock, FusedBottleneck) or forward_replaced(block):
                     return False
                 modules.append(block)
         return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)

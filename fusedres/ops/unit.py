@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from fusedres import _ext, reference
 from fusedres.backend import (ConvParams, contents_key, conv_output_hw, current_backend_name,
                               explicit_padding, resolve)
-from fusedres.fusability import is_frozen_norm, unfusable_reason
+from fusedres.fusability import forward_replaced, is_frozen_norm, unfusable_reason
 from fusedres.ops import fold
 
 __all__ = ["InferencePlan", "check_unit_inputs", "conv_bn_act", "conv_bn_act_with_plan",
@@ -428,10 +428,11 @@ _CONV_GEOMETRY = operator.attrgetter("in_channels", "out_channels", "kernel_size
 
 def _unit_members(conv: nn.Module, bn: nn.Module) -> Optional[tuple]:
     """(weight, bias, gamma, beta, running_mean, running_var) of a unit whose modules a plan key
-    can describe (exactly nn.Conv2d and nn.BatchNorm2d or a FrozenBatchNorm2d), read from
-    ``_parameters``/``_buffers``; None for other modules."""
+    can describe (exactly nn.Conv2d and nn.BatchNorm2d or a FrozenBatchNorm2d, their forward not
+    replaced on the instance), read from ``_parameters``/``_buffers``; None for other modules."""
     if (type(conv) is not nn.Conv2d
-            or not (type(bn) is nn.BatchNorm2d or type(bn).__name__ == "FrozenBatchNorm2d")):
+            or not (type(bn) is nn.BatchNorm2d or type(bn).__name__ == "FrozenBatchNorm2d")
+            or forward_replaced(conv, "_conv_forward") or forward_replaced(bn)):
         return None
     conv_params, bn_params, bn_buffers = conv._parameters, bn._parameters, bn._buffers
     weight = conv_params.get("weight")
