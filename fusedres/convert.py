@@ -37,7 +37,8 @@ from fusedres import reference
 from fusedres.backend import current_backend_name
 from fusedres.fusability import activation_reason, is_frozen_norm, unfusable_reason
 from fusedres.models.resnet import FusedResNet, check_chain
-from fusedres.modules import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU
+from fusedres.modules import (FusedBasicBlock, FusedBottleneck, FusedConvBNReLU,
+                              block_activation_reason)
 from fusedres.ops.unit import conv_bn_act
 
 __all__ = ["FusedSequential", "FusionSummary", "UnitReport", "convert", "fusion_summary",
@@ -135,11 +136,6 @@ def _block_layout(module: nn.Module) -> Optional[str]:
     if all(hasattr(module, a) for a in _TV_BLOCK[name]):
         return "torchvision"
     return None
-
-
-def _fused_block_reason(block: nn.Module) -> Optional[str]:
-    """Why a fused block runs eagerly as a whole (fusedres.modules.block_forward), or None."""
-    return activation_reason(block._modules.get("relu"), "activation relu")
 
 
 def _block_reason(module: nn.Module, layout: str) -> Optional[str]:
@@ -428,7 +424,7 @@ def _units_of(name: str, module: nn.Module) -> list:
     fused = isinstance(module, (FusedBasicBlock, FusedBottleneck))
     layout = None if fused else _block_layout(module)
     if fused or layout is not None:
-        whole = _fused_block_reason(module) if fused else _block_reason(module, layout)
+        whole = block_activation_reason(module) if fused else _block_reason(module, layout)
         units = [report(conv_name, whole, unfusable_reason(conv, norm), fused)
                  for conv_name, conv, norm in _block_pairs(module)]
         ds = module.downsample

@@ -214,7 +214,7 @@ def block_state_key(block: nn.Module, units: list, device_type: str) -> Optional
         device_type: the input's (its autocast state is part of the key).
     """
     if (torch.is_grad_enabled() or torch.compiler.is_compiling()
-            or activation_reason(block._modules.get("relu")) is not None):
+            or block_activation_reason(block) is not None):
         return None
     ds = block._modules.get("downsample")  # None: no downsample (set as a plain attribute)
     key = [type(block), plan_context(block.backend, device_type), id(ds)]
@@ -225,6 +225,34 @@ def block_state_key(block: nn.Module, units: list, device_type: str) -> Optional
     for _, conv, bn in units:
         key += [id(conv), unit_state_key(conv, bn, True)]
     return None if None in key else tuple(key)
+
+
+def block_activation_reason(block: nn.Module) -> Optional[str]:
+    """Why a fused block's activations (torchvision's ``relu``; ``act1``..``act3`` of a block
+    converted from timm's) are not the ReLU its fused units apply, or None when they are.
+
+    Args:
+        block: a FusedBasicBlock or FusedBottleneck.
+    """
+    acts = [(name, module) for name, module in block._modules.items()
+            if name == "relu" or name.startswith("act")]
+    if not acts:
+        return "no activation module"
+    for name, act in acts:
+        reason = activation_reason(act, f"activation {name}")
+        if reason is not None:
+            return reason
+    return None
+
+
+def _eager_forward(block: nn.Module) -> Callable:
+    """The forward of the eager class a fused block stands for: the one convert took it from
+    (timm's, torchvision's), else fusedres.reference's."""
+    eager = block.__dict__.get("_fusedres_eager_class")
+    if eager is None:
+        eager = (reference.Bottleneck if isinstance(block, reference.Bottleneck)
+                 else reference.BasicBlock)
+    return eager.forward
 
 
 def _units(block: nn.Module) -> list:
@@ -258,12 +286,10 @@ def block_forward_with_plan(block: nn.Module, x: torch.Tensor,
     """:func:`block_forward`, and the inference plan the call ran from (made or reused), or None
     where it ran none. A caller that repeats the call with an input of the same signature while
     :func:`block_state_key` is unchanged may run the plan directly."""
-    if activation_reason(block._modules.get("relu")) is not None:
-        # The fused units apply ReLU whatever block.relu is: a swapped activation (or one with
-        # hooks) runs the block's eager forward, which calls it.
-        eager = (reference.Bottleneck if isinstance(block, reference.Bottleneck)
-                 else reference.BasicBlock)
-        return eager.forward(block, x), None
+    if block_activation_reason(block) is not None:
+        # The fused units apply ReLU whatever the block's activations are: a swapped one (or one
+        # with hooks) runs the block's eager forward, which calls it.
+        return _eager_forward(block)(block, x), None
     name = type(block).__name__
     units = _units(block)
     train_key = None

@@ -67,6 +67,52 @@ def test_block_with_another_activation_stays_eager():
     torch.testing.assert_close(net(x), eager(x))
 
 
+
+class BasicBlock(nn.Module):
+    """timm's BasicBlock as convert recognises it (by its name and children), with timm's
+    forward: activations act1 and act2, no relu (timm is optional here)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = reference.conv3x3(channels, channels)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.drop_block = nn.Identity()
+        self.act1 = nn.ReLU(inplace=True)
+        self.aa = nn.Identity()
+        self.conv2 = reference.conv3x3(channels, channels)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.se = None
+        self.act2 = nn.ReLU(inplace=True)
+        self.downsample = None
+        self.drop_path = None
+
+    def forward(self, x):
+        shortcut = x
+        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        x = self.bn2(self.conv2(x))
+        return self.act2(x + shortcut)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_converted_timm_block_follows_a_swapped_activation(backend, training):
+    """A block convert took from timm keeps act1/act2: fused while they are ReLUs; once one is
+    swapped, the block runs timm's own forward (which calls it), and the summary says so."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(BasicBlock(8)).train(training)
+    fused = fusedres.convert(copy.deepcopy(eager), backend=backend)
+    x = torch.randn(2, 8, 6, 7)
+    assert str(fusion_summary(fused)) == "2 of 2 conv + norm units fused"
+    torch.testing.assert_close(fused(x), eager(x), rtol=1e-4, atol=1e-5)
+    for model in (fused, eager):
+        model[0].act1 = nn.SiLU()
+    with torch.no_grad():  # in eval, no autograd: the path with plans
+        torch.testing.assert_close(fused(x), eager(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused(x), eager(x), rtol=1e-4, atol=1e-5)
+    assert fusion_summary(fused).reasons() == {"activation act1 is SiLU, not nn.ReLU": 2}
+    for (name, a), b in zip(fused.named_buffers(), eager.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
 def test_fused_sequential_round_trip():
     """A downsample that is not a plain (conv, norm) pair (here AvgPool2d first, as timm's
     average-pool downsample) becomes a FusedSequential; to_eager makes it nn.Sequential again."""
