@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from fusedres import reference
 from fusedres.backend import current_backend_name, explicit_padding
-from fusedres.fusability import activation_reason, is_frozen_norm
+from fusedres.fusability import activation_reason, forward_replaced, is_frozen_norm
 from fusedres.ops import fold
 from fusedres.ops.block import BlockCall, Unit, prepare_block_train, recompute_mode
 from fusedres.ops.unit import (InferencePlan, conv_bn_act, conv_bn_act_with_plan,
@@ -34,8 +34,11 @@ __all__ = ["FusedConvBNReLU", "FusedBasicBlock", "FusedBottleneck"]
 
 
 def _is_conv_bn_pair(ds: Optional[nn.Module]) -> bool:
-    """torchvision's downsample: Sequential(conv, norm); conv_bn_act decides whether it fuses."""
-    if not (isinstance(ds, nn.Sequential) and len(ds) == 2):
+    """torchvision's downsample: Sequential(conv, norm), exactly nn.Sequential without hooks or
+    an instance forward (the block runs the pair as a unit and never calls ds itself);
+    conv_bn_act decides whether the pair fuses."""
+    if (not (type(ds) is nn.Sequential and len(ds) == 2) or ds._forward_hooks
+            or ds._forward_pre_hooks or forward_replaced(ds)):
         return False
     # Its _modules directly: Sequential's indexing costs a few microseconds, and a block asks
     # this up to four times per call.

@@ -129,6 +129,11 @@ def _halve_output(module, args, out):
     return out * 0.5
 
 
+class _HalvedSequential(nn.Sequential):
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
 def _swap(model, what):
     """Changes what ``model``'s eager forward calls, the way users and tools do."""
     if what == "block_activation":
@@ -145,6 +150,13 @@ def _swap(model, what):
         module.forward = types.MethodType(_scaled_forward(1.5), module)
     elif what == "stem_forward":
         model.stem = types.MethodType(_halved_stem, model)
+    elif what == "downsample_hook":
+        model.layer3[0].downsample.register_forward_hook(_halve_output)
+    elif what == "downsample_forward":
+        downsample = model.layer2[0].downsample
+        downsample.forward = types.MethodType(_scaled_forward(1.5), downsample)
+    elif what == "downsample_subclass":
+        model.layer4[0].downsample = _HalvedSequential(*model.layer4[0].downsample)
     else:
         raise ValueError(what)
 
@@ -159,7 +171,8 @@ def _assert_inference_matches(fused, eager, x):
 
 
 SWAPS = ["block_activation", "stem_activation", "activation_hook", "conv_forward", "norm_forward",
-         "block_forward", "stage_forward", "maxpool_forward", "stem_forward"]
+         "block_forward", "stage_forward", "maxpool_forward", "stem_forward", "downsample_hook",
+         "downsample_forward", "downsample_subclass"]
 
 
 # The cpu backend only: what is checked lives above the backends (fusedres.modules, the model),
@@ -168,10 +181,11 @@ SWAPS = ["block_activation", "stem_activation", "activation_hook", "conv_forward
 @pytest.mark.parametrize("what", SWAPS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_model_follows_what_its_eager_forward_calls(backend, what, training):
-    """A fused model whose activation was swapped or hooked, or one of whose modules had its
-    forward set on the instance, after it had run (and, in eval, made its plans), computes what
-    the eager twin with the same change computes: the fused units apply ReLU and never call the
-    modules' forwards, so such a part runs eagerly (the fused path gave 10-130% errors)."""
+    """A fused model whose activation was swapped or hooked, whose downsample was hooked or
+    subclassed, or one of whose modules had its forward set on the instance, after it had run
+    (and, in eval, made its plans), computes what the eager twin with the same change computes:
+    the fused units apply ReLU and never call the modules' forwards, so such a part runs
+    eagerly (the fused path gave 10-130% errors)."""
     fused = _randomize_bn(models.resnet18(backend=backend, num_classes=10)).train(training)
     eager = to_eager(copy.deepcopy(fused))
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
