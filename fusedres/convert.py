@@ -35,7 +35,8 @@ import torch.nn as nn
 
 from fusedres import reference
 from fusedres.backend import current_backend_name
-from fusedres.fusability import activation_reason, is_frozen_norm, unfusable_reason
+from fusedres.fusability import (activation_reason, forward_replaced, is_frozen_norm,
+                                 unfusable_reason)
 from fusedres.models.resnet import FusedResNet, check_chain
 from fusedres.modules import (FusedBasicBlock, FusedBottleneck, FusedConvBNReLU,
                               block_activation_reason)
@@ -430,7 +431,11 @@ def _units_of(name: str, module: nn.Module) -> list:
         ds = module.downsample
         if type(ds) is nn.Sequential and len(ds) == 2 and isinstance(ds[0], nn.Conv2d):
             # convert fuses the downsample of a block it leaves eager too (a FusedSequential).
-            units.append(report("downsample.0", None, unfusable_reason(ds[0], ds[1]), fused))
+            reason = unfusable_reason(ds[0], ds[1])
+            if reason is None and (ds._forward_hooks or ds._forward_pre_hooks
+                                   or forward_replaced(ds)):
+                reason = "downsample has forward hooks or a forward set on the instance"
+            units.append(report("downsample.0", None, reason, fused))
         return units
     if isinstance(module, FusedResNet) or (type(module).__name__ == "ResNet"
                                            and all(hasattr(module, a) for a in _RESNET_ATTRS)):
