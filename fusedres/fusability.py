@@ -9,8 +9,9 @@ run fused and why the others do not. The rule is exactly what the kernels implem
 - the norm is an ``nn.BatchNorm2d`` (batch statistics in training, running statistics in eval) or
   a FrozenBatchNorm2d (torchvision's, which timm re-exports, or any module of that name with its
   buffers: a fixed per-channel scale and shift, the eval fold);
-- neither module has forward hooks nor a ``forward`` set on the instance (the fused unit never
-  calls their forward, so either would silently stop running);
+- neither module has forward or backward hooks nor a ``forward`` set on the instance, and no
+  global module hooks are registered (the fused unit never calls their forward, so any of them
+  would silently stop running);
 - a block's or stem's activation is exactly ``nn.ReLU``, without hooks or an instance
   ``forward`` (:func:`activation_reason`): the fused kernels apply ReLU whatever module sits
   there, so a block whose activation was swapped (``block.relu = nn.SiLU()``) runs eagerly.
@@ -29,7 +30,8 @@ from typing import Optional
 
 import torch.nn as nn
 
-__all__ = ["activation_reason", "forward_replaced", "is_frozen_norm", "unfusable_reason"]
+__all__ = ["activation_reason", "forward_replaced", "global_hooks_reason", "is_frozen_norm",
+           "unfusable_reason"]
 
 _FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
 
@@ -67,6 +69,21 @@ def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+def _backward_hooked(module: nn.Module) -> bool:
+    return bool(module._backward_hooks or module._backward_pre_hooks)
+
+
+def global_hooks_reason() -> Optional[str]:
+    """Why nothing may run fused right now, or None: module hooks registered for every module
+    (``torch.nn.modules.module.register_module_forward_hook`` and its pre and backward kinds, as
+    tools that watch every layer register), which fire only for modules that are called."""
+    hooks = nn.modules.module
+    if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+            or hooks._global_backward_hooks or hooks._global_backward_pre_hooks):
+        return "global module hooks are registered"
+    return None
+
+
 def forward_replaced(module: nn.Module, *names: str) -> bool:
     """Whether ``forward`` (or another of ``names``) was set on the instance, as tools that wrap
     a module's forward in place do: calling the module runs that, not its class's."""
@@ -84,8 +101,8 @@ def activation_reason(act: Optional[nn.Module], name: str = "activation") -> Opt
     """
     if type(act) is not nn.ReLU:
         return f"{name} is {type(act).__name__}, not nn.ReLU"
-    if _hooked(act):
-        return f"{name} has forward hooks"
+    if _hooked(act) or _backward_hooked(act):
+        return f"{name} has hooks"
     if forward_replaced(act):
         return f"{name}'s forward is replaced on the instance"
     return None
@@ -107,6 +124,8 @@ def _conv_reason(conv: nn.Module) -> Optional[str]:
         return f"padding={conv.padding!r}"
     if _hooked(conv):
         return "conv has forward hooks"
+    if _backward_hooked(conv):
+        return "conv has backward hooks"
     if forward_replaced(conv, "_conv_forward"):
         return "conv's forward is replaced on the instance"
     return None
@@ -115,6 +134,8 @@ def _conv_reason(conv: nn.Module) -> Optional[str]:
 def _norm_reason(norm: nn.Module) -> Optional[str]:
     if forward_replaced(norm):
         return "norm's forward is replaced on the instance"
+    if _backward_hooked(norm):
+        return "norm has backward hooks"
     if is_frozen_norm(norm):
         return "norm has forward hooks" if _hooked(norm) else None
     name = type(norm).__name__
@@ -145,6 +166,9 @@ def unfusable_reason(conv: nn.Module, norm: nn.Module) -> Optional[str]:
         ``"conv has a bias"``, ``"padding_mode='reflect'"``, ``"norm is GroupNorm"``,
         ``"SyncBatchNorm (statistics across processes)"``.
     """
+    global_reason = global_hooks_reason()
+    if global_reason is not None:
+        return global_reason
     conv_reason = _conv_reason(conv)
     if conv_reason is not None:
         return conv_reason

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fusedres.backend import explicit_padding, memory_format_of
-from fusedres.fusability import forward_replaced
+from fusedres.fusability import forward_replaced, global_hooks_reason
 
 __all__ = [
     "stats_dtype", "bn_stats", "bn_act_fwd", "bn_act_bwd", "unit_forward", "BasicBlock",
@@ -135,11 +135,10 @@ def unit_forward(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
 def _plain_zero_padded(conv: nn.Module) -> bool:
     """Whether calling ``conv`` is exactly ``F.conv2d`` with zero padding: an nn.Conv2d itself,
     its forward not replaced on the instance, no hooks on it nor global ones."""
-    nn_module = nn.modules.module
     return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
-            and not forward_replaced(conv, "_conv_forward")
-            and not (conv._forward_hooks or conv._forward_pre_hooks
-                     or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks))
+            and not forward_replaced(conv, "_conv_forward") and global_hooks_reason() is None
+            and not (conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks
+                     or conv._backward_pre_hooks))
 
 
 class ConvBNAct(nn.Module):

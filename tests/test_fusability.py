@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fusedres.fusability import activation_reason, is_frozen_norm, unfusable_reason
+from fusedres.fusability import (activation_reason, global_hooks_reason, is_frozen_norm,
+                                 unfusable_reason)
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -132,6 +133,31 @@ def test_a_forward_set_on_the_instance_keeps_a_unit_eager(which, norm_kind):
     assert unfusable_reason(conv, norm) is None
 
 
+
+@pytest.mark.parametrize("which", ["conv", "norm"])
+def test_backward_hooks_keep_a_unit_eager(which):
+    conv, norm = _conv(), nn.BatchNorm2d(8)
+    module = conv if which == "conv" else norm
+    hook = module.register_full_backward_hook(lambda *a: None)
+    assert unfusable_reason(conv, norm) == f"{which} has backward hooks"
+    hook.remove()
+    assert unfusable_reason(conv, norm) is None
+
+
+@pytest.mark.parametrize("kind", ["forward", "forward_pre", "full_backward"])
+def test_global_module_hooks_keep_every_unit_eager(kind):
+    """Hooks registered for every module fire only for modules that are called."""
+    conv, norm = _conv(), nn.BatchNorm2d(8)
+    register = getattr(nn.modules.module, f"register_module_{kind}_hook")
+    hook = register(lambda *a: None)
+    try:
+        assert global_hooks_reason() == "global module hooks are registered"
+        assert unfusable_reason(conv, norm) == "global module hooks are registered"
+        assert activation_reason(nn.ReLU()) is None  # the blocks ask global_hooks_reason too
+    finally:
+        hook.remove()
+    assert global_hooks_reason() is None and unfusable_reason(conv, norm) is None
+
 def test_activation_reason():
     """A block's or stem's activation, which the fused kernels apply as ReLU."""
     assert activation_reason(nn.ReLU()) is None
@@ -145,7 +171,7 @@ def test_activation_reason():
     assert activation_reason(MyReLU()) == "activation is MyReLU, not nn.ReLU"
     relu = nn.ReLU()
     hook = relu.register_forward_hook(lambda *a: None)
-    assert activation_reason(relu) == "activation has forward hooks"
+    assert activation_reason(relu) == "activation has hooks"
     hook.remove()
     relu.forward = relu.forward
     assert activation_reason(relu) == "activation's forward is replaced on the instance"

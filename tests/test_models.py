@@ -206,6 +206,70 @@ def test_model_follows_what_its_eager_forward_calls(backend, what, training):
         _compare_models(fused64, eager64, x.double(), training, norm="rel_l2")
 
 
+# No global backward hook: eager itself refuses one on a BatchNorm whose output an in-place
+# ReLU modifies (autograd's view + in-place rule), and so does the fused model, which runs
+# eagerly then.
+HOOKS = ["global_forward", "global_forward_pre", "conv_backward", "norm_backward"]
+
+
+def _register_hook(model, kind, calls):
+    """A hook of ``kind`` that counts its calls in ``calls`` (and halves conv outputs, for the
+    global forward hook); returns its handle."""
+    module_hooks = nn.modules.module
+
+    def forward_hook(module, args, out):
+        if isinstance(module, nn.Conv2d):
+            calls.append(kind)
+            return out * 0.5
+        return None
+
+    def count(*args):
+        calls.append(kind)
+
+    if kind == "global_forward":
+        return module_hooks.register_module_forward_hook(forward_hook)
+    if kind == "global_forward_pre":
+        return module_hooks.register_module_forward_pre_hook(count)
+    # bn2: a BasicBlock adds the identity to its output out of place.
+    module = model.layer2[0].conv2 if kind == "conv_backward" else model.layer3[1].bn2
+    return module.register_full_backward_hook(count)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS[1:])  # above the backends, as SWAPS
+@pytest.mark.parametrize("kind", HOOKS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_model_runs_the_hooks_eager_runs(backend, kind, training):
+    """Global module hooks (as tools that watch every layer register) and backward hooks on a
+    conv or norm fire only for modules that are called: while any is there, the parts they
+    would watch run eagerly, so the hooks fire as often as in eager and the results match (the
+    fused units called none of them: a halving global hook on every conv was ignored)."""
+    fused = _randomize_bn(models.resnet18(backend=backend, num_classes=10)).train(training)
+    eager = to_eager(copy.deepcopy(fused))
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for _ in range(2):  # in eval the second call runs the whole-model plan
+            fused(x)
+    eager.load_state_dict(fused.state_dict())
+    calls = {"fused": [], "eager": []}
+    handles = [_register_hook(fused, kind, calls["fused"])]
+    if not kind.startswith("global"):
+        handles.append(_register_hook(eager, kind, calls["eager"]))
+    try:
+        for name, model in (("fused", fused), ("eager", eager)):
+            if kind.startswith("global"):
+                handles[0].remove()
+                handles[0] = _register_hook(model, kind, calls[name])
+            model(x).sum().backward()
+        assert len(calls["fused"]) == len(calls["eager"]) > 0, calls
+        with without_onednn():
+            if not training and kind == "global_forward":
+                _assert_inference_matches(fused, eager, x)
+            _compare_models(fused, eager, x, training, norm="rel_l2", gradients=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
 @pytest.mark.parametrize("kind", ["basic", "bottleneck"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

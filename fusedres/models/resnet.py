@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from fusedres import reference
 from fusedres.backend import current_backend_name
-from fusedres.fusability import activation_reason, forward_replaced, is_frozen_norm
+from fusedres.fusability import (activation_reason, forward_replaced, global_hooks_reason,
+                                 is_frozen_norm)
 from fusedres.modules import (FusedBasicBlock, FusedBottleneck, block_forward_with_plan,
                               block_state_key)
 from fusedres.ops import fold
@@ -57,8 +58,11 @@ class FusedResNet(reference.ResNet):
         self.backend = None if backend is None else current_backend_name(backend)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
-        if activation_reason(self._modules.get("relu")) is not None:
-            return super().stem(x)  # a swapped activation (or one with hooks): eager, calling it
+        if (activation_reason(self._modules.get("relu")) is not None
+                or global_hooks_reason() is not None):
+            # A swapped activation (or one with hooks), or global module hooks: eager, calling
+            # the modules.
+            return super().stem(x)
         return conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend,
                            name="ResNet.conv1")
 
@@ -153,8 +157,7 @@ class FusedResNet(reference.ResNet):
         nor global ones; the stem (with its ReLU), max pool and stages of the kinds that make a
         new tensor; the blocks fusedres's own (a subclass, or a forward set on the instance, may
         keep its input). Else the call runs through the modules, as nn's forward does."""
-        nn_module = nn.modules.module
-        if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+        if (global_hooks_reason() is not None
                 or type(self).stem is not FusedResNet.stem or forward_replaced(self, "stem")
                 or activation_reason(self._modules.get("relu")) is not None
                 or type(self.maxpool) not in (nn.MaxPool2d, nn.Identity)
@@ -190,11 +193,10 @@ class _ModelPlan(NamedTuple):
         layout): no global hook, the same input signature, the same backend choices (the
         model's and the global one) and autocast state, the model's class and stem, and every
         watched object unchanged."""
-        nn_module = nn.modules.module
         model_type = type(model)
         device_type = x.device.type
-        return (not (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
-                and model_type is self.model_type and model_type.stem is FusedResNet.stem
+        return (global_hooks_reason() is None and model_type is self.model_type
+                and model_type.stem is FusedResNet.stem
                 and input_signature(x) == self.key[0]
                 and plan_context(model.backend, device_type) == self.key[1]
                 and plan_context(None, device_type) == self.global_context

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from fusedres import _ext, reference
 from fusedres.backend import (ConvParams, contents_key, conv_output_hw, current_backend_name,
                               explicit_padding, resolve)
-from fusedres.fusability import forward_replaced, is_frozen_norm, unfusable_reason
+from fusedres.fusability import (forward_replaced, global_hooks_reason, is_frozen_norm,
+                                 unfusable_reason)
 from fusedres.ops import fold
 
 __all__ = ["InferencePlan", "check_unit_inputs", "conv_bn_act", "conv_bn_act_with_plan",
@@ -414,11 +415,12 @@ def state_watch(root: nn.Module, descendants: Sequence[nn.Module]):
 
 
 def plan_context(backend: Optional[str], device_type: str) -> tuple:
-    """The global state an inference plan depends on: the backend in force for ``backend``
-    (a module's choice, or None) and the autocast state of ``device_type``."""
+    """The global state a plan depends on: the backend in force for ``backend`` (a module's
+    choice, or None), the autocast state of ``device_type``, and whether global module hooks
+    are registered (nothing runs fused then: fusedres.fusability.global_hooks_reason)."""
     autocast = (torch.get_autocast_dtype(device_type)
                 if torch.is_autocast_enabled(device_type) else None)
-    return current_backend_name(backend), autocast
+    return current_backend_name(backend), autocast, global_hooks_reason()
 
 
 # The geometry of an nn.Conv2d an inference plan depends on, read in one C call.
@@ -447,7 +449,8 @@ def _unit_members(conv: nn.Module, bn: nn.Module) -> Optional[tuple]:
 
 def _hooked(conv: nn.Module, bn: nn.Module) -> bool:
     return bool(conv._forward_hooks or conv._forward_pre_hooks or bn._forward_hooks
-                or bn._forward_pre_hooks)
+                or bn._forward_pre_hooks or conv._backward_hooks or conv._backward_pre_hooks
+                or bn._backward_hooks or bn._backward_pre_hooks)
 
 
 def unit_state_key(conv: nn.Module, bn: nn.Module, relu: bool) -> Optional[tuple]:
