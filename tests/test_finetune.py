@@ -181,7 +181,7 @@ def test_python_dash_m():
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
-def test_frozen_bn_mode_runs_fused_and_tracks_eager(backend):
+def test_frozen_bn_mode_runs_fused_and_tracks_eager(backend, monkeypatch):
     """--mode frozen-bn (every BatchNorm in eval mode, gamma/beta trained): every unit runs as
     one fused op with the frozen statistics folded in (no BatchNorm forward is ever called,
     where the --eager run calls one per unit), and the loss curve is eager's. With frozen
@@ -189,16 +189,18 @@ def test_frozen_bn_mode_runs_fused_and_tracks_eager(backend):
     backend (the same fold as ATen's eval BatchNorm), 1e-4 leaves room for other kernels."""
     calls = {"fused": 0, "eager": 0}
     losses = {}
+    batch_norm = torch.nn.modules.batchnorm._BatchNorm
+    forward = batch_norm.forward
     for run in calls:
-        def count(module, args, out, run=run):
-            calls[run] += isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
-        handle = torch.nn.modules.module.register_module_forward_hook(count)
-        try:
-            losses[run] = finetune(_cfg(stop_after=5, image_size=16, batch_size=64,
-                                        mode="frozen-bn", lr=0.01, warmup_steps=0,
-                                        backend=backend, eager=run == "eager")).losses
-        finally:
-            handle.remove()
+        def counted(module, x, run=run):
+            calls[run] += 1
+            return forward(module, x)
+        # BatchNorm's forward itself counts: a hook would keep units eager (one on a module its
+        # unit, a global one every unit; fusedres.fusability), which is what is counted.
+        monkeypatch.setattr(batch_norm, "forward", counted)
+        losses[run] = finetune(_cfg(stop_after=5, image_size=16, batch_size=64,
+                                    mode="frozen-bn", lr=0.01, warmup_steps=0,
+                                    backend=backend, eager=run == "eager")).losses
     assert calls["fused"] == 0, f"{calls['fused']} BatchNorm forwards ran eagerly"
     assert calls["eager"] > 0
     assert len(losses["fused"]) == len(losses["eager"]) == 5
