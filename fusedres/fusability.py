@@ -92,8 +92,8 @@ def forward_replaced(module: nn.Module, *names: str) -> bool:
 
 def activation_reason(act: Optional[nn.Module], name: str = "activation") -> Optional[str]:
     """Why a block's or stem's activation module cannot be applied as the fused ReLU, or None
-    when it can: exactly ``nn.ReLU`` (``inplace`` either way), no forward hooks, no instance
-    ``forward``.
+    when it can: exactly ``nn.ReLU`` (``inplace`` either way), no forward or backward hooks, no
+    instance ``forward``.
 
     Args:
         act: the module the eager forward calls as the activation (``block.relu``), or None.
