@@ -161,6 +161,20 @@ def _swap(model, what):
         raise ValueError(what)
 
 
+def _resnet18_that_has_run(backend, training):
+    """(fused resnet18, its eager twin, x [2, 3, 64, 64]) after two calls of the fused model
+    under no_grad (in eval the second runs the whole-model plan); the twin gets the statistics
+    those calls updated in training."""
+    fused = _randomize_bn(models.resnet18(backend=backend, num_classes=10)).train(training)
+    eager = to_eager(copy.deepcopy(fused))
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for _ in range(2):
+            fused(x)
+    eager.load_state_dict(fused.state_dict())
+    return fused, eager, x
+
+
 def _assert_inference_matches(fused, eager, x):
     """Inference proper (no autograd: the path with plans), twice (the second from a plan),
     against eager and the float64 oracle."""
@@ -186,13 +200,7 @@ def test_model_follows_what_its_eager_forward_calls(backend, what, training):
     (and, in eval, made its plans), computes what the eager twin with the same change computes:
     the fused units apply ReLU and never call the modules' forwards, so such a part runs
     eagerly (the fused path gave 10-130% errors)."""
-    fused = _randomize_bn(models.resnet18(backend=backend, num_classes=10)).train(training)
-    eager = to_eager(copy.deepcopy(fused))
-    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        for _ in range(2):  # in eval the second call runs the whole-model plan
-            fused(x)
-    eager.load_state_dict(fused.state_dict())  # the statistics those calls updated in training
+    fused, eager, x = _resnet18_that_has_run(backend, training)
     _swap(fused, what)
     _swap(eager, what)
     if what == "downsample_hook":
@@ -243,13 +251,7 @@ def test_model_runs_the_hooks_eager_runs(backend, kind, training):
     conv or norm fire only for modules that are called: while any is there, the parts they
     would watch run eagerly, so the hooks fire as often as in eager and the results match (the
     fused units called none of them: a halving global hook on every conv was ignored)."""
-    fused = _randomize_bn(models.resnet18(backend=backend, num_classes=10)).train(training)
-    eager = to_eager(copy.deepcopy(fused))
-    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        for _ in range(2):  # in eval the second call runs the whole-model plan
-            fused(x)
-    eager.load_state_dict(fused.state_dict())
+    fused, eager, x = _resnet18_that_has_run(backend, training)
     calls = {"fused": [], "eager": []}
     handles = [_register_hook(fused, kind, calls["fused"])]
     if not kind.startswith("global"):
