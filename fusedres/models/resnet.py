@@ -190,13 +190,12 @@ class _ModelPlan(NamedTuple):
 
     def unchanged_for(self, model: "FusedResNet", x: torch.Tensor) -> bool:
         """Whether the key would still match for ``model`` on x (already in the activation
-        layout): no global hook, the same input signature, the same backend choices (the
-        model's and the global one) and autocast state, the model's class and stem, and every
-        watched object unchanged."""
+        layout): the same input signature, the same backend choices (the model's and the global
+        one), autocast state and global-hook state (plan_context), the model's class and stem,
+        and every watched object unchanged."""
         model_type = type(model)
         device_type = x.device.type
-        return (global_hooks_reason() is None and model_type is self.model_type
-                and model_type.stem is FusedResNet.stem
+        return (model_type is self.model_type and model_type.stem is FusedResNet.stem
                 and input_signature(x) == self.key[0]
                 and plan_context(model.backend, device_type) == self.key[1]
                 and plan_context(None, device_type) == self.global_context
