@@ -11,7 +11,8 @@ run fused and why the others do not. The rule is exactly what the kernels implem
   buffers: a fixed per-channel scale and shift, the eval fold);
 - neither module has forward or backward hooks nor a ``forward`` set on the instance, and no
   global module hooks are registered (the fused unit never calls their forward, so any of them
-  would silently stop running);
+  would silently stop running), nor is a ``torch.func`` transform or forward-mode AD active
+  (:func:`eager_only_reason`);
 - a block's or stem's activation is exactly ``nn.ReLU``, without hooks or an instance
   ``forward`` (:func:`activation_reason`): the fused kernels apply ReLU whatever module sits
   there, so a block whose activation was swapped (``block.relu = nn.SiLU()``) runs eagerly.
@@ -28,9 +29,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn as nn
 
-__all__ = ["activation_reason", "forward_replaced", "global_hooks_reason", "is_frozen_norm",
+__all__ = ["activation_reason", "eager_only_reason", "forward_replaced", "is_frozen_norm",
            "unfusable_reason"]
 
 _FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
@@ -73,14 +75,29 @@ def _backward_hooked(module: nn.Module) -> bool:
     return bool(module._backward_hooks or module._backward_pre_hooks)
 
 
-def global_hooks_reason() -> Optional[str]:
-    """Why nothing may run fused right now, or None: module hooks registered for every module
-    (``torch.nn.modules.module.register_module_forward_hook`` and its pre and backward kinds, as
-    tools that watch every layer register), which fire only for modules that are called."""
+def eager_only_reason() -> Optional[str]:
+    """Why nothing may run fused right now, or None:
+
+    - module hooks registered for every module
+      (``torch.nn.modules.module.register_module_forward_hook`` and its pre and backward kinds,
+      as tools that watch every layer register), which fire only for modules that are called;
+    - a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ``jacrev``, ...) or a forward-mode
+      AD dual level (``torch.autograd.forward_ad``) is active: the fused ops have neither batching
+      rules nor forward derivatives, where the eager composition has both (MAML-style
+      ``torch.func.grad``, Jacobian-vector products).
+    """
     hooks = nn.modules.module
     if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks
             or hooks._global_backward_hooks or hooks._global_backward_pre_hooks):
         return "global module hooks are registered"
+    if torch.compiler.is_compiling():
+        # The graph holds the ops themselves; and while dynamo traces, peek_interpreter_stack
+        # answers as if a transform were active (measured on torch 2.13).
+        return None
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a torch.func transform is active"
+    if torch.autograd.forward_ad._current_level >= 0:
+        return "forward-mode AD is active"
     return None
 
 
@@ -166,7 +183,7 @@ def unfusable_reason(conv: nn.Module, norm: nn.Module) -> Optional[str]:
         ``"conv has a bias"``, ``"padding_mode='reflect'"``, ``"norm is GroupNorm"``,
         ``"SyncBatchNorm (statistics across processes)"``.
     """
-    global_reason = global_hooks_reason()
+    global_reason = eager_only_reason()
     if global_reason is not None:
         return global_reason
     conv_reason = _conv_reason(conv)

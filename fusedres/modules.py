@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from fusedres import reference
 from fusedres.backend import current_backend_name, explicit_padding
-from fusedres.fusability import (activation_reason, forward_replaced, global_hooks_reason,
+from fusedres.fusability import (activation_reason, eager_only_reason, forward_replaced,
                                  is_frozen_norm)
 from fusedres.ops import fold
 from fusedres.ops.block import BlockCall, Unit, prepare_block_train, recompute_mode
@@ -290,10 +290,11 @@ def block_forward_with_plan(block: nn.Module, x: torch.Tensor,
     """:func:`block_forward`, and the inference plan the call ran from (made or reused), or None
     where it ran none. A caller that repeats the call with an input of the same signature while
     :func:`block_state_key` is unchanged may run the plan directly."""
-    if block_activation_reason(block) is not None or global_hooks_reason() is not None:
+    if block_activation_reason(block) is not None or eager_only_reason() is not None:
         # The fused units apply ReLU whatever the block's activations are: a swapped one (or one
         # with hooks) runs the block's eager forward, which calls it; so do global module hooks,
-        # which fire only for the modules that are called.
+        # which fire only for the modules that are called, and autograd transforms, which the
+        # fused ops do not support (eager_only_reason).
         return _eager_forward(block)(block, x), None
     name = type(block).__name__
     units = _units(block)

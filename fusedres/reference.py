@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fusedres.backend import explicit_padding, memory_format_of
-from fusedres.fusability import forward_replaced, global_hooks_reason
+from fusedres.fusability import eager_only_reason, forward_replaced
 
 __all__ = [
     "stats_dtype", "bn_stats", "bn_act_fwd", "bn_act_bwd", "unit_forward", "BasicBlock",
@@ -134,9 +134,10 @@ def unit_forward(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
 
 def _plain_zero_padded(conv: nn.Module) -> bool:
     """Whether calling ``conv`` is exactly ``F.conv2d`` with zero padding: an nn.Conv2d itself,
-    its forward not replaced on the instance, no hooks on it nor global ones."""
+    its forward not replaced on the instance, no hooks on it, nothing that keeps every module
+    eager (global hooks: fusedres.fusability.eager_only_reason)."""
     return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
-            and not forward_replaced(conv, "_conv_forward") and global_hooks_reason() is None
+            and not forward_replaced(conv, "_conv_forward") and eager_only_reason() is None
             and not (conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks
                      or conv._backward_pre_hooks))
 

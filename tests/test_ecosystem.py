@@ -1,5 +1,6 @@
 """Fused models in the PyTorch ecosystem: autocast + GradScaler, torch.compile, torch.export,
-activation checkpointing, state_dict checkpoints and deterministic training, each compared with
+activation checkpointing, torch.func transforms and forward-mode AD, state_dict checkpoints and
+deterministic training, each compared with
 the eager twin of the same model (fusedres.to_eager) or the float64 oracle."""
 
 import copy
@@ -239,6 +240,113 @@ def test_activation_checkpointing(backend, early_stop):
         assert int(fused[0].bn.num_batches_tracked) == 2  # forward + recomputation
     for p, q in zip(fused.parameters(), plain.parameters()):  # recomputation: same gradients
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+
+
+# -- torch.func transforms, forward-mode AD, batched gradients --------------------------------
+# The fused ops have no batching rules or forward derivatives: under a transform or a dual level
+# every unit runs its eager composition (fusedres.fusability.eager_only_reason). Each model has
+# run first, so that its plans exist (in eval the FusedResNet's whole-model plan).
+
+def _has_run(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+    return model
+
+
+def _twins(backend: str, training: bool, resnet: bool):
+    """(fused, eager twin, float64 oracle, x): small_net at [4, 3, 16, 16], or a resnet18 (5
+    classes) at [2, 3, 32, 32], after two fused calls; the twins share its statistics."""
+    if resnet:
+        fused, x = fusedres.models.resnet18(num_classes=5, backend=backend), torch.randn(2, 3, 32, 32)
+    else:
+        fused, x = fused_eager_pair(backend)[0], torch.randn(4, 3, 16, 16)
+    _has_run(fused.train(training), x)
+    eager = fusedres.to_eager(copy.deepcopy(fused)).train(training)
+    return fused, eager, reference.upcast(eager), x
+
+
+def _functional_grads(model: nn.Module, x: torch.Tensor) -> dict:
+    """torch.func.grad of a loss in the parameters through functional_call (MAML-style). The
+    buffers are an argument of the transformed function: nn's BatchNorm may update them in
+    place there, where it may not update a tensor the function captures."""
+    target = torch.linspace(-1, 1, 5, dtype=x.dtype)
+
+    def loss(params, buffers):
+        return (torch.func.functional_call(model, {**params, **buffers}, (x,)) * target).sum()
+
+    return torch.func.grad(loss)({k: v.detach() for k, v in model.named_parameters()},
+                                 dict(model.named_buffers()))
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torch_func_grad_matches_eager(backend, training):
+    """torch.func.grad through functional_call gives eager's parameter gradients and, in
+    training, its running statistics (before: the C++ autograd Functions refused functorch)."""
+    fused, eager, oracle, x = _twins(backend, training, resnet=False)
+    grads = [_functional_grads(m, xx) for m, xx in ((fused, x), (eager, x), (oracle, x.double()))]
+    for name in grads[2]:
+        assert_oracle_close(grads[0][name], grads[1][name], grads[2][name], f"grad {name}")
+    for (name, u), v, w in zip(fused.named_buffers(), eager.buffers(), oracle.buffers()):
+        if u.is_floating_point():
+            assert_oracle_close(u, v, w, name)
+        else:
+            assert torch.equal(u, v), name
+
+
+def _dual_tangent(model: nn.Module, x: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+    with torch.autograd.forward_ad.dual_level():
+        out = model(torch.autograd.forward_ad.make_dual(x, tangent))
+        return torch.autograd.forward_ad.unpack_dual(out).tangent
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("resnet", [False, True], ids=["small_net", "resnet18"])
+def test_forward_mode_ad_matches_eager(backend, training, resnet):
+    """Jacobian-vector products (forward_ad dual tensors; torch.func.jvp in eval, which eager's
+    BatchNorm refuses in training) match eager's (before: torch.func.jvp's tangent came back
+    all zeros in eval, silently; the dual tensors raised)."""
+    fused, eager, oracle, x = _twins(backend, training, resnet)
+    tangent = torch.randn_like(x)
+    with torch.no_grad():
+        expected = _dual_tangent(oracle, x.double(), tangent.double())
+        assert_oracle_close(_dual_tangent(fused, x, tangent), _dual_tangent(eager, x, tangent),
+                            expected, "forward_ad tangent")
+        if not training:
+            jvps = [torch.func.jvp(m, (xx,), (t,))[1] for m, xx, t in
+                    ((fused, x, tangent), (eager, x, tangent), (oracle, x.double(), tangent.double()))]
+            assert_oracle_close(*jvps, "torch.func.jvp tangent")
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("resnet", [False, True], ids=["small_net", "resnet18"])
+def test_vmap_eval_matches_eager(backend, resnet):
+    """torch.func.vmap over a stack of batches in eval gives eager's outputs (before: the
+    FusedResNet's channels_last conversion failed under vmap)."""
+    fused, eager, oracle, x = _twins(backend, False, resnet)
+    xs = torch.stack([x, -x, 2 * x])
+    with torch.no_grad():
+        outs = [torch.func.vmap(m)(xx) for m, xx in ((fused, xs), (eager, xs), (oracle, xs.double()))]
+    assert_oracle_close(*outs, "vmap output")
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+def test_batched_gradients_in_training(backend):
+    """torch.autograd.grad(..., is_grads_batched=True), which jacobian(vectorize=True) runs:
+    the backward of the fused units and blocks under batched gradients gives eager's (before:
+    no batching rule for fusedres::block_backward)."""
+    fused, eager, oracle, x = _twins(backend, True, resnet=False)
+    vs = torch.randn(3, 4, 5)
+    grads = []
+    for model, xx, v in ((fused, x, vs), (eager, x, vs), (oracle, x.double(), vs.double())):
+        xx = xx.clone().requires_grad_()
+        inputs = [xx, *model.parameters()]
+        grads.append(torch.autograd.grad(model(xx), inputs, v, is_grads_batched=True))
+    names = ["x"] + [name for name, _ in fused.named_parameters()]
+    for name, g_f, g_e, g_o in zip(names, *grads):
+        assert_oracle_close(g_f, g_e, g_o, f"batched grad {name}")
 
 
 # -- checkpoints and determinism -------------------------------------------------------------

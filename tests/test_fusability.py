@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fusedres.fusability import (activation_reason, global_hooks_reason, is_frozen_norm,
+from fusedres.fusability import (activation_reason, eager_only_reason, is_frozen_norm,
                                  unfusable_reason)
 
 
@@ -151,12 +151,33 @@ def test_global_module_hooks_keep_every_unit_eager(kind):
     register = getattr(nn.modules.module, f"register_module_{kind}_hook")
     hook = register(lambda *a: None)
     try:
-        assert global_hooks_reason() == "global module hooks are registered"
+        assert eager_only_reason() == "global module hooks are registered"
         assert unfusable_reason(conv, norm) == "global module hooks are registered"
-        assert activation_reason(nn.ReLU()) is None  # the blocks ask global_hooks_reason too
+        assert activation_reason(nn.ReLU()) is None  # the blocks ask eager_only_reason too
     finally:
         hook.remove()
-    assert global_hooks_reason() is None and unfusable_reason(conv, norm) is None
+    assert eager_only_reason() is None and unfusable_reason(conv, norm) is None
+
+
+def test_autograd_transforms_keep_every_unit_eager():
+    """Under a torch.func transform or a forward-mode AD dual level, for which the fused ops have
+    no rules (tests/test_ecosystem.py checks the models against eager there)."""
+    conv, norm = _conv(), nn.BatchNorm2d(8)
+    seen = []
+
+    def record(x):
+        seen.append((eager_only_reason(), unfusable_reason(conv, norm)))
+        return x
+
+    torch.func.vmap(record)(torch.ones(2, 3))
+    torch.func.jvp(record, (torch.ones(3),), (torch.ones(3),))
+    torch.func.grad(lambda x: record(x).sum())(torch.ones(3))
+    with torch.autograd.forward_ad.dual_level():
+        record(None)
+    transform, forward_ad = "a torch.func transform is active", "forward-mode AD is active"
+    assert seen == [(transform, transform)] * 3 + [(forward_ad, forward_ad)]
+    assert eager_only_reason() is None and unfusable_reason(conv, norm) is None
+
 
 def test_activation_reason():
     """A block's or stem's activation, which the fused kernels apply as ReLU."""

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from fusedres import reference
 from fusedres.backend import current_backend_name
-from fusedres.fusability import (activation_reason, forward_replaced, global_hooks_reason,
+from fusedres.fusability import (activation_reason, eager_only_reason, forward_replaced,
                                  is_frozen_norm)
 from fusedres.modules import (FusedBasicBlock, FusedBottleneck, block_forward_with_plan,
                               block_state_key)
@@ -59,16 +59,16 @@ class FusedResNet(reference.ResNet):
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         if (activation_reason(self._modules.get("relu")) is not None
-                or global_hooks_reason() is not None):
-            # A swapped activation (or one with hooks), or global module hooks: eager, calling
-            # the modules.
+                or eager_only_reason() is not None):
+            # A swapped activation (or one with hooks), or global module hooks or an autograd
+            # transform (eager_only_reason): eager, calling the modules.
             return super().stem(x)
         return conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend,
                            name="ResNet.conv1")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (type(x) is torch.Tensor and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
+                and not torch.compiler.is_compiling() and eager_only_reason() is None):
             plan = _MODEL_PLANS.get(self)
             if plan is not None and plan.watch is not None:
                 # Nothing the plan's key reads has changed since it last matched: the key would
@@ -157,7 +157,7 @@ class FusedResNet(reference.ResNet):
         nor global ones; the stem (with its ReLU), max pool and stages of the kinds that make a
         new tensor; the blocks fusedres's own (a subclass, or a forward set on the instance, may
         keep its input). Else the call runs through the modules, as nn's forward does."""
-        if (global_hooks_reason() is not None
+        if (eager_only_reason() is not None
                 or type(self).stem is not FusedResNet.stem or forward_replaced(self, "stem")
                 or activation_reason(self._modules.get("relu")) is not None
                 or type(self.maxpool) not in (nn.MaxPool2d, nn.Identity)

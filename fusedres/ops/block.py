@@ -262,7 +262,13 @@ class _BlockFunction(torch.autograd.Function):
         coefficients = saved[2 + 6 * m:]  # F3's (scale, shift) per inner unit, else none
         const: _BackwardConstants = ctx.constants
         needs = [ctx.needs_input_grad[i] for i in const.needs_index]
-        if ops.block_backward is not None and not coefficients:
+        # Under the batched gradients of torch.autograd.grad(..., is_grads_batched=True) (and
+        # jacobian(vectorize=True)) dy is a legacy batched tensor: the block op, with tensor-list
+        # arguments, has no batching rule there, where the per-unit ops get the generated one.
+        # (A graph torch.compile traces never sees one, and dynamo cannot trace the question.)
+        if (ops.block_backward is not None and not coefficients
+                and (torch.compiler.is_compiling()
+                     or not torch._C._functorch.is_legacy_batchedtensor(dy))):
             dx, unit_grads = ops.block_backward(dy, x, y_last, *lists, const.geometry,
                                                 const.relus, spec.downsample, needs)
             # [0] placeholders where a gradient was not asked for.

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from fusedres import _ext, reference
 from fusedres.backend import (ConvParams, contents_key, conv_output_hw, current_backend_name,
                               explicit_padding, resolve)
-from fusedres.fusability import (forward_replaced, global_hooks_reason, is_frozen_norm,
+from fusedres.fusability import (eager_only_reason, forward_replaced, is_frozen_norm,
                                  unfusable_reason)
 from fusedres.ops import fold
 
@@ -416,11 +416,12 @@ def state_watch(root: nn.Module, descendants: Sequence[nn.Module]):
 
 def plan_context(backend: Optional[str], device_type: str) -> tuple:
     """The global state a plan depends on: the backend in force for ``backend`` (a module's
-    choice, or None), the autocast state of ``device_type``, and whether global module hooks
-    are registered (nothing runs fused then: fusedres.fusability.global_hooks_reason)."""
+    choice, or None), the autocast state of ``device_type``, and why nothing may run fused right
+    now, if anything (global module hooks, a torch.func transform, forward-mode AD:
+    fusedres.fusability.eager_only_reason)."""
     autocast = (torch.get_autocast_dtype(device_type)
                 if torch.is_autocast_enabled(device_type) else None)
-    return current_backend_name(backend), autocast, global_hooks_reason()
+    return current_backend_name(backend), autocast, eager_only_reason()
 
 
 # The geometry of an nn.Conv2d an inference plan depends on, read in one C call.
