@@ -28,8 +28,9 @@ from fusedres.fusability import (activation_reason, eager_only_reason, forward_r
 from fusedres.ops import fold
 from fusedres.ops.block import BlockCall, Unit, prepare_block_train, recompute_mode
 from fusedres.ops.unit import (InferencePlan, conv_bn_act, conv_bn_act_with_plan,
-                               conv_output_shape, input_signature, plan_context, single_value_error,
-                               state_watch, unit_state_key, unit_train_key, uses_batch_stats)
+                               conv_output_shape, holds_nonfinite_on_cpu, input_signature,
+                               plan_context, single_value_error, state_watch, unit_state_key,
+                               unit_train_key, uses_batch_stats)
 
 __all__ = ["FusedConvBNReLU", "FusedBasicBlock", "FusedBottleneck"]
 
@@ -295,6 +296,11 @@ def block_forward_with_plan(block: nn.Module, x: torch.Tensor,
         # with hooks) runs the block's eager forward, which calls it; so do global module hooks,
         # which fire only for the modules that are called, and autograd transforms, which the
         # fused ops do not support (eager_only_reason).
+        return _eager_forward(block)(block, x), None
+    if not torch.is_grad_enabled() and holds_nonfinite_on_cpu(x):
+        # A NaN or inf in the input: the eager forward keeps NaN where eager puts it (inside,
+        # the units' plans run unchecked: from a finite input and finite folded weights, no
+        # NaN arises in float32 or bfloat16).
         return _eager_forward(block)(block, x), None
     name = type(block).__name__
     units = _units(block)

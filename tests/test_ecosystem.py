@@ -258,7 +258,8 @@ def _twins(backend: str, training: bool, resnet: bool):
     """(fused, eager twin, float64 oracle, x): small_net at [4, 3, 16, 16], or a resnet18 (5
     classes) at [2, 3, 32, 32], after two fused calls; the twins share its statistics."""
     if resnet:
-        fused, x = fusedres.models.resnet18(num_classes=5, backend=backend), torch.randn(2, 3, 32, 32)
+        fused = fusedres.models.resnet18(num_classes=5, backend=backend)
+        x = torch.randn(2, 3, 32, 32)
     else:
         fused, x = fused_eager_pair(backend)[0], torch.randn(4, 3, 16, 16)
     _has_run(fused.train(training), x)
@@ -316,7 +317,8 @@ def test_forward_mode_ad_matches_eager(backend, training, resnet):
                             expected, "forward_ad tangent")
         if not training:
             jvps = [torch.func.jvp(m, (xx,), (t,))[1] for m, xx, t in
-                    ((fused, x, tangent), (eager, x, tangent), (oracle, x.double(), tangent.double()))]
+                    ((fused, x, tangent), (eager, x, tangent),
+                     (oracle, x.double(), tangent.double()))]
             assert_oracle_close(*jvps, "torch.func.jvp tangent")
 
 
@@ -328,7 +330,8 @@ def test_vmap_eval_matches_eager(backend, resnet):
     fused, eager, oracle, x = _twins(backend, False, resnet)
     xs = torch.stack([x, -x, 2 * x])
     with torch.no_grad():
-        outs = [torch.func.vmap(m)(xx) for m, xx in ((fused, xs), (eager, xs), (oracle, xs.double()))]
+        outs = [torch.func.vmap(m)(xx)
+                for m, xx in ((fused, xs), (eager, xs), (oracle, xs.double()))]
     assert_oracle_close(*outs, "vmap output")
 
 

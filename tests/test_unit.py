@@ -258,6 +258,72 @@ def test_nan_input_propagates_like_eager(backend):
     assert torch.isnan(fused.bn.running_mean).any()
 
 
+def _assert_nan_like_eager(fused, eager, x, residual):
+    """Twice (the second call from the inference plan): NaN at exactly eager's outputs, the
+    other values close."""
+    with torch.no_grad():
+        y_e = eager(x, residual)
+        for _ in range(2):
+            y_f = fused(x, residual)
+            assert torch.equal(torch.isnan(y_f), torch.isnan(y_e))
+            torch.testing.assert_close(y_f, y_e, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+# Inference runners of the cpu backend: oneDNN's convolution with its post-ops (8 channels),
+# Winograd (64 channels, channels_last), the matrix product (channels_last, 2x2 map).
+NONFINITE_SHAPES = [(8, 6), (64, 8), (64, 2)]
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("channels,size", NONFINITE_SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["", "residual"])
+def test_nonfinite_inference_input_propagates_like_eager(backend, channels, size, channels_last,
+                                                         with_residual):
+    """A NaN or inf in an eval unit's input or residual (before: oneDNN's ReLU post-op turned
+    NaN into 0, Winograd spread it over output tiles)."""
+    torch.manual_seed(3)
+    eager = build_unit(channels, channels, 3, 1, 1, True).eval()
+    fused = fused_copy(eager, backend).eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, channels, size, size).contiguous(memory_format=fmt)
+    residual = torch.randn_like(x) if with_residual else None
+    with torch.no_grad():
+        fused(x, residual)  # the plan of a finite call exists
+    x[1, 2, size // 2, size // 2] = float("nan")
+    x[0, 1, 0, 0] = float("inf")
+    _assert_nan_like_eager(fused, eager, x, residual)
+    if with_residual:
+        x = torch.randn_like(x)
+        residual[0, 0, 1, 1] = float("nan")
+        _assert_nan_like_eager(fused, eager, x, residual)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("channels,size", NONFINITE_SHAPES)
+@pytest.mark.parametrize("what", ["running_var_nan", "running_var_negative", "weight_inf",
+                                  "gamma_nan", "running_mean_inf"])
+def test_nonfinite_state_in_inference_propagates_like_eager(backend, channels, size, what):
+    """A diverged checkpoint (NaN or inf in a weight or statistic, a negative running_var)
+    evaluates to NaN where eager's does (before: the folded ReLU post-op zeroed them)."""
+    torch.manual_seed(4)
+    eager = build_unit(channels, channels, 3, 1, 1, True).eval()
+    tensor, value = {"running_var_nan": ("bn.running_var", float("nan")),
+                     "running_var_negative": ("bn.running_var", -1.0),
+                     "weight_inf": ("conv.weight", float("inf")),
+                     "gamma_nan": ("bn.weight", float("nan")),
+                     "running_mean_inf": ("bn.running_mean", float("inf"))}[what]
+    with torch.no_grad():
+        t = eager.state_dict()[tensor]
+        # A weight's centre tap, which reads no zero padding: where a non-finite tap meets the
+        # padding, a direct convolution (eager's oneDNN) skips the product while an im2col
+        # matrix product (the cpu backend's small-map path) multiplies it by 0 into a NaN.
+        t[(1, 0, 1, 1) if t.dim() == 4 else 1] = value
+    fused = fused_copy(eager, backend).eval()
+    x = torch.randn(2, channels, size, size).contiguous(memory_format=torch.channels_last)
+    _assert_nan_like_eager(fused, eager, x, None)
+
+
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_empty_batch_like_eager(backend, training):

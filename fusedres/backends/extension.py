@@ -113,12 +113,14 @@ class CpuBackend(ExtensionBackend):
         # images (32x32) fell back to the unfolded op, the residual add not taken.
         channels_last = (memory_format_of(x) == torch.channels_last
                          or one_pixel_map(x, weight, conv))
-        if not self._onednn_takes(x.dtype) or (residual is not None
-                                               and not (channels_last and conv.groups == 1)):
+        if (not self._onednn_takes(x.dtype)
+                or (residual is not None and not (channels_last and conv.groups == 1))
+                or not _folds_finite(weight, gamma, beta, running_mean, running_var, eps)):
             # ATen hands oneDNN the residual add only for ungrouped channels_last convolutions;
             # otherwise it falls back to a convolution and a separate add_relu pass (which
             # rejects bfloat16), where the unfolded convolution with one fused BN + add + ReLU
-            # pass is as good.
+            # pass is as good. A unit whose fold is not finite (a diverged checkpoint) takes it
+            # too: its pass keeps NaN through the ReLU as eager does, oneDNN's post-op does not.
             return lambda x, residual, residual_is_dead: super(CpuBackend, self).unit_infer(
                 conv_module, x, weight, gamma, beta, residual, running_mean, running_var, conv,
                 relu, eps)
@@ -190,6 +192,15 @@ class CpuBackend(ExtensionBackend):
             return inner(x.float(), None if residual is None else residual.float(),
                          residual is not None).to(dtype)
         return run
+
+
+def _folds_finite(weight, gamma, beta, running_mean, running_var, eps: float) -> bool:
+    """Whether folding BN into the convolution gives finite weights and bias: no NaN or inf in
+    the unit's tensors and ``running_var + eps > 0`` everywhere. Read once per runner, which
+    lives while the tensors' versions do."""
+    tensors = [t for t in (weight, gamma, beta, running_mean, running_var) if t is not None]
+    return (all(bool(torch.isfinite(t).all()) for t in tensors)
+            and bool(((running_var.float() + eps) > 0).all()))
 
 
 def _convolves_in_float32(dtype: torch.dtype) -> bool:

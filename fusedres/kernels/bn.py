@@ -193,7 +193,8 @@ def _bn_act_fwd_kernel(
     if HAS_RESIDUAL:
         v += tl.load(res_ptr + offs, mask=mask).to(tl.float32)
     if RELU:
-        v = tl.maximum(v, 0.0)
+        # NaN stays NaN, as in torch.relu (the default lets the hardware max drop it).
+        v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(y_ptr + offs, v.to(y_ptr.dtype.element_ty), mask=mask)
 
 

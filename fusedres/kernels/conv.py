@@ -169,7 +169,8 @@ def _conv_fwd_kernel(
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        # NaN stays NaN, as in torch.relu (the default lets the hardware max drop it).
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
     out = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + out_offs, out, mask=mask)
     if STATS:

@@ -23,9 +23,9 @@ from fusedres.modules import (FusedBasicBlock, FusedBottleneck, block_forward_wi
                               block_state_key)
 from fusedres.ops import fold
 from fusedres.ops.pool import inference_max_pool, max_pool_geometry, max_pool_output_hw
-from fusedres.ops.unit import (InferencePlan, conv_bn_act, conv_bn_act_with_plan, input_signature,
-                               plan_context, single_value_error, state_watch, unit_state_key,
-                               uses_batch_stats)
+from fusedres.ops.unit import (InferencePlan, conv_bn_act, conv_bn_act_with_plan,
+                               holds_nonfinite_on_cpu, input_signature, plan_context,
+                               single_value_error, state_watch, unit_state_key, uses_batch_stats)
 
 __all__ = [
     "FusedResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -67,7 +67,10 @@ class FusedResNet(reference.ResNet):
                            name="ResNet.conv1")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (type(x) is torch.Tensor and not torch.is_grad_enabled()
+        # A NaN or inf in the input: through the modules, whose units and blocks take their
+        # eager composition then (holds_nonfinite_on_cpu); the plans run their units unchecked.
+        finite = torch.is_grad_enabled() or not holds_nonfinite_on_cpu(x)
+        if (type(x) is torch.Tensor and not torch.is_grad_enabled() and finite
                 and not torch.compiler.is_compiling() and eager_only_reason() is None):
             plan = _MODEL_PLANS.get(self)
             if plan is not None and plan.watch is not None:
@@ -77,7 +80,7 @@ class FusedResNet(reference.ResNet):
                 if plan.unchanged_for(self, x_inside):
                     return self._head(plan.run(x_inside, self.maxpool))
         stays_inside = type(x) is torch.Tensor and self._activations_stay_inside()
-        inference = stays_inside and not torch.is_grad_enabled()
+        inference = stays_inside and not torch.is_grad_enabled() and finite
         if inference:
             x = self._activation_layout(x)
             key = self._inference_key(x)

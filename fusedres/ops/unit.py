@@ -48,14 +48,38 @@ from fusedres.fusability import (eager_only_reason, forward_replaced, is_frozen_
 from fusedres.ops import fold
 
 __all__ = ["InferencePlan", "check_unit_inputs", "conv_bn_act", "conv_bn_act_with_plan",
-           "conv_output_shape", "input_signature", "plan_context", "single_value_error",
-           "unit_state_key", "unit_train_key", "uses_batch_stats"]
+           "conv_output_shape", "holds_nonfinite_on_cpu", "input_signature", "plan_context",
+           "single_value_error", "unit_state_key", "unit_train_key", "uses_batch_stats"]
 
 
 def conv_output_shape(shape: Sequence[int], conv: nn.Conv2d) -> torch.Size:
     """The output shape of ``conv`` for an input of ``shape`` [N, Cin, H, W]."""
     hw = conv_output_hw(shape[2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation)
     return torch.Size([shape[0], conv.out_channels, *hw])
+
+
+def holds_nonfinite_on_cpu(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether an inference call on the CPU must take the eager composition because one of
+    ``tensors`` (an input, a residual; None is skipped) holds a NaN or an inf.
+
+    The cpu backend's fused inference does not keep eager's NaN: oneDNN's ReLU post-op (what
+    inductor's CPU freezing path uses too) maps a NaN to 0, and Winograd's transforms spread one
+    over whole output tiles, where eager has NaN at exactly the outputs whose receptive field
+    holds it. A sum in float32 is non-finite when a tensor holds a NaN or an inf (or, harmlessly,
+    when it overflows): one read of the tensor (1.4% of a resnet50 layer1 block's inference on
+    the 2-core EPYC). On other devices False: the answer would be a host synchronisation (their
+    kernels keep NaN themselves). False
+    in a graph torch.compile traces (it holds the traceable ``unit_eval`` op, not the runners)
+    and where nothing runs fused anyway (:func:`eager_only_reason`: under vmap the answer would
+    be a batched tensor).
+    """
+    if torch.compiler.is_compiling() or eager_only_reason() is not None:
+        return False
+    for t in tensors:
+        if (t is not None and t.device.type == "cpu" and t.is_floating_point()
+                and not bool(torch.isfinite(t.sum(dtype=torch.float32)))):
+            return True
+    return False
 
 
 def uses_batch_stats(bn: nn.Module) -> bool:
@@ -204,6 +228,8 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
     """
     plan_key = _inference_plan_key(x, conv, bn, residual, relu, backend)
     if plan_key is not None:
+        if holds_nonfinite_on_cpu(x, residual):
+            return reference.unit_forward(x, conv, bn, residual, relu)
         plan = _INFERENCE_PLANS.get(conv)
         if plan is not None and plan.key == plan_key:
             return plan.run(x, residual)
@@ -235,6 +261,8 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
     weight, gamma, beta = conv.weight, bn.weight, bn.bias
     infer = not (_wants_grad(x, weight, gamma, beta, residual) or torch.compiler.is_compiling())
     if infer and not uses_batch_stats(bn):
+        if plan_key is None and holds_nonfinite_on_cpu(x, residual):  # else checked above
+            return reference.unit_forward(x, conv, bn, residual, relu)
         if cast is not None:
             x = x.to(cast)
             residual = None if residual is None else residual.to(cast)
