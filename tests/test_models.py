@@ -305,26 +305,30 @@ MODEL_CASES = [("resnet18", 64), ("resnet50", 64), ("resnext50_32x4d", 64)]
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS[1:])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_nonfinite_input_in_inference_propagates_like_eager(backend, value):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_nonfinite_input_in_inference_propagates_like_eager(backend, value, dtype):
     """A NaN or inf in one image, through a resnet18 that has run and made its plans, and
     through its blocks called alone (their own plans): NaN at exactly eager's outputs (before:
     the fused model's logits were finite)."""
     fused, eager, x = _resnet18_that_has_run(backend, False)
-    x = x.clone()
-    x[1, 0, 20, 30] = value
+    fused, eager, x = fused.to(dtype), eager.to(dtype), x.to(dtype)
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 0.05,
+                                                                            "atol": 0.05}
     with torch.no_grad():
+        fused(x)  # the plans of this dtype, from a finite input
+        x[1, 0, 20, 30] = value
         expected = eager(x)
         assert torch.isnan(expected[1]).all() and not torch.isnan(expected[0]).any()
         for _ in range(2):
-            torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-4, equal_nan=True)
+            torch.testing.assert_close(fused(x), expected, equal_nan=True, **tolerance)
         features = eager.maxpool(eager.relu(eager.bn1(eager.conv1(x))))
         for fused_block, eager_block in ((fused.layer1[0], eager.layer1[0]),
                                          (fused.layer2[0], eager.layer2[0])):
             block_expected = eager_block(features)
             assert torch.isnan(block_expected).any()
             for _ in range(3):  # the third call from the block's watched plan
-                torch.testing.assert_close(fused_block(features), block_expected, rtol=1e-4,
-                                           atol=1e-4, equal_nan=True)
+                torch.testing.assert_close(fused_block(features), block_expected,
+                                           equal_nan=True, **tolerance)
             features = block_expected
 
 
