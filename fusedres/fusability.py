@@ -94,6 +94,10 @@ def eager_only_reason() -> Optional[str]:
         # The graph holds the ops themselves; and while dynamo traces, peek_interpreter_stack
         # answers as if a transform were active (measured on torch 2.13).
         return None
+    if torch.fx._symbolic_trace.is_fx_tracing():
+        # torch.fx.symbolic_trace (torchvision's create_feature_extractor, FX quantization)
+        # records the module calls of the eager composition; the fused ops check real tensors.
+        return "torch.fx is tracing"
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return "a torch.func transform is active"
     if torch.autograd.forward_ad._current_level >= 0:

@@ -1,6 +1,6 @@
 """Fused models in the PyTorch ecosystem: autocast + GradScaler, torch.compile, torch.export,
-activation checkpointing, torch.func transforms and forward-mode AD, state_dict checkpoints and
-deterministic training, each compared with
+activation checkpointing, torch.func transforms and forward-mode AD, torch.fx tracing,
+state_dict checkpoints and deterministic training, each compared with
 the eager twin of the same model (fusedres.to_eager) or the float64 oracle."""
 
 import copy
@@ -350,6 +350,32 @@ def test_batched_gradients_in_training(backend):
     names = ["x"] + [name for name, _ in fused.named_parameters()]
     for name, g_f, g_e, g_o in zip(names, *grads):
         assert_oracle_close(g_f, g_e, g_o, f"batched grad {name}")
+
+
+# -- torch.fx symbolic tracing ---------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fx_symbolic_trace_matches_eager(backend, training):
+    """torch.fx.symbolic_trace (FX quantization and fusion passes, torchvision's feature
+    extraction) records the eager composition's module calls (before: TypeError, "input must
+    be a torch.Tensor, got Proxy")."""
+    fused, eager, oracle, x = _twins(backend, training, resnet=True)
+    traced = torch.fx.symbolic_trace(fused)
+    with torch.no_grad():
+        assert_oracle_close(traced(x), eager(x), oracle(x.double()), "traced output")
+
+
+def test_torchvision_feature_extractor_matches_eager():
+    """torchvision's create_feature_extractor, as detection and segmentation code builds
+    backbones, on a fused resnet18 in eval."""
+    feature_extraction = pytest.importorskip("torchvision.models.feature_extraction")
+    fused, eager, oracle, x = _twins("cpu", False, resnet=True)
+    nodes = {"layer2": "c3", "layer4": "c5"}
+    outs = [feature_extraction.create_feature_extractor(m, return_nodes=nodes)(xx)
+            for m, xx in ((fused, x), (eager, x), (oracle, x.double()))]
+    for name in nodes.values():
+        assert_oracle_close(outs[0][name], outs[1][name], outs[2][name], name)
 
 
 # -- checkpoints and determinism -------------------------------------------------------------
