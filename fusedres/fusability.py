@@ -11,8 +11,8 @@ run fused and why the others do not. The rule is exactly what the kernels implem
   buffers: a fixed per-channel scale and shift, the eval fold);
 - neither module has forward or backward hooks nor a ``forward`` set on the instance, and no
   global module hooks are registered (the fused unit never calls their forward, so any of them
-  would silently stop running), nor is a ``torch.func`` transform or forward-mode AD active
-  (:func:`eager_only_reason`);
+  would silently stop running), nor is a ``torch.func`` transform, forward-mode AD or
+  ``torch.fx`` tracing active (:func:`eager_only_reason`);
 - a block's or stem's activation is exactly ``nn.ReLU``, without hooks or an instance
   ``forward`` (:func:`activation_reason`): the fused kernels apply ReLU whatever module sits
   there, so a block whose activation was swapped (``block.relu = nn.SiLU()``) runs eagerly.
@@ -84,7 +84,9 @@ def eager_only_reason() -> Optional[str]:
     - a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ``jacrev``, ...) or a forward-mode
       AD dual level (``torch.autograd.forward_ad``) is active: the fused ops have neither batching
       rules nor forward derivatives, where the eager composition has both (MAML-style
-      ``torch.func.grad``, Jacobian-vector products).
+      ``torch.func.grad``, Jacobian-vector products);
+    - ``torch.fx.symbolic_trace`` is tracing: the trace records the eager composition's module
+      calls, where the fused ops would be handed proxies.
     """
     hooks = nn.modules.module
     if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks
@@ -95,8 +97,6 @@ def eager_only_reason() -> Optional[str]:
         # answers as if a transform were active (measured on torch 2.13).
         return None
     if torch.fx._symbolic_trace.is_fx_tracing():
-        # torch.fx.symbolic_trace (torchvision's create_feature_extractor, FX quantization)
-        # records the module calls of the eager composition; the fused ops check real tensors.
         return "torch.fx is tracing"
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return "a torch.func transform is active"
