@@ -96,7 +96,7 @@ def eager_only_reason() -> Optional[str]:
         # The graph holds the ops themselves; and while dynamo traces, peek_interpreter_stack
         # answers as if a transform were active (measured on torch 2.13).
         return None
-    if torch.fx._symbolic_trace.is_fx_tracing():
+    if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
         return "torch.fx is tracing"
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return "a torch.func transform is active"
