@@ -194,7 +194,7 @@ class _ModelPlan(NamedTuple):
     def unchanged_for(self, model: "FusedResNet", x: torch.Tensor) -> bool:
         """Whether the key would still match for ``model`` on x (already in the activation
         layout): the same input signature, the same backend choices (the model's and the global
-        one), autocast state and global-hook state (plan_context), the model's class and stem,
+        one), autocast state and eager-only state (plan_context), the model's class and stem,
         and every watched object unchanged."""
         model_type = type(model)
         device_type = x.device.type
