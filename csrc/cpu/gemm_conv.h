@@ -7,6 +7,8 @@
 // the weight's memory ((kh, kw, cin) for a channels_last weight, (cin, kh, kw) for a contiguous
 // one), so W is a view of the weight. Backward:
 // dW = dz^T @ cols, dcols = dz @ W, and dx sums each input pixel's dcols entries (col2im).
+// Where much of cols would be zero padding (small maps), float32 goes tap by tap instead: each
+// tap's products over only the output positions where it reads x (gemm_conv.cpp, splits_by_tap).
 //
 // Where it wins: oneDNN reorders the weight into a blocked layout on every call of the forward,
 // the data gradient and the weight gradient, and a training step changes the weights each time,
