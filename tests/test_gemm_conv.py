@@ -210,10 +210,10 @@ def _profiled(fn):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_matrix_products_of_the_gemm_path(gemm_switch, onednn, dtype):
     """float32 products over im2col run oneDNN's matmul (mkldnn::_linear_pointwise: MKL's
-    sgemm, what at::mm runs, is slower on these shapes) unless oneDNN is disabled, then at::mm; bfloat16
-    runs at::mm (oneDNN's matmul inside ATen), or float32's products where this CPU's oneDNN
-    runs no bfloat16 and the unit ops widen it (csrc/cpu/conv_precision.h). Forward, data and
-    weight gradients follow the oracle either way."""
+    sgemm, what at::mm runs, is slower on these shapes) unless oneDNN is disabled, then
+    at::mm; bfloat16 runs at::mm (oneDNN's matmul inside ATen), or float32's products where
+    this CPU's oneDNN runs no bfloat16 and the unit ops widen it (csrc/cpu/conv_precision.h).
+    Forward, data and weight gradients follow the oracle either way."""
     if onednn and not torch.backends.mkldnn.is_available():
         pytest.skip("this torch is built without oneDNN")
     gemm_switch(True)
@@ -235,7 +235,6 @@ def test_matrix_products_of_the_gemm_path(gemm_switch, onednn, dtype):
     assert got.keys() == exact.keys()
     for key in exact:
         assert_oracle_close(got[key].double(), ref[key].double(), exact[key], name=key)
-
 
 
 

@@ -196,6 +196,10 @@ struct TapRect {
   bool covers(int64_t ho, int64_t wo) const {
     return ho >= h_begin && ho < h_end && wo >= w_begin && wo < w_end;
   }
+  // The row of the tap's products (its covered positions, image by image) for (n, ho, wo).
+  int64_t row(int64_t n, int64_t ho, int64_t wo) const {
+    return (n * height() + ho - h_begin) * width() + wo - w_begin;
+  }
 };
 
 // [begin, end) of the output positions along one dimension whose tap k reads inside [0, size):
@@ -311,8 +315,7 @@ at::Tensor tap_split_forward(const at::Tensor& x, const at::Tensor& weight, cons
         for (size_t t = 0; t < rects.size(); ++t) {
           const TapRect& r = rects[t];
           if (!r.covers(ho, wo)) continue;
-          const float* src = products[t].data_ptr<float>() +
-                             ((n * r.height() + ho - r.h_begin) * r.width() + wo - r.w_begin) * cout;
+          const float* src = products[t].data_ptr<float>() + r.row(n, ho, wo) * cout;
           copy_or_add(dst, src, cout, first);
           first = false;
         }
@@ -366,8 +369,7 @@ std::pair<at::Tensor, at::Tensor> tap_split_backward(const at::Tensor& dz_rows,
           if (th < 0 || tw < 0 || th % s.sh != 0 || tw % s.sw != 0) continue;
           const int64_t ho = th / s.sh, wo = tw / s.sw;
           if (!r.covers(ho, wo)) continue;
-          const float* src = products[t].data_ptr<float>() +
-                             ((n * r.height() + ho - r.h_begin) * r.width() + wo - r.w_begin) * s.c;
+          const float* src = products[t].data_ptr<float>() + r.row(n, ho, wo) * s.c;
           copy_or_add(dst, src, s.c, first);
           first = false;
         }
