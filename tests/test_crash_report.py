@@ -17,7 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "crash_report.sh")
 CRASH = "from fusedres import _ext; _ext._C.build_info(); import ctypes; ctypes.string_at(0)"
 
-pytestmark = pytest.mark.skipif(_ext._C is None, reason="the extension is not built")
+# One worker runs the whole module under pytest-xdist, so the report (a module fixture, about 20 s
+# of crashing processes and debuggers) runs once.
+pytestmark = [pytest.mark.skipif(_ext._C is None, reason="the extension is not built"),
+              pytest.mark.xdist_group("crash_report")]
 
 
 @pytest.fixture(scope="module")
