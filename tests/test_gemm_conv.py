@@ -237,7 +237,6 @@ def test_matrix_products_of_the_gemm_path(gemm_switch, onednn, dtype):
         assert_oracle_close(got[key].double(), ref[key].double(), exact[key], name=key)
 
 
-
 def _tap_rows(size, kernel, stride, padding, dilation):
     """Per tap along one dimension, how many output positions read inside [0, size)."""
     out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
