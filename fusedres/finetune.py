@@ -39,6 +39,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -167,6 +168,28 @@ class WarmupCosine:
             return (step + 1) / (self.warmup + 1)
         progress = (step - self.warmup) / max(1, self.total - self.warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _step_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler,
+                   scaler: torch.amp.GradScaler) -> None:
+    """Advances the per-step schedule by one step, whether or not the optimizer stepped.
+
+    The GradScaler skips ``optimizer.step()`` on a step whose fp16 gradients overflowed (the
+    first steps, while it finds its scale). The schedule counts steps taken, skipped or not, so
+    the learning rate of step k is the schedule's k-th value either way and a resumed run stays
+    exact. PyTorch's scheduler checks, on its first step only, that the optimizer stepped before
+    it and warns otherwise; with a skipped first step that warning is about a call order this
+    loop does not have, so it is silenced there, and only there: ``catch_warnings`` resets the
+    interpreter's record of warnings already shown, which around every step would repeat them.
+    """
+    if scheduler.last_epoch > 0 or not scaler.is_enabled():
+        scheduler.step()
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning,
+                                message=r"Detected call of `lr_scheduler\.step\(\)` before "
+                                        r"`optimizer\.step\(\)`")
+        scheduler.step()
 
 
 def build_model(arch: str, num_classes: int, weights: Optional[str] = None,
@@ -471,7 +494,7 @@ def _run(cfg: FinetuneConfig, device: torch.device, amp_dtype) -> FinetuneResult
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
+            _step_schedule(scheduler, scaler)
             step_in_epoch += 1
             global_step += 1
             losses.append(loss.item())

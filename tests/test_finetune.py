@@ -107,6 +107,18 @@ def test_resume_is_bitwise_exact(tmp_path, optimizer, mode, amp, data, stop_firs
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.filterwarnings("error:Detected call of `lr_scheduler:UserWarning")
+def test_fp16_skipped_first_step_keeps_the_schedule_without_warning(tmp_path):
+    """The GradScaler skips the first fp16 steps while it finds its scale: the per-step schedule
+    still advances once per step, and PyTorch's scheduler does not warn about the call order."""
+    ckpt = str(tmp_path / "ft.pt")
+    finetune(_cfg(stop_after=2, epochs=1, image_size=16, batch_size=4, amp="fp16",
+                  data=_image_folder(tmp_path / "images"), save=ckpt))
+    state = torch.load(ckpt, weights_only=False)
+    assert state["scaler"]["scale"] < 2.0 ** 16, "no step was skipped: this case is not exercised"
+    assert state["scheduler"]["last_epoch"] == 2
+
+
 def test_resume_refuses_other_settings(tmp_path):
     ckpt = str(tmp_path / "ft.pt")
     finetune(_cfg(stop_after=1, image_size=16, batch_size=64, save=ckpt))
