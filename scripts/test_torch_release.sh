@@ -12,6 +12,8 @@
 # Arguments: the torch version, then any more pip requirements for the venv. The venv is kept
 # (FUSEDRES_RELEASE_DIR, default /tmp/fusedres_torch_<version>) for a second run; the copy is
 # made anew each time.
+# Where pip's configuration caps torch below the release asked for (a constraints file, as on
+# machines that keep their releases on disk), PIP_CONFIG_FILE=/dev/null lifts it for this run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=${1:?usage: bash scripts/test_torch_release.sh TORCH_VERSION [pip requirement...]}
