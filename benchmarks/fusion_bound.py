@@ -77,7 +77,8 @@ def split_step(step, steps: int) -> tuple[float, dict]:
         step()
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    # acc_events: torch 2.11 and 2.12 warn without it (fusedres.report.cpu_peak_memory).
+    with profile(activities=[ProfilerActivity.CPU], acc_events=True) as prof:
         start = time.perf_counter()
         for _ in range(steps):
             step()

@@ -492,8 +492,10 @@ def cpu_peak_memory(fn: Callable[[], object]) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
+    # acc_events: one cycle either way, but torch 2.11 and 2.12 warn on every profile started
+    # without it ("Profiler clears events at the end of each cycle"), which the main job printed.
     with _without_profiler_lines(), profile(activities=[ProfilerActivity.CPU],
-                                            profile_memory=True) as prof:
+                                            profile_memory=True, acc_events=True) as prof:
         fn()
     allocation = torch._C._profiler._ExtraFields_Allocation
     events = []  # (time, bytes allocated (+) or freed (-), running total after it)

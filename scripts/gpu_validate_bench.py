@@ -398,7 +398,8 @@ class Bench:
         sync(self.device)
         gpu = self.device.type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
-        with profile(activities=activities) as prof:
+        # acc_events: torch 2.11 and 2.12 warn without it (fusedres.report.cpu_peak_memory).
+        with profile(activities=activities, acc_events=True) as prof:
             step()
             sync(self.device)
         averages = prof.key_averages()

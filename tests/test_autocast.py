@@ -26,7 +26,8 @@ from fusedres.ops import fold
 
 def _cast_count(fn) -> int:
     """Calls fn once; the ``aten::copy_`` calls whose destination and source dtypes differ."""
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    # acc_events: torch 2.11 and 2.12 warn without it (fusedres.report.cpu_peak_memory).
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, acc_events=True) as prof:
         fn()
     return sum(1 for e in prof.profiler.kineto_results.events()
                if e.name() == "aten::copy_" and len(set(e.dtypes()[:2])) == 2)

@@ -364,6 +364,20 @@ def test_cpu_peak_memory_keeps_profiler_lines_off_stderr(capfd):
     assert err == "from the measured code\n"
 
 
+def test_cpu_peak_memory_warns_nothing():
+    """torch 2.11 and 2.12 warn once per process on a profile started without acc_events; the
+    main job measures memory this way, so the check runs in a fresh process."""
+    code = ("import warnings, torch\n"
+            "from fusedres.report import cpu_peak_memory\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    cpu_peak_memory(lambda: torch.empty(1024))\n"
+            "print([str(w.message) for w in caught])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, check=True).stdout
+    assert out.strip() == "[]", out
+
+
 # -- the benchmark summary -----------------------------------------------------------------------
 
 def _case(group, provider, times, **info):
