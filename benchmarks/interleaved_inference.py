@@ -48,6 +48,7 @@ import fusedres
 from fusedres import modules
 from fusedres._ext import _C
 from fusedres.models.resnet import _MODEL_PLANS, FusedResNet, _ModelPlan
+from fusedres.ops.unit import input_signature
 from fusedres.report import keep_freed_memory, machine_info
 from _stats import median_interval
 
@@ -153,8 +154,8 @@ def _cached_plan(fused: FusedResNet, x: torch.Tensor, dtype: torch.dtype):
     check, as FusedResNet.forward runs it once its state watch or its key says it holds."""
     with _autocast(dtype), torch.no_grad():
         fused(x)
-    plan = _MODEL_PLANS[fused]
     x_inside = FusedResNet._activation_layout(x)
+    plan = _MODEL_PLANS.get(fused, input_signature(x_inside))
     return lambda: fused._head(plan.run(x_inside, fused.maxpool))
 
 

@@ -25,8 +25,8 @@ from fusedres import reference
 from fusedres.backend import current_backend_name, explicit_padding
 from fusedres.fusability import (activation_reason, eager_only_reason, forward_replaced,
                                  is_frozen_norm)
-from fusedres.ops import fold
 from fusedres.ops.block import BlockCall, Unit, prepare_block_train, recompute_mode
+from fusedres.ops.plans import PlanCache
 from fusedres.ops.unit import (InferencePlan, conv_bn_act, conv_bn_act_with_plan,
                                conv_output_shape, holds_nonfinite_on_cpu, input_signature,
                                plan_context, single_value_error, state_watch, unit_state_key,
@@ -202,9 +202,8 @@ class BlockPlan(NamedTuple):
         return self.downsample.run(x, self.units[-1].run(out, None), True)
 
 
-# block -> its BlockPlan. Weak keys: a plan dies with its block.
-_BLOCK_PLANS: "weakref.WeakKeyDictionary[nn.Module, BlockPlan]" = weakref.WeakKeyDictionary()
-fold.clear_with_fold_cache(_BLOCK_PLANS)
+# block -> its BlockPlans by input signature (the key's first entry).
+_BLOCK_PLANS = PlanCache()
 
 
 def block_state_key(block: nn.Module, units: list, device_type: str) -> Optional[tuple]:
@@ -317,7 +316,8 @@ def block_forward_with_plan(block: nn.Module, x: torch.Tensor,
     plan = None
     if (type(x) is torch.Tensor and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()):
-        plan = _BLOCK_PLANS.get(block)
+        signature = input_signature(x)
+        plan = _BLOCK_PLANS.get(block, signature)
         if plan is not None and plan.watch is not None and plan.unchanged_for(block, x):
             # Nothing the plan's key reads has changed since it last matched.
             return plan.run(x, x_is_dead), plan
@@ -328,7 +328,8 @@ def block_forward_with_plan(block: nn.Module, x: torch.Tensor,
         # once and runs them past this function: no watch for those).
         watch = state_watch(block, list(block.modules())[1:])
         if watch is not None:
-            _BLOCK_PLANS[block] = plan = plan._replace(watch=watch)
+            plan = plan._replace(watch=watch)
+            _BLOCK_PLANS.put(block, key[0], state, plan)
         return plan.run(x, x_is_dead), plan
     _check_block(block, x, units, name)
     call = _block_call(block, x, units, name)
@@ -368,7 +369,7 @@ def block_forward_with_plan(block: nn.Module, x: torch.Tensor,
             plans.append(plan)
     if key is not None and None not in plans and (ds is None or ds_plan is not None):
         block_plan = BlockPlan(key, ds_plan, tuple(plans))
-        _BLOCK_PLANS[block] = block_plan
+        _BLOCK_PLANS.put(block, key[0], state, block_plan)
         return out, block_plan
     return out, None
 

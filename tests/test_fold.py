@@ -117,6 +117,47 @@ def test_fold_is_cached_until_a_change(monkeypatch):
     assert len(folds) == 2
 
 
+def test_folds_kept_per_input_size(monkeypatch):
+    """The cpu backend prepares its folded weights for the input size (oneDNN chooses their
+    blocked layout for it): a unit called with INPUT_SIZES_KEPT sizes in turn folds once per
+    size, whichever layout each takes (oneDNN's linear on a 1x1's small maps, its convolution on
+    larger ones), and reads whether the fold is finite, which reads every weight, once; a
+    change of a running statistic folds each size again. One size more than it keeps folds
+    again on every call, the finiteness still read once."""
+    if not fusedres.available_backends()["cpu"][0]:
+        pytest.skip("the cpu backend is not built")
+    from fusedres.ops.fold import INPUT_SIZES_KEPT
+    folds, finite_reads = [], []
+    real_fold, real_isfinite = fold.FoldedConv, torch.isfinite
+    monkeypatch.setattr(fold, "FoldedConv", lambda *a: folds.append(1) or real_fold(*a))
+    monkeypatch.setattr(torch, "isfinite", lambda t: finite_reads.append(1) or real_isfinite(t))
+    unit = _unit("cpu", cin=16, cout=24, k=1)
+    eager = _eager_of(unit)
+    # 4x4 to 6x6 maps take the linear, 8x8 and 9x9 the convolution (49 pixels at most).
+    sizes = (4, 8, 5, 9, 6, 7)[:INPUT_SIZES_KEPT + 1]
+    xs = [torch.randn(2, 16, s, s).contiguous(memory_format=torch.channels_last) for s in sizes]
+
+    def call_each(inputs):
+        for x in inputs:
+            torch.testing.assert_close(unit(x), eager(x), rtol=1e-4, atol=1e-5)
+
+    with torch.no_grad():
+        for _ in range(3):
+            call_each(xs[:-1])
+        assert len(folds) == INPUT_SIZES_KEPT
+        assert len(finite_reads) == 5  # weight, gamma, beta, running mean and variance
+        unit.bn.running_var.add_(0.1)
+        eager.bn.running_var.add_(0.1)
+        call_each(xs[:-1])
+        assert len(folds) == 2 * INPUT_SIZES_KEPT
+        assert len(finite_reads) == 10
+        call_each(xs)  # the one size more drops the least recently used one's fold
+        folds.clear()
+        call_each(xs)
+    assert len(folds) == len(xs)
+    assert len(finite_reads) == 10
+
+
 def test_a_computed_weight_is_never_cached(monkeypatch):
     """The cache keys tensors by identity and version, which only the module's own tensors keep:
     a parametrized conv's weight is a new tensor on every access and may reuse a freed one's id

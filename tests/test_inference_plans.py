@@ -485,7 +485,8 @@ def _assert_freed_once_dropped(make_called, plans):
     """The module ``make_called()`` returns has a plan with a state watch in ``plans`` (a
     weak-keyed cache), and dropping the last reference to the module frees it."""
     module = make_called()
-    assert plans[module].watch is not None
+    kept = plans.plans(module)
+    assert kept and all(plan.watch is not None for plan in kept)
     ref = weakref.ref(module)
     del module
     gc.collect()
@@ -542,3 +543,160 @@ def test_model_plan_watch_follows_the_global_backend(monkeypatch):
     finally:
         fusedres.set_backend(None)
     _assert_matches_eager(out, eager, x)
+
+
+def _count_calls(monkeypatch, owner, name: str) -> list:
+    """A list that gets an entry each time ``owner.name`` (a module-level function) is called."""
+    calls = []
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_model_plans_kept_per_input_size(monkeypatch):
+    """Inputs of several sizes in turn (multi-scale inference, an eval loop's smaller last batch)
+    keep a plan each: after one call per size no call checks anything again; after a change of
+    something the keys hold, every size's output follows eager's, and only plans made from the
+    new state are kept."""
+    if not fusedres.available_backends()["cpu"][0]:
+        pytest.skip("the cpu backend is unusable here")
+    from fusedres.models import resnet as resnet_module
+    fused, eager = _models("resnet18", "cpu", torch.channels_last)
+    xs = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 48, 32), torch.randn(1, 3, 32, 40)]
+    checks = _count_calls(monkeypatch, resnet_module, "check_chain")
+    with torch.no_grad():
+        first = [fused(x) for x in xs]
+        assert len(checks) == 3
+        for _ in range(2):
+            for x, out in zip(xs, first):
+                assert torch.equal(fused(x), out)
+        assert len(checks) == 3
+        for m in (fused, eager):
+            m.layer2[0].conv1.weight.add_(0.5)
+        fused(xs[1])
+        assert len(resnet_module._MODEL_PLANS.plans(fused)) == 1  # the old state's dropped
+        after = [fused(x) for x in xs]
+        assert len(checks) == 6
+    assert len(resnet_module._MODEL_PLANS.plans(fused)) == 3
+    for x, out, before in zip(xs, after, first):
+        assert not torch.allclose(out, before, rtol=1e-3, atol=1e-3), "changed nothing"
+        _assert_matches_eager(out, eager, x)
+
+
+def test_model_plans_keep_the_most_recently_used_sizes(monkeypatch):
+    """A model keeps the plans of its INPUT_SIZES_KEPT most recently used input sizes: a call of
+    one more size drops the least recently used one's plan, whose next call checks again."""
+    if not fusedres.available_backends()["cpu"][0]:
+        pytest.skip("the cpu backend is unusable here")
+    from fusedres.models import resnet as resnet_module
+    from fusedres.ops.fold import INPUT_SIZES_KEPT
+    fused, eager = _models("resnet18", "cpu", torch.channels_last)
+    xs = [torch.randn(1, 3, 32 + 8 * i, 32) for i in range(INPUT_SIZES_KEPT + 1)]
+    checks = _count_calls(monkeypatch, resnet_module, "check_chain")
+    with torch.no_grad():
+        for x in xs[:-1]:
+            fused(x)
+        fused(xs[0])  # now the most recently used: xs[1] is the least
+        assert len(checks) == INPUT_SIZES_KEPT
+        fused(xs[-1])
+        assert len(checks) == INPUT_SIZES_KEPT + 1
+        assert len(resnet_module._MODEL_PLANS.plans(fused)) == INPUT_SIZES_KEPT
+        fused(xs[0])
+        assert len(checks) == INPUT_SIZES_KEPT + 1
+        out = fused(xs[1])
+        assert len(checks) == INPUT_SIZES_KEPT + 2
+    _assert_matches_eager(out, eager, xs[1])
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "basic"])
+def test_block_plans_kept_per_input_size(monkeypatch, kind):
+    """A block called on its own with inputs of two sizes in turn (a detection backbone fed
+    images of two sizes) keeps a plan for each: after one call per size no call checks the
+    block again; after a weight changes, both sizes' outputs follow eager's."""
+    if not fusedres.available_backends()["cpu"][0]:
+        pytest.skip("the cpu backend is unusable here")
+    block = _block(kind, "cpu")
+    eager = _eager_block(block)
+    xs = [torch.randn(2, 16, 8, 8), torch.randn(1, 16, 12, 8)]
+    checks = _count_calls(monkeypatch, modules, "_check_block")
+    with torch.no_grad():
+        first = [block(x) for x in xs]
+        for _ in range(3):
+            for x, out in zip(xs, first):
+                assert torch.equal(block(x), out)
+        assert len(checks) == 2
+        for m in (block, eager):
+            m.conv1.weight.mul_(-2.0)
+        after = [block(x) for x in xs]
+        assert len(checks) == 4
+    for x, out, before in zip(xs, after, first):
+        assert not torch.allclose(out, before, rtol=1e-3, atol=1e-3), "changed nothing"
+        _assert_matches_eager(out, eager, x)
+
+
+def test_unit_plans_kept_per_input_size(monkeypatch):
+    """A FusedConvBNReLU called with inputs of two sizes in turn keeps a plan for each: after
+    one call per size no call checks its inputs again; after a running statistic changes, both
+    sizes' outputs follow eager's."""
+    if not fusedres.available_backends()["cpu"][0]:
+        pytest.skip("the cpu backend is unusable here")
+    torch.manual_seed(0)
+    unit = _randomize_bn(fusedres.FusedConvBNReLU(16, 16, 3, backend="cpu"))
+    eager = fusedres.to_eager(copy.deepcopy(unit)).eval()
+    xs = [torch.randn(2, 16, 8, 8), torch.randn(1, 16, 6, 10)]
+    checks = _count_calls(monkeypatch, unit_module, "check_unit_inputs")
+    with torch.no_grad():
+        first = [unit(x) for x in xs]
+        for _ in range(3):
+            for x, out in zip(xs, first):
+                assert torch.equal(unit(x), out)
+        assert len(checks) == 2
+        for m in (unit, eager):
+            m.bn.running_mean.add_(1.0)
+        after = [unit(x) for x in xs]
+        assert len(checks) == 4
+    for x, out, before in zip(xs, after, first):
+        assert not torch.allclose(out, before, rtol=1e-3, atol=1e-3), "changed nothing"
+        _assert_matches_eager(out, eager, x)
+
+
+def test_threads_share_a_models_plans(monkeypatch):
+    """Threads running one model's inference at once, on inputs of sizes that keep evicting each
+    other's plans and folds (one size kept), all get eager's outputs and no error: no plan or
+    fold is shared in a way that lets one call's run disturb another's."""
+    if not fusedres.available_backends()["cpu"][0]:
+        pytest.skip("the cpu backend is unusable here")
+    import sys
+    import threading
+
+    from fusedres.ops import fold
+    monkeypatch.setattr(fold, "INPUT_SIZES_KEPT", 1)
+    fused, eager = _models("resnet18", "cpu", torch.channels_last)
+    xs = [torch.randn(1, 3, 32, 32), torch.randn(1, 3, 40, 32), torch.randn(2, 3, 32, 48)]
+    with torch.no_grad():
+        expected = [eager(x) for x in xs]
+    errors, outputs = [], []
+
+    def work(first):
+        try:
+            with torch.no_grad():
+                for i in range(24):
+                    k = (first + i) % len(xs)
+                    outputs.append((k, fused(xs[k])))
+        except Exception as e:  # reported below with the test's failure
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(first,)) for first in range(3)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads every few bytecodes: races show up
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+    assert len(outputs) == 72
+    for k, out in outputs:
+        torch.testing.assert_close(out, expected[k], rtol=1e-4, atol=1e-4)

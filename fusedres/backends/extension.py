@@ -115,7 +115,8 @@ class CpuBackend(ExtensionBackend):
                          or one_pixel_map(x, weight, conv))
         if (not self._onednn_takes(x.dtype)
                 or (residual is not None and not (channels_last and conv.groups == 1))
-                or not _folds_finite(weight, gamma, beta, running_mean, running_var, eps)):
+                or not fold.folds_finite(conv_module, weight, gamma, beta, running_mean,
+                                          running_var, eps)):
             # ATen hands oneDNN the residual add only for ungrouped channels_last convolutions;
             # otherwise it falls back to a convolution and a separate add_relu pass (which
             # rejects bfloat16), where the unfolded convolution with one fused BN + add + ReLU
@@ -135,8 +136,10 @@ class CpuBackend(ExtensionBackend):
 
         def prepare(w, b):
             # channels_last convolutions take the weights prepacked in oneDNN's blocked layout,
-            # so no call reorders them again (eager reorders every weight on every call). The
-            # layout is chosen for the first input's size and stays valid for any other.
+            # so no call reorders them again (eager reorders every weight on every call). oneDNN
+            # chooses the layout for this input size, and a convolution given weights prepacked
+            # for another size runs, but may reorder them on every call: hence the size in the
+            # cache key.
             if channels_last:
                 w = torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation,
                                                                  groups, shape)
@@ -144,8 +147,9 @@ class CpuBackend(ExtensionBackend):
 
         # The runner lives in a plan whose key holds every folded tensor's version
         # (fusedres.ops.unit.unit_state_key), so the fold made here stays valid for its life.
+        flavor = ("onednn-prepacked", tuple(shape)) if channels_last else "onednn"
         f = fold.fold_conv_bn(conv_module, weight, gamma, beta, running_mean, running_var, eps,
-                              dtype, "onednn-prepacked" if channels_last else "onednn", prepare)
+                              dtype, flavor, prepare)
         pointwise = torch.ops.mkldnn._convolution_pointwise
         if residual is None:
             unary = "relu" if relu else "none"
@@ -192,15 +196,6 @@ class CpuBackend(ExtensionBackend):
             return inner(x.float(), None if residual is None else residual.float(),
                          residual is not None).to(dtype)
         return run
-
-
-def _folds_finite(weight, gamma, beta, running_mean, running_var, eps: float) -> bool:
-    """Whether folding BN into the convolution gives finite weights and bias: no NaN or inf in
-    the unit's tensors and ``running_var + eps > 0`` everywhere. Read once per runner, which
-    lives while the tensors' versions do."""
-    tensors = [t for t in (weight, gamma, beta, running_mean, running_var) if t is not None]
-    return (all(bool(torch.isfinite(t).all()) for t in tensors)
-            and bool(((running_var.float() + eps) > 0).all()))
 
 
 def _convolves_in_float32(dtype: torch.dtype) -> bool:
@@ -299,9 +294,10 @@ def _matmul_runner(conv_module, x, weight, gamma, beta, running_mean, running_va
         matrix = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
         return fold.FoldedConv(torch.ops.mkldnn._reorder_linear_weight(matrix, rows), b.to(w.dtype))
 
-    # The cache key names the taps kept: another map size may keep others.
+    # The cache key names the taps kept (another map size may keep others) and the row count
+    # oneDNN chose the layout for (as the convolution's, above).
     f = fold.fold_conv_bn(conv_module, weight, gamma, beta, running_mean, running_var, eps,
-                          x.dtype, f"onednn-linear taps {taps}", prepare)
+                          x.dtype, ("onednn-linear", taps, rows), prepare)
     linear = torch.ops.mkldnn._linear_pointwise
     unary = "relu" if relu else "none"
 
@@ -347,14 +343,16 @@ def _winograd_runner(conv_module, x, weight, gamma, beta, running_mean, running_
     tiles = chunk * ((h + 1) // 2) * ((w + 1) // 2)
 
     def prepare(folded_weight, bias):
-        # oneDNN's blocked layout is chosen for the first chunk's size and holds for any other.
+        # oneDNN's blocked layout is chosen for a chunk's tile count, as the convolution's above
+        # for its input size (the larger part of what prepacking for another size cost:
+        # docs/design.md section 4, "Plans per input size").
         u = torch.ops.mkldnn._reorder_convolution_weight(
             _ext._C.cpu_winograd_weight(folded_weight), [0, 0], [1, 1], [1, 1], 16,
             [1, 16 * cin, tiles, 1])
         return fold.FoldedConv(u, bias.to(folded_weight.dtype))
 
     f = fold.fold_conv_bn(conv_module, weight, gamma, beta, running_mean, running_var, eps,
-                          x.dtype, "winograd-f2x3", prepare)
+                          x.dtype, ("winograd-f2x3", tiles), prepare)
     products = torch.ops.mkldnn._convolution_pointwise
 
     def run(x, residual, residual_is_dead):

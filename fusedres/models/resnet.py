@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import operator
 import os
-import weakref
 from typing import Iterable, NamedTuple, Optional, Union
 
 import torch
@@ -21,7 +20,7 @@ from fusedres.fusability import (activation_reason, eager_only_reason, forward_r
                                  is_frozen_norm)
 from fusedres.modules import (FusedBasicBlock, FusedBottleneck, block_forward_with_plan,
                               block_state_key)
-from fusedres.ops import fold
+from fusedres.ops.plans import PlanCache
 from fusedres.ops.pool import inference_max_pool, max_pool_geometry, max_pool_output_hw
 from fusedres.ops.unit import (InferencePlan, conv_bn_act, conv_bn_act_with_plan,
                                holds_nonfinite_on_cpu, input_signature, plan_context,
@@ -70,29 +69,30 @@ class FusedResNet(reference.ResNet):
         # A NaN or inf in the input: through the modules, whose units and blocks take their
         # eager composition then (holds_nonfinite_on_cpu); the plans run their units unchecked.
         finite = torch.is_grad_enabled() or not holds_nonfinite_on_cpu(x)
+        x_inside = None
         if (type(x) is torch.Tensor and not torch.is_grad_enabled() and finite
                 and not torch.compiler.is_compiling() and eager_only_reason() is None):
-            plan = _MODEL_PLANS.get(self)
-            if plan is not None and plan.watch is not None:
-                # Nothing the plan's key reads has changed since it last matched: the key would
-                # match again (the watch is its cheaper stand-in; the key below remains the rule).
-                x_inside = self._activation_layout(x)
-                if plan.unchanged_for(self, x_inside):
-                    return self._head(plan.run(x_inside, self.maxpool))
+            x_inside = self._activation_layout(x)
+            plan = _MODEL_PLANS.get(self, input_signature(x_inside))
+            # Nothing the plan's key reads has changed since it last matched: the key would
+            # match again (the watch is its cheaper stand-in; the key below remains the rule).
+            if plan is not None and plan.watch is not None and plan.unchanged_for(self, x_inside):
+                return self._head(plan.run(x_inside, self.maxpool))
         stays_inside = type(x) is torch.Tensor and self._activations_stay_inside()
         inference = stays_inside and not torch.is_grad_enabled() and finite
         if inference:
-            x = self._activation_layout(x)
+            x = self._activation_layout(x) if x_inside is None else x_inside
             key = self._inference_key(x)
-            plan = None if key is None else _MODEL_PLANS.get(self)
+            plan = None if key is None else _MODEL_PLANS.get(self, key[0])
             if plan is not None and plan.key == key:
                 # The same signatures and module state as a call that passed check_chain and
                 # made these plans: neither can tell anything new.
                 # Only a call whose watch failed (or that has none) gets here: watch from now on.
                 watch = self._state_watch()
                 if watch is not None:
-                    _MODEL_PLANS[self] = plan = plan._replace(
-                        global_context=plan_context(None, x.device.type), watch=watch)
+                    plan = plan._replace(global_context=plan_context(None, x.device.type),
+                                         watch=watch)
+                    _MODEL_PLANS.put(self, key[0], key[1:], plan)
                 return self._head(plan.run(x, self.maxpool))
         check_chain(x, [("conv1", self.conv1), ("bn1", self.bn1), ("relu", self.relu),
                         ("maxpool", self.maxpool), ("layer1", self.layer1),
@@ -112,9 +112,9 @@ class FusedResNet(reference.ResNet):
                 x, block_plan = block_forward_with_plan(block, x, x_is_dead=True)
                 block_plans.append(block_plan)
         if key is not None and stem_plan is not None and None not in block_plans:
-            _MODEL_PLANS[self] = _ModelPlan(key, stem_plan, tuple(block_plans), type(self),
-                                            plan_context(None, x.device.type),
-                                            self._state_watch())
+            _MODEL_PLANS.put(self, key[0], key[1:],
+                             _ModelPlan(key, stem_plan, tuple(block_plans), type(self),
+                                        plan_context(None, x.device.type), self._state_watch()))
         return self._head(x)
 
     def _state_watch(self):
@@ -211,9 +211,8 @@ class _ModelPlan(NamedTuple):
         return x
 
 
-# model -> its _ModelPlan. Weak keys, as every plan cache: a plan dies with its model.
-_MODEL_PLANS: "weakref.WeakKeyDictionary[nn.Module, _ModelPlan]" = weakref.WeakKeyDictionary()
-fold.clear_with_fold_cache(_MODEL_PLANS)
+# model -> its _ModelPlans by input signature (the key's first entry).
+_MODEL_PLANS = PlanCache()
 # FusedResNet's children that run after the plan, as ordinary modules.
 _HEAD = ("avgpool", "fc")
 # nn.MaxPool2d's geometry, read in one C call.

@@ -45,7 +45,7 @@ from fusedres.backend import (ConvParams, contents_key, conv_output_hw, current_
                               explicit_padding, resolve)
 from fusedres.fusability import (eager_only_reason, forward_replaced, is_frozen_norm,
                                  unfusable_reason)
-from fusedres.ops import fold
+from fusedres.ops.plans import PlanCache
 
 __all__ = ["InferencePlan", "check_unit_inputs", "conv_bn_act", "conv_bn_act_with_plan",
            "conv_output_shape", "holds_nonfinite_on_cpu", "input_signature", "plan_context",
@@ -234,7 +234,7 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
     if plan_key is not None:
         if holds_nonfinite_on_cpu(x, residual):
             return reference.unit_forward(x, conv, bn, residual, relu)
-        plan = _INFERENCE_PLANS.get(conv)
+        plan = _INFERENCE_PLANS.get(conv, plan_key[:2])
         if plan is not None and plan.key == plan_key:
             return plan.run(x, residual)
     grad_key = None if plan_key is not None else _grad_plan_key(x, conv, bn, residual, relu,
@@ -276,7 +276,7 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
         plan = InferencePlan(plan_key, runner if pads is None else _padding_first(runner, pads),
                              cast)
         if plan_key is not None:
-            _INFERENCE_PLANS[conv] = plan
+            _INFERENCE_PLANS.put(conv, plan_key[:2], plan_key[2:], plan)
         return plan.run(x, residual)
     run = _unit_runner(be, weight, bn, params, pads, relu, cast)
     if grad_key is not None:
@@ -349,11 +349,10 @@ class InferencePlan(NamedTuple):
         return self.runner(x, residual, residual_is_dead)
 
 
-# conv module -> its InferencePlan. Weak keys, as the fold cache: a plan dies with its module.
-# A plan holds the module's tensors, so no tensor in its key can be freed and its id reused.
-_INFERENCE_PLANS: "weakref.WeakKeyDictionary[nn.Module, InferencePlan]" = (
-    weakref.WeakKeyDictionary())
-fold.clear_with_fold_cache(_INFERENCE_PLANS)
+# conv module -> its InferencePlans by the input's and the residual's signatures (the key's first
+# two entries). A plan holds the module's tensors, so no tensor in its key can be freed and its
+# id reused.
+_INFERENCE_PLANS = PlanCache()
 
 
 class _GradPlan(NamedTuple):
@@ -402,7 +401,7 @@ def conv_bn_act_with_plan(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
     unchanged modules (the plan's key) may run the plan directly."""
     key = _inference_plan_key(x, conv, bn, residual, relu, backend)
     y = conv_bn_act(x, conv, bn, residual, relu, backend, name)
-    plan = None if key is None else _INFERENCE_PLANS.get(conv)
+    plan = None if key is None else _INFERENCE_PLANS.get(conv, key[:2])
     return y, (plan if plan is not None and plan.key == key else None)
 
 
