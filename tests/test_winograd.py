@@ -217,6 +217,34 @@ def test_inference_in_chunks_of_images(winograd_calls, n, h, chunks):
     assert got.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("n, c, h, images", [(5, 64, 28, [2, 2, 1]), (7, 128, 14, [4, 3])])
+def test_chunks_run_one_tile_count(winograd_switch, monkeypatch, n, c, h, images):
+    """The products' weights are laid out for a whole chunk's tile count, and oneDNN runs
+    another count with them only by reordering them on every call (resnet18's eval at batch 8,
+    144x144 took 8x as long): the chunks are as even as the batch allows (7 images within a
+    budget of 5: 4 and 3, not 5 and 2) and the last, smaller one is padded to the others' tile
+    count; every image's output against eager and the oracle."""
+    winograd_switch(True)
+    products = []  # (tiles output, tiles computed) per chunk
+    output_transform = _C.cpu_winograd_output
+
+    def recording(m, *args):
+        products.append((m.shape[2], m.untyped_storage().nbytes() // (m.shape[1] * 4)))
+        return output_transform(m, *args)
+
+    monkeypatch.setattr(_C, "cpu_winograd_output", recording)
+    eager, fused, oracle = _units((n, c, h, h, c, 3, 1, 1, 1), torch.float32, True,
+                                  torch.channels_last)
+    for m in (eager, fused, oracle):
+        m.eval()
+    x = _cl(n, c, h, h)
+    with torch.no_grad():
+        got = fused(x)
+        assert_oracle_close(got, eager(x), oracle(x.double()), name="y")
+    tiles = (h // 2) ** 2
+    assert products == [(k * tiles, images[0] * tiles) for k in images]
+
+
 def test_resnet18_eval_through_winograd(winograd_calls, monkeypatch):
     """A float32 channels_last resnet18 in eval, every stride-1 3x3 through the kernel, against
     eager and the float64 oracle."""
