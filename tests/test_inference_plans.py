@@ -608,6 +608,43 @@ def test_model_plans_keep_the_most_recently_used_sizes(monkeypatch):
     _assert_matches_eager(out, eager, xs[1])
 
 
+def test_no_input_size_kept(monkeypatch):
+    """INPUT_SIZES_KEPT = 0 keeps no plan: every call checks again, and is right."""
+    if not fusedres.available_backends()["cpu"][0]:
+        pytest.skip("the cpu backend is unusable here")
+    from fusedres.models import resnet as resnet_module
+    from fusedres.ops import fold
+    monkeypatch.setattr(fold, "INPUT_SIZES_KEPT", 0)
+    fused, eager = _models("resnet18", "cpu", torch.channels_last)
+    x = torch.randn(1, 3, 32, 32)
+    checks = _count_calls(monkeypatch, resnet_module, "check_chain")
+    with torch.no_grad():
+        outs = [fused(x) for _ in range(3)]
+    assert len(checks) == 3
+    assert resnet_module._MODEL_PLANS.plans(fused) == []
+    for out in outs:
+        _assert_matches_eager(out, eager, x)
+
+
+def _assert_plans_kept_per_input_size(module, eager, xs, checks, change):
+    """``module`` called with each of ``xs`` in turn is checked (``checks`` grows) once per
+    size, then runs its plans; after ``change(m)`` on it and on ``eager``, once more per size,
+    and every size's output follows eager's."""
+    with torch.no_grad():
+        first = [module(x) for x in xs]
+        for _ in range(3):
+            for x, out in zip(xs, first):
+                assert torch.equal(module(x), out)
+        assert len(checks) == len(xs)
+        for m in (module, eager):
+            change(m)
+        after = [module(x) for x in xs]
+        assert len(checks) == 2 * len(xs)
+    for x, out, before in zip(xs, after, first):
+        assert not torch.allclose(out, before, rtol=1e-3, atol=1e-3), "changed nothing"
+        _assert_matches_eager(out, eager, x)
+
+
 @pytest.mark.parametrize("kind", ["bottleneck", "basic"])
 def test_block_plans_kept_per_input_size(monkeypatch, kind):
     """A block called on its own with inputs of two sizes in turn (a detection backbone fed
@@ -616,22 +653,9 @@ def test_block_plans_kept_per_input_size(monkeypatch, kind):
     if not fusedres.available_backends()["cpu"][0]:
         pytest.skip("the cpu backend is unusable here")
     block = _block(kind, "cpu")
-    eager = _eager_block(block)
-    xs = [torch.randn(2, 16, 8, 8), torch.randn(1, 16, 12, 8)]
-    checks = _count_calls(monkeypatch, modules, "_check_block")
-    with torch.no_grad():
-        first = [block(x) for x in xs]
-        for _ in range(3):
-            for x, out in zip(xs, first):
-                assert torch.equal(block(x), out)
-        assert len(checks) == 2
-        for m in (block, eager):
-            m.conv1.weight.mul_(-2.0)
-        after = [block(x) for x in xs]
-        assert len(checks) == 4
-    for x, out, before in zip(xs, after, first):
-        assert not torch.allclose(out, before, rtol=1e-3, atol=1e-3), "changed nothing"
-        _assert_matches_eager(out, eager, x)
+    _assert_plans_kept_per_input_size(
+        block, _eager_block(block), [torch.randn(2, 16, 8, 8), torch.randn(1, 16, 12, 8)],
+        _count_calls(monkeypatch, modules, "_check_block"), lambda m: m.conv1.weight.mul_(-2.0))
 
 
 def test_unit_plans_kept_per_input_size(monkeypatch):
@@ -642,22 +666,11 @@ def test_unit_plans_kept_per_input_size(monkeypatch):
         pytest.skip("the cpu backend is unusable here")
     torch.manual_seed(0)
     unit = _randomize_bn(fusedres.FusedConvBNReLU(16, 16, 3, backend="cpu"))
-    eager = fusedres.to_eager(copy.deepcopy(unit)).eval()
-    xs = [torch.randn(2, 16, 8, 8), torch.randn(1, 16, 6, 10)]
-    checks = _count_calls(monkeypatch, unit_module, "check_unit_inputs")
-    with torch.no_grad():
-        first = [unit(x) for x in xs]
-        for _ in range(3):
-            for x, out in zip(xs, first):
-                assert torch.equal(unit(x), out)
-        assert len(checks) == 2
-        for m in (unit, eager):
-            m.bn.running_mean.add_(1.0)
-        after = [unit(x) for x in xs]
-        assert len(checks) == 4
-    for x, out, before in zip(xs, after, first):
-        assert not torch.allclose(out, before, rtol=1e-3, atol=1e-3), "changed nothing"
-        _assert_matches_eager(out, eager, x)
+    _assert_plans_kept_per_input_size(
+        unit, fusedres.to_eager(copy.deepcopy(unit)).eval(),
+        [torch.randn(2, 16, 8, 8), torch.randn(1, 16, 6, 10)],
+        _count_calls(monkeypatch, unit_module, "check_unit_inputs"),
+        lambda m: m.bn.running_mean.add_(1.0))
 
 
 def test_threads_share_a_models_plans(monkeypatch):

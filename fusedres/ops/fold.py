@@ -51,7 +51,8 @@ class FoldedConv(NamedTuple):
 
 
 #: Input sizes whose inference plans a module keeps (:mod:`fusedres.ops.plans`), and whose
-#: folded weights a convolution keeps where its backend prepares them for the input size.
+#: folded weights a convolution keeps where its backend prepares them for the input size; read
+#: at each call (0 keeps none: every inference call checks and prepares again).
 INPUT_SIZES_KEPT = 4
 
 # conv module -> (state, OrderedDict{what: result}, least recently used first): the folds of its
@@ -130,7 +131,7 @@ def _cached(conv: nn.Conv2d, state: Optional[tuple], what: tuple, compute: Calla
         results = entry[1]
         results[what] = result
         results.move_to_end(what)
-        while len(results) > INPUT_SIZES_KEPT + 1:
+        while len(results) > max(INPUT_SIZES_KEPT, 0) + 1:
             results.popitem(last=False)
     return result
 

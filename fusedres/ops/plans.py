@@ -63,7 +63,7 @@ class PlanCache:
             plans = entry[1]
             plans[signature] = plan
             plans.move_to_end(signature)
-            while len(plans) > fold.INPUT_SIZES_KEPT:
+            while len(plans) > max(fold.INPUT_SIZES_KEPT, 0):
                 plans.popitem(last=False)
 
     def plans(self, module: nn.Module) -> list:
