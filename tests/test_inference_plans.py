@@ -411,13 +411,18 @@ def test_model_plan_follows_clear_fold_cache_after_a_data_edit():
     _assert_matches_eager(after, eager, x)
 
 
+def _count_calls(monkeypatch, owner, name: str) -> list:
+    """A list that gets an entry each time ``owner.name`` (a function of a module or a class)
+    is called."""
+    calls = []
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 def _count_key_reads(monkeypatch) -> list:
     """A list that gets an entry each time a FusedResNet reads its inference key."""
-    keys = []
-    real_key = FusedResNet._inference_key
-    monkeypatch.setattr(FusedResNet, "_inference_key",
-                        lambda self, x: keys.append(1) or real_key(self, x))
-    return keys
+    return _count_calls(monkeypatch, FusedResNet, "_inference_key")
 
 
 def test_model_plan_watch_skips_the_key_until_something_changes(monkeypatch):
@@ -446,10 +451,7 @@ def test_model_plan_watch_skips_the_key_until_something_changes(monkeypatch):
 
 def _count_block_key_reads(monkeypatch) -> list:
     """A list that gets an entry each time a block reads its inference key."""
-    keys = []
-    real_key = modules.block_state_key
-    monkeypatch.setattr(modules, "block_state_key", lambda *a: keys.append(1) or real_key(*a))
-    return keys
+    return _count_calls(monkeypatch, modules, "block_state_key")
 
 
 @pytest.mark.parametrize("kind", ["bottleneck", "basic"])
@@ -543,14 +545,6 @@ def test_model_plan_watch_follows_the_global_backend(monkeypatch):
     finally:
         fusedres.set_backend(None)
     _assert_matches_eager(out, eager, x)
-
-
-def _count_calls(monkeypatch, owner, name: str) -> list:
-    """A list that gets an entry each time ``owner.name`` (a module-level function) is called."""
-    calls = []
-    real = getattr(owner, name)
-    monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
 
 
 def test_model_plans_kept_per_input_size(monkeypatch):
