@@ -98,9 +98,18 @@ def _onednn_replay(eager: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype):
     return run
 
 
-def _providers(arch: str, batch: int, size: int, dtype: torch.dtype, with_compile: bool):
+def build_model(arch: str, dilated: bool) -> FusedResNet:
+    """The fused ``arch`` on the cpu backend, with layer3 and layer4 dilated instead of strided
+    (as segmentation backbones build it, ``replace_stride_with_dilation=[False, True, True]``)
+    where ``dilated``."""
+    return getattr(fusedres.models, arch)(
+        backend="cpu", replace_stride_with_dilation=[False, True, True] if dilated else None)
+
+
+def _providers(arch: str, batch: int, size: int, dtype: torch.dtype, with_compile: bool,
+               dilated: bool):
     torch.manual_seed(0)
-    fused = getattr(fusedres.models, arch)(backend="cpu").eval()
+    fused = build_model(arch, dilated).eval()
     fused = fused.to(memory_format=torch.channels_last)
     eager = fusedres.to_eager(copy.deepcopy(fused)).eval()
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
@@ -203,8 +212,8 @@ def print_table(result: dict) -> None:
 
 
 def measure(arch: str, batch: int, size: int, dtype: torch.dtype, rounds: int, warmup: int,
-            with_compile: bool) -> dict:
-    providers = _providers(arch, batch, size, dtype, with_compile)
+            with_compile: bool, dilated: bool = False) -> dict:
+    providers = _providers(arch, batch, size, dtype, with_compile, dilated)
     tolerance = 1e-3 if dtype == torch.float32 else 5e-2
     with _autocast(dtype), torch.no_grad():
         expected = providers["eager_cl"]()
@@ -220,8 +229,8 @@ def measure(arch: str, batch: int, size: int, dtype: torch.dtype, rounds: int, w
 
 def run_cli(measure, what: str, description: str, rounds: int, argv=None) -> int:
     """The command line shared with interleaved_training.py: parses the options, runs
-    ``measure(arch, batch, size, dtype, rounds, warmup, with_compile)`` per ``--arch`` and prints
-    each table under a title naming ``what`` was timed."""
+    ``measure(arch, batch, size, dtype, rounds, warmup, with_compile, dilated)`` per ``--arch``
+    and prints each table under a title naming ``what`` was timed."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--arch", default="resnet50,resnet18")
     p.add_argument("--batch", type=int, default=8)
@@ -230,6 +239,9 @@ def run_cli(measure, what: str, description: str, rounds: int, argv=None) -> int
     p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    p.add_argument("--dilated", action="store_true",
+                   help="layer3 and layer4 dilated instead of strided, as in segmentation "
+                        "backbones (replace_stride_with_dilation=[False, True, True])")
     args = p.parse_args(argv)
     keep_freed_memory()  # as the main job: freed activations stay in the heap
     dtype = getattr(torch, args.dtype)
@@ -237,8 +249,9 @@ def run_cli(measure, what: str, description: str, rounds: int, argv=None) -> int
           f"torch {torch.__version__}; load average before: {os.getloadavg()}")
     for arch in args.arch.split(","):
         result = measure(arch, args.batch, args.size, dtype, args.rounds, args.warmup,
-                         not args.no_compile)
-        print(f"\n{arch} batch {args.batch} {args.size}px {what}, {args.dtype} "
+                         not args.no_compile, args.dilated)
+        print(f"\n{arch}{' dilated (layer3-4)' if args.dilated else ''} batch {args.batch} "
+              f"{args.size}px {what}, {args.dtype} "
               f"{'autocast ' if dtype != torch.float32 else ''}channels_last, {args.rounds} "
               f"interleaved rounds; speedups: median of per-round ratios [95% CI]")
         print_table(result)

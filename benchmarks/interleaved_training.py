@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import fusedres
 from fusedres._ext import _C
-from interleaved_inference import _autocast, run_cli, summarize, time_rounds
+from interleaved_inference import _autocast, build_model, run_cli, summarize, time_rounds
 
 
 def _step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, dtype: torch.dtype,
@@ -55,9 +55,10 @@ def _step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, dtype: 
     return step
 
 
-def _providers(arch: str, batch: int, size: int, dtype: torch.dtype, with_compile: bool):
+def _providers(arch: str, batch: int, size: int, dtype: torch.dtype, with_compile: bool,
+               dilated: bool):
     torch.manual_seed(0)
-    base = getattr(fusedres.models, arch)(backend="cpu").train()
+    base = build_model(arch, dilated).train()
     base = base.to(memory_format=torch.channels_last)
     eager = fusedres.to_eager(copy.deepcopy(base))
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
@@ -70,8 +71,8 @@ def _providers(arch: str, batch: int, size: int, dtype: torch.dtype, with_compil
 
 
 def measure(arch: str, batch: int, size: int, dtype: torch.dtype, rounds: int, warmup: int,
-            with_compile: bool) -> dict:
-    providers = _providers(arch, batch, size, dtype, with_compile)
+            with_compile: bool, dilated: bool = False) -> dict:
+    providers = _providers(arch, batch, size, dtype, with_compile, dilated)
     # The first step of each runs the same weights on the same batch: the losses must agree.
     tolerance = 1e-3 if dtype == torch.float32 else 3e-2
     losses = {name: step().item() for name, step in providers.items()}

@@ -43,6 +43,7 @@
 
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "common/checks.h"
 #include "cpu/conv_precision.h"
@@ -385,17 +386,52 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_winograd_weight", &fusedres::cpu::winograd_weight, pybind11::arg("weight"),
         "[16*Cout, Cin, 1, 1] Winograd F(2x2, 3x3) transform of a float32 [Cout, Cin, 3, 3] "
         "weight, a 16-group 1x1 convolution's weight (csrc/cpu/winograd_conv.h).");
-  m.def("cpu_winograd_input", &fusedres::cpu::winograd_input, pybind11::arg("x"),
-        "[1, 16*C, T, 1] channels_last Winograd F(2x2, 3x3) input transform of float32 x.");
-  m.def("cpu_winograd_output", &fusedres::cpu::winograd_output, pybind11::arg("m"),
-        pybind11::arg("bias"), pybind11::arg("residual"), pybind11::arg("relu"),
-        pybind11::arg("out"),
-        "Writes act(output transform of the products m + bias (+ residual)) into out "
-        "[N, Cout, H, W], dense channels_last float32.");
+  // Dilation defaults to none, (1, 1): a std::vector argument, which pybind11 can default.
+  using Pair = std::vector<int64_t>;
+  m.def(
+      "cpu_winograd_input",
+      [](const at::Tensor& x, const Pair& dilation) {
+        return fusedres::cpu::winograd_input(x, dilation);
+      },
+      pybind11::arg("x"), pybind11::arg("dilation") = Pair{1, 1},
+      "[1, 16*C, T, 1] channels_last Winograd F(2x2, 3x3) input transform of float32 x for a "
+      "3x3 with this dilation (and padding).");
+  m.def(
+      "cpu_winograd_output",
+      [](const at::Tensor& m, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
+         bool relu, const at::Tensor& out, const Pair& dilation) {
+        fusedres::cpu::winograd_output(m, bias, residual, relu, out, dilation);
+      },
+      pybind11::arg("m"), pybind11::arg("bias"), pybind11::arg("residual"),
+      pybind11::arg("relu"), pybind11::arg("out"), pybind11::arg("dilation") = Pair{1, 1},
+      "Writes act(output transform of the products m + bias (+ residual)) into out "
+      "[N, Cout, H, W], dense channels_last float32.");
   m.attr("CPU_WINOGRAD_CHUNK_BYTES") = fusedres::cpu::kWinogradChunkBytes;
-  m.def("cpu_winograd_image_bytes", &fusedres::cpu::winograd_image_bytes, pybind11::arg("h"),
-        pybind11::arg("w"), pybind11::arg("channels"),
-        "Bytes of one image's Winograd transform of an h x w map with this many channels.");
+  m.attr("CPU_WINOGRAD_MIN_DILATED_GAIN") = fusedres::cpu::kWinogradMinDilatedGain;
+  m.def(
+      "cpu_winograd_image_bytes",
+      [](int64_t h, int64_t w, int64_t channels, const Pair& dilation) {
+        return fusedres::cpu::winograd_image_bytes(h, w, channels, dilation);
+      },
+      pybind11::arg("h"), pybind11::arg("w"), pybind11::arg("channels"),
+      pybind11::arg("dilation") = Pair{1, 1},
+      "Bytes of one image's Winograd transform of an h x w map with this many channels.");
+  m.def(
+      "cpu_winograd_image_tiles",
+      [](int64_t h, int64_t w, const Pair& dilation) {
+        return fusedres::cpu::winograd_image_tiles(h, w, dilation);
+      },
+      pybind11::arg("h"), pybind11::arg("w"), pybind11::arg("dilation") = Pair{1, 1},
+      "Winograd tiles (2x2 output blocks, each phase of a dilated map tiled apart) of one h x w "
+      "image.");
+  m.def(
+      "cpu_winograd_dilated_gain",
+      [](int64_t h, int64_t w, const Pair& dilation) {
+        return fusedres::cpu::winograd_dilated_gain(h, w, dilation);
+      },
+      pybind11::arg("h"), pybind11::arg("w"), pybind11::arg("dilation"),
+      "The direct convolution's multiplies over Winograd's for a 3x3 at this dilation on an "
+      "h x w map (csrc/cpu/winograd_conv.h).");
   fusedres::register_state_watch(m);
 }
 

@@ -467,23 +467,25 @@ def test_each_kernel_build_matches_oracle(capability, variant):
                 x = torch.randn(2, C, 9, 8).to(dt).contiguous(memory_format=fmt)
                 torch.testing.assert_close(ops.max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], False),
                                            torch.nn.functional.max_pool2d(x, 3, 2, 1), rtol=0, atol=0)
-        # The Winograd transforms (float32), odd H and W: the convolution they make with the
-        # channel sums done in float64 against float64's, with bias, residual and ReLU.
+        # The Winograd transforms (float32), odd H and W, undilated and dilated: the convolution
+        # they make with the channel sums done in float64 against float64's, with bias,
+        # residual and ReLU.
         cl = torch.channels_last
-        for C in (21, 70):
+        for C, dilation in ((21, [1, 1]), (70, [1, 1]), (70, [2, 3])):
             cout = C + 3
             x = torch.randn(2, C, 5, 7).contiguous(memory_format=cl)
             w, bias = torch.randn(cout, C, 3, 3) * 0.2, torch.randn(cout)
             res = torch.randn(2, cout, 5, 7).contiguous(memory_format=cl)
-            v = _C.cpu_winograd_input(x)  # [1, 16*C, T, 1], memory [T][16][C]
+            v = _C.cpu_winograd_input(x, dilation)  # [1, 16*C, T, 1], memory [T][16][C]
             t = v.shape[2]
             u = _C.cpu_winograd_weight(w).view(16, cout, C).double()
             m = torch.einsum("tpc,poc->tpo", v.permute(0, 2, 3, 1).reshape(t, 16, C).double(), u)
             m = m.float().reshape(1, t, 1, 16 * cout).permute(0, 3, 1, 2)
             out = torch.empty(2, cout, 5, 7).contiguous(memory_format=cl)
-            _C.cpu_winograd_output(m, bias, res, True, out)
+            _C.cpu_winograd_output(m, bias, res, True, out, dilation)
             want = torch.relu(torch.nn.functional.conv2d(x.double(), w.double(), bias.double(),
-                                                         padding=1) + res.double())
+                                                         padding=dilation, dilation=dilation)
+                              + res.double())
             torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
         print("ok")
     """)

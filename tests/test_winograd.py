@@ -37,34 +37,42 @@ def test_weight_transform():
         torch.testing.assert_close(u, expected, rtol=2e-7, atol=1e-7)
 
 
-def _winograd(x, g, bias, residual, relu):
+def _winograd(x, g, bias, residual, relu, dilation=(1, 1)):
     """The kernel's three steps as the inference runner takes them, the products through
     ATen's grouped convolution (the runner's is oneDNN's with the weight prepacked)."""
-    v = _C.cpu_winograd_input(x)
+    v = _C.cpu_winograd_input(x, list(dilation))
     m = F.conv2d(v, _C.cpu_winograd_weight(g), groups=16).contiguous(
         memory_format=torch.channels_last)
     y = torch.full((x.shape[0], g.shape[0], *x.shape[2:]), float("nan")).contiguous(
         memory_format=torch.channels_last)
-    _C.cpu_winograd_output(m, bias, residual, relu, y)
+    _C.cpu_winograd_output(m, bias, residual, relu, y, list(dilation))
     return y
 
 
-# (N, Cin, Cout, H, W)
+# (N, Cin, Cout, H, W), dilation (padding the same)
 SHAPES = [
-    (2, 8, 16, 6, 6),    # even map: whole tiles
-    (2, 5, 7, 5, 3),     # odd H and W, odd channels: the last tiles half outside
-    (1, 16, 8, 1, 1),    # one pixel: its tile reads padding but for the centre
-    (3, 3, 4, 1, 7),     # H of 1
-    (2, 17, 33, 9, 2),   # more output than input channels, W of 2
-    (1, 1, 1, 3, 3),     # one channel
+    ((2, 8, 16, 6, 6), (1, 1)),    # even map: whole tiles
+    ((2, 5, 7, 5, 3), (1, 1)),     # odd H and W, odd channels: the last tiles half outside
+    ((1, 16, 8, 1, 1), (1, 1)),    # one pixel: its tile reads padding but for the centre
+    ((3, 3, 4, 1, 7), (1, 1)),     # H of 1
+    ((2, 17, 33, 9, 2), (1, 1)),   # more output than input channels, W of 2
+    ((1, 1, 1, 3, 3), (1, 1)),     # one channel
+    # Dilated: each of the dilation's phases of the map tiled apart.
+    ((2, 8, 16, 8, 8), (2, 2)),    # phases of 4x4: whole tiles
+    ((2, 5, 7, 9, 6), (2, 2)),     # phases of 5 and 4 rows: the last tiles partly outside
+    ((1, 8, 4, 14, 14), (4, 4)),   # a segmentation backbone's layer4 (14x14, dilation 4)
+    ((2, 3, 5, 5, 7), (2, 3)),     # unequal dilations, odd map and channels
+    ((1, 4, 6, 3, 3), (5, 5)),     # a map smaller than the dilation: every outer tap padding
+    ((3, 6, 6, 1, 8), (1, 2)),     # H of 1, dilated along W only
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape, dilation", SHAPES,
+                         ids=lambda s: "x".join(map(str, s)) if len(s) > 2 else f"d{s[0]}{s[1]}")
 @pytest.mark.parametrize("x_layout", ["channels_last", "contiguous", "strided_view"])
 @pytest.mark.parametrize("has_residual", [True, False], ids=["res", "nores"])
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
-def test_conv_against_the_oracle(shape, x_layout, has_residual, relu):
+def test_conv_against_the_oracle(shape, dilation, x_layout, has_residual, relu):
     n, cin, cout, h, w = shape
     x64 = torch.randn(n, cin, h, w, dtype=torch.float64)
     g64 = torch.randn(cout, cin, 3, 3, dtype=torch.float64) / (3 * cin ** 0.5)
@@ -78,11 +86,11 @@ def test_conv_against_the_oracle(shape, x_layout, has_residual, relu):
     res = None if res64 is None else res64.float().contiguous(memory_format=torch.channels_last)
 
     def direct(x, g, bias, res):
-        z = F.conv2d(x, g, bias, padding=1)
+        z = F.conv2d(x, g, bias, padding=dilation, dilation=dilation)
         z = z if res is None else z + res
         return z.relu() if relu else z
 
-    y = _winograd(x, g64.float(), bias64.float(), res, relu)
+    y = _winograd(x, g64.float(), bias64.float(), res, relu, dilation)
     assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
     eager = direct(x, g64.float(), bias64.float(), res)
     assert_oracle_close(y, eager, direct(x64, g64, bias64, res64), name="y")
@@ -99,6 +107,14 @@ def test_argument_errors_name_the_argument():
         _C.cpu_winograd_weight(torch.randn(6, 4, 1, 1))
     with pytest.raises(RuntimeError, match=r"m must be the products \[1, 96, 24, 1\]"):
         _C.cpu_winograd_output(m, bias, None, True, _cl(2, 6, 7, 5))  # 4 tile rows, not 3
+    # Dilation 2: 4 phases of at most 3x3 pixels, 2x2 tiles each: 16 tiles per image, not 9.
+    with pytest.raises(RuntimeError, match=r"m must be the products \[1, 96, 32, 1\]"):
+        _C.cpu_winograd_output(m, bias, None, True, out, [2, 2])
+    for bad in ([0, 1], [1], [1, -2]):
+        with pytest.raises(RuntimeError, match="dilation must be two positive ints"):
+            _C.cpu_winograd_input(x, bad)
+        with pytest.raises(RuntimeError, match="dilation must be two positive ints"):
+            _C.cpu_winograd_output(m, bias, None, True, out, bad)
     with pytest.raises(RuntimeError, match=r"bias must be \[6\]"):
         _C.cpu_winograd_output(m, torch.randn(5), None, True, out)
     with pytest.raises(RuntimeError, match=r"residual must be \[2, 6, 5, 5\]"):
@@ -166,10 +182,10 @@ def _applies(x, weight, stride=1, padding=1, dilation=1, groups=1):
 
 
 def test_rule(winograd_switch):
-    """Float32 channels_last 3x3s with stride 1, padding 1, no dilation or groups, 64 channels
-    or more, at least 2^19 tiles * Cin * Cout and one image's larger transformed tensor within
-    16 MiB; bfloat16, NCHW, other geometries, fewer channels, less work and larger maps take
-    oneDNN's convolution; the switch turns it off."""
+    """Float32 channels_last 3x3s with stride 1, padding equal to the dilation, no groups, 64
+    channels or more, at least 2^19 tiles * Cin * Cout and one image's larger transformed tensor
+    within 16 MiB; bfloat16, NCHW, other geometries, fewer channels, less work and larger maps
+    take oneDNN's convolution; the switch turns it off. (Dilated: test_rule_dilated.)"""
     winograd_switch(True)
     x, w = _cl(8, 64, 28, 28), torch.randn(64, 64, 3, 3)
     assert _applies(x, w)
@@ -178,7 +194,8 @@ def test_rule(winograd_switch):
     assert not _applies(x.contiguous(), w)
     assert not _applies(x, torch.randn(64, 64, 1, 1), padding=0)
     assert not _applies(x, w, stride=2)
-    assert not _applies(x, w, padding=2, dilation=2)
+    assert not _applies(x, w, padding=2)
+    assert not _applies(x, w, padding=1, dilation=2)
     assert not _applies(x, torch.randn(64, 32, 3, 3), groups=2)
     assert not _applies(_cl(8, 32, 28, 28), torch.randn(64, 32, 3, 3))  # 32 input channels
     # Tiles (2x2 output blocks) * Cin * Cout: 2 * 8 * 8 * 64 * 64 = 2^19 (resnet18's every
@@ -198,6 +215,93 @@ def test_rule(winograd_switch):
     winograd_switch(False)
     assert not _applies(x, w)
     assert not extension._convolves_by_winograd(x, w, conv)
+
+
+def test_rule_dilated(winograd_switch):
+    """A dilated 3x3 (padding equal to the dilation) is d*d phases of the map tiled apart, and
+    takes the kernel where the direct convolution's multiplies over Winograd's (counting only
+    the direct taps that read inside the map, and Winograd's tiles partly outside it) are at
+    least 1.3: dilation 2 on a 14x14 map, 4 on 28x28, not 4 on 14x14 (a segmentation backbone's
+    layer4 at 112x112) nor 2 on 7x7."""
+    winograd_switch(True)
+    assert _C.cpu_winograd_image_tiles(14, 14) == 49
+    assert _C.cpu_winograd_image_tiles(14, 14, [2, 2]) == 4 * 4 * 4  # 4 phases of 7x7: 4x4 tiles
+    assert _C.cpu_winograd_image_tiles(14, 14, [4, 4]) == 16 * 2 * 2  # phases of 4 and 3 rows
+    assert _C.cpu_winograd_image_tiles(5, 7, [2, 3]) == 6 * 2 * 2
+    assert _C.cpu_winograd_image_bytes(14, 14, 256, [2, 2]) == 16 * 64 * 256 * 4
+    # Per dimension of a 14x14 map at dilation 2: the direct convolution reads inside the map
+    # with (14 + 2 * 12) / 42 of its taps; Winograd's 2x2 tiles cover 2 * 2 * 4 = 16 of 14
+    # outputs with 2/3 of the multiplies each.
+    per_dim = (14 + 2 * 12) / 42 / (2 / 3 * 16 / 14)
+    assert _C.cpu_winograd_dilated_gain(14, 14, [2, 2]) == pytest.approx(per_dim ** 2)
+    assert _C.cpu_winograd_dilated_gain(28, 28, [2, 2]) == pytest.approx(
+        ((28 + 2 * 26) / 84 / (2 / 3)) ** 2)
+    w256 = torch.randn(256, 256, 3, 3)
+    assert _applies(_cl(8, 256, 14, 14), w256, padding=2, dilation=2)
+    assert _applies(_cl(2, 256, 28, 28), w256, padding=4, dilation=4)
+    assert not _applies(_cl(8, 256, 14, 14), w256, padding=4, dilation=4)  # gain 1.13
+    assert not _applies(_cl(8, 256, 7, 7), w256, padding=2, dilation=2)  # gain 1.13
+    assert not _applies(_cl(8, 256, 14, 14), w256, padding=1, dilation=2)
+    assert not _C.cpu_winograd_applies(_cl(8, 256, 14, 14), w256, [1, 1], [2, 1], [2, 2], 1)
+    assert _C.cpu_winograd_dilated_gain(14, 14, [4, 4]) < _C.CPU_WINOGRAD_MIN_DILATED_GAIN
+    assert _C.cpu_winograd_dilated_gain(14, 14, [2, 2]) >= _C.CPU_WINOGRAD_MIN_DILATED_GAIN
+    winograd_switch(False)
+    assert not _applies(_cl(8, 256, 14, 14), w256, padding=2, dilation=2)
+
+
+@pytest.mark.parametrize("has_residual", [True, False], ids=["res", "nores"])
+def test_dilated_inference_unit(winograd_calls, has_residual):
+    """An eval unit with a dilated 3x3 (dilation 2, 14x14) runs the kernel on the folded weight,
+    in chunks, against eager and the oracle."""
+    shape = (8, 64, 14, 14, 64, 3, 1, 2, 2)
+    eager, fused, oracle = _units(shape, torch.float32, True, torch.channels_last)
+    for m in (eager, fused, oracle):
+        m.eval()
+    x = _cl(8, 64, 14, 14)
+    res = _cl(8, 64, 14, 14) if has_residual else None
+    with torch.no_grad():
+        got = fused(x, res)
+        exact = oracle(x.double(), None if res is None else res.double())
+        assert_oracle_close(got, eager(x, res), exact, name="y")
+    # 16 values per tile and channel, 64 tiles per image: 256 KiB an image, 8 in a chunk.
+    assert winograd_calls == [torch.Size([1, 16 * 64, 8 * 64, 1])]
+    assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_dilated_resnet50_eval_through_winograd(winograd_calls, monkeypatch):
+    """A float32 channels_last resnet50 with layer3 and layer4 dilated instead of strided (a
+    segmentation backbone), in eval: its undilated stride-1 3x3s and the dilation-2 ones take
+    the kernel (at 64x64 layer3 and layer4 run on 8x8 maps: dilation 4 does not), against eager
+    and the float64 oracle."""
+    monkeypatch.setattr(extension, "_MATMUL_REPEATING_COLUMNS", False)  # AMX: not layer3-4
+    torch.manual_seed(0)
+    model = fusedres.models.resnet50(backend="cpu", replace_stride_with_dilation=[False, True, True])
+    model = model.eval().to(memory_format=torch.channels_last)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    eager = fusedres.to_eager(copy.deepcopy(model))
+    x = _cl(2, 3, 64, 64)
+    applies = _C.cpu_winograd_applies
+    dilations = []
+
+    def recording(x, weight, stride, padding, dilation, groups):
+        taken = applies(x, weight, stride, padding, dilation, groups)
+        if taken:
+            dilations.append(tuple(dilation))
+        return taken
+
+    monkeypatch.setattr(_C, "cpu_winograd_applies", recording)
+    with torch.no_grad():
+        got = model(x)
+        expected = eager(x)
+        exact = reference.upcast(eager)(x.double())
+    # layer1's 3 and layer2's 3 undilated stride-1 3x3s, layer3's first (dilation 1, the stride
+    # it replaced), its other 5 and layer4's first at dilation 2; layer4's other two at 4.
+    assert dilations == [(1, 1)] * 7 + [(2, 2)] * 6
+    assert len(winograd_calls) == 13
+    assert_oracle_close(got, expected, exact, name="logits")
 
 
 @pytest.mark.parametrize("n, h, chunks", [(8, 28, 4), (8, 14, 1), (3, 56, 3), (5, 28, 3)])
@@ -280,10 +384,10 @@ def test_block_output_written_into_its_dead_residual(winograd_switch, monkeypatc
     writes = []  # per call with a residual: whether out is the residual's memory
     output_transform = _C.cpu_winograd_output
 
-    def spy(m, bias, residual, relu, out):
+    def spy(m, bias, residual, relu, out, dilation):
         if residual is not None:
             writes.append(out.data_ptr() == residual.data_ptr())
-        return output_transform(m, bias, residual, relu, out)
+        return output_transform(m, bias, residual, relu, out, dilation)
 
     with torch.no_grad():
         model(x)  # builds the plans

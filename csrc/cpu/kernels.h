@@ -139,15 +139,18 @@ struct MaxPoolParams {
 };
 
 // The Winograd F(2x2, 3x3) transforms (csrc/cpu/winograd_conv.h), float32: x and y dense NHWC
-// [n, h, w, channels]; v and m [tiles][16][channels], tiles = n * th * tw in (image, tile row,
-// tile column) order, th = ceil(h / 2), tw = ceil(w / 2).
+// [n, h, w, channels]; v and m [tiles][16][channels]. With dilation (dh, dw) the map splits into
+// dh * dw phases, the pixels (a + dh * i, b + dw * j), each a plain 3x3 convolution of its own
+// pixels: tiles = n * dh * dw * th * tw in (image, phase row a, phase column b, tile row, tile
+// column) order, th = ceil(ceil(h / dh) / 2), tw = ceil(ceil(w / dw) / 2) per phase; a tile's
+// output rows are a + dh * (2 * ty + {0, 1}) (winograd_tiles in winograd_conv.h).
 struct WinogradInputParams {
-  int64_t n, h, w, th, tw, channels;
+  int64_t n, h, w, dh, dw, th, tw, channels;
   const float* x;  // read
   float* v;        // written: B^T d B of each tile's 4x4 patch d (zeros outside the map)
 };
 struct WinogradOutputParams {
-  int64_t n, h, w, th, tw, channels;
+  int64_t n, h, w, dh, dw, th, tw, channels;
   const float* m;         // read: the products
   const float* bias;      // [channels], read; nullptr for none
   const float* residual;  // like y, read; nullptr for none (may be y itself)

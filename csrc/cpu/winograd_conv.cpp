@@ -22,6 +22,11 @@ void check_float32_cpu(const at::Tensor& t, const char* name) {
               " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
 }
 
+void check_dilation(at::IntArrayRef dilation, const char* where) {
+  TORCH_CHECK(dilation.size() == 2 && dilation[0] >= 1 && dilation[1] >= 1, where,
+              ": dilation must be two positive ints, got ", dilation);
+}
+
 std::atomic<bool>& enabled_flag() {
   static std::atomic<bool> flag{[] {
     const char* env = std::getenv("FUSEDRES_CPU_WINOGRAD");
@@ -70,22 +75,25 @@ at::Tensor winograd_weight(const at::Tensor& weight) {
   return u;
 }
 
-at::Tensor winograd_input(const at::Tensor& x) {
+at::Tensor winograd_input(const at::Tensor& x, at::IntArrayRef dilation) {
   check_float32_cpu(x, "x");
   TORCH_CHECK(x.dim() == 4 && x.numel() > 0,
               "winograd_input: x must be a non-empty [N, C, H, W], got ", x.sizes());
-  const int64_t th = (x.size(2) + 1) / 2, tw = (x.size(3) + 1) / 2;
+  check_dilation(dilation, "winograd_input");
+  const int64_t dh = dilation[0], dw = dilation[1];
+  const int64_t th = winograd_tiles(x.size(2), dh), tw = winograd_tiles(x.size(3), dw);
   const int64_t channels = x.size(1);
   const at::Tensor x_cl = x.contiguous(c10::MemoryFormat::ChannelsLast);
-  at::Tensor v = at::empty({1, kTaps * channels, x.size(0) * th * tw, 1},
+  at::Tensor v = at::empty({1, kTaps * channels, x.size(0) * dh * dw * th * tw, 1},
                            x.options().memory_format(c10::MemoryFormat::ChannelsLast));
-  active_kernels().winograd_input({x.size(0), x.size(2), x.size(3), th, tw, channels,
+  active_kernels().winograd_input({x.size(0), x.size(2), x.size(3), dh, dw, th, tw, channels,
                                    x_cl.data_ptr<float>(), v.data_ptr<float>()});
   return v;
 }
 
 void winograd_output(const at::Tensor& m, const at::Tensor& bias,
-                     const std::optional<at::Tensor>& residual, bool relu, const at::Tensor& out) {
+                     const std::optional<at::Tensor>& residual, bool relu, const at::Tensor& out,
+                     at::IntArrayRef dilation) {
   check_float32_cpu(m, "m");
   check_float32_cpu(bias, "bias");
   check_float32_cpu(out, "out");
@@ -93,13 +101,16 @@ void winograd_output(const at::Tensor& m, const at::Tensor& bias,
                   out.is_contiguous(c10::MemoryFormat::ChannelsLast),
               "winograd_output: out must be a non-empty dense channels_last [N, Cout, H, W], got ",
               out.sizes(), " with strides ", out.strides());
+  check_dilation(dilation, "winograd_output");
   const int64_t n = out.size(0), cout = out.size(1), h = out.size(2), w = out.size(3);
-  const int64_t th = (h + 1) / 2, tw = (w + 1) / 2;
+  const int64_t dh = dilation[0], dw = dilation[1];
+  const int64_t th = winograd_tiles(h, dh), tw = winograd_tiles(w, dw);
   TORCH_CHECK(m.dim() == 4 && m.size(0) == 1 && m.size(1) == kTaps * cout &&
-                  m.size(2) == n * th * tw && m.size(3) == 1 &&
+                  m.size(2) == n * dh * dw * th * tw && m.size(3) == 1 &&
                   m.is_contiguous(c10::MemoryFormat::ChannelsLast),
-              "winograd_output: m must be the products [1, ", kTaps * cout, ", ", n * th * tw,
-              ", 1] in channels_last for out of size ", out.sizes(), ", got ", m.sizes(),
+              "winograd_output: m must be the products [1, ", kTaps * cout, ", ",
+              n * dh * dw * th * tw, ", 1] in channels_last for out of size ", out.sizes(),
+              " at dilation ", dilation, ", got ", m.sizes(),
               " with strides ", m.strides());
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == cout, "winograd_output: bias must be [", cout,
               "], got ", bias.sizes());
@@ -112,13 +123,40 @@ void winograd_output(const at::Tensor& m, const at::Tensor& bias,
   }
   const at::Tensor b = bias.contiguous();
   active_kernels().winograd_output(
-      {n, h, w, th, tw, cout, m.data_ptr<float>(), b.data_ptr<float>(),
+      {n, h, w, dh, dw, th, tw, cout, m.data_ptr<float>(), b.data_ptr<float>(),
        residual_cl.defined() ? residual_cl.data_ptr<float>() : nullptr, out.data_ptr<float>(),
        relu});
 }
 
-int64_t winograd_image_bytes(int64_t h, int64_t w, int64_t channels) {
-  return kTaps * ((h + 1) / 2) * ((w + 1) / 2) * channels * int64_t{sizeof(float)};
+int64_t winograd_tiles(int64_t size, int64_t dilation) {
+  return ((size + dilation - 1) / dilation + 1) / 2;
+}
+
+int64_t winograd_image_tiles(int64_t h, int64_t w, at::IntArrayRef dilation) {
+  check_dilation(dilation, "winograd_image_tiles");
+  return dilation[0] * dilation[1] * winograd_tiles(h, dilation[0]) *
+         winograd_tiles(w, dilation[1]);
+}
+
+int64_t winograd_image_bytes(int64_t h, int64_t w, int64_t channels, at::IntArrayRef dilation) {
+  return kTaps * winograd_image_tiles(h, w, dilation) * channels * int64_t{sizeof(float)};
+}
+
+double winograd_dilated_gain(int64_t h, int64_t w, at::IntArrayRef dilation) {
+  check_dilation(dilation, "winograd_dilated_gain");
+  TORCH_CHECK(h > 0 && w > 0, "winograd_dilated_gain: the map must be non-empty, got ", h, "x", w);
+  // Along one dimension of `size` outputs: the direct convolution's taps that read inside the
+  // map (the centre tap always; each outer one for all but d outputs), per output; Winograd's
+  // 2x2 tiles cover 2 * d * winograd_tiles(size, d) outputs with 4 / 9 = (2 / 3)^2 of the
+  // multiplies each, 2 / 3 per dimension.
+  const auto direct = [](int64_t size, int64_t d) {
+    return static_cast<double>(size + 2 * std::max<int64_t>(size - d, 0)) / (3.0 * size);
+  };
+  const auto winograd = [](int64_t size, int64_t d) {
+    return 2.0 / 3.0 * static_cast<double>(2 * d * winograd_tiles(size, d)) / size;
+  };
+  return direct(h, dilation[0]) * direct(w, dilation[1]) /
+         (winograd(h, dilation[0]) * winograd(w, dilation[1]));
 }
 
 void set_winograd_enabled(bool enabled) { enabled_flag().store(enabled); }
@@ -132,16 +170,20 @@ bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, at::IntArra
     return false;
   }
   if (weight.size(2) != 3 || weight.size(3) != 3 || stride != at::IntArrayRef({1, 1}) ||
-      padding != at::IntArrayRef({1, 1}) || dilation != at::IntArrayRef({1, 1})) {
+      dilation.size() != 2 || dilation[0] < 1 || dilation[1] < 1 || padding != dilation) {
     return false;
   }
   if (checks::unit_memory_format(x) != c10::MemoryFormat::ChannelsLast) return false;
-  const int64_t cin = weight.size(1), cout = weight.size(0);
-  const int64_t tiles = x.size(0) * ((x.size(2) + 1) / 2) * ((x.size(3) + 1) / 2);
+  const int64_t cin = weight.size(1), cout = weight.size(0), h = x.size(2), w = x.size(3);
+  if (h == 0 || w == 0) return false;
+  if ((dilation[0] > 1 || dilation[1] > 1) &&
+      winograd_dilated_gain(h, w, dilation) < kWinogradMinDilatedGain) {
+    return false;
+  }
+  const int64_t tiles = x.size(0) * winograd_image_tiles(h, w, dilation);
   return x.size(1) == cin && std::min(cin, cout) >= kWinogradMinChannels &&
          tiles * cin * cout >= kWinogradMinWork &&
-         winograd_image_bytes(x.size(2), x.size(3), std::max(cin, cout)) <=
-             kWinogradMaxImageBytes;
+         winograd_image_bytes(h, w, std::max(cin, cout), dilation) <= kWinogradMaxImageBytes;
 }
 
 }  // namespace cpu

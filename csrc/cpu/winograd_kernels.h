@@ -77,18 +77,20 @@ inline void winograd_input_channels(const float* const (&d)[4][4], float* v, int
 // zeros: C floats of 0, read for the pixels outside the map.
 inline void winograd_input_tiles(const WinogradInputParams& p, const float* zeros, int64_t begin,
                                  int64_t end) {
-  const int64_t C = p.channels, h = p.h, w = p.w, th = p.th, tw = p.tw;
+  const int64_t C = p.channels, h = p.h, w = p.w, dh = p.dh, dw = p.dw, th = p.th, tw = p.tw;
   const int64_t full = C - C % WinogradVec::size();  // channels in whole vectors
   const float* const x = p.x;
   float* const v_all = p.v;
   for (int64_t t = begin; t < end; ++t) {
-    const int64_t n = t / (th * tw), ty = t / tw % th, tx = t % tw;
-    // The tile's 4x4 input pixels (row 2*ty - 1 + i, column 2*tx - 1 + j).
+    const int64_t n = t / (dh * dw * th * tw), a = t / (dw * th * tw) % dh,
+                  b = t / (th * tw) % dw, ty = t / tw % th, tx = t % tw;
+    // The tile's 4x4 input pixels, in its phase (a, b): row a + dh * (2*ty - 1 + i), column
+    // b + dw * (2*tx - 1 + j).
     const float* d[4][4];
     for (int64_t i = 0; i < 4; ++i) {
-      const int64_t row = 2 * ty - 1 + i;
+      const int64_t row = a + dh * (2 * ty - 1 + i);
       for (int64_t j = 0; j < 4; ++j) {
-        const int64_t col = 2 * tx - 1 + j;
+        const int64_t col = b + dw * (2 * tx - 1 + j);
         const bool inside = row >= 0 && row < h && col >= 0 && col < w;
         d[i][j] = inside ? x + ((n * h + row) * w + col) * C : zeros;
       }
@@ -103,14 +105,14 @@ inline void winograd_input_tiles(const WinogradInputParams& p, const float* zero
 
 inline void winograd_input_kernel(const WinogradInputParams& p) {
   const std::vector<float> zeros(p.channels, 0.0f);
-  at::parallel_for(0, p.n * p.th * p.tw, winograd_grain(p.channels),
+  at::parallel_for(0, p.n * p.dh * p.dw * p.th * p.tw, winograd_grain(p.channels),
                    [&](int64_t begin, int64_t end) {
                      winograd_input_tiles(p, zeros.data(), begin, end);
                    });
 }
 
 inline void winograd_output_tiles(const WinogradOutputParams& p, int64_t begin, int64_t end) {
-  const int64_t C = p.channels, h = p.h, w = p.w, th = p.th, tw = p.tw;
+  const int64_t C = p.channels, h = p.h, w = p.w, dh = p.dh, dw = p.dw, th = p.th, tw = p.tw;
   const float* const m_all = p.m;
   const float* const bias_all = p.bias;
   const float* const residual = p.residual;
@@ -118,7 +120,8 @@ inline void winograd_output_tiles(const WinogradOutputParams& p, int64_t begin, 
   const bool relu = p.relu;
   const WinogradVec zero(0.0f);
   for (int64_t t = begin; t < end; ++t) {
-    const int64_t n = t / (th * tw), ty = t / tw % th, tx = t % tw;
+    const int64_t n = t / (dh * dw * th * tw), a = t / (dw * th * tw) % dh,
+                  b = t / (th * tw) % dw, ty = t / tw % th, tx = t % tw;
     const float* const m = m_all + t * 16 * C;
     for (int64_t c = 0; c < C; c += WinogradVec::size()) {
       const int64_t count = std::min<int64_t>(WinogradVec::size(), C - c);
@@ -134,10 +137,10 @@ inline void winograd_output_tiles(const WinogradOutputParams& p, int64_t begin, 
       }
       const WinogradVec bias = bias_all == nullptr ? zero : winograd_load(bias_all, c, count);
       for (int64_t i = 0; i < 2; ++i) {
-        const int64_t row = 2 * ty + i;
-        if (row >= h) break;  // past an odd map's edge
+        const int64_t row = a + dh * (2 * ty + i);
+        if (row >= h) break;  // past the map's edge (an odd map, a phase with fewer rows)
         for (int64_t j = 0; j < 2; ++j) {
-          const int64_t col = 2 * tx + j;
+          const int64_t col = b + dw * (2 * tx + j);
           if (col >= w) break;
           WinogradVec out = (j == 0 ? s[i][0] + s[i][1] + s[i][2]
                                     : s[i][1] - s[i][2] - s[i][3]) + bias;
@@ -152,7 +155,7 @@ inline void winograd_output_tiles(const WinogradOutputParams& p, int64_t begin, 
 }
 
 inline void winograd_output_kernel(const WinogradOutputParams& p) {
-  at::parallel_for(0, p.n * p.th * p.tw, winograd_grain(p.channels),
+  at::parallel_for(0, p.n * p.dh * p.dw * p.th * p.tw, winograd_grain(p.channels),
                    [&p](int64_t begin, int64_t end) { winograd_output_tiles(p, begin, end); });
 }
 

@@ -132,7 +132,7 @@ class CpuBackend(ExtensionBackend):
                                   conv, relu, eps)
         if channels_last and _convolves_by_winograd(x, weight, conv):
             return _winograd_runner(conv_module, x, weight, gamma, beta, running_mean,
-                                    running_var, relu, eps)
+                                    running_var, dilation, relu, eps)
 
         def prepare(w, b):
             # channels_last convolutions take the weights prepacked in oneDNN's blocked layout,
@@ -322,28 +322,28 @@ def _matmul_runner(conv_module, x, weight, gamma, beta, running_mean, running_va
 
 def _convolves_by_winograd(x: torch.Tensor, weight: torch.Tensor, conv: ConvParams) -> bool:
     """Whether the cpu backend's inference convolves channels_last x with weight as Winograd's
-    F(2x2, 3x3): float32 3x3s with stride 1 and padding 1, 64 channels or more, the transforms
-    within the cache, the switch on (csrc/cpu/winograd_conv.h has the rule and its
-    measurements). Read when a plan is built."""
+    F(2x2, 3x3): float32 3x3s with stride 1 and padding equal to the dilation (dilated ones where
+    they still save multiplies), 64 channels or more, the transforms within the cache, the switch
+    on (csrc/cpu/winograd_conv.h has the rule and its measurements). Read when a plan is
+    built."""
     return _ext._C.cpu_winograd_applies(x, weight, *fold.geometry_lists(conv))
 
 
 def _winograd_runner(conv_module, x, weight, gamma, beta, running_mean, running_var,
-                     relu: bool, eps: float):
+                     dilation: list, relu: bool, eps: float):
     """The inference runner of Winograd's F(2x2, 3x3) (csrc/cpu/winograd_conv.h): per chunk of
     images whose transform stays within ``CPU_WINOGRAD_CHUNK_BYTES`` (so it stays in the cache
     between the steps), input transform, the 16 products as one prepacked 16-group 1x1 oneDNN
     convolution, output transform with bias, residual and ReLU into that chunk of y (the
     residual's own memory where the caller says it is dead). The folded weight is transformed
-    and prepacked once per parameter version."""
+    and prepacked once per parameter version. ``dilation`` [2]: the 3x3's (its padding too)."""
     n, cin, h, w = x.shape
     cout = weight.shape[0]
-    image_bytes = _ext._C.cpu_winograd_image_bytes(h, w, max(cin, cout))
+    image_bytes = _ext._C.cpu_winograd_image_bytes(h, w, max(cin, cout), dilation)
     most = max(1, min(n, _ext._C.CPU_WINOGRAD_CHUNK_BYTES // image_bytes))
     chunks = -(-n // most)
     chunk = -(-n // chunks)  # images per chunk, as even as the batch allows
-    image_tiles = ((h + 1) // 2) * ((w + 1) // 2)
-    tiles = chunk * image_tiles
+    tiles = chunk * _ext._C.cpu_winograd_image_tiles(h, w, dilation)
 
     def prepare(folded_weight, bias):
         # oneDNN's blocked layout is chosen for a chunk's tile count, as the convolution's above
@@ -368,7 +368,7 @@ def _winograd_runner(conv_module, x, weight, gamma, beta, running_mean, running_
             y = torch.empty((n, cout, h, w), dtype=x.dtype, memory_format=torch.channels_last)
         for start in range(0, n, chunk):
             part = slice(start, start + chunk)
-            v = _ext._C.cpu_winograd_input(x[part])
+            v = _ext._C.cpu_winograd_input(x[part], dilation)
             part_tiles = v.shape[2]
             if part_tiles < tiles:
                 # The products' weights are laid out for a whole chunk's tile count, and oneDNN
@@ -385,7 +385,7 @@ def _winograd_runner(conv_module, x, weight, gamma, beta, running_mean, running_
             m = products.default(v, f.weight, None, [0, 0], [1, 1], [1, 1], 16, "none", [], "")
             _ext._C.cpu_winograd_output(m[:, :, :part_tiles], f.bias,
                                         None if residual is None else residual[part], relu,
-                                        y[part])
+                                        y[part], dilation)
         return y
     return run
 
