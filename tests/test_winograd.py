@@ -125,6 +125,27 @@ def test_argument_errors_name_the_argument():
     assert not out.isnan().any()
 
 
+def _eval_units(shape, relu=True):
+    """:func:`test_gemm_conv._units` in float32 with channels_last weights, all three in eval."""
+    units = _units(shape, torch.float32, relu, torch.channels_last)
+    for m in units:
+        m.eval()
+    return units
+
+
+def _eval_models(arch, **kwargs):
+    """A fused ``arch`` (fusedres.models, cpu backend, ``kwargs`` to its builder) in eval and
+    channels_last with non-trivial running statistics, and an eager copy of it."""
+    torch.manual_seed(0)
+    model = getattr(fusedres.models, arch)(backend="cpu", **kwargs)
+    model = model.eval().to(memory_format=torch.channels_last)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return model, fusedres.to_eager(copy.deepcopy(model))
+
+
 @pytest.fixture
 def winograd_switch():
     """Sets the path on or off for one test and restores the process's setting after it."""
@@ -154,9 +175,7 @@ def test_inference_unit_follows_its_parameters(winograd_calls, has_residual, rel
     """An eval unit without gradients runs the kernel on the folded weight and bias; changing
     the conv weight, gamma, beta or a running statistic changes the output as the oracle's."""
     shape = (2, 64, 16, 16, 72, 3, 1, 1, 1)
-    eager, fused, oracle = _units(shape, torch.float32, relu, torch.channels_last)
-    for m in (eager, fused, oracle):
-        m.eval()
+    eager, fused, oracle = _eval_units(shape, relu)
     x = _cl(2, 64, 16, 16)
     res = _cl(2, 72, 16, 16) if has_residual else None
     changes = [lambda m: None, lambda m: m.conv.weight.mul_(-0.5),
@@ -254,9 +273,7 @@ def test_dilated_inference_unit(winograd_calls, has_residual):
     """An eval unit with a dilated 3x3 (dilation 2, 14x14) runs the kernel on the folded weight,
     in chunks, against eager and the oracle."""
     shape = (8, 64, 14, 14, 64, 3, 1, 2, 2)
-    eager, fused, oracle = _units(shape, torch.float32, True, torch.channels_last)
-    for m in (eager, fused, oracle):
-        m.eval()
+    eager, fused, oracle = _eval_units(shape)
     x = _cl(8, 64, 14, 14)
     res = _cl(8, 64, 14, 14) if has_residual else None
     with torch.no_grad():
@@ -274,14 +291,7 @@ def test_dilated_resnet50_eval_through_winograd(winograd_calls, monkeypatch):
     the kernel (at 64x64 layer3 and layer4 run on 8x8 maps: dilation 4 does not), against eager
     and the float64 oracle."""
     monkeypatch.setattr(extension, "_MATMUL_REPEATING_COLUMNS", False)  # AMX: not layer3-4
-    torch.manual_seed(0)
-    model = fusedres.models.resnet50(backend="cpu", replace_stride_with_dilation=[False, True, True])
-    model = model.eval().to(memory_format=torch.channels_last)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-    eager = fusedres.to_eager(copy.deepcopy(model))
+    model, eager = _eval_models("resnet50", replace_stride_with_dilation=[False, True, True])
     x = _cl(2, 3, 64, 64)
     applies = _C.cpu_winograd_applies
     dilations = []
@@ -310,9 +320,7 @@ def test_inference_in_chunks_of_images(winograd_calls, n, h, chunks):
     64-channel 28x28 images, all of 14x14, one of 56x56; a last, smaller chunk too), every
     image's output against eager and the oracle."""
     shape = (n, 64, h, h, 64, 3, 1, 1, 1)
-    eager, fused, oracle = _units(shape, torch.float32, True, torch.channels_last)
-    for m in (eager, fused, oracle):
-        m.eval()
+    eager, fused, oracle = _eval_units(shape)
     x, res = _cl(n, 64, h, h), _cl(n, 64, h, h)
     with torch.no_grad():
         got = fused(x, res)
@@ -337,10 +345,7 @@ def test_chunks_run_one_tile_count(winograd_switch, monkeypatch, n, c, h, images
         return output_transform(m, *args)
 
     monkeypatch.setattr(_C, "cpu_winograd_output", recording)
-    eager, fused, oracle = _units((n, c, h, h, c, 3, 1, 1, 1), torch.float32, True,
-                                  torch.channels_last)
-    for m in (eager, fused, oracle):
-        m.eval()
+    eager, fused, oracle = _eval_units((n, c, h, h, c, 3, 1, 1, 1))
     x = _cl(n, c, h, h)
     with torch.no_grad():
         got = fused(x)
@@ -353,13 +358,7 @@ def test_resnet18_eval_through_winograd(winograd_calls, monkeypatch):
     """A float32 channels_last resnet18 in eval, every stride-1 3x3 through the kernel, against
     eager and the float64 oracle."""
     monkeypatch.setattr(extension, "_MATMUL_REPEATING_COLUMNS", False)  # AMX: not layer3-4
-    torch.manual_seed(0)
-    model = fusedres.models.resnet18(backend="cpu").eval().to(memory_format=torch.channels_last)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-    eager = fusedres.to_eager(copy.deepcopy(model))
+    model, eager = _eval_models("resnet18")
     x = _cl(2, 3, 64, 64)
     with torch.no_grad():
         got = model(x)
