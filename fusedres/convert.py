@@ -14,6 +14,9 @@ imported):
   torchvision's ``IntermediateLayerGetter``, the body of its detection and segmentation models
   (in ``BackboneWithFPN`` or not): ``conv1``/``bn1``/``relu``; timm's ``ResNet``: the 7x7 stem or
   the deep stem (three conv + BN + ReLU) with ``bn1``/``act1``.
+- with ``convert(..., sequentials=True)``, any other nn.Sequential (or subclass keeping
+  nn.Sequential's forward) outside those that holds a conv + norm (+ ReLU) run: the heads of
+  torchvision's segmentation models (FCNHead, DeepLabHead's ASPP branches and projection).
 
 The new modules take over the old ones' submodules (the very same nn.Conv2d and norm objects),
 so nothing is copied, state_dict keys do not change, and an optimizer built on the old parameters
@@ -251,13 +254,22 @@ class FusedSequential(nn.Sequential):
     """nn.Sequential whose conv + norm (+ ReLU) runs are fused units.
 
     What :func:`convert` makes of a block's downsample that is not a plain (conv, norm) pair,
-    e.g. timm's average-pool downsample (AvgPool2d, 1x1 conv, norm). Same children, same keys.
+    e.g. timm's average-pool downsample (AvgPool2d, 1x1 conv, norm), and, with
+    ``sequentials=True``, of any other nn.Sequential holding such a run. Same children, same
+    keys.
 
     Shapes: as the modules it holds, e.g. [N, Cin, H, W] -> [N, Cout, H/2, W/2].
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _run_chain(list(self._modules.items()), x, self.backend, "downsample.")
+        return _run_sequential(self, x)
+
+
+def _run_sequential(module: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """nn.Sequential's forward of ``module`` with its fusable units as fused ops; unit names in
+    errors carry the prefix convert gave it (its qualified name)."""
+    return _run_chain(list(module._modules.items()), x, module.backend,
+                      module.__dict__.get("_fusedres_prefix", "downsample."))
 
 
 _MADE: dict = {}
@@ -321,6 +333,46 @@ class _FusedTimmResNet(_FusedSubclass):
         return x
 
 
+class _FusedSequentialSubclass(_FusedSubclass):
+    """An nn.Sequential subclass that keeps nn.Sequential's forward (torchvision's FCNHead,
+    DeepLabHead, ASPPConv, Conv2dNormActivation) with its conv + norm (+ ReLU) runs fused."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _run_sequential(self, x)
+
+
+def _is_fusable_sequential(module: nn.Module) -> bool:
+    """Whether ``module`` runs as nn.Sequential's forward (its class, or a subclass that keeps
+    that forward, without hooks or a forward set on the instance) and holds a conv + norm run
+    that fuses."""
+    return (isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+            and not (module._forward_hooks or module._forward_pre_hooks
+                     or forward_replaced(module))
+            and any(unit and reason is None
+                    for _, _, unit, reason in _plan_chain(list(module.named_children()))))
+
+
+def _fuse_sequentials(module: nn.Module, backend: Optional[str], name: str = "") -> nn.Module:
+    """``module`` with every nn.Sequential below it (itself included) that
+    :func:`_is_fusable_sequential` accepts made fused, outside the blocks and stems convert
+    recognised (which fuse their own units: a block's (conv, norm) downsample stays the pair it
+    fuses)."""
+    if isinstance(module, (FusedBasicBlock, FusedBottleneck, FusedResNet, FusedConvBNReLU,
+                           FusedSequential, _FusedSubclass)) or _block_layout(module) is not None:
+        return module
+    for child_name, child in module.named_children():
+        new_child = _fuse_sequentials(child, backend, f"{name}{child_name}.")
+        if new_child is not child:
+            module._modules[child_name] = new_child
+    if not _is_fusable_sequential(module):
+        return module
+    if type(module) is nn.Sequential:
+        return _rebuild(module, FusedSequential, backend=backend, _fusedres_prefix=name,
+                        _fusedres_eager_class=nn.Sequential)
+    return _rebuild(module, _fused_class(_FusedSequentialSubclass, type(module)),
+                    backend=backend, _fusedres_prefix=name)
+
+
 def _rebuild(module: nn.Module, cls: type, **attributes) -> nn.Module:
     """A ``cls`` instance that holds ``module``'s submodules, parameters and buffers themselves."""
     new = cls.__new__(cls)
@@ -353,7 +405,8 @@ def _fuse_downsample(block: nn.Module, converted: bool, backend: Optional[str]) 
                                                 _fusedres_eager_class=nn.Sequential)
 
 
-def convert(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+def convert(model: nn.Module, backend: Optional[str] = None, sequentials: bool = False
+            ) -> nn.Module:
     """Makes every ResNet block and stem in ``model`` fused (see the module docstring for which).
 
     Blocks and stems are swapped in place inside their parents; when ``model`` itself is one,
@@ -366,6 +419,11 @@ def convert(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
         model: any module containing torchvision-layout or timm ResNet blocks, a torchvision or
             timm ResNet, or a torchvision detection / segmentation model with a ResNet body.
         backend: the backend name for the fused modules (None: the global choice).
+        sequentials: also fuse the conv + norm (+ ReLU) runs of every other nn.Sequential that
+            runs as nn.Sequential does (its class, or a subclass keeping its forward: the heads
+            of torchvision's segmentation models, Conv2dNormActivation), each becoming a
+            :class:`FusedSequential` or a fused subclass of its class. Off by default: such
+            modules are not ResNets, and only the segmentation heads were measured.
 
     Returns:
         The converted model, sharing every parameter and buffer with ``model``: same
@@ -399,6 +457,8 @@ def convert(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
 
     name = type(model).__name__
     model = _swap(model, transform)
+    if sequentials:
+        model = _fuse_sequentials(model, backend)
     summary = fusion_summary(model)
     _log.info("fusedres.convert(%s): %s", name, summary)
     if summary.fused == 0:
@@ -442,11 +502,11 @@ def _units_of(name: str, module: nn.Module) -> list:
         fused = isinstance(module, FusedResNet)
         whole = activation_reason(module.relu, "activation relu")
         return [report("conv1", whole, unfusable_reason(module.conv1, module.bn1), fused)]
-    chain = (list(module.named_children()) if isinstance(module, FusedSequential)
-             else _stem_chain(module))
+    sequential = isinstance(module, (FusedSequential, _FusedSequentialSubclass))
+    chain = list(module.named_children()) if sequential else _stem_chain(module)
     if chain is None:
         return []
-    fused = isinstance(module, (FusedSequential, _FusedSubclass))
+    fused = sequential or isinstance(module, _FusedSubclass)
     return [report(chain[start][0], None, reason, fused)
             for start, _, unit, reason in _plan_chain(chain, getattr(module, "return_layers", ()))
             if unit]
@@ -458,7 +518,8 @@ def fusion_summary(model: nn.Module) -> FusionSummary:
     Counts the units of every block and stem that :func:`convert` recognises, converted or not
     (``"not converted"``), by the rule of :func:`fusedres.fusability.unfusable_reason` and the
     block-level reasons (a timm block's attention, anti-aliasing, drop path, a non-ReLU
-    activation). Conv + norm pairs elsewhere in the model (an FPN, a head) are not counted.
+    activation), and those of the nn.Sequential modules it made fused. Conv + norm pairs
+    elsewhere in the model (an FPN, a head left as it is) are not counted.
 
     Args:
         model: any module.
@@ -493,8 +554,8 @@ def to_eager(model: nn.Module) -> nn.Module:
         if cls is None:
             return module
         eager = _rebuild(module, cls)
-        eager.__dict__.pop("backend", None)
-        eager.__dict__.pop("_fusedres_eager_class", None)
+        for attribute in ("backend", "_fusedres_eager_class", "_fusedres_prefix"):
+            eager.__dict__.pop(attribute, None)
         if cls is reference.ResNet:
             eager._block_kwargs = {}
         return eager

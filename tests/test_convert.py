@@ -4,6 +4,8 @@ fails before any BatchNorm statistics change). No torchvision needed: see test_d
 test_timm.py for torchvision's and timm's models."""
 
 import copy
+import importlib
+import io
 import logging
 import warnings
 
@@ -12,10 +14,11 @@ import torch
 import torch.nn as nn
 
 import fusedres
-from conftest import CPU_FUSED_BACKENDS
+from conftest import CPU_FUSED_BACKENDS, assert_oracle_close
 from fusedres import models, reference
 from fusedres.convert import FusedSequential, fusion_summary
 from fusedres.models.resnet import _maxpool_hw
+from test_unit import randomize_bn
 
 
 def test_convert_warns_when_it_fuses_nothing():
@@ -129,6 +132,127 @@ def test_fused_sequential_round_trip():
     back = fusedres.to_eager(fused)
     assert type(back.downsample) is nn.Sequential
     assert list(back.state_dict()) == list(eager.state_dict())
+
+
+class _Head(nn.Sequential):
+    """A segmentation-style head: its own class with nn.Sequential's forward (as torchvision's
+    FCNHead): 3x3 conv + BN + ReLU, dropout, 1x1 classifier."""
+
+    def __init__(self, cin: int, classes: int):
+        super().__init__(nn.Conv2d(cin, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                         nn.ReLU(inplace=True), nn.Dropout(0.1), nn.Conv2d(16, classes, 1))
+
+
+class _OwnForward(nn.Sequential):
+    """An nn.Sequential subclass with a forward of its own: convert cannot know what it runs."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def _noop_hook(module, args, out):
+    return None  # a module-level function, so that the model pickles
+
+
+class _Segmenter(nn.Module):
+    """A ResNet-style body (blocks, one with a (conv, BN) downsample) and Sequential heads of
+    every kind convert(..., sequentials=True) must tell apart."""
+
+    def __init__(self):
+        super().__init__()
+        ds = nn.Sequential(reference.conv1x1(8, 16, 2), nn.BatchNorm2d(16))
+        self.body = nn.Sequential(reference.BasicBlock(8, 8),
+                                  reference.BasicBlock(8, 16, stride=2, downsample=ds))
+        self.head = _Head(16, 3)
+        self.aux = nn.Sequential(nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.own = _OwnForward(nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.hooked = nn.Sequential(nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.hooked.register_forward_hook(_noop_hook)
+
+    def forward(self, x):
+        h = self.body(x)
+        return {"out": self.head(h), "aux": self.aux(h), "own": self.own(h),
+                "hooked": self.hooked(h)}
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+def test_sequentials_fuse_when_asked(backend, monkeypatch):
+    """convert(..., sequentials=True) fuses the conv + norm (+ ReLU) runs of the nn.Sequential
+    modules outside the blocks (a subclass keeps its class as a base, plain ones become
+    FusedSequential) and leaves alone one with its own forward, one with hooks and a block's
+    (conv, BN) downsample (the block fuses that pair itself); by default none is touched. The
+    outputs, gradients and running statistics follow eager's (float32 against the float64
+    oracle); the units run fused; state_dict keys, pickling and to_eager hold; errors name the
+    unit by its qualified name."""
+    torch.manual_seed(0)
+    model = _Segmenter()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            randomize_bn(m)
+    eager = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    plain = fusedres.convert(copy.deepcopy(model), backend=backend)
+    assert type(plain.head) is _Head and type(plain.aux) is nn.Sequential
+    assert str(fusion_summary(plain)) == "5 of 5 conv + norm units fused"
+
+    fused = fusedres.convert(model, backend=backend, sequentials=True)
+    assert isinstance(fused.head, _Head) and type(fused.head).__module__ == "fusedres.convert"
+    assert type(fused.aux) is FusedSequential
+    assert type(fused.own) is _OwnForward and type(fused.hooked) is nn.Sequential
+    assert type(fused.body) is nn.Sequential and type(fused.body[1].downsample) is nn.Sequential
+    fused_units = {u.name for u in fusion_summary(fused).units if u.reason is None}
+    assert fused_units >= {"head.0", "aux.0", "body.1.downsample.0"}
+    assert str(fusion_summary(fused)) == "7 of 7 conv + norm units fused"
+    assert list(fused.state_dict()) == keys
+
+    calls = []
+    convert_module = importlib.import_module("fusedres.convert")  # fusedres.convert: the function
+    unit = convert_module.conv_bn_act
+
+    def counting(x, conv, norm, **kwargs):
+        calls.append(kwargs["name"])
+        return unit(x, conv, norm, **kwargs)
+
+    monkeypatch.setattr(convert_module, "conv_bn_act", counting)
+    oracle = reference.upcast(eager)
+    x = torch.randn(2, 8, 9, 9)
+    for training in (True, False):
+        outs, grads = [], []
+        for m, dtype in ((fused, torch.float32), (eager, torch.float32), (oracle, torch.float64)):
+            m.train(training)
+            m.zero_grad(set_to_none=True)
+            torch.manual_seed(1)  # the head's dropout
+            out = m(x.to(dtype))
+            sum(v.square().mean() for v in out.values()).backward()
+            outs.append(out)
+            grads.append({n: p.grad for n, p in m.named_parameters()})
+        for k in outs[2]:
+            assert_oracle_close(outs[0][k], outs[1][k], outs[2][k], f"{k} (training={training})")
+        for k in grads[2]:
+            assert_oracle_close(grads[0][k], grads[1][k], grads[2][k], f"grad {k}",
+                                norm="rel_l2")
+    assert calls == ["head.0", "aux.0"] * 2
+    for (name, a), b, c in zip(fused.named_buffers(), eager.buffers(), oracle.buffers()):
+        if a.is_floating_point():
+            assert_oracle_close(a, b, c, name)
+        else:
+            assert torch.equal(a, b), name
+
+    with pytest.raises((RuntimeError, ValueError), match=r"head\.0"):
+        fused.head(torch.randn(2, 5, 9, 9))
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded.head) is type(fused.head) and loaded.head.backend == fused.head.backend
+    fused.eval()
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)["out"], fused(x)["out"], rtol=0, atol=0)
+    back = fusedres.to_eager(fused)
+    assert type(back.head) is _Head and type(back.aux) is nn.Sequential
+    assert "_fusedres_prefix" not in back.head.__dict__ and "backend" not in back.aux.__dict__
+    assert list(back.state_dict()) == keys
 
 
 @pytest.mark.parametrize("ceil_mode", [False, True])

@@ -276,18 +276,29 @@ def _seg_loss(out, target):
     return sum(nn.functional.cross_entropy(v, target) for v in out.values())
 
 
+# The heads' conv + BN + ReLU units convert(..., sequentials=True) fuses: fcn's FCNHead and its
+# auxiliary one; deeplabv3's DeepLabHead, its ASPP's 1x1 and three dilated branches and its
+# projection (the ASPPPooling branch has a forward of its own and stays as it is).
+HEAD_UNITS = {"fcn_resnet50": 2, "deeplabv3_resnet50": 6}
+
+
+@pytest.mark.parametrize("sequentials", [False, True], ids=["body", "heads_too"])
 @pytest.mark.parametrize("name", list(SEGMENTERS))
-def test_segmenter_converts_and_matches_unconverted(name):
+def test_segmenter_converts_and_matches_unconverted(name, sequentials):
     """Dilated backbone with nn.BatchNorm2d in training (batch statistics): the training step in
-    float64 (losses, gradients, running statistics), eval outputs in float32 with the rule."""
+    float64 (losses, gradients, running statistics), eval outputs in float32 with the rule; with
+    ``sequentials=True`` the heads' units fused too."""
     torch.manual_seed(0)
     model = _randomize_norms(_segmenter(name))
     eager = copy.deepcopy(model)
     oracle = reference.upcast(model)
     keys = list(model.state_dict())
-    converted = fusedres.convert(model, backend=BACKEND)
+    converted = fusedres.convert(model, backend=BACKEND, sequentials=sequentials)
     summary = fusion_summary(converted)
-    assert (summary.fused, len(summary.units)) == (RESNET50_UNITS, RESNET50_UNITS), str(summary)
+    units = RESNET50_UNITS + (HEAD_UNITS[name] if sequentials else 0)
+    assert (summary.fused, len(summary.units)) == (units, units), str(summary)
+    assert isinstance(converted.classifier, nn.Sequential)
+    assert (type(converted.classifier).__module__ == "fusedres.convert") == sequentials
     assert converted.backbone.layer4[1].conv2.dilation == (4, 4)
     _assert_state_dict_round_trip(keys, converted, copy.deepcopy(eager))
     _assert_fused_units_ran_fused(converted, lambda: converted.eval()(torch.randn(1, 3, 48, 48)))
