@@ -190,14 +190,32 @@ class TritonBackend(Backend):
 
     def unit_infer(self, conv_module, x, weight, gamma, beta, residual, running_mean,
                    running_var, conv: ConvParams, relu, eps):
+        return self.infer_runner(conv_module, x, weight, gamma, beta, residual, running_mean,
+                                 running_var, conv, relu, eps)(x, residual, False)
+
+    def infer_runner(self, conv_module, x, weight, gamma, beta, residual, running_mean,
+                     running_var, conv: ConvParams, relu, eps):
+        # One convolution whose epilogue adds the folded bias (the affine step with scale 1),
+        # the residual and the ReLU (F2). Folded, laid out and decided once per plan: a call is
+        # an allocation and a launch, where unit_infer's every call had looked the fold up,
+        # filled the scale with ones and checked and decided the launch again (~110 us a unit
+        # with launches stubbed on the CPU; the H200 showed the triton eval host-bound).
+        from fusedres.kernels import conv as conv_k  # imports triton: on first use only
         folded = fold.fold_conv_bn(conv_module, weight, gamma, beta, running_mean, running_var,
                                    eps, x.dtype, "triton", fold.FoldedConv)
-        stride, padding, dilation, groups = fold.geometry_lists(conv)
-        # The epilogue's affine step with scale 1 adds the bias (F2).
-        ones = torch.ones_like(folded.bias)
-        y = _ops.conv2d(x, folded.weight, stride, padding, dilation, groups, ones, folded.bias,
-                        residual, relu)
-        return in_memory_format_of(y, x)
+        launch = conv_k.conv2d_runner(x, folded.weight, *fold.geometry_lists(conv),
+                                      scale=torch.ones_like(folded.bias), shift=folded.bias,
+                                      has_residual=residual is not None, relu=relu)
+
+        def run(x, residual, residual_is_dead):
+            out = None
+            if residual is not None:
+                if residual_is_dead and residual.is_contiguous(memory_format=torch.channels_last):
+                    out = residual  # see conv2d_runner: y may take the dead residual's memory
+                residual = residual.contiguous(memory_format=torch.channels_last)
+            y = launch(x.contiguous(memory_format=torch.channels_last), residual, out)
+            return in_memory_format_of(y, x)
+        return run
 
 
 register_backend(TritonBackend())

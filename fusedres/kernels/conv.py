@@ -33,7 +33,7 @@ Backward is not here: see fusedres/backends/triton.py for why it goes to ATen.
 from __future__ import annotations
 
 import threading
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.utils.weak
@@ -413,6 +413,63 @@ def prepared_weight(weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -
     return converted
 
 
+def _check_dtypes(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> None:
+    if x_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"the triton conv supports float16, bfloat16 and float32, got {x_dtype}")
+    if weight_dtype != x_dtype and not (weight_dtype == torch.float32
+                                        and x_dtype in (torch.float16, torch.bfloat16)):
+        raise TypeError(f"weight dtype {weight_dtype} does not match input dtype {x_dtype}")
+
+
+class _ConvLaunch(NamedTuple):
+    """A convolution's launch as far as shapes, dtype and flags decide it (:func:`_conv_launch`):
+    everything but the tensors."""
+
+    out_size: tuple  # (N, Cout, Ho, Wo)
+    sizes: tuple  # the kernel's arguments after its pointers, weight strides last
+    grid: Callable
+    table: dict
+    key: dict
+    constexprs: dict
+    partial_rows: int  # rows of the statistics partials to allocate (1 without STATS)
+
+
+def _conv_launch(x_shape: torch.Size, dtype: torch.dtype, weight: torch.Tensor, stride, padding,
+                 dilation, groups: int, *, prologue: bool, affine: bool, has_residual: bool,
+                 relu: bool, stats: bool) -> _ConvLaunch:
+    """Checks the geometry and decides the launch of :func:`conv2d` for an input of ``x_shape``
+    and ``dtype`` and the prepared ``weight`` (:func:`prepared_weight`)."""
+    N, Cin, H, W = x_shape
+    Cout, cin_g, KH, KW = weight.shape
+    if Cin != cin_g * groups or Cout % groups:
+        raise ValueError(f"conv2d: input channels {Cin} / weight {tuple(weight.shape)} do not fit "
+                         f"groups={groups}")
+    if H * W * Cin >= 2**31:
+        raise ValueError("conv2d: one image of the input has more than 2^31 elements")
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    Ho, Wo = conv_output_hw((H, W), (KH, KW), stride, padding, dilation)
+    M = N * Ho * Wo
+    cout_g = Cout // groups
+    flat_k = cin_g % _TAP_ALIGNED != 0
+    precision = "tf32" if (dtype != torch.float32 or _conv_allows_tf32()) else "ieee"
+    table = _conv_table(dtype, flat_k, precision, prologue)
+    pointwise = KH == 1 and KW == 1 and (sh, sw) == (1, 1) and (ph, pw) == (0, 0)
+    return _ConvLaunch(
+        out_size=(N, Cout, Ho, Wo),
+        sizes=(M, H, W, Cin, Ho, Wo, Cout, cin_g, cout_g, sh, sw, ph, pw, dh, dw,
+               *weight.stride()),
+        grid=lambda m: (cdiv(M, m["BLOCK_M"]) * cdiv(cout_g, m["BLOCK_N"]), groups),
+        table=table,
+        key=dict(M=row_bucket(M), Cin=Cin, Cout=Cout, groups=groups, KH=KH, KW=KW,
+                 stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw)),
+        constexprs=dict(KH=KH, KW=KW, FLAT_K=flat_k, POINTWISE=pointwise, PROLOGUE=prologue,
+                        AFFINE=affine, HAS_RESIDUAL=has_residual, RELU=relu, STATS=stats,
+                        DOT_PRECISION=precision),
+        # Autotuning may pick any BLOCK_M: size the partials for the smallest, use the one that
+        # ran.
+        partial_rows=cdiv(M, _min_block_m(table)) if stats else 1)
+
+
 @on_tensor_device
 def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int, *,
            scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
@@ -440,31 +497,20 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
         out [N, Cout, Ho, Wo] channels_last in x's dtype; with ``stats`` a tuple
         (out, pmean [P, Cout] fp32, pm2 [P, Cout] fp32, rows per partial).
     """
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"the triton conv supports float16, bfloat16 and float32, got {x.dtype}")
-    if weight.dtype != x.dtype and not (weight.dtype == torch.float32
-                                        and x.dtype in (torch.float16, torch.bfloat16)):
-        raise TypeError(f"weight dtype {weight.dtype} does not match input dtype {x.dtype}")
-    N, Cin, H, W = x.shape
-    Cout, cin_g, KH, KW = weight.shape
-    if Cin != cin_g * groups or Cout % groups:
-        raise ValueError(f"conv2d: input channels {Cin} / weight {tuple(weight.shape)} do not fit "
-                         f"groups={groups}")
-    if H * W * Cin >= 2**31:
-        raise ValueError("conv2d: one image of the input has more than 2^31 elements")
+    _check_dtypes(x.dtype, weight.dtype)
     prologue = in_scale is not None
     if prologue != (in_shift is not None):
         raise ValueError("conv2d: in_scale and in_shift go together (the input's BN + ReLU)")
-    if prologue and (in_scale.numel() != Cin or in_shift.numel() != Cin):
-        raise ValueError(f"conv2d: in_scale and in_shift need {Cin} values (one per input "
+    cin = x.shape[1]
+    if prologue and (in_scale.numel() != cin or in_shift.numel() != cin):
+        raise ValueError(f"conv2d: in_scale and in_shift need {cin} values (one per input "
                          f"channel), got {in_scale.numel()} and {in_shift.numel()}")
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    Ho, Wo = conv_output_hw((H, W), (KH, KW), stride, padding, dilation)
-    M = N * Ho * Wo
-    cout_g = Cout // groups
     x = x.contiguous(memory_format=torch.channels_last)
     weight = prepared_weight(weight, x.dtype)
-    out = new_output((N, Cout, Ho, Wo), dtype=x.dtype, device=x.device,
+    plan = _conv_launch(x.shape, x.dtype, weight, stride, padding, dilation, groups,
+                        prologue=prologue, affine=scale is not None,
+                        has_residual=residual is not None, relu=relu, stats=stats)
+    out = new_output(plan.out_size, dtype=x.dtype, device=x.device,
                      memory_format=torch.channels_last)
     affine = scale is not None
     scale = scale.float().contiguous() if affine else out
@@ -472,26 +518,65 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
     in_scale = in_scale.float().contiguous() if prologue else out
     in_shift = in_shift.float().contiguous() if prologue else out
     res = residual.contiguous(memory_format=torch.channels_last) if residual is not None else out
-    flat_k = cin_g % _TAP_ALIGNED != 0
-    precision = "tf32" if (x.dtype != torch.float32 or _conv_allows_tf32()) else "ieee"
-    table = _conv_table(x.dtype, flat_k, precision, prologue)
-    # Autotuning may pick any BLOCK_M: size the partials for the smallest, use the one that ran.
-    p_alloc = cdiv(M, _min_block_m(table)) if stats else 1
-    partial = new_output((2, p_alloc, Cout), dtype=torch.float32, device=x.device)
-    pointwise = KH == 1 and KW == 1 and (sh, sw) == (1, 1) and (ph, pw) == (0, 0)
-    ran = launch(
-        _conv_fwd_kernel,
-        lambda m: (cdiv(M, m["BLOCK_M"]) * cdiv(cout_g, m["BLOCK_N"]), groups),
-        (x, weight, out, res, scale, shift, in_scale, in_shift, partial[0], partial[1], M, H, W,
-         Cin, Ho, Wo, Cout, cin_g, cout_g, sh, sw, ph, pw, dh, dw, *weight.stride()),
-        table=table,
-        key=dict(M=row_bucket(M), Cin=Cin, Cout=Cout, groups=groups, KH=KH, KW=KW,
-                 stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw)),
-        interp_config=_INTERP, device=x.device,
-        KH=KH, KW=KW, FLAT_K=flat_k, POINTWISE=pointwise, PROLOGUE=prologue, AFFINE=affine,
-        HAS_RESIDUAL=residual is not None, RELU=relu, STATS=stats, DOT_PRECISION=precision)
+    partial = new_output((2, plan.partial_rows, plan.out_size[1]), dtype=torch.float32,
+                         device=x.device)
+    ran = launch(_conv_fwd_kernel, plan.grid,
+                 (x, weight, out, res, scale, shift, in_scale, in_shift, partial[0], partial[1],
+                  *plan.sizes),
+                 table=plan.table, key=plan.key, interp_config=_INTERP, device=x.device,
+                 **plan.constexprs)
     if not stats:
         return out
     rows = ran.kwargs["BLOCK_M"]
-    P = cdiv(M, rows)
+    P = cdiv(plan.out_size[0] * plan.out_size[2] * plan.out_size[3], rows)
     return out, partial[0, :P], partial[1, :P], rows
+
+
+def conv2d_runner(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int,
+                  *, scale: torch.Tensor, shift: torch.Tensor, has_residual: bool,
+                  relu: bool) -> Callable:
+    """:func:`conv2d` with the AFFINE epilogue, without statistics or prologue, for repeated
+    calls on inputs like ``x``: its checks, the weight's layout and the launch's decisions are
+    made once, here (an inference plan's runner, fusedres/backends/triton.py).
+
+    Args:
+        x: an example input [N, Cin, H, W]; the runner takes inputs of its shape, dtype and
+            device only, channels_last. It is not kept.
+        weight: [Cout, Cin/groups, KH, KW] as :func:`conv2d` takes it, prepared once here: its
+            values must not change while the runner lives (a folded weight, which the fold
+            cache owns).
+        stride, padding, dilation: pairs; groups: int.
+        scale, shift: [Cout], converted to float32 once.
+        has_residual: whether every call passes a residual; relu: apply ReLU last.
+
+    Returns:
+        ``run(x, residual, out=None) -> out``: residual [N, Cout, Ho, Wo] channels_last or None;
+        out [N, Cout, Ho, Wo] channels_last, allocated when None. ``out`` may be the residual
+        itself: the program that writes an output element has read its residual element
+        before.
+    """
+    _check_dtypes(x.dtype, weight.dtype)
+    weight = prepared_weight(weight, x.dtype)
+    plan = _conv_launch(x.shape, x.dtype, weight, stride, padding, dilation, groups,
+                        prologue=False, affine=True, has_residual=has_residual, relu=relu,
+                        stats=False)
+    dtype, device = x.dtype, x.device
+    scale = scale.float().contiguous()
+    shift = shift.float().contiguous()
+    # Never written without STATS. The unused pointers get what conv2d passes for them (out,
+    # a float32 buffer): pointer dtypes specialise the compiled kernel and key its tuned config.
+    unused_partial = torch.empty((1, plan.out_size[1]), dtype=torch.float32, device=device)
+
+    @on_tensor_device
+    def run(x: torch.Tensor, residual: Optional[torch.Tensor],
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if out is None:
+            out = new_output(plan.out_size, dtype=dtype, device=device,
+                             memory_format=torch.channels_last)
+        launch(_conv_fwd_kernel, plan.grid,
+               (x, weight, out, out if residual is None else residual, scale, shift, out, out,
+                unused_partial, unused_partial, *plan.sizes),
+               table=plan.table, key=plan.key, interp_config=_INTERP, device=device,
+               **plan.constexprs)
+        return out
+    return run

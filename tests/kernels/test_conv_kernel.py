@@ -619,6 +619,9 @@ def test_channels_last_and_1x1_weights_pass_through_uncopied(monkeypatch):
 def test_converted_weights_go_with_their_parameter():
     import gc
     conv = _conv()
+    # Earlier tests' garbage (modules in reference cycles, their weights' entries) goes first:
+    # only this weight's entry may go below.
+    gc.collect()
     w = torch.randn(8, 4, 3, 3)
     conv.prepared_weight(w)
     count = len(conv._PREPARED)

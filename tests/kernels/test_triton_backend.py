@@ -225,6 +225,149 @@ def test_block(dtype, block, training):
              grad_norm="max" if dtype == torch.float32 else "rel_l2")
 
 
+# -- Inference: no gradient wanted, BatchNorm folded, one runner per input signature ----------
+
+
+def _eval_twins(case, dtype):
+    """(fused unit on triton, its eager twin), eval, with random BatchNorm state."""
+    name, _, relu = case
+    cin, _, _, cout, k, stride, groups = UNITS[name]
+    eager = reference.ConvBNAct(cin, cout, k, stride, groups=groups, relu=relu)
+    _randomize_bn(eager.bn)
+    eager = eager.to(DEVICE, dtype).eval()
+    fused = FusedConvBNReLU(cin, cout, k, stride, groups=groups, relu=relu, backend="triton")
+    fused.to(DEVICE, dtype).load_state_dict(eager.state_dict())
+    return fused.eval(), eager
+
+
+def _eval_inputs(case, batch=2):
+    """x [batch, Cin, H, W] and the residual (or None) of a UNITS case, float64, channels_last."""
+    name, has_residual, _ = case
+    cin, h, w, cout, k, stride, _ = UNITS[name]
+    ho, wo = (h + 2 * (k // 2) - k) // stride + 1, (w + 2 * (k // 2) - k) // stride + 1
+    x = torch.randn(batch, cin, h, w, device=DEVICE, dtype=torch.float64)
+    res = (torch.randn(batch, cout, ho, wo, device=DEVICE, dtype=torch.float64)
+           .contiguous(memory_format=torch.channels_last) if has_residual else None)
+    return x.contiguous(memory_format=torch.channels_last), res
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", UNIT_CASES,
+                         ids=lambda c: f"{c[0]}-{'res' if c[1] else 'nores'}-"
+                                       f"{'relu' if c[2] else 'norelu'}")
+def test_inference_unit(dtype, case):
+    """Eval under no_grad (the folded inference runner): y against eager and the float64
+    oracle, the same values from the plan's second call, channels_last kept."""
+    fused, eager = _eval_twins(case, dtype)
+    x64, res64 = _eval_inputs(case)
+    args = [x64] + ([res64] if res64 is not None else [])
+    with torch.no_grad():
+        exact = reference.upcast(eager)(*args)
+        expected = eager(*(a.to(dtype) for a in args))
+        first = fused(*(a.to(dtype) for a in args))
+        second = fused(*(a.to(dtype) for a in args))
+    assert_oracle_close(first, expected, exact, name="y")
+    assert torch.equal(first, second)
+    assert first.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_inference_unit_nchw_input_keeps_nchw():
+    fused, eager = _eval_twins(("3x3", True, True), torch.float32)
+    x64, res64 = _eval_inputs(("3x3", True, True))
+    x64, res64 = x64.contiguous(), res64.contiguous()
+    with torch.no_grad():
+        got = fused(x64.float(), res64.float())
+        expected = eager(x64.float(), res64.float())
+        exact = reference.upcast(eager)(x64, res64)
+    assert got.is_contiguous()
+    assert_oracle_close(got, expected, exact, name="y")
+
+
+def _unit_runner(fused, x, residual):
+    """The triton backend's inference runner of ``fused`` for x and residual's signature."""
+    from fusedres.backend import ConvParams
+    conv, bn = fused.conv, fused.bn
+    return get_backend("triton").infer_runner(
+        conv, x, conv.weight, bn.weight, bn.bias, residual, bn.running_mean, bn.running_var,
+        ConvParams(conv.stride, conv.padding, conv.dilation, conv.groups), fused.relu, bn.eps)
+
+
+def test_inference_runner_writes_into_a_dead_residual_only():
+    """``residual_is_dead``: y takes the residual's memory (each output element is written by
+    the program that read its residual element); otherwise the residual is left as it was."""
+    case = ("3x3", True, True)
+    fused, eager = _eval_twins(case, torch.float32)
+    x64, res64 = _eval_inputs(case)
+    x, residual = x64.float(), res64.float()
+    with torch.no_grad():
+        expected = eager(x, residual)
+        exact = reference.upcast(eager)(x64, res64)
+        run = _unit_runner(fused, x, residual)
+        kept = residual.clone()
+        y = run(x, residual, False)
+        assert y.data_ptr() != residual.data_ptr() and torch.equal(residual, kept)
+        assert_oracle_close(y, expected, exact, name="y (residual alive)")
+        dead = residual.clone()
+        y_dead = run(x, dead, True)
+    assert y_dead.data_ptr() == dead.data_ptr()
+    assert torch.equal(y_dead, y)
+
+
+def test_inference_plan_folds_once_and_follows_state_changes(monkeypatch):
+    """The plan's runner folds when it is made, not per call; an in-place change of the conv
+    weight, gamma, beta or a running statistic makes a new plan whose output follows it."""
+    from fusedres.ops import fold
+    folds = []
+    original = fold.fold_conv_bn
+
+    def counting(*args, **kwargs):
+        folds.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fold, "fold_conv_bn", counting)
+    case = ("3x3", False, True)
+    fused, eager = _eval_twins(case, torch.float32)
+    x64, _ = _eval_inputs(case)
+    x = x64.float()
+    changes = [("conv.weight", lambda m: m.conv.weight.mul_(1.5)),
+               ("bn.weight", lambda m: m.bn.weight.add_(0.25)),
+               ("bn.bias", lambda m: m.bn.bias.sub_(0.5)),
+               ("bn.running_mean", lambda m: m.bn.running_mean.add_(0.3)),
+               ("bn.running_var", lambda m: m.bn.running_var.mul_(2.0))]
+    with torch.no_grad():
+        fused(x)
+        assert len(folds) == 1
+        for _ in range(3):
+            fused(x)
+        assert len(folds) == 1, "a call through the plan folded again"
+        for what, change in changes:
+            change(fused)
+            change(eager)
+            got = fused(x)
+            assert_oracle_close(got, eager(x), reference.upcast(eager)(x64), name=f"y after {what}")
+        assert len(folds) == 1 + len(changes)
+
+
+def test_inference_block():
+    """A Bottleneck under no_grad (three runners, the last adding the identity) against eager
+    and the float64 oracle, twice (the block plan's second call)."""
+    eager = reference.Bottleneck(16, 4)
+    for mod in eager.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            _randomize_bn(mod)
+    eager = eager.to(DEVICE).eval()
+    fused = FusedBottleneck(16, 4, backend="triton").to(DEVICE).eval()
+    fused.load_state_dict(eager.state_dict())
+    x64 = torch.randn(2, 16, 5, 6, device=DEVICE, dtype=torch.float64)
+    x64 = x64.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        exact = reference.upcast(eager)(x64)
+        expected = eager(x64.float())
+        got = [fused(x64.float()) for _ in range(2)]
+    assert_oracle_close(got[0], expected, exact, name="y")
+    assert torch.equal(got[0], got[1])
+
+
 def test_float64_is_refused_with_a_clear_error():
     fused = FusedConvBNReLU(3, 4, 3, backend="triton").to(DEVICE, torch.float64)
     with pytest.raises(TypeError, match="float64"):
