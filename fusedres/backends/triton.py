@@ -31,6 +31,7 @@ import importlib.util
 import os
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fusedres.backend import (Backend, BlockOps, ConvParams, in_memory_format_of,
                               register_backend)
@@ -66,16 +67,33 @@ def _gamma_beta(gamma, beta, channels: int, like: torch.Tensor):
     return g, b
 
 
+def _launcher_ops(t: torch.Tensor):
+    """Where the block op (fusedres/ops/block.py) calls the launchers for a call on ``t``: the
+    registered ops (``triton_library``) where something may trace the call (torch.compile,
+    torch.jit.trace, a fake or functional tensor, a dispatch mode: they must see the op), else
+    their implementations directly, without the 8-35 us of dispatch each."""
+    if (torch.compiler.is_compiling() or type(t) is not torch.Tensor
+            or torch._C._get_tracing_state() is not None
+            or _get_current_dispatch_mode() is not None):
+        return _ops
+    return _ops.direct
+
+
+# _train, _eval and _backward implement the unit ops (_UNIT_OPS): they run only as an op's
+# implementation, on real tensors that nothing traces (a trace sees the unit op and its fake
+# kernel), so they call the launcher ops' implementations directly (triton_library.direct).
+
+
 def _train(x, weight, gamma, beta, residual, running_mean, running_var, num_batches_tracked,
            stride, padding, dilation, groups, relu, momentum, eps):
     g, b = _gamma_beta(gamma, beta, weight.shape[0], x)
     # The statistics' finalize also updates the running statistics (one fixed-config launch).
-    z, stats = _ops.conv2d_bn_train(x, weight, list(stride), list(padding), list(dilation),
-                                    groups, g, b, eps, running_mean, running_var,
-                                    num_batches_tracked, momentum)
+    z, stats = _ops.direct.conv2d_bn_train(x, weight, list(stride), list(padding),
+                                           list(dilation), groups, g, b, eps, running_mean,
+                                           running_var, num_batches_tracked, momentum)
     python_unit.bump_versions(running_mean, running_var, num_batches_tracked)
     mean, _, invstd, scale, shift = stats.unbind(0)
-    y = _ops.bn_act_fwd(z, scale, shift, residual, relu)
+    y = _ops.direct.bn_act_fwd(z, scale, shift, residual, relu)
     # z stays channels_last (the layout the backward's kernels and cuDNN like best); y takes x's
     # memory format, as ATen's convolution would give it. mean and invstd are rows of one
     # tensor: op outputs may not alias, so they leave as copies ([C] each).
@@ -86,8 +104,8 @@ def _eval(x, weight, gamma, beta, residual, running_mean, running_var, stride, p
           groups, relu, eps):
     scale, shift = python_unit.eval_coefficients(gamma, beta, running_mean, running_var, eps,
                                                  x.dtype)
-    y = _ops.conv2d(x, weight, list(stride), list(padding), list(dilation), groups, scale, shift,
-                    residual, relu)
+    y = _ops.direct.conv2d(x, weight, list(stride), list(padding), list(dilation), groups, scale,
+                           shift, residual, relu)
     return in_memory_format_of(y, x)
 
 
@@ -98,12 +116,12 @@ def _backward(dy, x, weight, y, z, mean, invstd, gamma, stride, padding, dilatio
     if z is None and (training or need_dgamma):
         # The eval forward did not write z; dgamma needs it. Recomputing costs one convolution,
         # only in the rare "frozen statistics, trainable gamma" case.
-        z = _ops.conv2d(x, weight, list(stride), list(padding), list(dilation), groups, None,
-                        None, None, False)
+        z = _ops.direct.conv2d(x, weight, list(stride), list(padding), list(dilation), groups,
+                               None, None, None, False)
     g, _ = _gamma_beta(gamma, None, weight.shape[0], dy)
     # Without ReLU the kernels never read y (the unit does not keep it): dy stands in.
-    dz, sums, dres = _ops.bn_act_bwd(dy, y if relu else dy, z, mean, invstd, g, relu, need_dres,
-                                     training, need_affine)
+    dz, sums, dres = _ops.direct.bn_act_bwd(dy, y if relu else dy, z, mean, invstd, g, relu,
+                                            need_dres, training, need_affine)
     dx, dw = python_unit.conv_backward(dz, x.contiguous(memory_format=torch.channels_last),
                                        weight, stride, padding, dilation, groups, need_dx,
                                        need_dw)
@@ -124,9 +142,10 @@ def _train_from_z(z_prev, scale_prev, shift_prev, weight, gamma, beta, residual,
     ``write_y`` (a [0] placeholder otherwise), channels_last; scale and shift are the ones the
     statistics' finalize computed."""
     g, b = _gamma_beta(gamma, beta, weight.shape[0], z_prev)
-    z, stats = _ops.conv2d_bn_train(z_prev, weight, list(stride), list(padding), list(dilation),
-                                    groups, g, b, eps, running_mean, running_var,
-                                    num_batches_tracked, momentum, scale_prev, shift_prev)
+    ops = _launcher_ops(z_prev)
+    z, stats = ops.conv2d_bn_train(z_prev, weight, list(stride), list(padding), list(dilation),
+                                   groups, g, b, eps, running_mean, running_var,
+                                   num_batches_tracked, momentum, scale_prev, shift_prev)
     if not torch.compiler.is_compiling():
         # Called from the block op's forward, not below an op (where unit_train bumps them).
         # A compiled graph writes the mutated buffers back with copy_, which counts itself.
@@ -135,7 +154,7 @@ def _train_from_z(z_prev, scale_prev, shift_prev, weight, gamma, beta, residual,
     if write_y:
         # The block's last unit: nothing loads its coefficients, so the block op keeps only its
         # mean and invstd, copied apart from the [5, C] rows.
-        y = _ops.bn_act_fwd(z, scale, shift, residual, relu)
+        y = ops.bn_act_fwd(z, scale, shift, residual, relu)
         return y, z, mean.clone(), invstd.clone(), scale, shift
     # Rows of the finalize's one [5, C] tensor, as they are (this is no op, whose outputs may not
     # alias): the block op keeps four of them, and each copy would be one more launch on a path
@@ -145,8 +164,13 @@ def _train_from_z(z_prev, scale_prev, shift_prev, weight, gamma, beta, residual,
 
 def _convolution(x, weight, stride, padding, dilation, groups):
     """The training forward's convolution (its kernel, no epilogue): z channels_last."""
-    return _ops.conv2d(x, weight, list(stride), list(padding), list(dilation), groups, None, None,
-                       None, False)
+    return _launcher_ops(x).conv2d(x, weight, list(stride), list(padding), list(dilation), groups,
+                                   None, None, None, False)
+
+
+def _bn_act_fwd(z, scale, shift, residual, relu):
+    """``act(z*scale + shift + residual)`` for the block op (its backward's rebuild of y)."""
+    return _launcher_ops(z).bn_act_fwd(z, scale, shift, residual, relu)
 
 
 _UNIT_OPS = python_unit.define_unit_ops(
@@ -185,7 +209,7 @@ class TritonBackend(Backend):
 
     def block_ops(self) -> BlockOps:
         # F3: a block's training forward writes no y but the block output.
-        return BlockOps(_UNIT_OPS.train, _UNIT_OPS.backward, _ops.bn_act_fwd, _convolution,
+        return BlockOps(_UNIT_OPS.train, _UNIT_OPS.backward, _bn_act_fwd, _convolution,
                         _train_from_z)
 
     def unit_infer(self, conv_module, x, weight, gamma, beta, residual, running_mean,

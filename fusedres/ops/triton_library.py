@@ -16,10 +16,15 @@ aliasing checks cost ~14 us a call against ~4 us here (measured on the 2-core CI
 need no autograd kernel: ConvBNActFunction calls them with grad mode off.
 
 Each module-level name (``conv2d``, ...) is the op's ``OpOverload``, the fastest handle to call.
+Below another op of this backend (the unit ops' implementations, fusedres/backends/triton.py),
+nothing traces the call: there ``direct.<name>`` calls the same Python implementation without
+the dispatcher, which costs 8-35 us a call (the Python op's argument and result conversions;
+``conv2d_bn_train``, with 15 arguments, the most: AMD EPYC, launches stubbed).
 """
 
 from __future__ import annotations
 
+import types
 from typing import Callable, Optional
 
 import torch
@@ -31,10 +36,15 @@ __all__ = ["conv2d", "conv2d_bn_train", "bn_stats", "bn_act_fwd", "bn_act_bwd"]
 
 _NS = "fusedres_triton"
 
+#: The ops' implementations by op name, called as Python functions: only where no tracing
+#: (torch.compile, torch.export, a fake tensor mode) can meet the call, which must see the op.
+direct = types.SimpleNamespace()
+
 
 def _op(schema: str, fake: Callable) -> Callable:
     """Defines ``fusedres_triton::<schema>`` with the decorated function as its CPU and CUDA
-    implementation and ``fake`` as its fake kernel; returns the op's OpOverload."""
+    implementation (also ``direct.<name>``) and ``fake`` as its fake kernel; returns the op's
+    OpOverload."""
     name = schema[:schema.index("(")]
 
     def define(impl: Callable):
@@ -42,6 +52,7 @@ def _op(schema: str, fake: Callable) -> Callable:
         torch.library.define(qualname, schema[len(name):])
         torch.library.impl(qualname, ("cpu", "cuda"))(impl)
         torch.library.register_fake(qualname)(fake)
+        setattr(direct, name, impl)
         return getattr(getattr(torch.ops, _NS), name).default
 
     return define

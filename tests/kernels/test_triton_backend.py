@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedres
 from conftest import assert_oracle_close
@@ -366,6 +367,46 @@ def test_inference_block():
         got = [fused(x64.float()) for _ in range(2)]
     assert_oracle_close(got[0], expected, exact, name="y")
     assert torch.equal(got[0], got[1])
+
+
+class _OpNames(TorchDispatchMode):
+    """Records the name of every op dispatched under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_block_calls_its_launchers_directly_unless_something_may_trace(monkeypatch):
+    """The block op's forward calls the launcher ops' implementations without the dispatcher
+    on plain tensors, and the registered ops where a trace could meet the call (here a dispatch
+    mode, which must see them; torch.compile, torch.export and fake tensors: the compile and
+    export tests above, test_block's fake-tensor counts); the results are the same."""
+    from fusedres.ops import triton_library
+    direct_calls = []
+    original = triton_library.direct.conv2d_bn_train
+
+    def counting(*args, **kwargs):
+        direct_calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(triton_library.direct, "conv2d_bn_train", counting)
+    block = FusedBottleneck(16, 4, backend="triton").to(DEVICE)
+    block = block.to(memory_format=torch.channels_last).train()
+    x = torch.randn(2, 16, 5, 5, device=DEVICE).to(memory_format=torch.channels_last)
+    plain = block(x)
+    assert len(direct_calls) == 3  # one per unit
+    recorder = _OpNames()
+    with recorder:
+        recorded = block(x)
+    assert len(direct_calls) == 3, "a launcher ran unseen under a dispatch mode"
+    assert recorder.names.count("fusedres_triton.conv2d_bn_train.default") == 3, recorder.names
+    # The running statistics moved twice in between; the output depends only on the batch.
+    torch.testing.assert_close(recorded, plain)
 
 
 def test_float64_is_refused_with_a_clear_error():
