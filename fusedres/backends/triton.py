@@ -221,9 +221,10 @@ class TritonBackend(Backend):
                      running_var, conv: ConvParams, relu, eps):
         # One convolution whose epilogue adds the folded bias (the affine step with scale 1),
         # the residual and the ReLU (F2). Folded, laid out and decided once per plan: a call is
-        # an allocation and a launch, where unit_infer's every call had looked the fold up,
-        # filled the scale with ones and checked and decided the launch again (~110 us a unit
-        # with launches stubbed on the CPU; the H200 showed the triton eval host-bound).
+        # an allocation and a launch, where every call had looked the fold up, filled the scale
+        # with ones and checked and decided the launch again (a unit's eval forward took 147 us
+        # of host time, now 66, launches stubbed: benchmarks/triton_host_proxy.py; the H200
+        # showed the triton eval host-bound).
         from fusedres.kernels import conv as conv_k  # imports triton: on first use only
         folded = fold.fold_conv_bn(conv_module, weight, gamma, beta, running_mean, running_var,
                                    eps, x.dtype, "triton", fold.FoldedConv)

@@ -16,10 +16,11 @@ aliasing checks cost ~14 us a call against ~4 us here (measured on the 2-core CI
 need no autograd kernel: ConvBNActFunction calls them with grad mode off.
 
 Each module-level name (``conv2d``, ...) is the op's ``OpOverload``, the fastest handle to call.
-Below another op of this backend (the unit ops' implementations, fusedres/backends/triton.py),
-nothing traces the call: there ``direct.<name>`` calls the same Python implementation without
-the dispatcher, which costs 8-35 us a call (the Python op's argument and result conversions;
-``conv2d_bn_train``, with 15 arguments, the most: AMD EPYC, launches stubbed).
+Where nothing can trace the call (below another op of this backend, or in the block op on plain
+tensors outside compile and dispatch modes: fusedres/backends/triton.py), ``direct.<name>`` calls
+the same Python implementation without the dispatcher, whose argument and result conversions
+cost 8-35 us a call (``conv2d_bn_train``, with 15 arguments, the most; AMD EPYC, launches
+stubbed, exploratory).
 """
 
 from __future__ import annotations
