@@ -434,11 +434,18 @@ class _ConvLaunch(NamedTuple):
     partial_rows: int  # rows of the statistics partials to allocate (1 without STATS)
 
 
+def _dot_precision(dtype: torch.dtype) -> str:
+    """The precision of the convolution's products for operands of ``dtype``: fp32 ones take
+    TF32 where cuDNN's convolutions may (:func:`_conv_allows_tf32`, read at each call)."""
+    return "tf32" if (dtype != torch.float32 or _conv_allows_tf32()) else "ieee"
+
+
 def _conv_launch(x_shape: torch.Size, dtype: torch.dtype, weight: torch.Tensor, stride, padding,
                  dilation, groups: int, *, prologue: bool, affine: bool, has_residual: bool,
-                 relu: bool, stats: bool) -> _ConvLaunch:
+                 relu: bool, stats: bool, precision: str) -> _ConvLaunch:
     """Checks the geometry and decides the launch of :func:`conv2d` for an input of ``x_shape``
-    and ``dtype`` and the prepared ``weight`` (:func:`prepared_weight`)."""
+    and ``dtype``, the prepared ``weight`` (:func:`prepared_weight`) and products at
+    ``precision`` (:func:`_dot_precision`)."""
     N, Cin, H, W = x_shape
     Cout, cin_g, KH, KW = weight.shape
     if Cin != cin_g * groups or Cout % groups:
@@ -451,7 +458,6 @@ def _conv_launch(x_shape: torch.Size, dtype: torch.dtype, weight: torch.Tensor, 
     M = N * Ho * Wo
     cout_g = Cout // groups
     flat_k = cin_g % _TAP_ALIGNED != 0
-    precision = "tf32" if (dtype != torch.float32 or _conv_allows_tf32()) else "ieee"
     table = _conv_table(dtype, flat_k, precision, prologue)
     pointwise = KH == 1 and KW == 1 and (sh, sw) == (1, 1) and (ph, pw) == (0, 0)
     return _ConvLaunch(
@@ -509,7 +515,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
     weight = prepared_weight(weight, x.dtype)
     plan = _conv_launch(x.shape, x.dtype, weight, stride, padding, dilation, groups,
                         prologue=prologue, affine=scale is not None,
-                        has_residual=residual is not None, relu=relu, stats=stats)
+                        has_residual=residual is not None, relu=relu, stats=stats,
+                        precision=_dot_precision(x.dtype))
     out = new_output(plan.out_size, dtype=x.dtype, device=x.device,
                      memory_format=torch.channels_last)
     affine = scale is not None
@@ -557,19 +564,31 @@ def conv2d_runner(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilati
     """
     _check_dtypes(x.dtype, weight.dtype)
     weight = prepared_weight(weight, x.dtype)
-    plan = _conv_launch(x.shape, x.dtype, weight, stride, padding, dilation, groups,
-                        prologue=False, affine=True, has_residual=has_residual, relu=relu,
-                        stats=False)
-    dtype, device = x.dtype, x.device
+    dtype, device, shape = x.dtype, x.device, x.shape
+    # By precision: whether fp32 products may take TF32 is read at each call, as conv2d reads
+    # it (a program may turn cuDNN's TF32 off after its first inference call).
+    plans = {}
+
+    def plan_at(precision: str) -> _ConvLaunch:
+        plan = plans.get(precision)
+        if plan is None:
+            plan = plans[precision] = _conv_launch(
+                shape, dtype, weight, stride, padding, dilation, groups, prologue=False,
+                affine=True, has_residual=has_residual, relu=relu, stats=False,
+                precision=precision)
+        return plan
+
+    cout = plan_at(_dot_precision(dtype)).out_size[1]  # checks the geometry here, once
     scale = scale.float().contiguous()
     shift = shift.float().contiguous()
     # Never written without STATS. The unused pointers get what conv2d passes for them (out,
     # a float32 buffer): pointer dtypes specialise the compiled kernel and key its tuned config.
-    unused_partial = torch.empty((1, plan.out_size[1]), dtype=torch.float32, device=device)
+    unused_partial = torch.empty((1, cout), dtype=torch.float32, device=device)
 
     @on_tensor_device
     def run(x: torch.Tensor, residual: Optional[torch.Tensor],
             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        plan = plan_at(_dot_precision(dtype))
         if out is None:
             out = new_output(plan.out_size, dtype=dtype, device=device,
                              memory_format=torch.channels_last)

@@ -368,6 +368,35 @@ def test_conv_config_table_per_operand(monkeypatch, name, dtype, allow_tf32, pro
     assert chosen["table"] is getattr(conv, expected), f"{name} {dtype}: expected conv.{expected}"
 
 
+def test_runner_reads_the_tf32_switch_at_each_call(monkeypatch):
+    """conv2d_runner decides its launch once, but whether fp32 products may take TF32 at each
+    call, as conv2d does: a program may turn cuDNN's TF32 off after its first inference call."""
+    conv = _conv()
+    launches = []
+
+    def record(kernel, grid, args, *, table, interp_config, **kwargs):
+        launches.append(dict(kwargs, table=table))
+        return interp_config
+
+    allowed = [True]
+    monkeypatch.setattr(conv, "launch", record)
+    monkeypatch.setattr(conv, "_conv_allows_tf32", lambda: allowed[0])
+    geom = GEOMETRIES["3x3s2-c64-taps"]
+    x, w = _inputs(geom, torch.float32)
+    cout = w.shape[0]
+    run = conv.conv2d_runner(x, w, *_args(geom), scale=torch.ones(cout, device=DEVICE),
+                             shift=torch.zeros(cout, device=DEVICE), has_residual=False,
+                             relu=True)
+    run(x, None)
+    allowed[0] = False
+    run(x, None)
+    allowed[0] = True
+    run(x, None)
+    assert [launch["DOT_PRECISION"] for launch in launches] == ["tf32", "ieee", "tf32"]
+    assert launches[1]["table"] is conv.CONV_IEEE_CONFIGS
+    assert launches[0]["table"] is launches[2]["table"] is conv.CONV_TF32_CONFIGS
+
+
 # -- int64 offsets in the compiled kernel ----------------------------------------------------
 
 # Compiles kernel variants to TTIR for sm_90 in a subprocess (this process may be interpreting,
