@@ -11,8 +11,9 @@ One pytest-benchmark group per (op, mode, shape); the providers share it:
   also runs, small, without a GPU.
 
 The convolution units of the fused providers are their backend's unit ops (one op per phase,
-autograd on the op): ``unit_train`` forward and its backward, ``unit_infer`` in eval (BatchNorm
-folded into the convolution).
+autograd on the op): ``unit_train`` forward and its backward, and in eval the inference runner
+(``infer_runner``: BatchNorm folded into the convolution), made once for the input's signature
+as fusedres.ops.unit's inference plans make it.
 
 Unusable providers are skipped with the reason (triton is not timed on a CPU). Ops: bn_stats,
 bn_act_fwd, bn_act_bwd (``memory_bound`` in extra_info: scripts/gpu_validate.sh compares their
@@ -202,8 +203,9 @@ class ConvUnit:
 
     def fused(self, backend, mode: str):
         """The backend's unit ops, as fusedres.ops.unit calls them: ``unit_train`` (its
-        backward by autograd, registered on the op) and, in eval, ``unit_infer`` with the
-        running statistics that make BatchNorm ``z * scale + shift``."""
+        backward by autograd, registered on the op) and, in eval, the runner of
+        ``infer_runner`` (made once, as an inference plan) with the running statistics that
+        make BatchNorm ``z * scale + shift``."""
         cout = self.scale.numel()
         if mode == "eval_fwd":
             # The module that owns the weight keys the backend's fold cache.
@@ -213,10 +215,13 @@ class ConvUnit:
             mean = torch.zeros_like(self.scale)
             var = torch.full_like(self.scale, 1 - EPS)
 
+            with torch.inference_mode():
+                run = backend.infer_runner(conv, self.x, conv.weight, self.scale, self.shift,
+                                           self.res, mean, var, self.conv, True, EPS)
+
             def infer():
                 with torch.inference_mode():
-                    return backend.unit_infer(conv, self.x, conv.weight, self.scale, self.shift,
-                                              self.res, mean, var, self.conv, True, EPS)
+                    return run(self.x, self.res, False)
             return infer
         leaves = [t.detach().requires_grad_() for t in (self.x, self.weight, self.gamma,
                                                          self.beta, self.res)]
