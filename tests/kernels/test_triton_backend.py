@@ -252,17 +252,20 @@ def _eval_inputs(case, batch=2):
     return x.contiguous(memory_format=torch.channels_last), res
 
 
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode],
+                         ids=["no_grad", "inference_mode"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", UNIT_CASES,
                          ids=lambda c: f"{c[0]}-{'res' if c[1] else 'nores'}-"
                                        f"{'relu' if c[2] else 'norelu'}")
-def test_inference_unit(dtype, case):
-    """Eval under no_grad (the folded inference runner): y against eager and the float64
-    oracle, the same values from the plan's second call, channels_last kept."""
+def test_inference_unit(dtype, case, no_grad):
+    """Eval without gradients (the folded inference runner): y against eager and the float64
+    oracle, the same values from the plan's second call, channels_last kept; under
+    inference_mode too (the GPU validation's network check runs there)."""
     fused, eager = _eval_twins(case, dtype)
     x64, res64 = _eval_inputs(case)
     args = [x64] + ([res64] if res64 is not None else [])
-    with torch.no_grad():
+    with no_grad():
         exact = reference.upcast(eager)(*args)
         expected = eager(*(a.to(dtype) for a in args))
         first = fused(*(a.to(dtype) for a in args))
@@ -349,9 +352,11 @@ def test_inference_plan_folds_once_and_follows_state_changes(monkeypatch):
         assert len(folds) == 1 + len(changes)
 
 
-def test_inference_block():
-    """A Bottleneck under no_grad (three runners, the last adding the identity) against eager
-    and the float64 oracle, twice (the block plan's second call)."""
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode],
+                         ids=["no_grad", "inference_mode"])
+def test_inference_block(no_grad):
+    """A Bottleneck without gradients (three runners, the last adding the identity) against
+    eager and the float64 oracle, twice (the block plan's second call)."""
     eager = reference.Bottleneck(16, 4)
     for mod in eager.modules():
         if isinstance(mod, nn.BatchNorm2d):
@@ -361,7 +366,7 @@ def test_inference_block():
     fused.load_state_dict(eager.state_dict())
     x64 = torch.randn(2, 16, 5, 6, device=DEVICE, dtype=torch.float64)
     x64 = x64.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
+    with no_grad():
         exact = reference.upcast(eager)(x64)
         expected = eager(x64.float())
         got = [fused(x64.float()) for _ in range(2)]
