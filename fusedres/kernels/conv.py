@@ -426,6 +426,7 @@ class _ConvLaunch(NamedTuple):
     everything but the tensors."""
 
     out_size: tuple  # (N, Cout, Ho, Wo)
+    rows: int  # output rows N*Ho*Wo, the GEMM's M
     sizes: tuple  # the kernel's arguments after its pointers, weight strides last
     grid: Callable
     table: dict
@@ -462,6 +463,7 @@ def _conv_launch(x_shape: torch.Size, dtype: torch.dtype, weight: torch.Tensor, 
     pointwise = KH == 1 and KW == 1 and (sh, sw) == (1, 1) and (ph, pw) == (0, 0)
     return _ConvLaunch(
         out_size=(N, Cout, Ho, Wo),
+        rows=M,
         sizes=(M, H, W, Cin, Ho, Wo, Cout, cin_g, cout_g, sh, sw, ph, pw, dh, dw,
                *weight.stride()),
         grid=lambda m: (cdiv(M, m["BLOCK_M"]) * cdiv(cout_g, m["BLOCK_N"]), groups),
@@ -535,7 +537,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
     if not stats:
         return out
     rows = ran.kwargs["BLOCK_M"]
-    P = cdiv(plan.out_size[0] * plan.out_size[2] * plan.out_size[3], rows)
+    P = cdiv(plan.rows, rows)
     return out, partial[0, :P], partial[1, :P], rows
 
 
