@@ -398,24 +398,52 @@ class CudaBackend(ExtensionBackend):
 
     def unit_infer(self, conv_module, x, weight, gamma, beta, residual, running_mean,
                    running_var, conv: ConvParams, relu, eps):
-        if not relu or x.dtype == torch.float64:
-            # cuDNN's fused entry points always end in ReLU and take no float64.
+        if not _cudnn_fuses(x.dtype, relu):
             return super().unit_infer(conv_module, x, weight, gamma, beta, residual,
                                       running_mean, running_var, conv, relu, eps)
+        return self._cudnn_runner(conv_module, x, weight, gamma, beta, running_mean,
+                                  running_var, conv, eps)(x, residual, False)
+
+    def infer_runner(self, conv_module, x, weight, gamma, beta, residual, running_mean,
+                     running_var, conv: ConvParams, relu, eps):
+        if not _cudnn_fuses(x.dtype, relu):
+            return super().infer_runner(conv_module, x, weight, gamma, beta, residual,
+                                        running_mean, running_var, conv, relu, eps)
+        return self._cudnn_runner(conv_module, x, weight, gamma, beta, running_mean,
+                                  running_var, conv, eps)
+
+    @staticmethod
+    def _cudnn_runner(conv_module, x, weight, gamma, beta, running_mean, running_var,
+                      conv: ConvParams, eps):
+        # Folded and laid out once per plan, as the other backends' runners are: a call is the
+        # one cuDNN call (and x's layout change, if any), where unit_infer on every call had
+        # looked the fold up; the H200 run showed this backend's eval of layer3 and layer4
+        # blocks nearly host-bound (docs/design.md section 4, on the plans).
         folded = fold.fold_conv_bn(
             conv_module, weight, gamma, beta, running_mean, running_var, eps, x.dtype, "cudnn",
             lambda w, b: fold.FoldedConv(w.contiguous(memory_format=torch.channels_last),
                                          b.to(x.dtype)))
         stride, padding, dilation, groups = fold.geometry_lists(conv)
-        x_cl = x.contiguous(memory_format=torch.channels_last)
-        if residual is None:
-            y = torch.cudnn_convolution_relu(x_cl, folded.weight, folded.bias, stride, padding,
-                                             dilation, groups)
-        else:
-            y = torch.cudnn_convolution_add_relu(
-                x_cl, folded.weight, residual.contiguous(memory_format=torch.channels_last), 1.0,
-                folded.bias, stride, padding, dilation, groups)
-        return in_memory_format_of(y, x)
+        weight, bias = folded.weight, folded.bias
+
+        def run(x, residual, residual_is_dead):
+            # cuDNN's fused entry points allocate y: a dead residual's memory is not reused.
+            x_cl = x.contiguous(memory_format=torch.channels_last)
+            if residual is None:
+                y = torch.cudnn_convolution_relu(x_cl, weight, bias, stride, padding, dilation,
+                                                 groups)
+            else:
+                y = torch.cudnn_convolution_add_relu(
+                    x_cl, weight, residual.contiguous(memory_format=torch.channels_last), 1.0,
+                    bias, stride, padding, dilation, groups)
+            return in_memory_format_of(y, x)
+        return run
+
+
+def _cudnn_fuses(dtype: torch.dtype, relu: bool) -> bool:
+    """Whether cuDNN's fused convolution + bias (+ add) + ReLU runs a unit's inference: its
+    entry points always end in ReLU and take no float64."""
+    return relu and dtype != torch.float64
 
 
 register_backend(CpuBackend())
