@@ -69,10 +69,14 @@ def _gamma_beta(gamma, beta, channels: int, like: torch.Tensor):
 
 def _launcher_ops(t: torch.Tensor):
     """Where the block op (fusedres/ops/block.py) calls the launchers for a call on ``t``: the
-    registered ops (``triton_library``) where something may trace the call (torch.compile,
-    torch.jit.trace, a fake or functional tensor, a dispatch mode: they must see the op), else
-    their implementations directly, without the 8-35 us of dispatch each."""
+    registered ops (``triton_library``) where something may trace or transform the call
+    (torch.compile, torch.jit.trace, a fake or functional tensor, a dispatch mode: they must see
+    the op; the batched dy of ``torch.autograd.grad(..., is_grads_batched=True)``: vmap's
+    fallback runs the op slice by slice; torch.func's transforms never reach a fused unit,
+    ``fusability.eager_only_reason``), else their implementations directly, without the 8-35 us
+    of dispatch each."""
     if (torch.compiler.is_compiling() or type(t) is not torch.Tensor
+            or torch._C._functorch.is_legacy_batchedtensor(t)
             or torch._C._get_tracing_state() is not None
             or _get_current_dispatch_mode() is not None):
         return _ops
@@ -168,6 +172,16 @@ def _convolution(x, weight, stride, padding, dilation, groups):
                                    None, None, None, False)
 
 
+def _unit_backward(dy, x, weight, y, z, mean, invstd, gamma, stride, padding, dilation, groups,
+                   relu, training, output_mask):
+    """The unit backward for the block op's loop (``fusedres.ops.block.backward_units``): the
+    registered op where something may trace the call, else its implementation directly (see
+    :func:`_launcher_ops`); the same outputs, [0] placeholders included."""
+    impl = _UNIT_OPS.backward if _launcher_ops(dy) is _ops else _backward
+    return impl(dy, x, weight, y, z, mean, invstd, gamma, stride, padding, dilation, groups,
+                relu, training, output_mask)
+
+
 def _bn_act_fwd(z, scale, shift, residual, relu):
     """``act(z*scale + shift + residual)`` for the block op (its backward's rebuild of y)."""
     return _launcher_ops(z).bn_act_fwd(z, scale, shift, residual, relu)
@@ -209,7 +223,7 @@ class TritonBackend(Backend):
 
     def block_ops(self) -> BlockOps:
         # F3: a block's training forward writes no y but the block output.
-        return BlockOps(_UNIT_OPS.train, _UNIT_OPS.backward, _bn_act_fwd, _convolution,
+        return BlockOps(_UNIT_OPS.train, _unit_backward, _bn_act_fwd, _convolution,
                         _train_from_z)
 
     def unit_infer(self, conv_module, x, weight, gamma, beta, residual, running_mean,

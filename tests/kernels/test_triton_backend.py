@@ -387,31 +387,63 @@ class _OpNames(TorchDispatchMode):
 
 
 def test_block_calls_its_launchers_directly_unless_something_may_trace(monkeypatch):
-    """The block op's forward calls the launcher ops' implementations without the dispatcher
-    on plain tensors, and the registered ops where a trace could meet the call (here a dispatch
-    mode, which must see them; torch.compile, torch.export and fake tensors: the compile and
-    export tests above, test_block's fake-tensor counts); the results are the same."""
+    """The block op's forward and backward call the launcher ops' and the unit backward op's
+    implementations without the dispatcher on plain tensors, and the registered ops where a
+    trace could meet the call (here a dispatch mode, which must see them; torch.compile,
+    torch.export and fake tensors: the compile and export tests above, test_block's fake-tensor
+    counts; batched gradients: the test below); the results are the same."""
+    from fusedres.backends import triton as triton_backend
     from fusedres.ops import triton_library
     direct_calls = []
-    original = triton_library.direct.conv2d_bn_train
 
-    def counting(*args, **kwargs):
-        direct_calls.append(1)
-        return original(*args, **kwargs)
+    def counting(original):
+        def call(*args, **kwargs):
+            direct_calls.append(original.__name__)
+            return original(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(triton_library.direct, "conv2d_bn_train", counting)
+    monkeypatch.setattr(triton_library.direct, "conv2d_bn_train",
+                        counting(triton_library.direct.conv2d_bn_train))
+    monkeypatch.setattr(triton_backend, "_backward", counting(triton_backend._backward))
     block = FusedBottleneck(16, 4, backend="triton").to(DEVICE)
     block = block.to(memory_format=torch.channels_last).train()
     x = torch.randn(2, 16, 5, 5, device=DEVICE).to(memory_format=torch.channels_last)
+    dy = torch.randn_like(x)
     plain = block(x)
-    assert len(direct_calls) == 3  # one per unit
+    plain_grads = torch.autograd.grad(plain, list(block.parameters()), dy)
+    # One per unit, forward and backward.
+    assert direct_calls == ["conv2d_bn_train"] * 3 + ["_backward"] * 3, direct_calls
     recorder = _OpNames()
     with recorder:
         recorded = block(x)
-    assert len(direct_calls) == 3, "a launcher ran unseen under a dispatch mode"
+        recorded_grads = torch.autograd.grad(recorded, list(block.parameters()), dy)
+    assert len(direct_calls) == 6, "a launcher ran unseen under a dispatch mode"
     assert recorder.names.count("fusedres_triton.conv2d_bn_train.default") == 3, recorder.names
+    assert recorder.names.count("fusedres_triton.unit_backward.default") == 3, recorder.names
     # The running statistics moved twice in between; the output depends only on the batch.
     torch.testing.assert_close(recorded, plain)
+    torch.testing.assert_close(recorded_grads, plain_grads)
+
+
+def test_block_batched_gradients():
+    """torch.autograd.grad(..., is_grads_batched=True) (jacobian(vectorize=True)) through a
+    Bottleneck in training: dy reaches the block's backward as a batched tensor, which the
+    kernels cannot take; the registered unit backward op, which vmap's fallback runs slice by
+    slice, gives eager's gradients."""
+    eager = reference.Bottleneck(16, 4).to(DEVICE).train()
+    fused = FusedBottleneck(16, 4, backend="triton").to(DEVICE).train()
+    fused.load_state_dict(eager.state_dict())
+    x64 = torch.randn(2, 16, 4, 5, device=DEVICE, dtype=torch.float64)
+    vs = torch.randn(3, 2, 16, 4, 5, device=DEVICE, dtype=torch.float64)
+    grads = []
+    for model, dtype in ((fused, torch.float32), (eager, torch.float32),
+                         (reference.upcast(eager), torch.float64)):
+        x = x64.to(dtype).requires_grad_()
+        inputs = [x, *model.parameters()]
+        grads.append(torch.autograd.grad(model(x), inputs, vs.to(dtype), is_grads_batched=True))
+    names = ["x"] + [name for name, _ in fused.named_parameters()]
+    for name, g_fused, g_eager, g_exact in zip(names, *grads):
+        assert_oracle_close(g_fused, g_eager, g_exact, name=f"batched grad {name}")
 
 
 def test_float64_is_refused_with_a_clear_error():
