@@ -11,8 +11,8 @@ run fused and why the others do not. The rule is exactly what the kernels implem
   buffers: a fixed per-channel scale and shift, the eval fold);
 - neither module has forward or backward hooks nor a ``forward`` set on the instance, and no
   global module hooks are registered (the fused unit never calls their forward, so any of them
-  would silently stop running), nor is a ``torch.func`` transform, forward-mode AD or
-  ``torch.fx`` tracing active (:func:`eager_only_reason`);
+  would silently stop running), nor is a ``torch.func`` transform, forward-mode AD,
+  ``torch.fx`` tracing or ``torch.jit.trace`` active (:func:`eager_only_reason`);
 - a block's or stem's activation is exactly ``nn.ReLU``, without hooks or an instance
   ``forward`` (:func:`activation_reason`): the fused kernels apply ReLU whatever module sits
   there, so a block whose activation was swapped (``block.relu = nn.SiLU()``) runs eagerly.
@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["activation_reason", "eager_only_reason", "forward_replaced", "is_frozen_norm",
-           "unfusable_reason"]
+           "refuse_scripting", "unfusable_reason"]
 
 _FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
 
@@ -86,7 +86,11 @@ def eager_only_reason() -> Optional[str]:
       rules nor forward derivatives, where the eager composition has both (MAML-style
       ``torch.func.grad``, Jacobian-vector products);
     - ``torch.fx.symbolic_trace`` is tracing: the trace records the eager composition's module
-      calls, where the fused ops would be handed proxies.
+      calls, where the fused ops would be handed proxies;
+    - ``torch.jit.trace`` is tracing (also the TorchScript-based ONNX export): the trace records
+      the eager composition's aten ops, so that the saved module runs without fusedres, on any
+      device, where it would record oneDNN's prepacked convolutions (which the tracer cannot
+      take in eval: "unsupported input list type") or fusedres's own ops.
     """
     hooks = nn.modules.module
     if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks
@@ -98,11 +102,29 @@ def eager_only_reason() -> Optional[str]:
         return None
     if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
         return "torch.fx is tracing"
+    if torch.jit.is_tracing():
+        return "torch.jit.trace is tracing"
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return "a torch.func transform is active"
     if torch.autograd.forward_ad._current_level >= 0:
         return "forward-mode AD is active"
     return None
+
+
+def refuse_scripting(module: nn.Module):
+    """``__prepare_scriptable__`` of the fused modules: ``torch.jit.script`` calls it on every
+    module before compiling any, and would otherwise fail on their forward (Python TorchScript
+    does not take) with an error that names neither the module nor a way out.
+
+    Raises:
+        RuntimeError: always, naming the module and the remedies.
+    """
+    raise RuntimeError(
+        f"torch.jit.script cannot compile fusedres's {type(module).__name__}: its forward runs "
+        "Python that TorchScript does not take. Script the eager twin, which has the same "
+        "weights and computes the same: torch.jit.script(fusedres.to_eager(copy.deepcopy("
+        "model))); or record the eager composition with torch.jit.trace, or export with "
+        "torch.export.")
 
 
 def forward_replaced(module: nn.Module, *names: str) -> bool:

@@ -24,7 +24,7 @@ import torch.nn as nn
 from fusedres import reference
 from fusedres.backend import current_backend_name, explicit_padding
 from fusedres.fusability import (activation_reason, eager_only_reason, forward_replaced,
-                                 is_frozen_norm)
+                                 is_frozen_norm, refuse_scripting)
 from fusedres.ops.block import BlockCall, Unit, prepare_block_train, recompute_mode
 from fusedres.ops.plans import PlanCache
 from fusedres.ops.unit import (InferencePlan, conv_bn_act, conv_bn_act_with_plan,
@@ -390,6 +390,8 @@ class FusedConvBNReLU(reference.ConvBNAct):
         output: [N, out_channels, Ho, Wo].
     """
 
+    __prepare_scriptable__ = refuse_scripting
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
                  stride: int = 1, padding: Optional[int] = None, dilation: int = 1,
                  groups: int = 1, relu: bool = True, eps: float = 1e-5,
@@ -423,6 +425,8 @@ class FusedBasicBlock(reference.BasicBlock):
     Shapes: [N, inplanes, H, W] -> [N, planes, H/stride, W/stride].
     """
 
+    __prepare_scriptable__ = refuse_scripting
+
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
                  dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None,
@@ -450,6 +454,8 @@ class FusedBottleneck(reference.Bottleneck):
 
     Shapes: [N, inplanes, H, W] -> [N, planes*4, H/stride, W/stride].
     """
+
+    __prepare_scriptable__ = refuse_scripting
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,

@@ -366,6 +366,59 @@ def test_fx_symbolic_trace_matches_eager(backend, training):
         assert_oracle_close(traced(x), eager(x), oracle(x.double()), "traced output")
 
 
+# -- TorchScript ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("mode", ["eval_no_grad", "eval", "train"])
+def test_jit_trace_records_the_eager_composition(backend, mode, tmp_path):
+    """torch.jit.trace (and the TorchScript-based ONNX export, which traces with it) records the
+    eager composition: aten ops only, so the saved module loads and runs without fusedres, on
+    any device; its outputs (and in training its running statistics) are eager's. Before: in
+    eval without gradients the trace failed ("unsupported input list type: Scalar?", oneDNN's
+    fused convolution), elsewhere it recorded fusedres's own ops."""
+    training = mode == "train"
+    fused, eager, oracle, x = _twins(backend, training, resnet=True)
+    grad = torch.no_grad() if mode == "eval_no_grad" else torch.enable_grad()
+    with grad:
+        # check_trace off: in training a second run would move the running statistics again.
+        traced = torch.jit.trace(fused, x, check_trace=False)
+        if training:  # the trace ran one training forward: the twins run theirs
+            eager(x)
+            oracle(x.double())
+    kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+    assert all(kind.startswith(("aten::", "prim::")) for kind in kinds), sorted(kinds)
+    assert "aten::batch_norm" in kinds or "aten::_batch_norm_impl_index" in kinds, sorted(kinds)
+    path = tmp_path / "traced.pt"
+    torch.jit.save(traced, str(path))
+    loaded = torch.jit.load(str(path))
+    with grad:
+        outs = [m(xx) for m, xx in ((loaded, x), (eager, x), (oracle, x.double()))]
+    assert_oracle_close(*outs, "traced output")
+    if training:
+        for (name, u), v, w in zip(loaded.named_buffers(), eager.buffers(), oracle.buffers()):
+            if u.is_floating_point():
+                assert_oracle_close(u, v, w, f"traced {name}")
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+def test_jit_script_is_refused_with_the_remedy(backend):
+    """torch.jit.script cannot compile the fused modules' forward (Python the TorchScript
+    compiler does not take): it fails with an error that names the remedy, which works, and
+    leaves the model as it was. Before: "Can't redefine method: forward on class ..."."""
+    fused, eager, oracle, x = _twins(backend, False, resnet=True)
+    types_before = [type(m) for m in fused.modules()]
+    with pytest.raises(RuntimeError, match=r"torch\.jit\.script\(fusedres\.to_eager\("):
+        torch.jit.script(fused)
+    assert [type(m) for m in fused.modules()] == types_before
+    wrapped = nn.Sequential(fused.layer1[0])  # a fused block inside a module of the user's
+    with pytest.raises(RuntimeError, match="FusedBasicBlock"):
+        torch.jit.script(wrapped)
+    assert type(wrapped[0]) is type(fused.layer1[0])
+    scripted = torch.jit.script(fusedres.to_eager(copy.deepcopy(fused)))
+    with torch.no_grad():
+        assert_oracle_close(scripted(x), eager(x), oracle(x.double()), "scripted eager twin")
+
+
 def test_torchvision_feature_extractor_matches_eager():
     """torchvision's create_feature_extractor, as detection and segmentation code builds
     backbones, on a fused resnet18 in eval."""

@@ -70,14 +70,13 @@ def _gamma_beta(gamma, beta, channels: int, like: torch.Tensor):
 def _launcher_ops(t: torch.Tensor):
     """Where the block op (fusedres/ops/block.py) calls the launchers for a call on ``t``: the
     registered ops (``triton_library``) where something may trace or transform the call
-    (torch.compile, torch.jit.trace, a fake or functional tensor, a dispatch mode: they must see
-    the op; the batched dy of ``torch.autograd.grad(..., is_grads_batched=True)``: vmap's
-    fallback runs the op slice by slice; torch.func's transforms never reach a fused unit,
-    ``fusability.eager_only_reason``), else their implementations directly, without the 8-35 us
-    of dispatch each."""
+    (torch.compile, a fake or functional tensor, a dispatch mode: they must see the op; the
+    batched dy of ``torch.autograd.grad(..., is_grads_batched=True)``: vmap's fallback runs the
+    op slice by slice), else their implementations directly, without the 8-35 us of dispatch
+    each. torch.func's transforms and torch.jit.trace never reach a fused unit
+    (``fusability.eager_only_reason``)."""
     if (torch.compiler.is_compiling() or type(t) is not torch.Tensor
             or torch._C._functorch.is_legacy_batchedtensor(t)
-            or torch._C._get_tracing_state() is not None
             or _get_current_dispatch_mode() is not None):
         return _ops
     return _ops.direct

@@ -17,7 +17,7 @@ import torch.nn as nn
 from fusedres import reference
 from fusedres.backend import current_backend_name
 from fusedres.fusability import (activation_reason, eager_only_reason, forward_replaced,
-                                 is_frozen_norm)
+                                 is_frozen_norm, refuse_scripting)
 from fusedres.modules import (FusedBasicBlock, FusedBottleneck, block_forward_with_plan,
                               block_state_key)
 from fusedres.ops.plans import PlanCache
@@ -46,6 +46,8 @@ class FusedResNet(reference.ResNet):
 
     Shapes: [N, 3, H, W] -> [N, num_classes].
     """
+
+    __prepare_scriptable__ = refuse_scripting
 
     def __init__(self, block, layers: list, num_classes: int = 1000,
                  zero_init_residual: bool = False, groups: int = 1, width_per_group: int = 64,
