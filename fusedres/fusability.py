@@ -12,7 +12,8 @@ run fused and why the others do not. The rule is exactly what the kernels implem
 - neither module has forward or backward hooks nor a ``forward`` set on the instance, and no
   global module hooks are registered (the fused unit never calls their forward, so any of them
   would silently stop running), nor is a ``torch.func`` transform, forward-mode AD,
-  ``torch.fx`` tracing or ``torch.jit.trace`` active (:func:`eager_only_reason`);
+  ``torch.fx`` tracing, ``torch.jit.trace`` or ``torch.onnx.export`` active
+  (:func:`eager_only_reason`);
 - a block's or stem's activation is exactly ``nn.ReLU``, without hooks or an instance
   ``forward`` (:func:`activation_reason`): the fused kernels apply ReLU whatever module sits
   there, so a block whose activation was swapped (``block.relu = nn.SiLU()``) runs eagerly.
@@ -27,6 +28,7 @@ torchvision or timm.
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -90,12 +92,18 @@ def eager_only_reason() -> Optional[str]:
     - ``torch.jit.trace`` is tracing (also the TorchScript-based ONNX export): the trace records
       the eager composition's aten ops, so that the saved module runs without fusedres, on any
       device, where it would record oneDNN's prepacked convolutions (which the tracer cannot
-      take in eval: "unsupported input list type") or fusedres's own ops.
+      take in eval: "unsupported input list type") or fusedres's own ops;
+    - ``torch.onnx.export`` (its default, dynamo exporter) is exporting: ONNX has no operator for
+      fusedres's ops ("Failed to convert the exported program to an ONNX model"), and the eager
+      composition's are ONNX's Conv, BatchNormalization, Add and Relu. (``torch.export`` alone
+      keeps the fused ops: the exported program runs them.)
     """
     hooks = nn.modules.module
     if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks
             or hooks._global_backward_hooks or hooks._global_backward_pre_hooks):
         return "global module hooks are registered"
+    if _onnx_exporting():  # before the next check: its torch.export capture is compiling
+        return "torch.onnx.export is exporting"
     if torch.compiler.is_compiling():
         # The graph holds the ops themselves; and while dynamo traces, peek_interpreter_stack
         # answers as if a transform were active (measured on torch 2.13).
@@ -109,6 +117,18 @@ def eager_only_reason() -> Optional[str]:
     if torch.autograd.forward_ad._current_level >= 0:
         return "forward-mode AD is active"
     return None
+
+
+def _onnx_exporting() -> bool:
+    """Whether torch.onnx's (dynamo) exporter is tracing a model; its TorchScript exporter
+    traces with torch.jit.trace, which :func:`eager_only_reason` asks about first.
+
+    ``torch.onnx.is_in_onnx_export()`` imports two modules on every call (2.5-3 us, where this is
+    asked per unit and call, and torchvision imports torch.onnx): its exporter's flag is read
+    directly, only where that exporter is loaded.
+    """
+    flags = sys.modules.get("torch.onnx._internal.exporter._flags")
+    return flags is not None and bool(getattr(flags, "_is_onnx_exporting", False))
 
 
 def refuse_scripting(module: nn.Module):
