@@ -1,7 +1,8 @@
 """Small fused networks and the helpers that train and compare them with their eager twins.
 
 Shared by the ecosystem tests (tests/test_ecosystem.py) and the triton backend's
-(tests/kernels/test_triton_backend.py).
+(tests/kernels/test_triton_backend.py); :func:`assert_inference_plan_folds_once` also by the cuda
+backend's inference runner tests (tests/test_cuda_inference_runner.py).
 """
 
 import copy
@@ -10,7 +11,9 @@ import torch
 import torch.nn as nn
 
 import fusedres
+from conftest import assert_oracle_close
 from fusedres import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU, reference
+from fusedres.ops import fold
 
 
 def small_net(backend: str) -> nn.Sequential:
@@ -56,3 +59,41 @@ def assert_models_close(a: nn.Module, b: nn.Module, rtol: float = 1e-4, what: st
             assert err <= rtol, f"{what} grad of {name}: relative error {err:.2e}"
     for (name, u), v in zip(a.named_buffers(), b.buffers()):
         assert torch.allclose(u.double(), v.double(), rtol=rtol, atol=1e-6), f"{what} buffer {name}"
+
+
+def assert_inference_plan_folds_once(monkeypatch, fused: nn.Module, eager: nn.Module,
+                                     x64: torch.Tensor) -> None:
+    """A fused unit's inference plan folds when it is made, not per call, and an in-place change
+    of the conv weight, gamma, beta or a running statistic makes a new plan whose output follows
+    it (against ``eager``, changed alike, and the float64 oracle).
+
+    Args:
+        fused, eager: a FusedConvBNReLU in eval (float32) and its eager twin.
+        x64: its float64 input [N, Cin, H, W].
+    """
+    folds = []
+    original = fold.fold_conv_bn
+
+    def counting(*args, **kwargs):
+        folds.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fold, "fold_conv_bn", counting)
+    x = x64.float()
+    changes = [("conv.weight", lambda m: m.conv.weight.mul_(1.5)),
+               ("bn.weight", lambda m: m.bn.weight.add_(0.25)),
+               ("bn.bias", lambda m: m.bn.bias.sub_(0.5)),
+               ("bn.running_mean", lambda m: m.bn.running_mean.add_(0.3)),
+               ("bn.running_var", lambda m: m.bn.running_var.mul_(2.0))]
+    with torch.no_grad():
+        fused(x)
+        assert len(folds) == 1
+        for _ in range(3):
+            fused(x)
+        assert len(folds) == 1, "a call through the plan folded again"
+        for what, change in changes:
+            change(fused)
+            change(eager)
+            assert_oracle_close(fused(x), eager(x), reference.upcast(eager)(x64),
+                                name=f"y after {what}")
+        assert len(folds) == 1 + len(changes)

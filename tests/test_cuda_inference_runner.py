@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_oracle_close
+from nets import assert_inference_plan_folds_once
 from fusedres import FusedBottleneck, FusedConvBNReLU, _ext, backend as backend_module, reference
 from fusedres.backends.extension import CudaBackend, ExtensionBackend
-from fusedres.ops import fold
 
 if not _ext.extension_loaded():
     if os.environ.get("FUSEDRES_REQUIRE_EXTENSION") == "1":
@@ -93,36 +93,11 @@ def test_unit_inference_runs_one_cudnn_call(cudnn_calls, layout, residual, dtype
 def test_inference_plan_folds_once_and_follows_state_changes(cudnn_calls, monkeypatch):
     """The plan's runner folds when it is made, not per call (unit_infer had looked the fold up
     on every call); an in-place change of the conv weight, gamma, beta or a running statistic
-    makes a new plan whose output follows it."""
-    folds = []
-    original = fold.fold_conv_bn
-
-    def counting(*args, **kwargs):
-        folds.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(fold, "fold_conv_bn", counting)
+    makes a new plan whose output follows it; one cuDNN call per call."""
     fused, eager = _twins()
-    x64 = torch.randn(2, 8, 7, 9, dtype=torch.float64)
-    x = x64.float()
-    changes = [("conv.weight", lambda m: m.conv.weight.mul_(1.5)),
-               ("bn.weight", lambda m: m.bn.weight.add_(0.25)),
-               ("bn.bias", lambda m: m.bn.bias.sub_(0.5)),
-               ("bn.running_mean", lambda m: m.bn.running_mean.add_(0.3)),
-               ("bn.running_var", lambda m: m.bn.running_var.mul_(2.0))]
-    with torch.no_grad():
-        fused(x)
-        assert len(folds) == 1
-        for _ in range(3):
-            fused(x)
-        assert len(folds) == 1, "a call through the plan folded again"
-        for what, change in changes:
-            change(fused)
-            change(eager)
-            assert_oracle_close(fused(x), eager(x), reference.upcast(eager)(x64),
-                                name=f"y after {what}")
-        assert len(folds) == 1 + len(changes)
-    assert len(cudnn_calls) == 4 + len(changes)
+    assert_inference_plan_folds_once(monkeypatch, fused, eager,
+                                     torch.randn(2, 8, 7, 9, dtype=torch.float64))
+    assert len(cudnn_calls) == 4 + 5  # four calls, then one after each of the five changes
 
 
 @pytest.mark.parametrize("case", ["norelu", "float64"])

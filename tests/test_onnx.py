@@ -13,14 +13,19 @@ ort = pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
 pytest.importorskip("onnxscript", reason="torch.onnx.export needs onnxscript (pip install onnxscript)")
 
 
-def test_resnet18_onnx_matches_fused_logits(tmp_path):
+def _trained_resnet18() -> torch.nn.Module:
+    """A fused resnet18 (10 classes) in eval, with non-trivial running statistics."""
     torch.manual_seed(0)
     backend = "cpu" if fusedres.available_backends()["cpu"][0] else "torch_ops"
     fused = fusedres.models.resnet18(num_classes=10, backend=backend)
-    with torch.no_grad():  # non-trivial running statistics before freezing them
+    with torch.no_grad():
         for _ in range(3):
             fused(torch.randn(8, 3, 32, 32) * 2 + 0.5)
-    fused.eval()
+    return fused.eval()
+
+
+def test_resnet18_onnx_matches_fused_logits(tmp_path):
+    fused = _trained_resnet18()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = fused(x)
@@ -45,13 +50,7 @@ def test_fused_model_exports_directly(tmp_path, dynamo):
     eager composition (ONNX's own operators; fusedres's ops have none), onnxruntime gives the
     fused logits, and the model runs fused again afterwards. Before: the default exporter failed
     ("No ONNX function found for fusedres.unit_eval"), the TorchScript one in the tracer."""
-    torch.manual_seed(0)
-    backend = "cpu" if fusedres.available_backends()["cpu"][0] else "torch_ops"
-    fused = fusedres.models.resnet18(num_classes=10, backend=backend)
-    with torch.no_grad():
-        for _ in range(3):
-            fused(torch.randn(8, 3, 32, 32) * 2 + 0.5)
-    fused.eval()
+    fused = _trained_resnet18()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = fused(x)

@@ -17,7 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedres
 from conftest import assert_oracle_close
-from nets import assert_models_close, fused_eager_pair, train_step
+from nets import (assert_inference_plan_folds_once, assert_models_close, fused_eager_pair,
+                  train_step)
 from fusedres import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU, reference
 from fusedres.backend import get_backend, resolve
 
@@ -320,36 +321,9 @@ def test_inference_runner_writes_into_a_dead_residual_only():
 def test_inference_plan_folds_once_and_follows_state_changes(monkeypatch):
     """The plan's runner folds when it is made, not per call; an in-place change of the conv
     weight, gamma, beta or a running statistic makes a new plan whose output follows it."""
-    from fusedres.ops import fold
-    folds = []
-    original = fold.fold_conv_bn
-
-    def counting(*args, **kwargs):
-        folds.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(fold, "fold_conv_bn", counting)
-    case = ("3x3", False, True)
-    fused, eager = _eval_twins(case, torch.float32)
-    x64, _ = _eval_inputs(case)
-    x = x64.float()
-    changes = [("conv.weight", lambda m: m.conv.weight.mul_(1.5)),
-               ("bn.weight", lambda m: m.bn.weight.add_(0.25)),
-               ("bn.bias", lambda m: m.bn.bias.sub_(0.5)),
-               ("bn.running_mean", lambda m: m.bn.running_mean.add_(0.3)),
-               ("bn.running_var", lambda m: m.bn.running_var.mul_(2.0))]
-    with torch.no_grad():
-        fused(x)
-        assert len(folds) == 1
-        for _ in range(3):
-            fused(x)
-        assert len(folds) == 1, "a call through the plan folded again"
-        for what, change in changes:
-            change(fused)
-            change(eager)
-            got = fused(x)
-            assert_oracle_close(got, eager(x), reference.upcast(eager)(x64), name=f"y after {what}")
-        assert len(folds) == 1 + len(changes)
+    fused, eager = _eval_twins(("3x3", False, True), torch.float32)
+    x64, _ = _eval_inputs(("3x3", False, True))
+    assert_inference_plan_folds_once(monkeypatch, fused, eager, x64)
 
 
 @pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode],
