@@ -39,7 +39,7 @@ import torch.nn as nn
 from fusedres import reference
 from fusedres.backend import current_backend_name
 from fusedres.fusability import (activation_reason, forward_replaced, is_frozen_norm,
-                                 unfusable_reason)
+                                 refuse_scripting, unfusable_reason)
 from fusedres.models.resnet import FusedResNet, check_chain
 from fusedres.modules import (FusedBasicBlock, FusedBottleneck, FusedConvBNReLU,
                               block_activation_reason)
@@ -261,6 +261,8 @@ class FusedSequential(nn.Sequential):
     Shapes: as the modules it holds, e.g. [N, Cin, H, W] -> [N, Cout, H/2, W/2].
     """
 
+    __prepare_scriptable__ = refuse_scripting
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _run_sequential(self, x)
 
@@ -297,6 +299,7 @@ class _FusedSubclass:
     """
 
     _fusedres_base: type
+    __prepare_scriptable__ = refuse_scripting
 
     def __reduce_ex__(self, protocol):
         # A class made at run time cannot be pickled by name: pickle and deepcopy rebuild it from

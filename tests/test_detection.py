@@ -352,6 +352,24 @@ def test_converted_detector_pickles_and_copies():
                 torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)
 
 
+def test_converted_backbone_body_refuses_scripting_with_the_remedy():
+    """torch.jit.script of a converted detection backbone's body (a class convert makes at run
+    time from torchvision's IntermediateLayerGetter) fails naming it and the eager twin to
+    script, which scripts; the model is left as it was."""
+    torch.manual_seed(0)
+    body = fusedres.convert(_randomize_norms(_frozen_backbone()), backend=BACKEND).body.eval()
+    body_type = type(body)
+    with pytest.raises(RuntimeError, match=f"{body_type.__name__}.*to_eager"):
+        torch.jit.script(body)
+    assert type(body) is body_type and body_type.__name__ == "FusedIntermediateLayerGetter"
+    scripted = torch.jit.script(fusedres.to_eager(copy.deepcopy(body)))
+    x = torch.rand(1, 3, 64, 80)
+    with torch.no_grad():
+        expected, got = body(x), scripted(x)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name,size", [("fcn_resnet50", 8), ("resnet50", 32)])
 def test_failing_training_call_changes_no_statistics(name, size):
     """Batch 1 leaves a later layer one value per channel (layer2 of fcn's dilated body at 8x8,

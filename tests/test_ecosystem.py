@@ -417,6 +417,10 @@ def test_jit_script_is_refused_with_the_remedy(backend):
     scripted = torch.jit.script(fusedres.to_eager(copy.deepcopy(fused)))
     with torch.no_grad():
         assert_oracle_close(scripted(x), eager(x), oracle(x.double()), "scripted eager twin")
+    head = fusedres.convert(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4),
+                                          nn.ReLU()), backend=backend, sequentials=True)
+    with pytest.raises(RuntimeError, match="FusedSequential"):  # a fused container, no block
+        torch.jit.script(head)
 
 
 def test_torchvision_feature_extractor_matches_eager():
