@@ -120,8 +120,8 @@ def eager_only_reason() -> Optional[str]:
 
 
 def _onnx_exporting() -> bool:
-    """Whether torch.onnx's (dynamo) exporter is tracing a model; its TorchScript exporter
-    traces with torch.jit.trace, which :func:`eager_only_reason` asks about first.
+    """Whether torch.onnx's (dynamo) exporter is exporting a model; its TorchScript exporter
+    traces with torch.jit.trace, which :func:`eager_only_reason` asks about too.
 
     ``torch.onnx.is_in_onnx_export()`` imports two modules on every call (2.5-3 us, where this is
     asked per unit and call, and torchvision imports torch.onnx): its exporter's flag is read
