@@ -380,8 +380,9 @@ def test_jit_trace_records_the_eager_composition(backend, mode, tmp_path):
     fused, eager, oracle, x = _twins(backend, training, resnet=True)
     grad = torch.no_grad() if mode == "eval_no_grad" else torch.enable_grad()
     with grad:
-        # check_trace off: in training a second run would move the running statistics again.
-        traced = torch.jit.trace(fused, x, check_trace=False)
+        # check_trace (the default) runs the model again: in training that would move the
+        # running statistics a second time.
+        traced = torch.jit.trace(fused, x, check_trace=not training)
         if training:  # the trace ran one training forward: the twins run theirs
             eager(x)
             oracle(x.double())
