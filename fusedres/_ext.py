@@ -84,6 +84,12 @@ def _cpu_has_amx() -> bool:
 #: matrix product were measured on a Xeon with AMX and an AMD EPYC without (docs/design.md
 #: section 4), and follow the one this CPU matches.
 CPU_HAS_AMX = _cpu_has_amx()
+#: Whether this CPU has AVX512: without it (measured: an AMD EPYC, Zen 3, AVX2 only) the cpu
+#: backend's inference takes the matrix product on fewer maps than on the CPUs above
+#: (fusedres/backends/extension.py). torch.cpu's probe is private: where it is missing, ATen's
+#: kernel choice for this CPU says the same.
+CPU_HAS_AVX512 = bool(getattr(torch.cpu, "_is_avx512_supported",
+                              lambda: torch.backends.cpu.get_cpu_capability() == "AVX512")())
 if _C is not None and hasattr(_C, "set_cpu_gemm_conv_float32_amx_rule"):  # else stale: rebuild
     _C.set_cpu_gemm_conv_float32_amx_rule(CPU_HAS_AMX)
 if _C is not None and hasattr(_C, "set_cpu_gemm_conv_bfloat16"):

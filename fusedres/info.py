@@ -49,7 +49,10 @@ def info_lines() -> list[str]:
                                        "convolution, as eager's)"))
         lines.append("  inference matrix products: "
                      + ("every small map (AMX)" if extension._MATMUL_REPEATING_COLUMNS else
-                        "small maps whose columns hold each input pixel once (no AMX)"))
+                        "small maps whose columns hold each input pixel once (no AMX)"
+                        if extension._MATMUL_MULTI_PIXEL_MAPS else
+                        f"one-pixel maps of at least {extension._MATMUL_MIN_ONE_PIXEL_ROWS} "
+                        "images whose columns hold each input pixel once (no AVX512)"))
         widened = [name for name, bf16 in (("bfloat16", True), ("float16", False))
                    if _ext._C.cpu_conv_in_float32(bf16)]
         lines.append("cpu backend's convolutions computed in float32 (no oneDNN kernels for the "

@@ -121,10 +121,14 @@ def test_float32_rule_without_amx(gemm_switch):
 
 
 def test_float32_rule_follows_the_cpu():
-    """The rule in force from load is this CPU's (torch's AMX probe)."""
+    """The rules in force from load are this CPU's (torch's AMX and AVX512 probes)."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert _ext.CPU_HAS_AMX == bool(probe())
     assert extension._MATMUL_REPEATING_COLUMNS == _ext.CPU_HAS_AMX
+    avx512 = getattr(torch.cpu, "_is_avx512_supported",
+                     lambda: torch.backends.cpu.get_cpu_capability() == "AVX512")
+    assert _ext.CPU_HAS_AVX512 == bool(avx512())
+    assert extension._MATMUL_MULTI_PIXEL_MAPS == _ext.CPU_HAS_AVX512
     out = subprocess.run([sys.executable, "-c", "from fusedres._ext import _C; "
                           "print(_C.cpu_gemm_conv_float32_amx_rule())"],
                          capture_output=True, text=True, check=True).stdout
@@ -278,8 +282,9 @@ def test_padded_float32_convolution_multiplies_each_tap_where_it_reads_x(gemm_sw
 # Inference (no gradients, frozen statistics) convolves output maps of at most 16 pixels, and
 # unpadded stride-1 1x1s up to 7x7, as oneDNN's prepacked linear over the im2col rows; on a CPU
 # without AMX only those whose columns hold each input pixel once (one tap reading the input, or
-# one output position, along each dimension; fusedres/backends/extension.py). (shape, takes the
-# matrix product with AMX, without).
+# one output position, along each dimension), and without AVX512 only those of them with a
+# one-pixel output and at least four images (fusedres/backends/extension.py). (shape, takes the
+# matrix product with AMX, without; without AVX512 follows from the shape).
 INFERENCE_SHAPES = [
     ((2, 24, 4, 4, 40, 3, 1, 1, 1), True, False),    # layer4-like 3x3 at 4x4
     ((2, 16, 7, 7, 48, 3, 2, 1, 1), True, False),    # stride 2 into 4x4
@@ -290,6 +295,9 @@ INFERENCE_SHAPES = [
     ((2, 24, 1, 1, 40, 3, 1, 1, 1), True, True),     # one pixel in and out (x contiguous too):
                                                      # the centre tap alone reads the input
     ((2, 16, 2, 2, 24, 3, 2, 1, 1), True, True),     # 2x2 to one pixel: taps 1-2 of each row
+    ((4, 24, 1, 1, 40, 3, 1, 1, 1), True, True),     # four one-pixel maps: the centre tap
+    ((5, 16, 2, 2, 24, 3, 2, 1, 1), True, True),     # five 2x2 maps to one pixel each
+    ((4, 10, 2, 2, 32, 1, 1, 0, 1), True, True),     # a 1x1 at 2x2, four images
     ((2, 8, 1, 3, 12, 3, 1, 1, 1), True, False),     # H of 1: the middle row of taps, three
                                                      # along W
     ((1, 4, 1, 1, 6, 3, 1, 2, 2), True, True),       # dilated on one pixel: the centre tap
@@ -298,10 +306,11 @@ INFERENCE_SHAPES = [
 ]
 
 
-@pytest.fixture(params=[True, False], ids=["amx_rule", "no_amx_rule"])
-def repeating_columns(request, monkeypatch):
-    """Both CPUs' rules, whatever this CPU is (the rule is read when a plan is built)."""
-    monkeypatch.setattr(extension, "_MATMUL_REPEATING_COLUMNS", request.param)
+@pytest.fixture(params=["amx", "avx512", "avx2"], ids=lambda rule: f"{rule}_rule")
+def matmul_rule(request, monkeypatch):
+    """The three CPUs' rules, whatever this CPU is (the rule is read when a plan is built)."""
+    monkeypatch.setattr(extension, "_MATMUL_REPEATING_COLUMNS", request.param == "amx")
+    monkeypatch.setattr(extension, "_MATMUL_MULTI_PIXEL_MAPS", request.param != "avx2")
     return request.param
 
 
@@ -323,7 +332,7 @@ class _OpRecorder(TorchDispatchMode):
                          ids=lambda s: "x".join(map(str, s)) if isinstance(s, tuple) else str(s))
 @pytest.mark.parametrize("has_residual", [True, False], ids=["res", "nores"])
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
-def test_inference_of_small_maps_as_a_matrix_product(gemm_switch, repeating_columns, gemm, dtype,
+def test_inference_of_small_maps_as_a_matrix_product(gemm_switch, matmul_rule, gemm, dtype,
                                                      shape, matmul_amx, matmul_no_amx,
                                                      has_residual, relu):
     """Eval without gradients: the small maps (with the switch on) run oneDNN's linear, never
@@ -346,7 +355,8 @@ def test_inference_of_small_maps_as_a_matrix_product(gemm_switch, repeating_colu
     linear = "mkldnn::_linear_pointwise" in recorder.names
     onednn_convolution = bool({"mkldnn::_convolution_pointwise",
                                "mkldnn::_convolution_pointwise_"} & recorder.names)
-    matmul = matmul_amx if repeating_columns else matmul_no_amx
+    matmul = {"amx": matmul_amx, "avx512": matmul_no_amx,
+              "avx2": matmul_no_amx and ho * wo == 1 and n >= 4}[matmul_rule]
     onednn = onednn_takes(dtype)
     assert linear == (onednn and gemm and matmul), sorted(recorder.names)
     assert (linear or onednn_convolution) == onednn, sorted(recorder.names)

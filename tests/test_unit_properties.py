@@ -358,7 +358,8 @@ def test_inference_unit_matches_oracle(backend, case):
     phase, gradients, layout and dtype must all line up for it, drew it in none of 600 explore
     examples): BN folded into oneDNN's prepacked convolution or, on small maps, its linear over
     the im2col rows, under the rule that sends the most units there (an AMX CPU's) on any CPU."""
-    with mock.patch.object(extension, "_MATMUL_REPEATING_COLUMNS", True):
+    with mock.patch.object(extension, "_MATMUL_REPEATING_COLUMNS", True), \
+            mock.patch.object(extension, "_MATMUL_MULTI_PIXEL_MAPS", True):
         check_unit(backend, case)
 
 

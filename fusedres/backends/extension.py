@@ -228,16 +228,32 @@ _MATMUL_MAX_PIXELS_POINTWISE = 49
 _MATMUL_REPEATING_COLUMNS = _ext.CPU_HAS_AMX
 
 
+# Whether maps of more than one pixel take the matrix product at all. On a 2-core AMD EPYC
+# without AVX512 (Zen 3: AVX2 and FMA) oneDNN's linear lost to its convolution on every such map,
+# 1x1s included: 0.87-1.02x per unit at batch 1 and 8 (resnet50's layer3 and layer4 1x1s at 2x2,
+# 4x4 and 7x7, 4 to 392 rows), and on one-pixel maps with fewer than four rows (0.92-1.06x at
+# batch 1 and 2); it won on one-pixel maps from four rows on (1.03-1.18x at batch 4, 1.07-1.39x
+# at batch 8: layer4's 1x1s, and the centre tap of its 3x3s, at 32x32). Exploratory medians of
+# 150 alternating calls of a fused unit in eval (docs/design.md section 4 has the whole models).
+# So without AVX512 only one-pixel outputs of at least _MATMUL_MIN_ONE_PIXEL_ROWS rows take it.
+# Read when a plan is built.
+_MATMUL_MULTI_PIXEL_MAPS = _ext.CPU_HAS_AVX512
+_MATMUL_MIN_ONE_PIXEL_ROWS = 4
+
+
 def _convolves_as_matmul(x: torch.Tensor, weight: torch.Tensor, conv: ConvParams) -> bool:
     """Whether the cpu backend's inference convolves channels_last x [N, C, H, W] with weight
-    [Cout, C/groups, kh, kw] as a matrix product (``_MATMUL_MAX_PIXELS``, and
-    ``_MATMUL_REPEATING_COLUMNS``). Off with the training path's GEMM switch
-    (``fusedres._ext._C.set_cpu_gemm_conv``), read when a plan is built."""
+    [Cout, C/groups, kh, kw] as a matrix product (``_MATMUL_MAX_PIXELS``,
+    ``_MATMUL_REPEATING_COLUMNS`` and ``_MATMUL_MULTI_PIXEL_MAPS``). Off with the training path's
+    GEMM switch (``fusedres._ext._C.set_cpu_gemm_conv``), read when a plan is built."""
     if (conv.groups != 1 or x.dtype not in (torch.float32, torch.bfloat16)
             or not _ext._C.cpu_gemm_conv()):
         return False
     out_hw = conv_output_hw(x.shape[2:], weight.shape[2:], conv.stride, conv.padding,
                             conv.dilation)
+    if not _MATMUL_MULTI_PIXEL_MAPS and (tuple(out_hw) != (1, 1)
+                                         or x.shape[0] < _MATMUL_MIN_ONE_PIXEL_ROWS):
+        return False
     pointwise = (tuple(weight.shape[2:]) == (1, 1) and tuple(conv.stride) == (1, 1)
                  and tuple(conv.padding) == (0, 0))
     if out_hw[0] * out_hw[1] > (_MATMUL_MAX_PIXELS_POINTWISE if pointwise
