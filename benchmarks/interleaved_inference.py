@@ -187,14 +187,14 @@ def time_rounds(providers: dict, rounds: int) -> dict:
     return times
 
 
-def summarize(times: dict) -> dict:
-    """Per provider: median and interquartile range of its times, and against ``eager_cl`` and
-    ``compile`` (where timed) the median of the per-round ratios with its 95% interval."""
+def summarize(times: dict, bases: tuple = ("eager_cl", "compile")) -> dict:
+    """Per provider: median and interquartile range of its times, and against each of ``bases``
+    that was timed the median of the per-round ratios with its 95% interval."""
     result = {}
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=4)
         result[name] = {"median_s": statistics.median(ts), "iqr_s": q[2] - q[0]}
-        for base in ("eager_cl", "compile"):
+        for base in bases:
             if base in times:
                 ratios = [b / t for b, t in zip(times[base], ts)]
                 result[name][f"vs_{base}"] = (statistics.median(ratios), median_interval(ratios))
@@ -202,7 +202,7 @@ def summarize(times: dict) -> dict:
 
 
 def print_table(result: dict) -> None:
-    bases = [b for b in ("eager_cl", "compile") if b in result]
+    bases = [key[len("vs_"):] for key in next(iter(result.values())) if key.startswith("vs_")]
     print(f"{'provider':>19} {'median ms':>10} {'IQR':>6}"
           + "".join(f" {'vs ' + b:>24}" for b in bases))
     for name, r in result.items():
