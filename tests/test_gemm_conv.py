@@ -371,6 +371,7 @@ def test_inference_matrix_product_follows_parameter_changes(gemm_switch, monkeyp
     conv weight or a running statistic changes the output as the oracle's."""
     gemm_switch(True)
     monkeypatch.setattr(extension, "_MATMUL_REPEATING_COLUMNS", True)
+    monkeypatch.setattr(extension, "_MATMUL_MULTI_PIXEL_MAPS", True)
     shape = INFERENCE_SHAPES[0][0]
     eager, fused, oracle = _units(shape, torch.float32, True, torch.channels_last)
     for m in (eager, fused, oracle):
@@ -381,8 +382,10 @@ def test_inference_matrix_product_follows_parameter_changes(gemm_switch, monkeyp
             before = fused(x)
             for m in (eager, fused, oracle):
                 change(m)
-            got = fused(x)
+            with _OpRecorder() as recorder:
+                got = fused(x)
             assert_oracle_close(got, eager(x), oracle(x.double()), name="y")
+        assert "mkldnn::_linear_pointwise" in recorder.names, sorted(recorder.names)
         assert not torch.equal(got, before)
 
 
