@@ -227,6 +227,20 @@ def measure(arch: str, batch: int, size: int, dtype: torch.dtype, rounds: int, w
     return summarize(times)
 
 
+def print_runs(names: list, measure_one, title, versions: str = "") -> None:
+    """The report the interleaved benchmarks print: the machine and the load average, then for
+    each of ``names`` the table of ``measure_one(name)`` (a :func:`summarize` result) under
+    ``title(name)``, then the load average again. ``versions``: more after torch's version."""
+    keep_freed_memory()  # as the main job: freed activations stay in the heap
+    print(f"{machine_info(torch.device('cpu'))['cpu_model']}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}{versions}; load average before: {os.getloadavg()}")
+    for name in names:
+        result = measure_one(name)
+        print(f"\n{title(name)}")
+        print_table(result)
+    print(f"\nload average after: {os.getloadavg()}")
+
+
 def run_cli(measure, what: str, description: str, rounds: int, argv=None) -> int:
     """The command line shared with interleaved_training.py: parses the options, runs
     ``measure(arch, batch, size, dtype, rounds, warmup, with_compile, dilated)`` per ``--arch``
@@ -243,19 +257,15 @@ def run_cli(measure, what: str, description: str, rounds: int, argv=None) -> int
                    help="layer3 and layer4 dilated instead of strided, as in segmentation "
                         "backbones (replace_stride_with_dilation=[False, True, True])")
     args = p.parse_args(argv)
-    keep_freed_memory()  # as the main job: freed activations stay in the heap
     dtype = getattr(torch, args.dtype)
-    print(f"{machine_info(torch.device('cpu'))['cpu_model']}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; load average before: {os.getloadavg()}")
-    for arch in args.arch.split(","):
-        result = measure(arch, args.batch, args.size, dtype, args.rounds, args.warmup,
-                         not args.no_compile, args.dilated)
-        print(f"\n{arch}{' dilated (layer3-4)' if args.dilated else ''} batch {args.batch} "
-              f"{args.size}px {what}, {args.dtype} "
-              f"{'autocast ' if dtype != torch.float32 else ''}channels_last, {args.rounds} "
-              f"interleaved rounds; speedups: median of per-round ratios [95% CI]")
-        print_table(result)
-    print(f"\nload average after: {os.getloadavg()}")
+    print_runs(args.arch.split(","),
+               lambda arch: measure(arch, args.batch, args.size, dtype, args.rounds, args.warmup,
+                                    not args.no_compile, args.dilated),
+               lambda arch: (f"{arch}{' dilated (layer3-4)' if args.dilated else ''} batch "
+                             f"{args.batch} {args.size}px {what}, {args.dtype} "
+                             f"{'autocast ' if dtype != torch.float32 else ''}channels_last, "
+                             f"{args.rounds} interleaved rounds; speedups: median of per-round "
+                             "ratios [95% CI]"))
     return 0
 
 

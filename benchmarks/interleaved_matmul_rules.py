@@ -24,15 +24,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import os
 from unittest import mock
 
 import torch
 
 import fusedres
 from fusedres.backends import extension
-from fusedres.report import keep_freed_memory, machine_info
-from interleaved_inference import print_table, summarize, time_rounds
+from interleaved_inference import print_runs, summarize, time_rounds
 
 # rule -> (_MATMUL_REPEATING_COLUMNS, _MATMUL_MULTI_PIXEL_MAPS), or None: no matrix products.
 RULES = {"amx": (True, True), "avx512": (False, True), "avx2": (False, False), "no_matmul": None}
@@ -91,20 +89,16 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     args = p.parse_args(argv)
-    keep_freed_memory()  # as the main job: freed activations stay in the heap
     this_cpus_rule = next(name for name, rule in RULES.items()
                           if rule == (extension._MATMUL_REPEATING_COLUMNS,
                                       extension._MATMUL_MULTI_PIXEL_MAPS))
-    print(f"{machine_info(torch.device('cpu'))['cpu_model']}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; this CPU's rule: {this_cpus_rule}; load average before: "
-          f"{os.getloadavg()}")
-    for arch in args.arch.split(","):
-        result = measure(arch, args.batch, args.size, args.rounds, args.warmup,
-                         not args.no_compile)
-        print(f"\n{arch} batch {args.batch} {args.size}px eval forward, float32 channels_last, "
-              f"{args.rounds} interleaved rounds; speedups: median of per-round ratios [95% CI]")
-        print_table(result)
-    print(f"\nload average after: {os.getloadavg()}")
+    print_runs(args.arch.split(","),
+               lambda arch: measure(arch, args.batch, args.size, args.rounds, args.warmup,
+                                    not args.no_compile),
+               lambda arch: (f"{arch} batch {args.batch} {args.size}px eval forward, float32 "
+                             f"channels_last, {args.rounds} interleaved rounds; speedups: median "
+                             "of per-round ratios [95% CI]"),
+               versions=f"; this CPU's rule: {this_cpus_rule}")
     return 0
 
 

@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 
 import torch
 
 import fusedres
-from fusedres.report import keep_freed_memory, machine_info
-from interleaved_inference import print_table, summarize, time_rounds
+from interleaved_inference import print_runs, summarize, time_rounds
 
 
 def _model(name: str) -> torch.nn.Module:
@@ -84,17 +82,13 @@ def main(argv=None) -> int:
         import torchvision
     except ImportError as e:
         p.error(f"the segmentation models are torchvision's (pip install torchvision): {e}")
-    keep_freed_memory()  # as the main job: freed activations stay in the heap
-    print(f"{machine_info(torch.device('cpu'))['cpu_model']}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, torchvision {torchvision.__version__}; load average "
-          f"before: {os.getloadavg()}")
-    for name in args.model.split(","):
-        result = measure(name, args.batch, args.size, args.rounds, args.warmup,
-                         not args.no_compile)
-        print(f"\n{name} batch {args.batch} {args.size}px eval forward, float32 channels_last, "
-              f"{args.rounds} interleaved rounds; speedups: median of per-round ratios [95% CI]")
-        print_table(result)
-    print(f"\nload average after: {os.getloadavg()}")
+    print_runs(args.model.split(","),
+               lambda name: measure(name, args.batch, args.size, args.rounds, args.warmup,
+                                    not args.no_compile),
+               lambda name: (f"{name} batch {args.batch} {args.size}px eval forward, float32 "
+                             f"channels_last, {args.rounds} interleaved rounds; speedups: median "
+                             "of per-round ratios [95% CI]"),
+               versions=f", torchvision {torchvision.__version__}")
     return 0
 
 

@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 from unittest import mock
 
 import torch
 
 import fusedres
 from fusedres.ops import fold
-from fusedres.report import keep_freed_memory, machine_info
-from interleaved_inference import print_table, summarize, time_rounds
+from interleaved_inference import print_runs, summarize, time_rounds
 
 
 def _providers(arch: str, batch: int, sizes: list, with_compile: bool) -> dict:
@@ -92,17 +90,13 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     args = p.parse_args(argv)
-    keep_freed_memory()  # as the main job: freed activations stay in the heap
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"{machine_info(torch.device('cpu'))['cpu_model']}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; load average before: {os.getloadavg()}")
-    for arch in args.arch.split(","):
-        result = measure(arch, args.batch, sizes, args.rounds, args.warmup, not args.no_compile)
-        print(f"\n{arch} batch {args.batch}, sizes {args.sizes} in turn (ms per pass over them), "
-              f"eval forward, float32 channels_last, {args.rounds} interleaved rounds; "
-              f"speedups: median of per-round ratios [95% CI]")
-        print_table(result)
-    print(f"\nload average after: {os.getloadavg()}")
+    print_runs(args.arch.split(","),
+               lambda arch: measure(arch, args.batch, sizes, args.rounds, args.warmup,
+                                    not args.no_compile),
+               lambda arch: (f"{arch} batch {args.batch}, sizes {args.sizes} in turn (ms per pass "
+                             f"over them), eval forward, float32 channels_last, {args.rounds} "
+                             "interleaved rounds; speedups: median of per-round ratios [95% CI]"))
     return 0
 
 
