@@ -26,17 +26,18 @@ the BN kernels) are all compiled, each in the first int specialisation met (see 
 about a third more work. ``--heaviest-epilogues`` compiles the convolution in two of its nine
 epilogues only, the two that keep the most values live at the store: the statistics epilogue
 (training, F1) and scale/shift + residual + ReLU (eval, F2), each with and without the F3
-prologue; every path, operand kind and config still, and every BatchNorm variant. About 45% of
-the compiles: what CI runs (about 810, of which the prologue's are 180).
+prologue; every path, operand kind and config still. ``--bn-flag-cover`` compiles the
+BatchNorm kernels in each dtype and layout with their flags in a few combinations that together
+compile every flag on and off, every flag on among them (``bn_flag_cover``). CI runs both.
 
 Usage:
     python scripts/check_triton_compile.py            # every variant and config
-    python scripts/check_triton_compile.py --heaviest-epilogues   # CI
+    python scripts/check_triton_compile.py --heaviest-epilogues --bn-flag-cover   # CI
     python scripts/check_triton_compile.py --all-specialisations
     python scripts/check_triton_compile.py --quick    # the first config of each table
     python scripts/check_triton_compile.py --arch 90 --jobs 4 --match "conv_fwd fp32 .*ieee"
     python scripts/check_triton_compile.py --list     # the recorded variants, nothing compiled
-    python scripts/check_triton_compile.py --json out.json  # also every row as JSON (the test)
+    python scripts/check_triton_compile.py --json out.json  # also the rows as JSON (the test)
 
 Compiles land in triton's cache (``~/.triton/cache``), so a second run reads cubins back.
 TRITON_INTERPRET must be unset (the interpreter replaces the compiler).
@@ -93,6 +94,8 @@ _TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int6
 #: The convolution epilogues --heaviest-epilogues keeps, as (AFFINE, HAS_RESIDUAL, RELU, STATS).
 HEAVIEST_EPILOGUES = ((False, False, False, True), (True, True, True, False))
 _EPILOGUE_FLAGS = ("AFFINE", "HAS_RESIDUAL", "RELU", "STATS")
+#: The BatchNorm kernels' layout flag: --bn-flag-cover keeps both layouts whole, like dtypes.
+LAYOUT_FLAG = "CHANNELS_LAST"
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,48 @@ class Variant:
             else:
                 flags.append(f"{arg}={value}")
         return " ".join([name, self.dtype, *flags])
+
+
+def bn_flag_cover(variants: list) -> list:
+    """The BatchNorm variants that compile every flag both ways, per dtype and layout.
+
+    A BatchNorm kernel's boolean flags (RELU, HAS_RESIDUAL, WRITE_DZ, ...) each switch a region
+    of its code on or off. Per kernel, dtypes, layout and config table: the variant with the
+    most flags on (the most values live at once, the spill check's case), the one with the
+    fewest, then, greedily, one for each (flag, value) the variants met and these two left out.
+    So every line of each kernel compiles in every dtype and layout with a fraction of the flag
+    combinations (about a third of the BatchNorm compiles). Other kernels pass through.
+
+    Args:
+        variants: every variant met, as ``trace_variants`` returns them.
+
+    Returns:
+        The kept variants, in their input order.
+    """
+    groups: dict = {}
+    for variant in variants:
+        if variant.epilogue is not None:  # the convolution: --heaviest-epilogues selects it
+            groups[id(variant)] = [variant]
+            continue
+        kernel, pointers, flags, configs = variant.flag_set
+        fixed = tuple((k, v) for k, v in flags if not isinstance(v, bool) or k == LAYOUT_FLAG)
+        groups.setdefault((kernel, pointers, fixed, configs), []).append(variant)
+    kept = set()
+    for group in groups.values():
+        def switches(variant):
+            return {(k, v) for k, v in variant.flags if isinstance(v, bool) and k != LAYOUT_FLAG}
+
+        def flags_on(variant):
+            return sum(v for _, v in switches(variant))
+
+        chosen = [max(group, key=flags_on), min(group, key=flags_on)]
+        covered = set().union(*map(switches, chosen))
+        for variant in group:
+            if not switches(variant) <= covered:
+                chosen.append(variant)
+                covered |= switches(variant)
+        kept.update(map(id, chosen))
+    return [v for v in variants if id(v) in kept]
 
 
 def _specialisation(value):
@@ -431,6 +476,11 @@ def compile_variant(task: tuple) -> dict:
             "mma": mma, "seconds": time.time() - t0}
 
 
+def _variant_row(arch: int, variant: Variant) -> dict:
+    return dict(arch=arch, kernel=variant.kernel, label=variant.label, dtype=variant.dtype,
+                flags=dict(variant.flags), origin=variant.origin)
+
+
 def _describe(meta, num_warps: int, num_stages: int, maxnreg) -> str:
     tiles = " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in meta)
     cap = f" r{maxnreg}" if maxnreg is not None else ""
@@ -475,7 +525,14 @@ def main(argv=None) -> int:
                         help="the convolution in its statistics and scale/shift + residual + ReLU "
                              "epilogues only (with and without the prologue; every path, operand "
                              "kind and config): CI's check")
-    parser.add_argument("--json", metavar="PATH", help="also write every row to PATH as JSON")
+    parser.add_argument("--bn-flag-cover", action="store_true",
+                        help="the BatchNorm kernels in a set of flag combinations that compiles "
+                             "each flag on and off, per dtype and layout, with every flag on "
+                             "among them (see bn_flag_cover): CI's check")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write to PATH, as JSON, every compile's row ('compiled') and "
+                             "every kernel variant before --heaviest-epilogues, --bn-flag-cover "
+                             "and --match chose among them ('met')")
     parser.add_argument("--match", metavar="REGEX",
                         help="only the variants whose label (as --list prints it) matches")
     args = parser.parse_args(argv)
@@ -487,7 +544,7 @@ def main(argv=None) -> int:
     import triton
 
     t_start = time.time()
-    tasks = []
+    tasks, met_rows = [], []
     for arch in args.arch or sorted(SMEM_LIMIT):
         variants, calls, rejected = trace_variants(arch)
         met = len(variants)
@@ -498,9 +555,12 @@ def main(argv=None) -> int:
             variants = list(first.values())
         print(f"sm_{arch}: {len(variants)} kernel variants of {met} met in {calls} op calls "
               f"({rejected} rejected by the launchers)")
+        met_rows += [_variant_row(arch, v) for v in variants]
         if args.heaviest_epilogues:
             variants = [v for v in variants
                         if v.epilogue is None or v.epilogue in HEAVIEST_EPILOGUES]
+        if args.bn_flag_cover:
+            variants = bn_flag_cover(variants)
         if args.match:
             variants = [v for v in variants if re.search(args.match, v.label)]
         for variant in sorted(variants, key=lambda v: (v.kernel, v.label, v.origin)):
@@ -529,13 +589,11 @@ def main(argv=None) -> int:
                       f"{row['seconds']:>4.1f}", flush=True)
             failures += _failures(arch, variant, desc, row)
             meta, num_warps, num_stages, maxnreg = config
-            rows.append(dict(row, arch=arch, kernel=variant.kernel, label=variant.label,
-                             dtype=variant.dtype, flags=dict(variant.flags),
-                             config=dict(meta), num_warps=num_warps, num_stages=num_stages,
-                             maxnreg=maxnreg, origin=variant.origin))
+            rows.append(dict(row, **_variant_row(arch, variant), config=dict(meta),
+                             num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"compiled": rows, "met": met_rows}, f, indent=1)
     print(f"\n{len(tasks)} compiles in {time.time() - t_start:.0f} s")
     if failures:
         print("FAILED:\n  " + "\n  ".join(failures))

@@ -2,19 +2,22 @@
 their tables, without spills, within shared memory, on tensor cores where they should.
 
 Runs in a subprocess with TRITON_INTERPRET removed (this process may be interpreting, and triton
-fixes that mode at import). The test runs the check CI can afford, ``--heaviest-epilogues``: the
-convolution on every path and kind of operand in its two heaviest epilogues, each with and
-without the F3 prologue, and every BatchNorm variant. For the lent GPUs' architecture
-(``GPU_ARCH``) it compiles every kernel, in every config under their Triton (``GPU_TRITON``,
-about 400 compiles), and under another the first config of each table, the convolution with
-the prologue only (``--quick``, about 170: the kernels build under that Triton). For the other
-architecture, under the lent GPUs' Triton only, it compiles the convolution in the first config
-of each table (its ``mma`` path; the BatchNorm kernels, plain loads, reductions and stores, hold
-no architecture-specific code path). Compiles cost about 2.5 CPU seconds each with triton's
-cache cold, and this check is CI's largest step.
+fixes that mode at import). The test runs the check CI can afford, ``--heaviest-epilogues
+--bn-flag-cover``: the convolution on every path and kind of operand in its two heaviest
+epilogues, and each BatchNorm kernel in every dtype and layout with its flags in combinations
+that compile each flag on and off, every flag on among them. For the lent GPUs' architecture
+(``GPU_ARCH``) under their Triton (``GPU_TRITON``) it compiles those in every config of their
+tables, the convolution with and without the F3 prologue (about 270 compiles); under another
+Triton, the first config of each table and the convolution with the prologue only (``--quick``,
+about 90: the kernels build under that Triton; the prologue's code is the plain convolution's
+plus an ``if PROLOGUE:`` block). For the other architecture, under the lent GPUs' Triton only,
+the convolution with the prologue in the first config of each table (its ``mma`` path; the
+BatchNorm kernels, plain loads, reductions and stores, hold no architecture-specific code
+path). Compiles cost about 2 CPU seconds each with triton's cache cold, and this check is one
+of CI's largest steps.
 ``python scripts/check_triton_compile.py`` compiles all nine epilogues with and without the
-prologue, every kernel for both architectures (about 2070 compiles); run it after changing a
-kernel or a config table.
+prologue and every BatchNorm variant, every kernel for both architectures (about 2070
+compiles); run it after changing a kernel or a config table.
 """
 
 import itertools
@@ -64,27 +67,30 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
         return {_config_key(c.kwargs, c.num_warps, c.num_stages, c.maxnreg)
                 for c in (configs if every_config(arch) else configs[:1])}
 
-    # Under another Triton only the convolution with the F3 prologue: its code is the plain
+    # Outside every config only the convolution with the F3 prologue: its code is the plain
     # one's plus the prologue's (an `if PROLOGUE:` without an else), so it shows both build.
-    checked_prologues = PROLOGUES if gpu_triton else [True]
+    def checked_prologues(arch) -> list:
+        return PROLOGUES if every_config(arch) else [True]
 
     def selection(arch) -> list:
         if arch != GPU_ARCH:
-            return ["--match", "^conv_fwd "]
+            return ["--match", "^conv_fwd .* PROLOGUE "]
         return [] if gpu_triton else ["--match", "^(?!conv_fwd )|^conv_fwd .* PROLOGUE "]
 
     archs = (80, 90) if gpu_triton else (GPU_ARCH,)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    rows, report = [], ""
+    rows, met, report = [], [], ""
     for arch in archs:
         rows_path = tmp_path / f"rows_{arch}.json"
-        proc = subprocess.run([sys.executable, SCRIPT, "--heaviest-epilogues", "--arch", str(arch),
-                               "--json", str(rows_path)]
+        proc = subprocess.run([sys.executable, SCRIPT, "--heaviest-epilogues", "--bn-flag-cover",
+                               "--arch", str(arch), "--json", str(rows_path)]
                               + ([] if every_config(arch) else ["--quick"]) + selection(arch),
                               capture_output=True, text=True, env=env, timeout=3600)
         report = proc.stdout[-20000:] + proc.stderr[-5000:]
         assert proc.returncode == 0, report
-        rows += json.loads(rows_path.read_text())
+        found = json.loads(rows_path.read_text())
+        rows += found["compiled"]
+        met += found["met"]
     conv_rows = [r for r in rows if r["kernel"].endswith(":_conv_fwd_kernel")]
     for arch in archs:
         tensor_cores = {80: "mma", 90: "wgmma"}[arch]
@@ -104,26 +110,51 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
         # table the launcher picks for it, and nothing else.
         expected_variants = set()
         for (dtype, precision), (flat_k, pointwise), prologue, epilogue in itertools.product(
-                OPERANDS, PATHS, checked_prologues, EPILOGUES):
+                OPERANDS, PATHS, checked_prologues(arch), EPILOGUES):
             variant = (dtype, precision, flat_k, pointwise, prologue, *epilogue)
             expected_variants.add(variant)
             table = conv._conv_table(TORCH_DTYPES[dtype], flat_k, precision, prologue)
             assert compiled.get(variant) == checked_configs(table, arch), f"sm_{arch} conv {variant}"
         assert set(compiled) == expected_variants
-    # Every BatchNorm kernel for the lent GPUs' architecture, each variant in every config of
-    # its table.
+    # Every BatchNorm kernel for the lent GPUs' architecture, in every dtype and layout it was
+    # met in, with each flag compiled both ways it was met and the variant with every flag met
+    # on; each compiled variant in every config of its table.
     bn_tables = {"_bn_act_fwd_kernel": bn.ELEMENTWISE_CONFIGS,
                  "_bn_act_bwd_dz_kernel": bn.ELEMENTWISE_CONFIGS,
                  "_bn_stats_partial_kernel": bn.REDUCE_CONFIGS,
                  "_bn_act_bwd_reduce_kernel": bn.REDUCE_CONFIGS,
                  "_bn_stats_finalize_kernel": bn.FINALIZE_CONFIGS,
                  "_bn_bwd_finalize_kernel": bn.FINALIZE_CONFIGS}
+
+    def bn_group(r) -> tuple:
+        """(arch, kernel, dtype, the flags bn_flag_cover keeps whole) of a BatchNorm row."""
+        fixed = tuple(sorted((k, v) for k, v in r["flags"].items()
+                             if not isinstance(v, bool) or k == "CHANNELS_LAST"))
+        return r["arch"], r["kernel"].split(":")[1], r["dtype"], fixed
+
+    def switches(r) -> set:
+        return {(k, v) for k, v in r["flags"].items()
+                if isinstance(v, bool) and k != "CHANNELS_LAST"}
+
     bn_compiled: dict = {}
     for r in rows:
         if ":_bn_" in r["kernel"]:
-            bn_compiled.setdefault((r["arch"], r["kernel"].split(":")[1], r["label"]), set()).add(
+            bn_compiled.setdefault(bn_group(r), {}).setdefault(r["label"], set()).add(
                 _config_key(r["config"], r["num_warps"], r["num_stages"], r["maxnreg"]))
-    assert ({(arch, name) for arch, name, _ in bn_compiled}
-            == {(GPU_ARCH, name) for name in bn_tables}), report
-    for (arch, name, label), configs in bn_compiled.items():
-        assert configs == checked_configs(bn_tables[name], arch), f"sm_{arch} {label}"
+    bn_met: dict = {}
+    for r in met:
+        if ":_bn_" in r["kernel"] and r["arch"] == GPU_ARCH:
+            bn_met.setdefault(bn_group(r), []).append(r)
+    assert {(arch, name) for arch, name, _, _ in bn_compiled} == {
+        (GPU_ARCH, name) for name in bn_tables}, report
+    assert set(bn_compiled) == set(bn_met), report
+    for group, variants in bn_met.items():
+        compiled = bn_compiled[group]
+        label = f"sm_{group[0]} {group[1]} {group[2]} {group[3]}"
+        compiled_switches = set().union(*(switches(r) for r in variants if r["label"] in compiled))
+        assert compiled_switches == set().union(*map(switches, variants)), label
+        most_on = max(sum(v for _, v in switches(r)) for r in variants)
+        assert any(sum(v for _, v in switches(r)) == most_on and r["label"] in compiled
+                   for r in variants), label
+        for configs in compiled.values():
+            assert configs == checked_configs(bn_tables[group[1]], group[0]), label
