@@ -12,7 +12,7 @@
 // change, and the caller falls back to the key.
 #pragma once
 
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>
 
 namespace fusedres {
 

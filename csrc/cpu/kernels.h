@@ -10,7 +10,9 @@
 //    uses AVX2 or AVX512 where the CPU has it.
 #pragma once
 
-#include <ATen/ATen.h>
+// at::Tensor alone, not <ATen/ATen.h>: the kernel builds include this file, and ATen.h's
+// operator declarations were a third of each build's compile time.
+#include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
 #include <cstdint>
