@@ -190,7 +190,10 @@ SWAPS = ["block_activation", "stem_activation", "activation_hook", "conv_forward
 
 
 # The cpu backend only: what is checked lives above the backends (fusedres.modules, the model),
-# and a whole resnet18 in float32 and float64 per case costs CI time.
+# and a whole resnet18 in float32 and float64 per case costs CI time: 3 s a case, 75 s in all,
+# hence slow (CI runs it once, with torch 2.14; the module logic it checks is fusedres' own
+# Python, the same under every torch release).
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS[1:])
 @pytest.mark.parametrize("what", SWAPS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
