@@ -64,6 +64,10 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when it is unset
+# The traced launches are recorded, never run: NaN-filling their outputs (tests/conftest.py sets
+# this for the test suite, whose environment the test's subprocess inherits) only made each
+# architecture's trace take 64 s instead of 21 on 2 cores.
+os.environ.pop("FUSEDRES_POISON_OUTPUTS", None)
 
 #: Opt-in shared memory per block (bytes) on A100 (sm_80) and H100 (sm_90).
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -166,7 +170,7 @@ def bn_flag_cover(variants: list) -> list:
     most flags on (the most values live at once, the spill check's case), the one with the
     fewest, then, greedily, one for each (flag, value) the variants met and these two left out.
     So every line of each kernel compiles in every dtype and layout with a fraction of the flag
-    combinations (about a third of the BatchNorm compiles). Other kernels pass through.
+    combinations (55 of 138 BatchNorm variants for sm_90). Other kernels pass through.
 
     Args:
         variants: every variant met, as ``trace_variants`` returns them.
@@ -174,6 +178,12 @@ def bn_flag_cover(variants: list) -> list:
     Returns:
         The kept variants, in their input order.
     """
+    def switches(variant) -> set:
+        return {(k, v) for k, v in variant.flags if isinstance(v, bool) and k != LAYOUT_FLAG}
+
+    def flags_on(variant) -> int:
+        return sum(v for _, v in switches(variant))
+
     groups: dict = {}
     for variant in variants:
         if variant.epilogue is not None:  # the convolution: --heaviest-epilogues selects it
@@ -184,12 +194,6 @@ def bn_flag_cover(variants: list) -> list:
         groups.setdefault((kernel, pointers, fixed, configs), []).append(variant)
     kept = set()
     for group in groups.values():
-        def switches(variant):
-            return {(k, v) for k, v in variant.flags if isinstance(v, bool) and k != LAYOUT_FLAG}
-
-        def flags_on(variant):
-            return sum(v for _, v in switches(variant))
-
         chosen = [max(group, key=flags_on), min(group, key=flags_on)]
         covered = set().union(*map(switches, chosen))
         for variant in group:
