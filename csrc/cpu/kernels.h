@@ -11,7 +11,7 @@
 #pragma once
 
 // at::Tensor alone, not <ATen/ATen.h>: the kernel builds include this file, and ATen.h's
-// operator declarations were a third of each build's compile time.
+// operator declarations were a fifth of each one's compile time (AVX2: 74 -> 58 s, AMD EPYC).
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
