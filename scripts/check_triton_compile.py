@@ -184,15 +184,14 @@ def bn_flag_cover(variants: list) -> list:
     def flags_on(variant) -> int:
         return sum(v for _, v in switches(variant))
 
+    # The convolution passes through: --heaviest-epilogues selects among its variants.
+    kept = {id(v) for v in variants if v.epilogue is not None}
     groups: dict = {}
     for variant in variants:
-        if variant.epilogue is not None:  # the convolution: --heaviest-epilogues selects it
-            groups[id(variant)] = [variant]
-            continue
-        kernel, pointers, flags, configs = variant.flag_set
-        fixed = tuple((k, v) for k, v in flags if not isinstance(v, bool) or k == LAYOUT_FLAG)
-        groups.setdefault((kernel, pointers, fixed, configs), []).append(variant)
-    kept = set()
+        if variant.epilogue is None:
+            kernel, pointers, flags, configs = variant.flag_set
+            fixed = tuple((k, v) for k, v in flags if not isinstance(v, bool) or k == LAYOUT_FLAG)
+            groups.setdefault((kernel, pointers, fixed, configs), []).append(variant)
     for group in groups.values():
         chosen = [max(group, key=flags_on), min(group, key=flags_on)]
         covered = set().union(*map(switches, chosen))
