@@ -36,10 +36,19 @@
 // Per-channel vectors are in the statistics dtype (float64 for float64 activations, else float32);
 // activation outputs take z's dtype and memory format. Every device's implementation runs the
 // argument checks of common/checks.h first.
+// Per-operator ATen headers, torch.library and pybind's tensor casters instead of
+// <torch/extension.h>, which parses the whole C++ frontend: this file compiled in 63 s with it,
+// 27 s without (g++ 12, one core of an AMD EPYC; every CI leg and user build compiles it).
 #include <ATen/Config.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
-#include <torch/extension.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <torch/csrc/utils/pybind.h>
+#include <torch/library.h>
 
 #include <sstream>
 #include <string>

@@ -1,7 +1,14 @@
 // Device-generic composites of the unit ops and their autograd (see unit_ops.h).
 #include "unit_ops.h"
 
+#include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/batch_norm.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/threshold_backward.h>
 #include <torch/autograd.h>
 
 #include <cmath>

@@ -14,7 +14,8 @@
 // call forward and one backward, with no Python in between.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Optional.h>
 
 #include <array>

@@ -3,7 +3,9 @@
 // included by the binding (csrc/fusedres.cpp) and the ATen-level CPU code, never by a .cu file.
 #pragma once
 
-#include <ATen/ATen.h>
+// at::Tensor alone, not <ATen/ATen.h> (about 10 s of parsing in each file that includes it);
+// the files that call at:: functions include their per-operator headers (ATen/ops/*.h).
+#include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
 namespace fusedres {

@@ -1,7 +1,11 @@
 // ATen-level launchers of the CPU kernels: layout, allocation, kernel-variant choice. Arguments have
 // been checked by the binding (common/checks.h) before these run.
-#include <ATen/ATen.h>
 #include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cctype>

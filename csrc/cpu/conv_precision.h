@@ -12,7 +12,7 @@
 // (fusedres/backends/extension.py). docs/design.md section 4 has the measurements.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 namespace fusedres {
 namespace cpu {

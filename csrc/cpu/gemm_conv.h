@@ -18,7 +18,7 @@
 // copies cost more than the reorders save, so those stay on ATen's convolution.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <tuple>
 

@@ -2,6 +2,7 @@
 #include "cpu/winograd_conv.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <atomic>

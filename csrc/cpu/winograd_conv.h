@@ -24,7 +24,7 @@
 // them), the saving is gone: winograd_dilated_gain estimates it (winograd_applies below).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 
