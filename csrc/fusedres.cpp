@@ -37,8 +37,8 @@
 // activation outputs take z's dtype and memory format. Every device's implementation runs the
 // argument checks of common/checks.h first.
 // Per-operator ATen headers, torch.library and pybind's tensor casters instead of
-// <torch/extension.h>, which parses the whole C++ frontend: this file compiled in 63 s with it,
-// 27 s without (g++ 12, one core of an AMD EPYC; every CI leg and user build compiles it).
+// <torch/extension.h>, which parses the whole C++ frontend: this file compiled in 54 s with it,
+// 28 s without (g++ 12, one core of an AMD EPYC; every CI leg and user build compiles it).
 #include <ATen/Config.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
