@@ -1,6 +1,8 @@
 #include "state_watch.h"
 
-#include <torch/csrc/autograd/python_variable.h>
+// torch's pybind11 casters, not <torch/csrc/autograd/python_variable.h>: that header (the
+// autograd internals behind THPVariable_Unpack) took this file's compile from 9 to 28 CPU s.
+#include <torch/csrc/utils/pybind.h>
 
 #include <vector>
 
@@ -70,10 +72,18 @@ const void* data_of(const at::Tensor& t) {
   }
 }
 
+// The tensor a Python object holds, or an undefined one where it holds none (the caster's load,
+// exported by libtorch_python, checks the type and takes a reference).
+at::Tensor unpack(const py::handle& object) {
+  py::detail::make_caster<at::Tensor> caster;
+  return caster.load(object, false) ? py::detail::cast_op<at::Tensor>(std::move(caster))
+                                    : at::Tensor();
+}
+
 bool same_tensor(const TensorSnapshot& s) {
   if (Py_TYPE(s.object.ptr()) != s.type) return false;
-  const at::Tensor& t = THPVariable_Unpack(s.object.ptr());
-  if (t.is_inference()) return false;  // no version counter: nothing to compare
+  const at::Tensor t = unpack(s.object);
+  if (!t.defined() || t.is_inference()) return false;  // inference: no version to compare
   const c10::StorageImpl* storage = t.has_storage() ? t.storage().unsafeGetStorageImpl() : nullptr;
   return t._version() == s.version && storage == s.storage._unsafe_get_target() &&
          data_of(t) == s.data &&
@@ -93,8 +103,8 @@ class StateWatch {
     for (const auto& item : dicts) add_dict(py::none(), item.cast<py::dict>());
     for (const auto& item : tensors) {
       py::object object = py::reinterpret_borrow<py::object>(item);
-      TORCH_CHECK(THPVariable_Check(object.ptr()), "StateWatch: tensors must hold tensors only");
-      const at::Tensor& t = THPVariable_Unpack(object.ptr());
+      const at::Tensor t = unpack(object);
+      TORCH_CHECK(t.defined(), "StateWatch: tensors must hold tensors only");
       TORCH_CHECK(!t.is_inference(), "StateWatch: an inference tensor has no version to watch");
       tensors_.push_back(TensorSnapshot{object, Py_TYPE(object.ptr()), t._version(),
                                         storage_of(t), data_of(t), t.sizes().vec(),

@@ -95,3 +95,9 @@ def test_inference_tensors_are_refused():
         t = torch.ones(3)
     with pytest.raises(RuntimeError, match="inference tensor"):
         _ext._C.StateWatch([], [], [t])
+
+
+@pytest.mark.parametrize("item", [None, 3.0, [torch.ones(2)]], ids=["none", "float", "list"])
+def test_non_tensors_are_refused(item):
+    with pytest.raises(RuntimeError, match="tensors must hold tensors only"):
+        _ext._C.StateWatch([], [], [torch.ones(2), item])
