@@ -28,11 +28,15 @@ epilogues only, the two that keep the most values live at the store: the statist
 (training, F1) and scale/shift + residual + ReLU (eval, F2), each with and without the F3
 prologue; every path, operand kind and config still. ``--bn-flag-cover`` compiles the
 BatchNorm kernels in each dtype and layout with their flags in a few combinations that together
-compile every flag on and off, every flag on among them (``bn_flag_cover``). CI runs both.
+compile every flag on and off, every flag on among them (``bn_flag_cover``). CI runs both, with
+``--configs-in-turn`` (each variant in one config of its table, the configs of each table in
+turn: ``configs_in_turn``) for the lent GPUs' sm_90 under their Triton, and ``--quick`` (the
+first config of each table, traced for that config alone) otherwise.
 
 Usage:
     python scripts/check_triton_compile.py            # every variant and config
-    python scripts/check_triton_compile.py --heaviest-epilogues --bn-flag-cover   # CI
+    python scripts/check_triton_compile.py --heaviest-epilogues --bn-flag-cover --arch 90 \
+        --configs-in-turn                           # CI, under the lent GPUs' Triton
     python scripts/check_triton_compile.py --all-specialisations
     python scripts/check_triton_compile.py --quick    # the first config of each table
     python scripts/check_triton_compile.py --arch 90 --jobs 4 --match "conv_fwd fp32 .*ieee"
@@ -201,6 +205,33 @@ def bn_flag_cover(variants: list) -> list:
                 covered |= switches(variant)
         kept.update(map(id, chosen))
     return [v for v in variants if id(v) in kept]
+
+
+def configs_in_turn(variants: list) -> list:
+    """(variant, config) pairs that compile every variant once and every config at least once.
+
+    The variants of one kernel and dtype with the same config table form a group; in
+    label order, variant i takes config i mod n of the n in the table, and a table with more
+    configs than variants gives the rest to the group's first variants again. Registers and
+    spills depend on the config (tile sizes, warps, stages) as much as on the flags, so this
+    checks each config of each table under some flag set at the cost of one compile per
+    variant, where every variant in every config costs up to four times as many.
+
+    Args:
+        variants: the variants to compile, in the order their compiles should run.
+
+    Returns:
+        (variant, config) pairs, grouped as the variants came.
+    """
+    groups: dict = {}
+    for variant in variants:
+        groups.setdefault((variant.kernel, variant.dtype, variant.configs), []).append(variant)
+    pairs = []
+    for (_, _, configs), group in groups.items():
+        group.sort(key=lambda v: v.label)
+        pairs += [(group[i % len(group)], configs[i % len(configs)])
+                  for i in range(max(len(group), len(configs)))]
+    return pairs
 
 
 def _specialisation(value):
@@ -394,14 +425,15 @@ def _recording(recorder: _Recorder):
             setattr(obj, attr, value)
 
 
-def trace_variants(arch: int) -> tuple[list, int, int]:
-    """(variants, op calls made, op calls the launchers rejected) for ``arch``."""
+def trace_variants(arch: int, first_config_only: bool = False) -> tuple[list, int, int]:
+    """(variants, op calls made, op calls the launchers rejected) for ``arch``; with
+    ``first_config_only`` the sweep for config 0 alone (--quick compiles nothing else)."""
     import torch
 
     calls = rejected = index = 0
     variants: dict = {}
     longest_table = 1
-    while index < longest_table:
+    while index < (1 if first_config_only else longest_table):
         recorder = _Recorder(arch, index)
         with _recording(recorder):
             for description, op, kwargs, allow_tf32 in _op_calls():
@@ -518,6 +550,10 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SMEM_LIMIT),
                         help="compute capability (repeatable); default: all")
     parser.add_argument("--quick", action="store_true", help="first config of each table only")
+    parser.add_argument("--configs-in-turn", action="store_true",
+                        help="each variant in one config: the variants of a kernel and dtype "
+                             "that share a config table take its configs in turn, so every "
+                             "config and every variant compiles once (see configs_in_turn)")
     parser.add_argument("--jobs", type=int, default=_default_jobs(),
                         help="compiler processes (default: one per core this process may use)")
     parser.add_argument("--list", action="store_true", help="print the variants, compile nothing")
@@ -539,6 +575,8 @@ def main(argv=None) -> int:
     parser.add_argument("--match", metavar="REGEX",
                         help="only the variants whose label (as --list prints it) matches")
     args = parser.parse_args(argv)
+    if args.quick and args.configs_in_turn:
+        parser.error("--quick and --configs-in-turn choose configs in two ways: give one")
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -549,7 +587,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     tasks, met_rows = [], []
     for arch in args.arch or sorted(SMEM_LIMIT):
-        variants, calls, rejected = trace_variants(arch)
+        variants, calls, rejected = trace_variants(arch, first_config_only=args.quick)
         met = len(variants)
         if not args.all_specialisations:
             first: dict = {}
@@ -566,12 +604,16 @@ def main(argv=None) -> int:
             variants = bn_flag_cover(variants)
         if args.match:
             variants = [v for v in variants if re.search(args.match, v.label)]
-        for variant in sorted(variants, key=lambda v: (v.kernel, v.label, v.origin)):
-            if args.list:
+        variants = sorted(variants, key=lambda v: (v.kernel, v.label, v.origin))
+        if args.list:
+            for variant in variants:
                 ones = " ".join(arg for arg, _ in variant.ones)
                 print(f"  {variant.label:<60} from {variant.origin}; ints equal to 1: {ones}")
-            for config in variant.configs[:1] if args.quick else variant.configs:
-                tasks.append((arch, variant, config))
+        if args.configs_in_turn:
+            tasks += [(arch, variant, config) for variant, config in configs_in_turn(variants)]
+        else:
+            tasks += [(arch, variant, config) for variant in variants
+                      for config in (variant.configs[:1] if args.quick else variant.configs)]
     if args.list:
         return 0
     print(f"triton {triton.__version__}: {len(tasks)} compiles on {args.jobs} processes "

@@ -6,15 +6,18 @@ fixes that mode at import). The test runs the check CI can afford, ``--heaviest-
 --bn-flag-cover``: the convolution on every path and kind of operand in its two heaviest
 epilogues, and each BatchNorm kernel in every dtype and layout with its flags in combinations
 that compile each flag on and off, every flag on among them. For the lent GPUs' architecture
-(``GPU_ARCH``) under their Triton (``GPU_TRITON``) it compiles those in every config of their
-tables, the convolution with and without the F3 prologue (about 270 compiles); under another
-Triton, the first config of each table and the convolution with the prologue only (``--quick``,
-about 90: the kernels build under that Triton; the prologue's code is the plain convolution's
-plus an ``if PROLOGUE:`` block). For the other architecture, under the lent GPUs' Triton only,
-the convolution with the prologue in the first config of each table (its ``mma`` path; the
-BatchNorm kernels, plain loads, reductions and stores, hold no architecture-specific code
-path). With triton's cache cold a convolution compiles in about 1 CPU second and a BatchNorm
-kernel in 0.3; with each architecture's trace (20 s) this check is one of CI's largest steps.
+(``GPU_ARCH``) under their Triton (``GPU_TRITON``) it compiles each of those, the convolution
+with and without the F3 prologue, once, the variants of a kernel and dtype that share a config
+table taking its configs in turn, so every config of every table compiles too
+(``--configs-in-turn``, 119 compiles, where every variant in every config took about 270);
+under another Triton, the first config of each table and the convolution with the prologue
+only (``--quick``, about 90: the kernels build under that Triton; the prologue's code is the
+plain convolution's plus an ``if PROLOGUE:`` block). For the other architecture, under the lent
+GPUs' Triton only, the convolution with the prologue in the first config of each table (its
+``mma`` path; the BatchNorm kernels, plain loads, reductions and stores, hold no
+architecture-specific code path). With triton's cache cold a convolution compiles in about 1
+CPU second and a BatchNorm kernel in 0.3; each architecture's trace takes about 20 s (6 for
+``--quick``, which sweeps the first config alone).
 ``python scripts/check_triton_compile.py`` compiles all nine epilogues with and without the
 prologue and every BatchNorm variant, every kernel for both architectures (about 2070
 compiles); run it after changing a kernel or a config table.
@@ -43,7 +46,8 @@ TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.flo
 #: The Triton and the architecture of the GPUs this project is lent (H100/H200): under that
 #: Triton (CI's leg 1) the check compiles every config of every table for that architecture;
 #: under any other (CI's leg 2) the first config of each table, which shows the kernels build
-#: there at a fraction of the cost.
+#: there at a fraction of the cost. ``python scripts/check_triton_compile.py`` compiles every
+#: variant in every config: run it after changing a kernel or a config table.
 GPU_TRITON = "3.6"
 GPU_ARCH = 90
 
@@ -59,18 +63,29 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
 
     gpu_triton = triton.__version__.startswith(GPU_TRITON + ".")
 
-    def every_config(arch) -> bool:
+    def in_turn(arch) -> bool:
+        """Every config of every table (--configs-in-turn), else the first (--quick)."""
         return gpu_triton and arch == GPU_ARCH
 
-    def checked_configs(table, arch) -> set:
+    def table_configs(table, arch) -> set:
         configs = arch_configs(table, arch)
         return {_config_key(c.kwargs, c.num_warps, c.num_stages, c.maxnreg)
-                for c in (configs if every_config(arch) else configs[:1])}
+                for c in (configs if in_turn(arch) else configs[:1])}
+
+    def check_configs(groups: dict, label: str) -> None:
+        """Each variant compiled in one config of its table (two where the table has more
+        configs than its group has variants), and the group's together in every config the
+        check takes: {(group, table configs): {variant: compiled configs}}."""
+        for (group, want), variants in groups.items():
+            for variant, configs in variants.items():
+                assert configs and configs <= want, f"{label} {group} {variant}: {configs}"
+                assert len(configs) <= 1 + (len(want) > len(variants)), f"{label} {variant}"
+            assert set().union(*variants.values()) == want, f"{label} {group}"
 
     # Outside every config only the convolution with the F3 prologue: its code is the plain
     # one's plus the prologue's (an `if PROLOGUE:` without an else), so it shows both build.
     def checked_prologues(arch) -> list:
-        return PROLOGUES if every_config(arch) else [True]
+        return PROLOGUES if in_turn(arch) else [True]
 
     def selection(arch) -> list:
         if arch != GPU_ARCH:
@@ -84,7 +99,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
         rows_path = tmp_path / f"rows_{arch}.json"
         proc = subprocess.run([sys.executable, SCRIPT, "--heaviest-epilogues", "--bn-flag-cover",
                                "--arch", str(arch), "--json", str(rows_path)]
-                              + ([] if every_config(arch) else ["--quick"]) + selection(arch),
+                              + (["--configs-in-turn"] if in_turn(arch) else ["--quick"])
+                              + selection(arch),
                               capture_output=True, text=True, env=env, timeout=3600)
         report = proc.stdout[-20000:] + proc.stderr[-5000:]
         assert proc.returncode == 0, report
@@ -106,16 +122,20 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
                 _config_key(r["config"], r["num_warps"], r["num_stages"], r["maxnreg"]))
             if flags["DOT_PRECISION"] == "tf32":
                 assert r["mma"] == tensor_cores, f"sm_{arch} {r['label']}: {r['mma']}"
-        # Every operand kind, path, prologue and kept epilogue, each in every config of the
-        # table the launcher picks for it, and nothing else.
-        expected_variants = set()
+        # Every operand kind, path, prologue and kept epilogue, and every config of the table
+        # the launcher picks for it (the script groups a dtype's variants by table), and
+        # nothing else.
+        expected_variants, groups = set(), {}
         for (dtype, precision), (flat_k, pointwise), prologue, epilogue in itertools.product(
                 OPERANDS, PATHS, checked_prologues(arch), EPILOGUES):
             variant = (dtype, precision, flat_k, pointwise, prologue, *epilogue)
             expected_variants.add(variant)
-            table = conv._conv_table(TORCH_DTYPES[dtype], flat_k, precision, prologue)
-            assert compiled.get(variant) == checked_configs(table, arch), f"sm_{arch} conv {variant}"
+            want = table_configs(conv._conv_table(TORCH_DTYPES[dtype], flat_k, precision,
+                                                  prologue), arch)
+            groups.setdefault((dtype, frozenset(want)), {})[variant] = compiled.get(variant)
         assert set(compiled) == expected_variants
+        check_configs({(dtype, want): variants for (dtype, want), variants in groups.items()},
+                      f"sm_{arch} conv")
     # Every BatchNorm kernel for the lent GPUs' architecture, in every dtype and layout it was
     # met in, with each flag compiled both ways it was met and the variant with every flag met
     # on; each compiled variant in every config of its table.
@@ -148,6 +168,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     assert {(arch, name) for arch, name, _, _ in bn_compiled} == {
         (GPU_ARCH, name) for name in bn_tables}, report
     assert set(bn_compiled) == set(bn_met), report
+    bn_config_groups: dict = {}
     for group, variants in bn_met.items():
         compiled = bn_compiled[group]
         label = f"sm_{group[0]} {group[1]} {group[2]} {group[3]}"
@@ -156,5 +177,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
         most_on = max(sum(v for _, v in switches(r)) for r in variants)
         assert any(sum(v for _, v in switches(r)) == most_on and r["label"] in compiled
                    for r in variants), label
-        for configs in compiled.values():
-            assert configs == checked_configs(bn_tables[group[1]], group[0]), label
+        # The script's groups: a kernel's variants of one dtype (both layouts) share a table.
+        want = table_configs(bn_tables[group[1]], group[0])
+        bn_config_groups.setdefault(((group[1], group[2]), frozenset(want)), {}).update(
+            {(group[3], name): configs for name, configs in compiled.items()})
+    check_configs(bn_config_groups, f"sm_{GPU_ARCH} bn")
